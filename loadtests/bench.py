@@ -1,0 +1,695 @@
+#!/usr/bin/env python3
+"""Compare ringproxy against direct upstream, NGINX and a minimal aiohttp proxy.
+
+Everything runs on 127.0.0.1 in one go: an NGINX upstream answering a fixed
+200, then for each target a fresh proxy process, a 2 s ``wrk`` warm-up and a
+measured ``wrk --latency`` run.  CPU time per request of the proxy process
+(tree) is read from ``/proc/PID/stat`` around the measured run.
+
+    .venv/bin/python loadtests/bench.py [--duration 10] [--connections 50]
+        [--threads 1] [--only direct,nginx,minimal-aiohttp,ringproxy]
+        [--access-log] [--json results.json]
+
+Requires ``nginx`` and ``wrk`` on PATH (Debian: ``apt-get install nginx-light wrk``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+
+TARGETS = ("direct", "nginx", "minimal-aiohttp", "ringproxy")
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+EXPECTED_BODY = b"hello from upstream\n"
+READY_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 5.0
+WARMUP_S = 2
+
+
+class StartupError(RuntimeError):
+    """A server process did not come up (message includes its output)."""
+
+
+# --------------------------------------------------------------------------- /proc helpers
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the ``(comm)`` field; index 0 is field 3 (state)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def descendants(pid: int) -> list[int]:
+    """All live descendants of ``pid`` (scans /proc, so no CONFIG_PROC_CHILDREN needed)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = _stat_fields(int(entry.name))
+        if fields is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    out: list[int] = []
+    stack = [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            out.append(child)
+            stack.append(child)
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> tuple[float, float, bool]:
+    """Summed (utime, stime) in seconds over ``pids``; the flag is False if any pid vanished."""
+    utime = stime = 0
+    complete = True
+    for pid in pids:
+        fields = _stat_fields(pid)
+        if fields is None:
+            complete = False
+            continue
+        utime += int(fields[11])  # field 14
+        stime += int(fields[12])  # field 15
+    return utime / CLK_TCK, stime / CLK_TCK, complete
+
+
+def host_cpu() -> tuple[int, int]:
+    """(busy, total) jiffies over all cores from /proc/stat."""
+    parts = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    total = sum(parts[:8])  # user nice system idle iowait irq softirq steal
+    return total - parts[3] - parts[4], total
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _alive(pid: int) -> bool:
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+class Server:
+    """A child process listening on 127.0.0.1:port, output captured to files."""
+
+    def __init__(
+        self, name: str, argv: list[str], workdir: Path, port: int, cwd: Path | None = None
+    ) -> None:
+        self.name = name
+        self.argv = argv
+        self.port = port
+        self.cwd = cwd
+        self.stdout_path = workdir / f"{name}.stdout"
+        self.stderr_path = workdir / f"{name}.stderr"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
+            self.proc = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=self.cwd
+            )
+        self._wait_ready()
+
+    def output(self, limit: int = 4000) -> str:
+        chunks = []
+        for label, path in (("stderr", self.stderr_path), ("stdout", self.stdout_path)):
+            try:
+                text = path.read_text(errors="replace").strip()
+            except FileNotFoundError:
+                continue
+            if text:
+                chunks.append(f"--- {self.name} {label} ---\n{text[-limit:]}")
+        return "\n".join(chunks) or f"--- {self.name}: no output ---"
+
+    def _wait_ready(self) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            rc = self.proc.poll()
+            if rc is not None:
+                raise StartupError(
+                    f"{self.name} exited with code {rc} before accepting connections\n"
+                    f"command: {shlex.join(self.argv)}\n{self.output()}"
+                )
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise StartupError(
+            f"{self.name} did not accept connections on 127.0.0.1:{self.port} "
+            f"within {READY_TIMEOUT_S:.0f}s\ncommand: {shlex.join(self.argv)}\n{self.output()}"
+        )
+
+    def pids(self) -> list[int]:
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        return [self.proc.pid, *descendants(self.proc.pid)]
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        proc, self.proc = self.proc, None
+        kids = descendants(proc.pid) if proc.poll() is None else []
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(STOP_TIMEOUT_S)
+        # Children that outlived their parent (e.g. nginx workers after a SIGKILL).
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while any(_alive(k) for k in kids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for kid in kids:
+            if _alive(kid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(kid, signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def nginx_conf(workdir: Path, http_body: str) -> str:
+    temps = "\n".join(
+        f"    {kind}_temp_path {workdir / kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    return f"""worker_processes 1;
+daemon off;
+pid {workdir / "nginx.pid"};
+error_log {workdir / "error.log"} warn;
+events {{
+    worker_connections 4096;
+}}
+http {{
+    access_log off;
+{temps}
+    default_type text/plain;
+    keepalive_timeout 75s;
+    keepalive_requests 1000000;
+{http_body}
+}}
+"""
+
+
+def start_nginx(name: str, root: Path, port: int, http_body: str) -> Server:
+    workdir = root / name
+    workdir.mkdir(mode=0o755)
+    conf = workdir / "nginx.conf"
+    conf.write_text(nginx_conf(workdir, http_body))
+    argv = ["nginx", "-e", str(workdir / "error.log"), "-p", f"{workdir}/", "-c", str(conf)]
+    server = Server(name, argv, workdir, port)
+    try:
+        server.start()
+    except StartupError as exc:
+        raise StartupError(
+            f"{exc}\n--- {name} error.log ---\n{_tail(workdir / 'error.log')}"
+        ) from None
+    return server
+
+
+def _tail(path: Path, limit: int = 4000) -> str:
+    try:
+        return path.read_text(errors="replace")[-limit:]
+    except FileNotFoundError:
+        return "(none)"
+
+
+def upstream_body(port: int) -> str:
+    return f"""    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            return 200 "hello from upstream\\n";
+        }}
+    }}"""
+
+
+def nginx_proxy_body(port: int, upstream_port: int) -> str:
+    return f"""    upstream backend {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}"""
+
+
+def ringproxy_yaml(port: int, upstream_port: int, access_log: bool) -> str:
+    log = 'enabled: true\n  path: "/dev/null"' if access_log else 'enabled: false\n  path: "-"'
+    return f"""listen: 127.0.0.1:{port}
+admin:
+  listen: 127.0.0.1:0
+access_log:
+  {log}
+pools:
+  backend:
+    servers: [http://127.0.0.1:{upstream_port}]
+routes:
+  - name: bench
+    rings:
+      - name: stable
+        pool: backend
+"""
+
+
+def ringproxy_argv(override: str | None) -> list[str]:
+    if override:
+        return shlex.split(override)
+    script = Path(sys.executable).parent / "ringproxy"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "proxy"]
+
+
+# --------------------------------------------------------------------------- wrk
+
+_UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+
+
+def _to_ms(value: str, unit: str) -> float:
+    return float(value) * _UNITS_MS[unit]
+
+
+@dataclass
+class WrkResult:
+    requests: int
+    seconds: float
+    rps: float
+    latency_avg_ms: float | None
+    latency_max_ms: float | None
+    percentiles_ms: dict[str, float]
+    socket_errors: dict[str, int]
+    non_2xx_3xx: int
+    raw: str
+
+
+def parse_wrk(text: str) -> WrkResult:
+    m = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m|h),", text)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    if not m or not rps:
+        raise ValueError(f"could not parse wrk output:\n{text}")
+    lat = re.search(
+        r"^\s+Latency\s+([\d.]+)(us|ms|s|m|h)\s+[\d.]+\w+\s+([\d.]+)(us|ms|s|m|h)", text, re.M
+    )
+    percentiles: dict[str, float] = {}
+    _, _, dist = text.partition("Latency Distribution")
+    for pm in re.finditer(r"^\s+(\d+(?:\.\d+)?)%\s+([\d.]+)(us|ms|s|m|h)\s*$", dist, re.M):
+        percentiles[f"p{float(pm.group(1)):g}"] = _to_ms(pm.group(2), pm.group(3))
+    errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    socket_errors = (
+        dict(zip(("connect", "read", "write", "timeout"), map(int, errs.groups()), strict=True))
+        if errs
+        else {}
+    )
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    return WrkResult(
+        requests=int(m.group(1)),
+        seconds=_to_ms(m.group(2), m.group(3)) / 1e3,
+        rps=float(rps.group(1)),
+        latency_avg_ms=_to_ms(lat.group(1), lat.group(2)) if lat else None,
+        latency_max_ms=_to_ms(lat.group(3), lat.group(4)) if lat else None,
+        percentiles_ms=percentiles,
+        socket_errors=socket_errors,
+        non_2xx_3xx=int(non2xx.group(1)) if non2xx else 0,
+        raw=text,
+    )
+
+
+def run_wrk(port: int, duration: int, connections: int, threads: int, latency: bool) -> WrkResult:
+    argv = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{duration}s",
+        "--timeout",
+        "5s",
+        *(["--latency"] if latency else []),
+        f"http://127.0.0.1:{port}/",
+    ]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout}")
+    return parse_wrk(proc.stdout)
+
+
+def check_response(port: int) -> None:
+    """One plain GET through the target; raises if it is not the upstream's answer."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://127.0.0.1:{port}/", timeout=5) as resp:
+        body = resp.read()
+        if resp.status != 200 or body != EXPECTED_BODY:
+            raise RuntimeError(f"unexpected response: {resp.status} {body[:200]!r}")
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+@dataclass
+class TargetResult:
+    target: str
+    ok: bool = False
+    error: str | None = None
+    rps: float | None = None
+    requests: int | None = None
+    seconds: float | None = None
+    latency_avg_ms: float | None = None
+    latency_p50_ms: float | None = None
+    latency_p99_ms: float | None = None
+    latency_max_ms: float | None = None
+    percentiles_ms: dict[str, float] = field(default_factory=dict)
+    cpu_us_per_req: float | None = None
+    cpu_user_us_per_req: float | None = None
+    cpu_sys_us_per_req: float | None = None
+    cpu_measured: str = ""
+    cpu_pids: list[int] = field(default_factory=list)
+    upstream_cpu_us_per_req: float | None = None
+    host_cpu_busy_pct: float | None = None
+    socket_errors: dict[str, int] = field(default_factory=dict)
+    non_2xx_3xx: int = 0
+    wrk_output: str = ""
+
+
+def measure(
+    result: TargetResult,
+    port: int,
+    proxy: Server | None,
+    upstream: Server,
+    args: argparse.Namespace,
+) -> None:
+    check_response(port)
+    run_wrk(port, WARMUP_S, args.connections, args.threads, latency=False)
+
+    measured = proxy if proxy is not None else upstream
+    pids = measured.pids()
+    up_pids = upstream.pids()
+    user0, sys0, _ = cpu_seconds(pids)
+    up_user0, up_sys0, _ = cpu_seconds(up_pids)
+    busy0, total0 = host_cpu()
+    wrk = run_wrk(port, args.duration, args.connections, args.threads, latency=True)
+    busy1, total1 = host_cpu()
+    user1, sys1, complete = cpu_seconds(pids)
+    up_user1, up_sys1, _ = cpu_seconds(up_pids)
+
+    result.rps = wrk.rps
+    result.requests = wrk.requests
+    result.seconds = wrk.seconds
+    result.latency_avg_ms = wrk.latency_avg_ms
+    result.latency_max_ms = wrk.latency_max_ms
+    result.percentiles_ms = wrk.percentiles_ms
+    result.latency_p50_ms = wrk.percentiles_ms.get("p50")
+    result.latency_p99_ms = wrk.percentiles_ms.get("p99")
+    result.socket_errors = wrk.socket_errors
+    result.non_2xx_3xx = wrk.non_2xx_3xx
+    result.wrk_output = wrk.raw
+    result.cpu_pids = pids
+    result.cpu_measured = (
+        "upstream nginx (master+worker)" if proxy is None else f"{proxy.name} process tree"
+    )
+    if not complete:
+        result.cpu_measured += " (a process exited during the run: incomplete)"
+    if wrk.requests:
+        per_req = 1e6 / wrk.requests
+        result.cpu_user_us_per_req = (user1 - user0) * per_req
+        result.cpu_sys_us_per_req = (sys1 - sys0) * per_req
+        result.cpu_us_per_req = result.cpu_user_us_per_req + result.cpu_sys_us_per_req
+        result.upstream_cpu_us_per_req = (up_user1 + up_sys1 - up_user0 - up_sys0) * per_req
+    if total1 > total0:
+        result.host_cpu_busy_pct = 100.0 * (busy1 - busy0) / (total1 - total0)
+    result.ok = True
+
+
+def start_target(
+    target: str, root: Path, upstream_port: int, args: argparse.Namespace
+) -> tuple[Server | None, int]:
+    if target == "direct":
+        return None, upstream_port
+    port = free_port()
+    if target == "nginx":
+        return start_nginx("nginx-proxy", root, port, nginx_proxy_body(port, upstream_port)), port
+    if target == "minimal-aiohttp":
+        argv = [
+            sys.executable,
+            str(HERE / "minimal_aiohttp_proxy.py"),
+            str(port),
+            f"http://127.0.0.1:{upstream_port}",
+        ]
+        server = Server("minimal-aiohttp", argv, root, port)
+    else:
+        config = root / "ringproxy.yaml"
+        config.write_text(ringproxy_yaml(port, upstream_port, args.access_log))
+        argv = [*ringproxy_argv(args.ringproxy_cmd), "run", "--config", str(config)]
+        server = Server("ringproxy", argv, root, port, cwd=REPO)
+    try:
+        server.start()
+    except BaseException:
+        server.stop()
+        raise
+    return server, port
+
+
+def run_target(target: str, root: Path, upstream: Server, args: argparse.Namespace) -> TargetResult:
+    result = TargetResult(target)
+    print(f"[bench] {target}: starting", file=sys.stderr, flush=True)
+    proxy: Server | None = None
+    try:
+        proxy, port = start_target(target, root, upstream.port, args)
+        print(
+            f"[bench] {target}: listening on 127.0.0.1:{port}; warm-up {WARMUP_S}s, "
+            f"measure {args.duration}s",
+            file=sys.stderr,
+            flush=True,
+        )
+        measure(result, port, proxy, upstream, args)
+        if proxy is not None and proxy.proc is not None and proxy.proc.poll() is not None:
+            result.error = f"{target} exited during the run\n{proxy.output()}"
+    except (StartupError, RuntimeError, ValueError, OSError, subprocess.TimeoutExpired) as exc:
+        result.ok = False
+        result.error = str(exc)
+        if proxy is not None:
+            result.error += f"\n{proxy.output()}"
+        print(f"[bench] {target}: FAILED\n{result.error}", file=sys.stderr, flush=True)
+    finally:
+        if proxy is not None:
+            proxy.stop()
+    return result
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def compute_ratios(results: dict[str, TargetResult]) -> dict[str, float | None]:
+    def get(target: str, attr: str) -> float | None:
+        r = results.get(target)
+        return getattr(r, attr) if r is not None and r.ok else None
+
+    rp_rps, rp_cpu = get("ringproxy", "rps"), get("ringproxy", "cpu_us_per_req")
+    return {
+        "ringproxy_vs_direct_rps": ratio(rp_rps, get("direct", "rps")),
+        "ringproxy_vs_nginx_rps": ratio(rp_rps, get("nginx", "rps")),
+        "ringproxy_vs_nginx_cpu_per_req": ratio(rp_cpu, get("nginx", "cpu_us_per_req")),
+        "ringproxy_vs_minimal_aiohttp_rps": ratio(rp_rps, get("minimal-aiohttp", "rps")),
+        "ringproxy_vs_minimal_aiohttp_cpu_per_req": ratio(
+            rp_cpu, get("minimal-aiohttp", "cpu_us_per_req")
+        ),
+    }
+
+
+def render(
+    results: list[TargetResult], ratios: dict[str, float | None], args: argparse.Namespace
+) -> str:
+    header = (
+        f"{'target':<16} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'proxy CPU us/req':>17} "
+        f"{'upstream us/req':>16} {'host CPU':>9} {'errors':>7}"
+    )
+    access_log = "ON (/dev/null)" if args.access_log else "off"
+    lines = [
+        f"wrk: {args.duration}s, {args.connections} connections, {args.threads} thread(s); "
+        f"{os.cpu_count()} CPUs; ringproxy access log {access_log}",
+        "",
+        header,
+        "-" * len(header),
+    ]
+    for r in results:
+        if not r.ok:
+            first = (r.error or "failed").strip().splitlines()[0]
+            lines.append(f"{r.target:<16} FAILED: {first[:90]}")
+            continue
+        errors = sum(r.socket_errors.values()) + r.non_2xx_3xx
+        cpu = _fmt(r.cpu_us_per_req, ".1f") + (" (upstream)" if r.target == "direct" else "")
+        host = _fmt(r.host_cpu_busy_pct, ".0f") + "%"
+        lines.append(
+            f"{r.target:<16} {_fmt(r.rps, ',.0f'):>10} {_fmt(r.latency_p50_ms, '.2f'):>8} "
+            f"{_fmt(r.latency_p99_ms, '.2f'):>8} {cpu:>17} "
+            f"{_fmt(r.upstream_cpu_us_per_req, '.1f'):>16} {host:>9} {errors:>7}"
+        )
+    lines += [
+        "",
+        "proxy CPU us/req: utime+stime of the proxy process tree (nginx: master+worker) during",
+        "the measured run / completed requests; for 'direct' it is the upstream nginx itself.",
+        "host CPU: busy share of all cores during the run (includes wrk and the upstream).",
+        "",
+        "ratios (ringproxy / other; rps: higher is better, cpu/req: lower is better):",
+    ]
+    labels = {
+        "ringproxy_vs_direct_rps": "ringproxy vs direct           rps",
+        "ringproxy_vs_nginx_rps": "ringproxy vs nginx            rps",
+        "ringproxy_vs_nginx_cpu_per_req": "ringproxy vs nginx            cpu/req",
+        "ringproxy_vs_minimal_aiohttp_rps": "ringproxy vs minimal-aiohttp  rps",
+        "ringproxy_vs_minimal_aiohttp_cpu_per_req": "ringproxy vs minimal-aiohttp  cpu/req",
+    }
+    for key, label in labels.items():
+        value = ratios.get(key)
+        lines.append(f"  {label:<40} {'n/a' if value is None else f'{value:.2f}x'}")
+    for r in results:
+        errors = sum(r.socket_errors.values()) + r.non_2xx_3xx
+        if r.ok and errors:
+            lines.append(
+                f"\nWARNING: {r.target}: {r.non_2xx_3xx} non-2xx/3xx responses, socket errors "
+                f"{r.socket_errors}; req/s counts every completed response, failed ones included."
+            )
+        if r.error:
+            detail = r.error.strip().splitlines()
+            if len(detail) > 40:
+                detail = [f"... ({len(detail) - 40} earlier lines omitted)", *detail[-40:]]
+            lines.append(f"\n{r.target} error:\n  " + "\n  ".join(detail))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--duration", type=int, default=10, help="measured wrk run in seconds (default 10)"
+    )
+    p.add_argument("--connections", type=int, default=50, help="wrk connections (default 50)")
+    p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
+    p.add_argument(
+        "--only", default=",".join(TARGETS), help=f"comma-separated subset of {','.join(TARGETS)}"
+    )
+    p.add_argument(
+        "--access-log",
+        action="store_true",
+        help="keep ringproxy's access log on (written to /dev/null)",
+    )
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write results as JSON")
+    p.add_argument(
+        "--ringproxy-cmd",
+        help="command that starts ringproxy (default: venv 'ringproxy' script, else "
+        "'python -m proxy'); 'run --config FILE' is appended",
+    )
+    args = p.parse_args(argv)
+    only = [t.strip() for t in args.only.split(",") if t.strip()]
+    unknown = sorted(set(only) - set(TARGETS))
+    if unknown or not only:
+        p.error(f"--only: unknown target(s) {unknown}; choose from {','.join(TARGETS)}")
+    args.targets = [t for t in TARGETS if t in only]
+    if args.duration < 1 or args.connections < 1 or args.threads < 1:
+        p.error("--duration, --connections and --threads must be >= 1")
+    if args.connections < args.threads:
+        p.error("--connections must be >= --threads (wrk requirement)")
+    return args
+
+
+def _raise_exit(signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    for tool in ("nginx", "wrk"):
+        if shutil.which(tool) is None:
+            print(
+                f"error: '{tool}' not found on PATH (apt-get install nginx-light wrk)",
+                file=sys.stderr,
+            )
+            return 2
+    signal.signal(signal.SIGTERM, _raise_exit)
+
+    root = Path(tempfile.mkdtemp(prefix="ringproxy-bench-"))
+    root.chmod(0o755)  # nginx workers drop to 'nobody' when started as root
+    upstream: Server | None = None
+    results: list[TargetResult] = []
+    try:
+        upstream_port = free_port()
+        try:
+            upstream = start_nginx("upstream", root, upstream_port, upstream_body(upstream_port))
+        except StartupError as exc:
+            print(f"error: upstream nginx did not start:\n{exc}", file=sys.stderr)
+            return 1
+        for target in args.targets:
+            results.append(run_target(target, root, upstream, args))
+    finally:
+        if upstream is not None:
+            upstream.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+    ratios = compute_ratios({r.target: r for r in results})
+    print(render(results, ratios, args))
+    if args.json is not None:
+        payload = {
+            "config": {
+                "duration_s": args.duration,
+                "connections": args.connections,
+                "threads": args.threads,
+                "warmup_s": WARMUP_S,
+                "access_log": args.access_log,
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+            },
+            "results": [asdict(r) for r in results],
+            "ratios": ratios,
+        }
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"\nJSON written to {args.json}")
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""ringproxy: an edge reverse proxy for ring-based progressive delivery."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

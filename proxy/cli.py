@@ -1,0 +1,102 @@
+"""The ``ringproxy`` command: run, check, demo.
+
+Exit codes: 0 success, 1 an invalid config or a failure to start, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from proxy import __version__
+from proxy.config import load_config
+from proxy.errors import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ringproxy",
+        description="Edge reverse proxy for ring-based progressive delivery.",
+    )
+    parser.add_argument("--version", action="version", version=f"ringproxy {__version__}")
+    parser.add_argument(
+        "--log-level", default="info", choices=("debug", "info", "warning", "error"),
+        help="level of the process log on stderr (the access log is separate)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="serve the proxy with a config file")
+    run.add_argument("--config", "-c", required=True, metavar="FILE", help="YAML config file")
+
+    check = sub.add_parser("check", help="validate a config file and exit")
+    check.add_argument("file", metavar="FILE")
+
+    demo = sub.add_parser("demo", help="run the proxy in front of two demo upstreams")
+    demo.add_argument(
+        "--ephemeral", action="store_true",
+        help="bind every listener to a free port instead of the ports in demo.yaml",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.command == "check":
+        return _check(args.file)
+    if args.command == "run":
+        return _run(args.config)
+    if args.command == "demo":
+        return _demo(args.ephemeral)
+    return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+def _check(path: str) -> int:
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        n = len(exc.issues)
+        print(f"{path}: {n} error{'s' if n != 1 else ''}", file=sys.stderr)
+        return 1
+    rings = sum(len(r.rings) for r in config.routes)
+    print(f"{path}: OK (revision {config.revision}: {len(config.routes)} routes, "
+          f"{rings} rings, {len(config.pools)} pools)")
+    return 0
+
+
+def _run(path: str) -> int:
+    from proxy.server import run, serve
+
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return _serve_guarded(lambda: serve(config))
+
+
+def _demo(ephemeral: bool) -> int:
+    from proxy.demo import run_demo
+
+    return _serve_guarded(lambda: run_demo(ephemeral))
+
+
+def _serve_guarded(main: object) -> int:
+    from proxy.server import run
+
+    try:
+        run(main)  # type: ignore[arg-type]
+    except OSError as exc:
+        print(f"ringproxy: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        return 1
+    return 0

@@ -1,0 +1,579 @@
+"""The config model: one YAML file parsed into frozen, fully validated objects.
+
+``load_config(path)`` / ``parse_config(text)`` return a :class:`Config` or raise
+:class:`~proxy.errors.ConfigError` holding *every* issue found, each with its YAML path
+and line.  Nothing here does network I/O; nothing is mutated after it is built: a reload
+builds a new Config and swaps the reference.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+import string
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, TypeVar
+
+from proxy.errors import ConfigError, ConfigIssue
+from proxy.values import (
+    NAME_RE,
+    TOKEN_RE,
+    Listen,
+    Upstream,
+    parse_duration,
+    parse_host_pattern,
+    parse_listen,
+    parse_upstream,
+)
+from proxy.yamlsrc import join, load_yaml
+
+T = TypeVar("T")
+
+
+class Balance(str, Enum):
+    ROUND_ROBIN = "round_robin"
+    LEAST_REQUEST = "least_request"
+
+
+@dataclass(frozen=True, slots=True)
+class Pool:
+    name: str
+    servers: tuple[Upstream, ...]
+    balance: Balance = Balance.ROUND_ROBIN
+    connect_timeout: float = 2.0
+    max_connections: int = 1000  # per pool, over all its servers
+    keepalive_timeout: float = 15.0  # idle pooled connections are closed after this
+    preserve_host: bool = True  # send the client's Host; False sends the server's host:port
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    timeout: float = 30.0  # request fully sent -> upstream response headers received
+    idle_timeout: float = 60.0  # longest silence while streaming a body, either way
+    max_concurrency: int | None = None  # in-flight requests on this ring; None = no limit
+    add_headers: tuple[tuple[str, str], ...] = ()  # sent upstream, {ring}/{route} expanded
+
+
+class Attr(str, Enum):
+    HEADER = "header"
+    COOKIE = "cookie"
+    QUERY = "query"
+    IP = "ip"
+    PATH = "path"
+    METHOD = "method"
+
+
+NAMED_ATTRS = (Attr.HEADER, Attr.COOKIE, Attr.QUERY)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One condition on a request attribute, e.g. ``header:X-Beta equals "1"``."""
+
+    attr: Attr
+    name: str  # header (lower-cased) / cookie / query name; "" for ip, path, method
+    op: str
+    value: str | None = None
+    ignore_case: bool = False
+
+    def describe(self) -> str:
+        source = f"{self.attr.value}:{self.name}" if self.name else self.attr.value
+        return f"{source} {self.op}" + ("" if self.value is None else f" {self.value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Ring:
+    name: str
+    pool: str
+    rules: tuple[tuple[Rule, ...], ...] = ()  # any group matches; all rules of a group hold
+    policy: Policy = field(default_factory=Policy)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    rings: tuple[Ring, ...]
+    hosts: tuple[str, ...] = ()  # empty: any host
+    path_prefix: str = "/"
+
+    @property
+    def default_ring(self) -> Ring:
+        return self.rings[-1]
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLog:
+    enabled: bool = True
+    path: str = "-"  # "-" is standard output
+
+
+@dataclass(frozen=True, slots=True)
+class Admin:
+    listen: Listen = Listen("127.0.0.1", 9901)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen: Listen
+    pools: tuple[Pool, ...]
+    routes: tuple[Route, ...]
+    admin: Admin = field(default_factory=Admin)
+    access_log: AccessLog = field(default_factory=AccessLog)
+    shutdown_grace: float = 30.0
+    revision: str = ""  # short hash of the file's bytes
+    source: str = ""
+
+    def pool(self, name: str) -> Pool:
+        for pool in self.pools:
+            if pool.name == name:
+                return pool
+        raise KeyError(name)
+
+
+RULE_OPS = ("equals", "exists")  # widened by the assignment issue (in, prefix, regex, ...)
+
+
+def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError([ConfigIssue("", f"cannot read the file: {exc.strerror}")], str(p)) from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([ConfigIssue("", f"not UTF-8 text: {exc}")], str(p)) from exc
+    return parse_config(text, source=str(p), environ=environ, raw=raw)
+
+
+def parse_config(
+    text: str,
+    source: str = "<config>",
+    environ: Mapping[str, str] | None = None,
+    raw: bytes | None = None,
+) -> Config:
+    loaded = load_yaml(text, os.environ if environ is None else environ)
+    ctx = _Ctx(loaded.lines, list(loaded.issues))
+    config = None
+    if loaded.data is not None or not ctx.issues:
+        config = _read_config(ctx, loaded.data)
+    if ctx.issues or config is None:
+        ctx.issues.sort(key=lambda i: (i.line or 0))
+        raise ConfigError(ctx.issues, source)
+    revision = hashlib.sha256(raw if raw is not None else text.encode()).hexdigest()[:12]
+    return _replace(config, revision=revision, source=source)
+
+
+def _replace(config: Config, **changes: Any) -> Config:
+    from dataclasses import replace
+
+    return replace(config, **changes)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class _Ctx:
+    def __init__(self, lines: dict[str, int], issues: list[ConfigIssue]) -> None:
+        self.lines = lines
+        self.issues = issues
+
+    def line(self, path: str) -> int | None:
+        while True:
+            if path in self.lines:
+                return self.lines[path]
+            if not path:
+                return None
+            cut = max(path.rfind("."), path.rfind("["))
+            path = path[:cut] if cut > 0 else ""
+
+    def err(self, path: str, message: str) -> None:
+        self.issues.append(ConfigIssue(path, message, self.line(path)))
+
+
+_MISSING: Any = object()
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "nothing"
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(
+        type(value), f"a {type(value).__name__}"
+    )
+
+
+class _Section:
+    """A mapping being read: typed getters that record issues, and unknown-key checks."""
+
+    def __init__(self, ctx: _Ctx, value: object, path: str) -> None:
+        self.ctx, self.path, self.seen = ctx, path, set[str]()
+        self.ok = isinstance(value, dict)
+        self.data: dict[str, Any] = value if isinstance(value, dict) else {}
+        if not self.ok:
+            ctx.err(path, f"expected a mapping, got {_kind(value)}")
+
+    def sub(self, key: str) -> str:
+        return join(self.path, key)
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def raw(self, key: str, default: Any = _MISSING) -> Any:
+        self.seen.add(key)
+        if key not in self.data:
+            if default is _MISSING and self.ok:
+                self.ctx.err(self.sub(key), "is required")
+            return None if default is _MISSING else default
+        return self.data[key]
+
+    def parsed(self, key: str, parse: Callable[[object], T], default: T) -> T:
+        if key not in self.data:
+            self.seen.add(key)
+            return default
+        try:
+            return parse(self.raw(key))
+        except ValueError as exc:
+            self.ctx.err(self.sub(key), str(exc))
+            return default
+
+    def text(self, key: str, default: Any = _MISSING) -> str:
+        value = self.raw(key, default)
+        if key in self.data and not isinstance(value, str):
+            self.ctx.err(self.sub(key), f"expected a string, got {_kind(value)}")
+            return "" if default is _MISSING else default
+        return "" if value is None else value
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.raw(key, default)
+        if not isinstance(value, bool):
+            self.ctx.err(self.sub(key), f"expected true or false, got {value!r}")
+            return default
+        return value
+
+    def integer(self, key: str, default: Any, lo: int, hi: int) -> Any:
+        value = self.raw(key, default)
+        if key not in self.data:
+            return value
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.ctx.err(self.sub(key), f"expected a whole number, got {value!r}")
+            return default
+        if not lo <= value <= hi:
+            self.ctx.err(self.sub(key), f"{value} is outside {lo}..{hi}")
+            return default
+        return value
+
+    def duration(self, key: str, default: float, minimum: float = 0.001) -> float:
+        value = self.parsed(key, parse_duration, default)
+        if value < minimum:
+            self.ctx.err(self.sub(key), f"{self.data.get(key)!r} is below the minimum {minimum}s")
+            return default
+        return value
+
+    def items(self, key: str) -> list[Any]:
+        value = self.raw(key, [])
+        if not isinstance(value, list):
+            self.ctx.err(self.sub(key), f"expected a list, got {_kind(value)}")
+            return []
+        return value
+
+    def close(self) -> None:
+        for key in self.data:
+            if key not in self.seen:
+                hint = difflib.get_close_matches(key, sorted(self.seen), n=1)
+                extra = f"; did you mean {hint[0]!r}?" if hint else ""
+                known = ", ".join(sorted(self.seen))
+                self.ctx.err(self.sub(key), f"unknown key (known keys: {known}){extra}")
+
+
+def _name(ctx: _Ctx, sec: _Section, what: str) -> str:
+    name = sec.text("name")
+    if name and not NAME_RE.match(name):
+        ctx.err(
+            sec.sub("name"),
+            f"{name!r} is not a valid {what} name; use letters, digits, '_', '.', '-' "
+            "(at most 63, starting with a letter or digit)",
+        )
+    return name
+
+
+def _read_config(ctx: _Ctx, data: object) -> Config | None:
+    top = _Section(ctx, data, "")
+    listen = top.parsed("listen", parse_listen, Listen("127.0.0.1", 8080))
+    admin = _read_admin(ctx, top.raw("admin", {}), "admin")
+    access_log = _read_access_log(ctx, top.raw("access_log", {}), "access_log")
+    grace = top.duration("shutdown_grace", 30.0, minimum=0.0)
+    pools = _read_pools(ctx, top.raw("pools"), "pools")
+    routes = _read_routes(ctx, top, {p.name for p in pools})
+    top.close()
+    if admin.listen == listen and listen.port != 0:
+        ctx.err("admin.listen", f"{admin.listen} is also the proxy's listen address")
+    if not top.ok:
+        return None
+    return Config(listen, pools, routes, admin, access_log, grace)
+
+
+def _read_admin(ctx: _Ctx, data: object, path: str) -> Admin:
+    sec = _Section(ctx, data, path)
+    listen = sec.parsed("listen", parse_listen, Admin().listen)
+    sec.close()
+    return Admin(listen)
+
+
+def _read_access_log(ctx: _Ctx, data: object, path: str) -> AccessLog:
+    sec = _Section(ctx, data, path)
+    result = AccessLog(sec.flag("enabled", True), sec.text("path", "-") or "-")
+    sec.close()
+    return result
+
+
+def _read_pools(ctx: _Ctx, data: object, path: str) -> tuple[Pool, ...]:
+    if data is None:
+        return ()
+    if not isinstance(data, dict) or not data:
+        ctx.err(path, f"expected a mapping of pool name to pool, got {_kind(data)}")
+        return ()
+    pools = []
+    for name, body in data.items():
+        sub = join(path, name)
+        if not NAME_RE.match(name):
+            ctx.err(sub, f"{name!r} is not a valid pool name; use letters, digits, '_', '.', '-'")
+        sec = _Section(ctx, body, sub)
+        servers = []
+        raw_servers = sec.items("servers")
+        if sec.ok and not raw_servers:
+            ctx.err(sec.sub("servers"), "a pool needs at least one server")
+        for i, item in enumerate(raw_servers):
+            try:
+                servers.append(parse_upstream(item))
+            except ValueError as exc:
+                ctx.err(join(sec.sub("servers"), i), str(exc))
+        dupes = {s.url for s in servers if servers.count(s) > 1}
+        for url in sorted(dupes):
+            ctx.err(sec.sub("servers"), f"{url} is listed twice")
+        balance = sec.parsed("balance", _enum(Balance), Balance.ROUND_ROBIN)
+        pool = Pool(
+            name,
+            tuple(servers),
+            balance,
+            connect_timeout=sec.duration("connect_timeout", 2.0),
+            max_connections=sec.integer("max_connections", 1000, 1, 1_000_000),
+            keepalive_timeout=sec.duration("keepalive_timeout", 15.0),
+            preserve_host=sec.flag("preserve_host", True),
+        )
+        sec.close()
+        pools.append(pool)
+    return tuple(pools)
+
+
+def _enum(kind: type[Enum]) -> Callable[[object], Any]:
+    def parse(value: object) -> Any:
+        try:
+            return kind(value)
+        except ValueError:
+            allowed = ", ".join(str(m.value) for m in kind)
+            raise ValueError(f"{value!r} is not one of: {allowed}") from None
+
+    return parse
+
+
+def _read_routes(ctx: _Ctx, top: _Section, pool_names: set[str]) -> tuple[Route, ...]:
+    items = top.items("routes")
+    if top.ok and top.has("routes") and not items:
+        ctx.err("routes", "at least one route is required")
+    routes: list[Route] = []
+    seen_names: dict[str, int] = {}
+    seen_matches: dict[tuple[tuple[str, ...], str], int] = {}
+    for i, item in enumerate(items):
+        path = join("routes", i)
+        route = _read_route(ctx, item, path, pool_names)
+        if route is None:
+            continue
+        if route.name in seen_names:
+            ctx.err(join(path, "name"), f"duplicate route name {route.name!r} "
+                    f"(also routes[{seen_names[route.name]}])")
+        seen_names.setdefault(route.name, i)
+        key = (route.hosts, route.path_prefix)
+        if key in seen_matches:
+            ctx.err(join(path, "match"), f"same match as routes[{seen_matches[key]}], "
+                    "which comes first, so this route would never be used")
+        seen_matches.setdefault(key, i)
+        routes.append(route)
+    return tuple(routes)
+
+
+def _read_route(ctx: _Ctx, data: object, path: str, pool_names: set[str]) -> Route | None:
+    sec = _Section(ctx, data, path)
+    name = _name(ctx, sec, "route")
+    hosts: tuple[str, ...] = ()
+    prefix = "/"
+    match = sec.raw("match", None)
+    if match is not None:
+        msec = _Section(ctx, match, sec.sub("match"))
+        raw_hosts = msec.raw("host", None)
+        if raw_hosts is not None:
+            host_list = raw_hosts if isinstance(raw_hosts, list) else [raw_hosts]
+            parsed = []
+            for j, h in enumerate(host_list):
+                hpath = msec.sub("host") + (f"[{j}]" if isinstance(raw_hosts, list) else "")
+                try:
+                    parsed.append(parse_host_pattern(h))
+                except ValueError as exc:
+                    ctx.err(hpath, str(exc))
+            hosts = tuple(parsed)
+        prefix = msec.text("path_prefix", "/")
+        if not prefix.startswith("/"):
+            ctx.err(msec.sub("path_prefix"), f"{prefix!r} must start with '/'")
+        msec.close()
+    defaults = _read_policy(ctx, sec.raw("policy", None), sec.sub("policy"), Policy(), name, "")
+    rings: list[Ring] = []
+    ring_items = sec.items("rings")
+    if sec.ok and not ring_items:
+        ctx.err(sec.sub("rings"), "a route needs at least one ring (the last is the default)")
+    seen: dict[str, int] = {}
+    for j, item in enumerate(ring_items):
+        rpath = join(sec.sub("rings"), j)
+        ring = _read_ring(ctx, item, rpath, pool_names, defaults, name)
+        if ring.name in seen:
+            ctx.err(join(rpath, "name"), f"duplicate ring name {ring.name!r} in route {name!r}")
+        seen.setdefault(ring.name, j)
+        rings.append(ring)
+    if rings and rings[-1].rules:
+        ctx.err(
+            join(sec.sub("rings"), len(rings) - 1),
+            f"the last ring ({rings[-1].name!r}) is the default and takes everyone else; "
+            "it cannot have rules",
+        )
+    sec.close()
+    if not sec.ok:
+        return None
+    return Route(name, tuple(rings), hosts, prefix)
+
+
+def _read_ring(
+    ctx: _Ctx, data: object, path: str, pool_names: set[str], defaults: Policy, route: str
+) -> Ring:
+    sec = _Section(ctx, data, path)
+    name = _name(ctx, sec, "ring")
+    pool = sec.text("pool")
+    if pool and pool not in pool_names:
+        known = ", ".join(sorted(pool_names)) or "none defined"
+        ctx.err(sec.sub("pool"), f"unknown pool {pool!r} (pools: {known})")
+    groups = []
+    for k, item in enumerate(sec.items("rules")):
+        gpath = join(sec.sub("rules"), k)
+        if isinstance(item, dict) and "all" in item:
+            gsec = _Section(ctx, item, gpath)
+            rules = [_read_rule(ctx, r, join(gsec.sub("all"), n))
+                     for n, r in enumerate(gsec.items("all"))]
+            if not rules:
+                ctx.err(gsec.sub("all"), "a rule group needs at least one rule")
+            gsec.close()
+        else:
+            rules = [_read_rule(ctx, item, gpath)]
+        groups.append(tuple(r for r in rules if r is not None))
+    policy = _read_policy(ctx, sec.raw("policy", None), sec.sub("policy"), defaults, route, name)
+    sec.close()
+    return Ring(name, pool, tuple(groups), policy)
+
+
+def _read_rule(ctx: _Ctx, data: object, path: str) -> Rule | None:
+    sec = _Section(ctx, data, path)
+    if not sec.ok:
+        return None
+    attr_s = sec.text("attr")
+    kind_s, _, name = attr_s.partition(":")
+    try:
+        attr = Attr(kind_s)
+    except ValueError:
+        ctx.err(sec.sub("attr"), f"{attr_s!r} is not an attribute; expected header:NAME, "
+                "cookie:NAME, query:NAME, ip, path or method")
+        attr = Attr.HEADER
+    if attr in NAMED_ATTRS and not name:
+        ctx.err(sec.sub("attr"), f"{attr_s!r} needs a name, e.g. {attr.value}:X-Beta")
+    elif attr not in NAMED_ATTRS and name:
+        ctx.err(sec.sub("attr"), f"{attr_s!r}: {attr.value} takes no name")
+    if attr is Attr.HEADER:
+        if name and not TOKEN_RE.match(name):
+            ctx.err(sec.sub("attr"), f"{name!r} is not a valid header name")
+        name = name.lower()
+    ops = [k for k in sec.data if k in RULE_OPS]
+    others = [k for k in sec.data if k not in RULE_OPS and k not in ("attr", "ignore_case")]
+    for k in others:
+        ctx.err(sec.sub(k), f"unknown rule operator (known: {', '.join(RULE_OPS)})")
+        sec.seen.add(k)
+    if len(ops) != 1:
+        if not others:
+            ctx.err(path, f"a rule needs exactly one operator ({', '.join(RULE_OPS)}), "
+                    f"got {len(ops)}")
+        return None
+    op = ops[0]
+    value = sec.raw(op)
+    text: str | None
+    if op == "exists":
+        if value is not True:
+            ctx.err(sec.sub(op), "write 'exists: true'")
+        text = None
+    else:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            ctx.err(sec.sub(op), f"expected a string, got {_kind(value)}")
+        text = str(value)
+    ignore_case = sec.flag("ignore_case", False)
+    sec.close()
+    return Rule(attr, name, op, text, ignore_case)
+
+
+_FORMATTER = string.Formatter()
+
+
+def _read_policy(
+    ctx: _Ctx, data: object, path: str, base: Policy, route: str, ring: str
+) -> Policy:
+    if data is None:
+        return _expand_headers(base, route, ring)
+    sec = _Section(ctx, data, path)
+    timeout = sec.duration("timeout", base.timeout)
+    idle = sec.duration("idle_timeout", base.idle_timeout)
+    limit = sec.integer("max_concurrency", base.max_concurrency, 1, 10_000_000)
+    headers = dict(base.add_headers)
+    raw = sec.raw("add_headers", {})
+    if not isinstance(raw, dict):
+        ctx.err(sec.sub("add_headers"), f"expected a mapping of header to value, got {_kind(raw)}")
+        raw = {}
+    for key, value in raw.items():
+        hpath = join(sec.sub("add_headers"), key)
+        if not TOKEN_RE.match(key):
+            ctx.err(hpath, f"{key!r} is not a valid header name")
+            continue
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            ctx.err(hpath, f"expected a string, got {_kind(value)}")
+            continue
+        value = str(value)
+        if "\r" in value or "\n" in value:
+            ctx.err(hpath, "a header value cannot contain a line break")
+            continue
+        try:
+            fields = {f for _, f, _, _ in _FORMATTER.parse(value) if f is not None}
+        except ValueError as exc:
+            ctx.err(hpath, f"{value!r}: {exc} (write {{{{ and }}}} for literal braces)")
+            continue
+        if fields - {"ring", "route"}:
+            bad = ", ".join(sorted(fields - {"ring", "route"}))
+            ctx.err(hpath, f"{value!r}: unknown placeholder {bad}; only {{ring}} and {{route}}")
+            continue
+        headers[key] = value
+    sec.close()
+    policy = Policy(timeout, idle, limit, tuple(headers.items()))
+    return _expand_headers(policy, route, ring) if ring else policy
+
+
+def _expand_headers(policy: Policy, route: str, ring: str) -> Policy:
+    if not ring or not policy.add_headers:
+        return policy
+    from dataclasses import replace
+
+    expanded = tuple((k, v.format(ring=ring, route=route)) for k, v in policy.add_headers)
+    return replace(policy, add_headers=expanded)

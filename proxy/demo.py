@@ -1,0 +1,95 @@
+"""``ringproxy demo``: the proxy in front of two demo upstreams, all on loopback.
+
+The two upstream apps ("stable" and "canary") answer every path with a small JSON body
+that says which version answered and which ring the proxy put the request in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from importlib import resources
+
+from aiohttp import web
+
+from proxy.config import Config, parse_config
+from proxy.server import Proxy, serve
+from proxy.values import Listen, parse_upstream
+
+
+def demo_config() -> Config:
+    text = resources.files("proxy").joinpath("demo.yaml").read_text(encoding="utf-8")
+    return parse_config(text, source="config/demo.yaml (embedded)")
+
+
+def upstream_app(version: str) -> web.Application:
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "version": version,
+                "ring": request.headers.get("X-Ring"),
+                "method": request.method,
+                "path": request.path_qs,
+                "request_id": request.headers.get("X-Request-Id"),
+            },
+            headers={"X-Upstream-Version": version},
+        )
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    return app
+
+
+async def _start_upstream(version: str, listen: Listen) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(upstream_app(version), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, listen.host, listen.port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise OSError(exc.errno, f"demo upstream {version!r} cannot listen on {listen}: "
+                      f"{exc.strerror} (try `ringproxy demo --ephemeral`)") from exc
+    host, port = runner.addresses[0][:2]
+    return runner, f"http://{host}:{port}"
+
+
+async def run_demo(ephemeral: bool = False) -> None:
+    config = demo_config()
+    runners: list[web.AppRunner] = []
+    try:
+        pools = []
+        for pool in config.pools:
+            addr = pool.servers[0]
+            listen = Listen(addr.host, 0 if ephemeral else addr.port)
+            runner, url = await _start_upstream(pool.name, listen)
+            runners.append(runner)
+            pools.append(dataclasses.replace(pool, servers=(parse_upstream(url),)))
+        changes: dict[str, object] = {"pools": tuple(pools)}
+        if ephemeral:
+            changes["listen"] = Listen("127.0.0.1", 0)
+            changes["admin"] = dataclasses.replace(config.admin, listen=Listen("127.0.0.1", 0))
+        config = dataclasses.replace(config, **changes)  # type: ignore[arg-type]
+        await serve(config, on_ready=_banner)
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+
+
+def _banner(proxy: Proxy) -> None:
+    url = proxy.url
+    lines = [
+        "",
+        "ringproxy demo is running. Upstreams:",
+        *(f"  {p.config.name:7} {p.servers[0].upstream.url}" for p in proxy.runtime.pools.values()),
+        f"Proxy: {url}    Admin: {proxy.admin_url}/healthz",
+        "",
+        "Try these (the JSON says which version answered and which ring you were put in):",
+        f"  curl -s {url}/hello                          # everyone else -> ring stable",
+        f"  curl -s -H 'X-Beta: true' {url}/hello        # a beta user   -> ring beta (canary)",
+        f"  curl -s -H 'X-Qa-Team: payments' {url}/hello # a QA engineer -> ring qa (canary)",
+        "",
+        "Press Ctrl-C to stop.",
+        "",
+    ]
+    print("\n".join(lines), file=sys.stderr, flush=True)

@@ -1,0 +1,132 @@
+"""Upstream pools: one pooled, keep-alive aiohttp client per pool, and server selection.
+
+This is the boundary where aiohttp's client exceptions are translated into ringproxy's
+(see ``translate``).  Server URLs were parsed at config load; per request only the path
+and query are put together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import aiohttp
+from yarl import URL
+
+from proxy.config import Balance, Pool
+from proxy.errors import (
+    UpstreamBadResponse,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamResetError,
+    UpstreamTimeout,
+)
+from proxy.values import Upstream
+
+
+class UpstreamConnectTimeout(UpstreamTimeout):
+    kind = "connect"
+    reason = "upstream connect timed out"
+
+
+class Server:
+    """One upstream server of a pool and its live in-flight count."""
+
+    __slots__ = ("host", "inflight", "port", "scheme", "upstream", "ws_scheme")
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self.scheme = upstream.scheme
+        self.ws_scheme = "wss" if upstream.scheme == "https" else "ws"
+        self.host = upstream.host
+        self.port = upstream.port
+        self.inflight = 0
+
+    def url(self, raw_path: str, raw_query: str, websocket: bool = False) -> URL:
+        return URL.build(
+            scheme=self.ws_scheme if websocket else self.scheme,
+            host=self.host,
+            port=self.port,
+            path=raw_path,
+            query_string=raw_query,
+            encoded=True,
+        )
+
+    @property
+    def host_header(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == default else f"{host}:{self.port}"
+
+    def __repr__(self) -> str:
+        return f"<Server {self.upstream.url} inflight={self.inflight}>"
+
+
+class UpstreamPool:
+    """The live side of a configured pool.  ``start()`` must run inside the event loop."""
+
+    def __init__(self, config: Pool) -> None:
+        self.config = config
+        self.servers = tuple(Server(u) for u in config.servers)
+        self._rr = itertools.cycle(self.servers)
+        self.session: aiohttp.ClientSession | None = None
+        self.pick = self._pick_rr if config.balance is Balance.ROUND_ROBIN else self._pick_least
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=self.config.max_connections,
+            limit_per_host=0,
+            keepalive_timeout=self.config.keepalive_timeout,
+            ttl_dns_cache=30,
+            enable_cleanup_closed=False,
+        )
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            # Send only what the client sent: no User-Agent, Accept, Accept-Encoding or
+            # Content-Type of aiohttp's own.
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout),
+            read_bufsize=2**16,
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    def _pick_rr(self) -> Server:
+        return next(self._rr)
+
+    def _pick_least(self) -> Server:
+        # Fewest in-flight wins; the round-robin cursor breaks ties so equal servers share.
+        start = next(self._rr)
+        best = start
+        for server in self.servers:
+            if server.inflight < best.inflight:
+                best = server
+        return best
+
+    def __repr__(self) -> str:
+        return (f"<UpstreamPool {self.config.name} {self.config.balance.value} "
+                f"servers={len(self.servers)}>")
+
+
+def translate(exc: BaseException) -> UpstreamError:
+    """aiohttp/OS exception -> ringproxy's; callers ``raise translate(e) from e``."""
+    if isinstance(exc, UpstreamError):
+        return exc
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return UpstreamConnectTimeout(str(exc) or "connect timed out")
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
+        return UpstreamTimeout("no response within the ring timeout")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamConnectError(f"cannot connect to {exc.host}:{exc.port}: {exc.strerror}")
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return UpstreamResetError("upstream closed the connection without a response")
+    if isinstance(exc, aiohttp.ClientOSError | ConnectionError):
+        return UpstreamResetError(f"connection error: {exc}")
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return UpstreamBadResponse(f"malformed response: {exc.message}")
+    return UpstreamBadResponse(f"{type(exc).__name__}: {exc}")

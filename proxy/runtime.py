@@ -1,0 +1,71 @@
+"""The live objects built from one Config: routing table, upstream pools, ring counters.
+
+A Runtime is what the request handler reads through a single reference; building a new
+one and swapping that reference is how a config change takes effect.
+"""
+
+from __future__ import annotations
+
+import aiohttp
+
+from proxy.config import Config, Ring, Route
+from proxy.pool import UpstreamPool
+from proxy.table import RoutingTable
+
+
+class RingRuntime:
+    """A ring's policy in the form the request path wants, and its in-flight count."""
+
+    __slots__ = (
+        "client_timeout",
+        "extra_headers",
+        "inflight",
+        "limit",
+        "name",
+        "pool",
+        "ring",
+        "route",
+        "timeout",
+    )
+
+    def __init__(self, route: Route, ring: Ring, pool: UpstreamPool) -> None:
+        self.route = route.name
+        self.ring = ring
+        self.name = ring.name
+        self.pool = pool
+        self.inflight = 0
+        self.limit = ring.policy.max_concurrency
+        self.timeout = ring.policy.timeout
+        self.extra_headers = ring.policy.add_headers
+        self.client_timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=pool.config.connect_timeout,
+            sock_read=ring.policy.idle_timeout,
+        )
+
+    def __repr__(self) -> str:
+        limit = self.limit if self.limit is not None else "-"
+        return (f"<Ring {self.route}/{self.name} pool={self.pool.config.name} "
+                f"inflight={self.inflight}/{limit}>")
+
+
+class Runtime:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.table = RoutingTable(config)
+        self.pools = {p.name: UpstreamPool(p) for p in config.pools}
+        self.rings: dict[str, tuple[RingRuntime, ...]] = {
+            route.name: tuple(RingRuntime(route, ring, self.pools[ring.pool]) for ring in route.rings)
+            for route in config.routes
+        }
+
+    async def start(self) -> None:
+        for pool in self.pools.values():
+            await pool.start()
+
+    async def close(self) -> None:
+        for pool in self.pools.values():
+            await pool.close()
+
+    def __repr__(self) -> str:
+        return f"<Runtime revision={self.config.revision} pools={sorted(self.pools)}>"

@@ -1,0 +1,81 @@
+"""The routing table: the compiled, immutable form of a Config that requests look up.
+
+Built once per config; a reload builds a new one and swaps a single reference, so a
+request that started on the old table finishes on it.  Route matching is "first route in
+file order whose host and path prefix match", worked out from precomputed candidate lists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from proxy.assign import CompiledRoute, compile_route
+from proxy.config import Config, Route
+
+
+def _prefix_matches(prefix: str, path: str) -> bool:
+    # "/api" matches "/api" and "/api/..." but not "/apiary"; "/" and "/api/" are plain.
+    if prefix.endswith("/"):
+        return path.startswith(prefix)
+    return path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/")
+
+
+def normalize_host(host: str) -> str:
+    """``API.example.com:8080`` -> ``api.example.com``; ``[::1]:80`` -> ``[::1]``."""
+    if host.startswith("["):
+        end = host.find("]")
+        return host[: end + 1].lower() if end > 0 else host.lower()
+    return host.partition(":")[0].lower().rstrip(".")
+
+
+@dataclass(frozen=True, slots=True)
+class _Candidate:
+    compiled: CompiledRoute
+    prefix: str
+    wildcard: str  # ".example.com" for "*.example.com", else ""
+
+
+class RoutingTable:
+    __slots__ = ("_by_host", "_fallback", "config", "routes")
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.routes = {r.name: compile_route(r, config.revision) for r in config.routes}
+        every: list[tuple[Route, _Candidate]] = []
+        for route in config.routes:
+            compiled = self.routes[route.name]
+            if not route.hosts:
+                every.append((route, _Candidate(compiled, route.path_prefix, "")))
+            for h in route.hosts:
+                wild = h[1:] if h.startswith("*.") else ""
+                every.append((route, _Candidate(compiled, route.path_prefix, wild)))
+        exact_hosts = {h for r in config.routes for h in r.hosts if not h.startswith("*.")}
+        # For a configured exact host: every candidate that could match it, in file order.
+        self._by_host: dict[str, tuple[_Candidate, ...]] = {
+            host: tuple(
+                c for route, c in every
+                if not route.hosts or host in route.hosts or (c.wildcard and host.endswith(c.wildcard))
+            )
+            for host in exact_hosts
+        }
+        # For any other host: wildcard and any-host candidates, checked per request.
+        self._fallback = tuple(c for route, c in every if not route.hosts or c.wildcard)
+
+    def match(self, host: str, path: str) -> CompiledRoute | None:
+        name = normalize_host(host)
+        candidates = self._by_host.get(name)
+        if candidates is not None:
+            for c in candidates:
+                if _prefix_matches(c.prefix, path):
+                    return c.compiled
+            return None
+        for c in self._fallback:
+            if c.wildcard and not name.endswith(c.wildcard):
+                continue
+            if _prefix_matches(c.prefix, path):
+                return c.compiled
+        return None
+
+    def __repr__(self) -> str:
+        return (f"<RoutingTable revision={self.config.revision} routes={len(self.routes)} "
+                f"pools={len(self.config.pools)}>")

@@ -1,0 +1,137 @@
+"""Parsers for the small value types of the config: durations, addresses, URLs, names.
+
+Each returns the parsed value or raises ``ValueError`` with a message that says what was
+expected; the config reader adds the path.  No I/O, no DNS.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+# RFC 9110 token: what a header field name may be.
+TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_HOSTNAME_RE = re.compile(
+    r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
+)
+
+
+def _describe(value: object) -> str:
+    return repr(value) if isinstance(value, str) else f"{value!r} ({type(value).__name__})"
+
+
+def parse_duration(value: object) -> float:
+    """``"250ms" | "30s" | "5m" | "1h"`` -> seconds.  Bare numbers are refused: units matter."""
+    if isinstance(value, str):
+        m = _DURATION_RE.match(value.strip())
+        if m:
+            return float(m.group(1)) * _UNITS[m.group(2)]
+    raise ValueError(f"{_describe(value)} is not a duration; expected e.g. 250ms, 30s, 5m or 1h")
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    return f"{seconds:g}s"
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """An address to bind: ``host:port``; ``[v6]:port`` for IPv6; port 0 picks a free one."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_listen(value: object) -> Listen:
+    expected = "expected HOST:PORT, e.g. 127.0.0.1:8080 or [::1]:8080"
+    if not isinstance(value, str) or ":" not in value:
+        raise ValueError(f"{_describe(value)} is not an address; {expected}")
+    host, _, port_s = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{value!r}: {host!r} is not an IPv6 address") from None
+    elif ":" in host:
+        raise ValueError(f"{value!r}: write IPv6 addresses in brackets, e.g. [::1]:8080")
+    if not host:
+        raise ValueError(f"{value!r} has no host; {expected} (0.0.0.0 for every interface)")
+    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise ValueError(f"{value!r}: port {port_s!r} is not a number in 0..65535")
+    return Listen(host, int(port_s))
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """One upstream server, parsed once at load: the request path never re-parses it."""
+
+    url: str  # normalized "scheme://host:port"
+    scheme: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return self.url
+
+
+def parse_upstream(value: object) -> Upstream:
+    expected = "expected http://HOST:PORT or https://HOST:PORT"
+    if not isinstance(value, str):
+        raise ValueError(f"{_describe(value)} is not a URL; {expected}")
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a valid URL ({exc}); {expected}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"{value!r}: scheme must be http or https; {expected}")
+    if parts.username or parts.password:
+        raise ValueError(f"{value!r}: credentials in the URL are not allowed")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(
+            f"{value!r}: a server URL has no path, query or fragment "
+            "(the request's own path and query are sent)"
+        )
+    host = parts.hostname or ""
+    if not host:
+        raise ValueError(f"{value!r} has no host; {expected}")
+    if ":" in host:
+        ipaddress.IPv6Address(host)  # raises ValueError with a clear message
+    elif not _HOSTNAME_RE.match(host):
+        raise ValueError(f"{value!r}: {host!r} is not a valid host name")
+    if port == 0:
+        raise ValueError(f"{value!r}: port 0 is not a server port")
+    port = port or (443 if parts.scheme == "https" else 80)
+    shown = f"[{host}]" if ":" in host else host
+    return Upstream(f"{parts.scheme}://{shown}:{port}", parts.scheme, host, port)
+
+
+def parse_host_pattern(value: object) -> str:
+    """A route's host: exact (``api.example.com``) or one leading wildcard (``*.example.com``)."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{_describe(value)} is not a host name")
+    host = value.lower().rstrip(".")
+    bare = host[2:] if host.startswith("*.") else host
+    if not (_HOSTNAME_RE.match(bare) or _is_ip(bare)):
+        raise ValueError(
+            f"{value!r} is not a host name; expected e.g. api.example.com or *.example.com"
+        )
+    return host
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value.strip("[]"))
+    except ValueError:
+        return False
+    return True

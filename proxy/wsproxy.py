@@ -1,0 +1,110 @@
+"""WebSocket pass-through: handshake upstream first, then accept the client and relay.
+
+The upstream handshake happens first so that the subprotocol the upstream chose is the
+one the client is told, and so that an upstream refusal becomes an HTTP error response
+rather than an accepted-then-closed socket.  Messages are relayed as they arrive; a close
+from either side (with its code and reason) is passed to the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import aiohttp
+from aiohttp import WSMsgType, web
+from multidict import CIMultiDict
+
+from proxy.errors import UpstreamBadResponse
+from proxy.pool import Server, translate
+from proxy.runtime import RingRuntime
+
+MAX_MESSAGE = 16 * 1024 * 1024  # bytes; a larger message closes the socket with 1009
+_CLOSE_TYPES = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
+
+
+def is_websocket_upgrade(request: web.BaseRequest) -> bool:
+    return (
+        request.method == "GET"
+        and request.headers.get("Upgrade", "").lower() == "websocket"
+        and "upgrade" in request.headers.get("Connection", "").lower()
+    )
+
+
+async def proxy_websocket(
+    request: web.BaseRequest,
+    ring: RingRuntime,
+    server: Server,
+    headers: CIMultiDict[str],
+) -> web.WebSocketResponse:
+    session = ring.pool.session
+    assert session is not None, "pool not started"
+    protocols = [
+        p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()
+    ]
+    rel = request.rel_url
+    url = server.url(rel.raw_path, rel.raw_query_string, websocket=True)
+    try:
+        async with asyncio.timeout(ring.timeout):
+            upstream = await session.ws_connect(
+                url,
+                headers=headers,
+                protocols=protocols,
+                autoclose=False,
+                autoping=True,
+                max_msg_size=MAX_MESSAGE,
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
+            )
+    except aiohttp.WSServerHandshakeError as exc:
+        raise UpstreamBadResponse(
+            f"upstream refused the WebSocket upgrade with status {exc.status}"
+        ) from exc
+    except Exception as exc:
+        raise translate(exc) from exc
+
+    downstream = web.WebSocketResponse(
+        protocols=(upstream.protocol,) if upstream.protocol else (),
+        autoclose=False,
+        autoping=True,
+        max_msg_size=MAX_MESSAGE,
+    )
+    try:
+        await downstream.prepare(request)
+        to_upstream = asyncio.ensure_future(_pump(downstream, upstream))
+        to_client = asyncio.ensure_future(_pump(upstream, downstream))
+        try:
+            await asyncio.wait({to_upstream, to_client}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (to_upstream, to_client):
+                task.cancel()
+            await asyncio.gather(to_upstream, to_client, return_exceptions=True)
+    finally:
+        with contextlib.suppress(Exception):
+            await upstream.close()
+        with contextlib.suppress(Exception):
+            await downstream.close()
+    return downstream
+
+
+async def _pump(
+    src: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+    dst: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+) -> None:
+    while True:
+        msg = await src.receive()
+        if msg.type is WSMsgType.TEXT:
+            await dst.send_str(msg.data)
+        elif msg.type is WSMsgType.BINARY:
+            await dst.send_bytes(msg.data)
+        elif msg.type in _CLOSE_TYPES:
+            code = src.close_code if src.close_code is not None else 1000
+            if msg.type is WSMsgType.CLOSE:
+                code = msg.data if isinstance(msg.data, int) else code
+            reason = msg.extra.encode() if isinstance(msg.extra, str) else b""
+            if code in (1005, 1006):  # "no code" / "abnormal": not sendable on the wire
+                code = 1000 if code == 1005 else 1011
+            with contextlib.suppress(Exception):
+                await dst.close(code=code, message=reason)
+            with contextlib.suppress(Exception):
+                await src.close(code=code)
+            return
