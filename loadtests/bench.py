@@ -299,7 +299,7 @@ _UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
 
 
 def _to_ms(value: str, unit: str) -> float:
-    return float(value) * _UNITS_MS[unit]
+    return round(float(value) * _UNITS_MS[unit], 4)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 import uvloop
 from aiohttp import ClientSession, DummyCookieJar, TCPConnector, web
 from multidict import CIMultiDict
+from yarl import URL
 
 HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"}
 HOP |= {"transfer-encoding", "proxy-authenticate", "proxy-authorization"}
@@ -30,7 +31,7 @@ async def main(port: int, upstream: str) -> None:
     async def handler(request: web.BaseRequest) -> web.StreamResponse:
         async with session.request(
             request.method,
-            upstream + request.rel_url.raw_path_qs,
+            URL(upstream + request.raw_path, encoded=True),
             headers=strip_hop(request.headers),
             allow_redirects=False,
             data=request.content if request.body_exists else None,

@@ -20,7 +20,7 @@ from proxy.pool import Server, translate
 from proxy.runtime import RingRuntime
 
 MAX_MESSAGE = 16 * 1024 * 1024  # bytes; a larger message closes the socket with 1009
-_CLOSE_TYPES = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
+_CLOSE_TYPES = (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.ERROR)
 
 
 def is_websocket_upgrade(request: web.BaseRequest) -> bool:
@@ -96,12 +96,16 @@ async def _pump(
             await dst.send_str(msg.data)
         elif msg.type is WSMsgType.BINARY:
             await dst.send_bytes(msg.data)
+        elif msg.type is WSMsgType.CLOSING:
+            # The other direction is closing this socket and passes the code on itself.
+            return
         elif msg.type in _CLOSE_TYPES:
-            code = src.close_code if src.close_code is not None else 1000
-            if msg.type is WSMsgType.CLOSE:
-                code = msg.data if isinstance(msg.data, int) else code
+            if msg.type is WSMsgType.CLOSE and isinstance(msg.data, int):
+                code = msg.data
+            else:  # the peer vanished without a close frame
+                code = src.close_code if src.close_code is not None else 1006
             reason = msg.extra.encode() if isinstance(msg.extra, str) else b""
-            if code in (1005, 1006):  # "no code" / "abnormal": not sendable on the wire
+            if code in (1005, 1006, 1015):  # reserved codes that may not be sent on the wire
                 code = 1000 if code == 1005 else 1011
             with contextlib.suppress(Exception):
                 await dst.close(code=code, message=reason)

@@ -1,0 +1,296 @@
+"""Shared fixtures: real upstream servers and a real proxy, all on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import hashlib
+import json
+import textwrap
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from proxy.config import parse_config
+from proxy.server import Proxy
+
+GZIP_BODY = gzip.compress(b'{"hello": "compressed world"}' * 50, mtime=0)
+
+
+class Upstream:
+    """A real aiohttp server with endpoints tests use, and a record of what it saw."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.url = ""
+        self.requests: list[dict[str, Any]] = []
+        self.sse_release = asyncio.Event()
+        self.hang_started = asyncio.Event()
+        self.hang_cancelled = asyncio.Event()
+        self.ws_closed_with: int | None = None
+        self.ws_closed = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        r = app.router
+        r.add_route("*", "/bytes/{n}", self.bytes)
+        r.add_post("/sink", self.sink)
+        r.add_put("/sink", self.sink)
+        r.add_get("/gzip", self.gzip)
+        r.add_get("/sse", self.sse)
+        r.add_get("/slow", self.slow)
+        r.add_get("/hang", self.hang)
+        r.add_route("*", "/status/{code}", self.status)
+        r.add_get("/ws", self.ws)
+        r.add_route("*", "/sized", self.sized)
+        r.add_get("/broken", self.broken)
+        r.add_get("/hop", self.hop)
+        r.add_route("*", "/{tail:.*}", self.echo)
+        return app
+
+    async def start(self) -> str:
+        self._runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = self._runner.addresses[0][:2]
+        self.url = f"http://{host}:{port}"
+        return self.url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def _record(self, request: web.BaseRequest, **extra: Any) -> dict[str, Any]:
+        seen = {
+            "upstream": self.name,
+            "method": request.method,
+            "target": request.raw_path,
+            "headers": [[k.decode(), v.decode()] for k, v in request.raw_headers],
+            **extra,
+        }
+        self.requests.append(seen)
+        return seen
+
+    async def echo(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        seen = self._record(request, body_len=len(body), body_sha=hashlib.sha256(body).hexdigest())
+        return web.json_response(seen, headers={"X-Upstream": self.name})
+
+    async def bytes(self, request: web.Request) -> web.StreamResponse:
+        n = int(request.match_info["n"])
+        self._record(request)
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        await resp.prepare(request)
+        chunk = bytes(range(256)) * 256  # 64 KiB
+        sent = 0
+        while sent < n:
+            part = chunk[: min(len(chunk), n - sent)]
+            await resp.write(part)
+            sent += len(part)
+        await resp.write_eof()
+        return resp
+
+    async def sink(self, request: web.Request) -> web.Response:
+        digest = hashlib.sha256()
+        total = 0
+        async for chunk in request.content.iter_any():
+            digest.update(chunk)
+            total += len(chunk)
+        self._record(request, body_len=total)
+        return web.json_response({"received": total, "sha256": digest.hexdigest()})
+
+    async def gzip(self, request: web.Request) -> web.Response:
+        self._record(request)
+        return web.Response(
+            body=GZIP_BODY,
+            headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+        )
+
+    async def sse(self, request: web.Request) -> web.StreamResponse:
+        self._record(request)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"data: first\n\n")
+        # The second event only comes after the test has seen the first one, so a test
+        # that passes proves the proxy flushed before the upstream finished.
+        await asyncio.wait_for(self.sse_release.wait(), 10)
+        await resp.write(b"data: second\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def slow(self, request: web.Request) -> web.Response:
+        self._record(request)
+        await asyncio.sleep(float(request.query.get("s", "1")))
+        return web.Response(text="slow done")
+
+    async def hang(self, request: web.Request) -> web.Response:
+        self._record(request)
+        self.hang_started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            self.hang_cancelled.set()
+            raise
+        return web.Response(text="never")
+
+    async def status(self, request: web.Request) -> web.Response:
+        code = int(request.match_info["code"])
+        self._record(request)
+        if code in (204, 304):
+            return web.Response(status=code)
+        return web.Response(status=code, text=f"status {code}")
+
+    async def ws(self, request: web.Request) -> web.WebSocketResponse:
+        self._record(request)
+        ws = web.WebSocketResponse(protocols=("chat.v2", "chat.v1"))
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type is aiohttp.WSMsgType.TEXT:
+                if msg.data.startswith("close:"):
+                    await ws.close(code=int(msg.data[6:]), message=b"upstream says bye")
+                    break
+                await ws.send_str(f"echo:{msg.data}")
+            elif msg.type is aiohttp.WSMsgType.BINARY:
+                await ws.send_bytes(msg.data[::-1])
+        self.ws_closed_with = ws.close_code
+        self.ws_closed.set()
+        return ws
+
+    async def sized(self, request: web.Request) -> web.Response:
+        self._record(request)
+        return web.Response(body=b"x" * 100, headers={"Content-Type": "text/plain"})
+
+    async def broken(self, request: web.Request) -> web.StreamResponse:
+        self._record(request)
+        resp = web.StreamResponse(headers={"Content-Length": "100000"})
+        await resp.prepare(request)
+        await resp.write(b"y" * 1000)
+        await asyncio.sleep(0.05)
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+
+    async def hop(self, request: web.Request) -> web.Response:
+        self._record(request)
+        return web.Response(
+            text="hop",
+            headers={
+                "Connection": "X-Up-Secret",
+                "X-Up-Secret": "1",
+                "Keep-Alive": "timeout=5",
+                "Proxy-Authenticate": "Basic",
+                "X-Up-Public": "yes",
+            },
+        )
+
+
+@pytest.fixture
+async def stable() -> AsyncIterator[Upstream]:
+    up = Upstream("stable")
+    await up.start()
+    yield up
+    await up.stop()
+
+
+@pytest.fixture
+async def canary() -> AsyncIterator[Upstream]:
+    up = Upstream("canary")
+    await up.start()
+    yield up
+    await up.stop()
+
+
+def two_ring_config(stable: str, canary: str, extra_ring_policy: str = "", **fmt: Any) -> str:
+    return textwrap.dedent(
+        f"""
+        listen: 127.0.0.1:0
+        admin: {{listen: 127.0.0.1:0}}
+        access_log: {{enabled: false}}
+        shutdown_grace: 2s
+        pools:
+          stable: {{servers: [{stable}]}}
+          canary: {{servers: [{canary}]}}
+        routes:
+          - name: api
+            rings:
+              - name: beta
+                pool: canary
+                rules:
+                  - {{attr: "header:X-Beta", equals: "1"}}
+                policy:
+                  add_headers: {{X-Flag: "{{ring}}@{{route}}"}}
+              - name: main
+                pool: stable
+                policy:
+                  timeout: 300ms
+        """
+    )
+
+
+ProxyFactory = Callable[[str], Awaitable[Proxy]]
+
+
+@pytest.fixture
+async def make_proxy() -> AsyncIterator[ProxyFactory]:
+    started: list[Proxy] = []
+
+    async def factory(text: str) -> Proxy:
+        proxy = Proxy(parse_config(text))
+        await proxy.start()
+        started.append(proxy)
+        return proxy
+
+    yield factory
+    for proxy in started:
+        await proxy.stop()
+
+
+@pytest.fixture
+async def proxy(make_proxy: ProxyFactory, stable: Upstream, canary: Upstream) -> Proxy:
+    return await make_proxy(two_ring_config(stable.url, canary.url))
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(
+        auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept")
+    ) as session:
+        yield session
+
+
+async def raw_exchange(url: str, request: bytes, timeout: float = 5.0) -> bytes:
+    """Send raw bytes to the proxy, read until it closes the connection (or timeout)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request)
+        await writer.drain()
+        chunks = []
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            async with asyncio.timeout(timeout):
+                while data := await reader.read(65536):
+                    chunks.append(data)
+        return b"".join(chunks)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+def headers_of(seen: dict[str, Any]) -> dict[str, str]:
+    """An upstream record's headers, lower-cased names (repeated ones joined)."""
+    out: dict[str, str] = {}
+    for k, v in seen["headers"]:
+        k = k.lower()
+        out[k] = f"{out[k]}, {v}" if k in out else v
+    return out
+
+
+def parse_json(body: bytes) -> Any:
+    return json.loads(body)
