@@ -1,0 +1,97 @@
+"""Header rewriting: pure functions over multidicts."""
+
+from __future__ import annotations
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.headers import (
+    HOP_BY_HOP,
+    downstream_response_headers,
+    request_id_of,
+    upstream_request_headers,
+)
+
+
+def proxy_of(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:
+    return CIMultiDictProxy(CIMultiDict(pairs))
+
+
+def build(*pairs: tuple[str, str], **kw: object) -> CIMultiDict[str]:
+    args: dict = {"client_ip": "10.0.0.9", "proto": "http", "host": None,
+                  "request_id": "rid", "ring": "beta"}
+    args.update(kw)
+    return upstream_request_headers(proxy_of(*pairs), **args)
+
+
+def test_hop_by_hop_set_is_the_rfc_list() -> None:
+    assert {h.lower() for h in HOP_BY_HOP} == {
+        "connection", "keep-alive", "proxy-connection", "te", "trailer",
+        "transfer-encoding", "upgrade",
+    }
+
+
+def test_request_drops_hop_by_hop_and_connection_named_headers() -> None:
+    out = build(
+        ("Host", "a.test"), ("Connection", "keep-alive, X-Drop-Me"), ("connection", "X-Also"),
+        ("X-Drop-Me", "1"), ("X-Also", "2"), ("Keep-Alive", "5"), ("TE", "trailers"),
+        ("Transfer-Encoding", "chunked"), ("Upgrade", "h2c"), ("Trailer", "X"),
+        ("Proxy-Connection", "keep-alive"), ("Proxy-Authorization", "Basic x"),
+        ("Expect", "100-continue"), ("X-Keep", "yes"), ("Cookie", "a=1"), ("Cookie", "b=2"),
+    )
+    assert sorted(k for k, _ in out.items()) == sorted([
+        "Host", "X-Keep", "Cookie", "Cookie", "X-Forwarded-For", "X-Forwarded-Proto",
+        "X-Forwarded-Host", "Via", "X-Request-Id", "X-Ring",
+    ])
+    assert out.getall("Cookie") == ["a=1", "b=2"]  # repeated headers keep order
+
+
+def test_forwarding_headers() -> None:
+    out = build(("Host", "api.test:8080"), ("X-Forwarded-For", "1.1.1.1"),
+                ("X-Forwarded-For", "2.2.2.2"), ("X-Forwarded-Proto", "https"),
+                ("X-Forwarded-Host", "spoofed"), ("Via", "1.0 cdn"), proto="http")
+    assert out["X-Forwarded-For"] == "1.1.1.1, 2.2.2.2, 10.0.0.9"
+    assert out["X-Forwarded-Proto"] == "http"  # what this hop saw, not what the client claims
+    assert out["X-Forwarded-Host"] == "api.test:8080"
+    assert out["Via"] == "1.0 cdn, 1.1 ringproxy"
+    assert out["Host"] == "api.test:8080"
+
+
+def test_host_override_and_ring_headers_cannot_be_spoofed() -> None:
+    out = build(("Host", "public.test"), ("X-Ring", "vip"), ("X-Ring-Reason", "forged"),
+                host="10.0.0.5:8080", extra=(("X-Feature", "on"),))
+    assert out["Host"] == "10.0.0.5:8080"
+    assert out["X-Ring"] == "beta"
+    assert "X-Ring-Reason" not in out
+    assert out["X-Feature"] == "on"
+
+
+def test_websocket_handshake_headers_are_left_to_the_client_library() -> None:
+    out = build(("Host", "h"), ("Sec-WebSocket-Key", "k"), ("Sec-WebSocket-Version", "13"),
+                ("Origin", "https://h"), websocket=True)
+    assert "Sec-WebSocket-Key" not in out and out["Origin"] == "https://h"
+
+
+def test_request_id_kept_when_sane_else_generated() -> None:
+    assert request_id_of(proxy_of(("X-Request-Id", "abc"))) == "abc"
+    for bad in ("", "x" * 201, "a\x01b"):
+        rid = request_id_of(proxy_of(("X-Request-Id", bad)))
+        assert rid != bad and len(rid) == 32
+    a, b = request_id_of(proxy_of()), request_id_of(proxy_of())
+    assert a != b
+
+
+def test_response_headers() -> None:
+    raw = [
+        (b"Content-Type", b"text/plain"), (b"Connection", b"X-Up"), (b"X-Up", b"1"),
+        (b"Keep-Alive", b"timeout=5"), (b"Transfer-Encoding", b"chunked"),
+        (b"Set-Cookie", b"a=1"), (b"Set-Cookie", b"b=2"), (b"Via", b"1.1 app"),
+        (b"Proxy-Authenticate", b"Basic"),
+    ]
+    out = downstream_response_headers(raw, "rid-9")
+    assert out.getall("Set-Cookie") == ["a=1", "b=2"]
+    assert out["Via"] == "1.1 app, 1.1 ringproxy"
+    assert out["X-Request-Id"] == "rid-9"
+    for name in ("Connection", "X-Up", "Keep-Alive", "Transfer-Encoding", "Proxy-Authenticate"):
+        assert name not in out
+    kept = downstream_response_headers([(b"X-Request-Id", b"upstream-id")], "rid-9")
+    assert kept["X-Request-Id"] == "upstream-id"
