@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Protocol
 
 from proxy.config import Attr, Ring, Route, Rule
@@ -37,7 +37,7 @@ class RequestView(Protocol):
     def remote(self) -> str | None: ...
 
 
-class Reason(str, Enum):
+class Reason(StrEnum):
     OVERRIDE = "override"
     RULE = "rule"
     BUCKET = "bucket"

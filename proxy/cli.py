@@ -73,7 +73,7 @@ def _check(path: str) -> int:
 
 
 def _run(path: str) -> int:
-    from proxy.server import run, serve
+    from proxy.server import serve
 
     try:
         config = load_config(path)

@@ -14,7 +14,7 @@ import os
 import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,7 +34,7 @@ from proxy.yamlsrc import join, load_yaml
 T = TypeVar("T")
 
 
-class Balance(str, Enum):
+class Balance(StrEnum):
     ROUND_ROBIN = "round_robin"
     LEAST_REQUEST = "least_request"
 
@@ -58,7 +58,7 @@ class Policy:
     add_headers: tuple[tuple[str, str], ...] = ()  # sent upstream, {ring}/{route} expanded
 
 
-class Attr(str, Enum):
+class Attr(StrEnum):
     HEADER = "header"
     COOKIE = "cookie"
     QUERY = "query"
@@ -113,7 +113,7 @@ class AccessLog:
 
 @dataclass(frozen=True, slots=True)
 class Admin:
-    listen: Listen = Listen("127.0.0.1", 9901)
+    listen: Listen = field(default_factory=lambda: Listen("127.0.0.1", 9901))
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +142,8 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
     try:
         raw = p.read_bytes()
     except OSError as exc:
-        raise ConfigError([ConfigIssue("", f"cannot read the file: {exc.strerror}")], str(p)) from exc
+        issue = ConfigIssue("", f"cannot read the file: {exc.strerror}")
+        raise ConfigError([issue], str(p)) from exc
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -177,12 +177,12 @@ class ProxyHandler:
 
 
 async def _upload(
-    request: web.BaseRequest, timer: asyncio.Timeout, timeout: float, ex: Exchange
+    request: web.BaseRequest, timer: asyncio.Timeout, ring_timeout: float, ex: Exchange
 ) -> AsyncIterator[bytes]:
     async for chunk in request.content.iter_any():
         ex.bytes_in += len(chunk)
         yield chunk
-    timer.reschedule(asyncio.get_running_loop().time() + timeout)
+    timer.reschedule(asyncio.get_running_loop().time() + ring_timeout)
 
 
 async def _relay(

@@ -12,8 +12,9 @@ from collections.abc import Iterable
 
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
+# Header names arrive in whatever case the peer sent: every comparison is on .lower().
 HOP_BY_HOP = frozenset(
-    istr(h)
+    h.lower()
     for h in (
         "Connection",
         "Keep-Alive",
@@ -26,13 +27,9 @@ HOP_BY_HOP = frozenset(
 )
 # Also never forwarded upstream: this hop's own credentials, an Expect we already answered,
 # and the assignment headers only the proxy may set.
-_REQUEST_DROP = HOP_BY_HOP | {
-    istr("Proxy-Authorization"),
-    istr("Expect"),
-    istr("X-Ring"),
-    istr("X-Ring-Reason"),
-}
-_RESPONSE_DROP = HOP_BY_HOP | {istr("Proxy-Authenticate")}
+_REQUEST_DROP = HOP_BY_HOP | {"proxy-authorization", "expect", "x-ring", "x-ring-reason"}
+_RESPONSE_DROP = HOP_BY_HOP | {"proxy-authenticate"}
+_REPLACED = frozenset({"x-forwarded-proto", "x-forwarded-host", "x-request-id"})
 
 VIA = "1.1 ringproxy"
 X_FORWARDED_FOR = istr("X-Forwarded-For")
@@ -50,9 +47,7 @@ def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> froz
     values = headers.getall("Connection", ())
     if not values:
         return frozenset()
-    return frozenset(
-        istr(t.strip()) for v in values for t in v.split(",") if t.strip()
-    )
+    return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
 
 
 def new_request_id() -> str:
@@ -89,19 +84,15 @@ def upstream_request_headers(
     via: list[str] = []
     original_host = incoming.get(HOST, "")
     for key, value in incoming.items():
-        if key in _REQUEST_DROP or key in drop:
+        lower = key.lower()
+        if lower in _REQUEST_DROP or lower in drop or lower in _REPLACED:
             continue
-        if key == X_FORWARDED_FOR:
+        if lower == "x-forwarded-for":
             forwarded_for.append(value)
-            continue
-        if key == VIA_H:
+        elif lower == "via":
             via.append(value)
-            continue
-        if key in (X_FORWARDED_PROTO, X_FORWARDED_HOST, X_REQUEST_ID):
-            continue
-        if websocket and key.startswith("Sec-WebSocket-"):
-            continue
-        out.add(key, value)
+        elif not (websocket and lower.startswith("sec-websocket-")):
+            out.add(key, value)
     if host is not None:
         out[HOST] = host
     forwarded_for.append(client_ip)
@@ -129,12 +120,13 @@ def downstream_response_headers(
     out: CIMultiDict[str] = CIMultiDict()
     via: list[str] = []
     for key, value in incoming.items():
-        if key in _RESPONSE_DROP or key in drop:
+        lower = key.lower()
+        if lower in _RESPONSE_DROP or lower in drop:
             continue
-        if key == VIA_H:
+        if lower == "via":
             via.append(value)
-            continue
-        out.add(key, value)
+        else:
+            out.add(key, value)
     via.append(VIA)
     out[VIA_H] = ", ".join(via)
     out.setdefault(X_REQUEST_ID, request_id)

@@ -55,7 +55,9 @@ class Runtime:
         self.table = RoutingTable(config)
         self.pools = {p.name: UpstreamPool(p) for p in config.pools}
         self.rings: dict[str, tuple[RingRuntime, ...]] = {
-            route.name: tuple(RingRuntime(route, ring, self.pools[ring.pool]) for ring in route.rings)
+            route.name: tuple(
+                RingRuntime(route, ring, self.pools[ring.pool]) for ring in route.rings
+            )
             for route in config.routes
         }
 

@@ -54,7 +54,9 @@ class RoutingTable:
         self._by_host: dict[str, tuple[_Candidate, ...]] = {
             host: tuple(
                 c for route, c in every
-                if not route.hosts or host in route.hosts or (c.wildcard and host.endswith(c.wildcard))
+                if not route.hosts
+                or host in route.hosts
+                or (c.wildcard and host.endswith(c.wildcard))
             )
             for host in exact_hosts
         }

@@ -264,7 +264,7 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-async def raw_exchange(url: str, request: bytes, timeout: float = 5.0) -> bytes:
+async def raw_exchange(url: str, request: bytes, wait: float = 5.0) -> bytes:
     """Send raw bytes to the proxy, read until it closes the connection (or timeout)."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
     reader, writer = await asyncio.open_connection(host, int(port))
@@ -273,7 +273,7 @@ async def raw_exchange(url: str, request: bytes, timeout: float = 5.0) -> bytes:
         await writer.drain()
         chunks = []
         with contextlib.suppress(TimeoutError, ConnectionError):
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(wait):
                 while data := await reader.read(65536):
                     chunks.append(data)
         return b"".join(chunks)

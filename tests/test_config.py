@@ -298,11 +298,14 @@ def test_environment_variables_fill_values_and_missing_ones_are_errors() -> None
     defaulted = MINIMAL.replace("http://127.0.0.1:9001", '"${UPSTREAM:-http://h:81}"')
     assert parse_config(defaulted, environ={}).pools[0].servers[0].url == "http://h:81"
     errors = errors_of(text)
-    assert errors[0] == "c.yaml:5: pools.stable.servers[0]: environment variable UPSTREAM is not set"
+    assert errors[0] == (
+        "c.yaml:5: pools.stable.servers[0]: environment variable UPSTREAM is not set"
+    )
 
 
 def test_dollar_dollar_is_a_literal_dollar() -> None:
-    text = MINIMAL.replace("pool: stable", "pool: stable\n        policy: {add_headers: {X-P: 'costs $$5'}}")
+    policy = "\n        policy: {add_headers: {X-P: 'costs $$5'}}"
+    text = MINIMAL.replace("pool: stable", "pool: stable" + policy)
     config = parse_config(text, environ={})
     assert dict(config.routes[0].rings[0].policy.add_headers) == {"X-P": "costs $5"}
 

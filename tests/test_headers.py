@@ -95,3 +95,19 @@ def test_response_headers() -> None:
         assert name not in out
     kept = downstream_response_headers([(b"X-Request-Id", b"upstream-id")], "rid-9")
     assert kept["X-Request-Id"] == "upstream-id"
+
+
+def test_header_names_in_any_case_are_recognised() -> None:
+    out = build(("host", "h"), ("connection", "x-secret"), ("x-secret", "1"),
+                ("keep-alive", "1"), ("x-forwarded-for", "1.1.1.1"), ("x-ring", "vip"),
+                ("VIA", "1.0 a"), ("x-request-id", "mine"))
+    assert [k.lower() for k, _ in out.items()] == [
+        "host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via",
+        "x-request-id", "x-ring",
+    ]
+    assert out["X-Forwarded-For"] == "1.1.1.1, 10.0.0.9"
+    assert out["Via"] == "1.0 a, 1.1 ringproxy"
+    assert out["X-Ring"] == "beta"
+    back = downstream_response_headers([(b"connection", b"x-up"), (b"x-up", b"1"),
+                                        (b"KEEP-ALIVE", b"5"), (b"via", b"1.1 app")], "r")
+    assert [k.lower() for k, _ in back.items()] == ["via", "x-request-id"]

@@ -106,6 +106,20 @@ async def test_hop_by_hop_headers_are_removed_both_ways(
     assert "x-up-public: yes" in head
 
 
+async def test_hop_by_hop_headers_in_lower_case_are_removed_too(
+    proxy: Proxy, stable: Upstream
+) -> None:
+    request = (
+        b"GET /x HTTP/1.1\r\nhost: h.test\r\nconnection: close, x-secret\r\n"
+        b"x-secret: s\r\nkeep-alive: 5\r\nx-ring: forged\r\n\r\n"
+    )
+    raw = await raw_exchange(proxy.url, request)
+    assert raw.startswith(b"HTTP/1.1 200")
+    seen = headers_of(stable.requests[-1])
+    assert "x-secret" not in seen and "keep-alive" not in seen and "connection" not in seen
+    assert seen["x-ring"] == "main"
+
+
 @pytest.mark.parametrize(
     ("target", "expected"),
     [
@@ -181,7 +195,8 @@ async def test_head_204_304_carry_no_body(proxy: Proxy) -> None:
     assert body == b""
     for code in (204, 304):
         raw = await raw_exchange(
-            proxy.url, f"GET /status/{code} HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n".encode()
+            proxy.url,
+            f"GET /status/{code} HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n".encode(),
         )
         head, _, body = raw.partition(b"\r\n\r\n")
         assert head.startswith(f"HTTP/1.1 {code}".encode())
@@ -348,7 +363,7 @@ async def test_client_disconnect_releases_the_upstream(
     proxy: Proxy, stable: Upstream
 ) -> None:
     host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
+    _, writer = await asyncio.open_connection(host, int(port))
     writer.write(b"GET /hang HTTP/1.1\r\nHost: h\r\n\r\n")
     await writer.drain()
     await asyncio.wait_for(stable.hang_started.wait(), 5)

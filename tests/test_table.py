@@ -6,7 +6,6 @@ import textwrap
 from dataclasses import dataclass, field
 
 import pytest
-from multidict import CIMultiDict
 
 from proxy.assign import Reason, assign
 from proxy.config import parse_config
