@@ -1,0 +1,221 @@
+"""The ``ringproxy`` command, run as a real subprocess, against real upstreams on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import Upstream
+
+ROOT = Path(__file__).resolve().parent.parent
+_SCRIPT = Path(sys.executable).with_name("ringproxy")
+RINGPROXY = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "proxy"]
+LISTENING = re.compile(rb"proxy listening on (http://\S+)")
+
+
+def cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*RINGPROXY, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+
+
+class Running:
+    """A ringproxy process started by a test; its stderr is read until it says where it is."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.stderr = b""
+        self.url = ""
+
+    async def wait_listening(self, pattern: re.Pattern[bytes] = LISTENING) -> re.Match[bytes]:
+        assert self.proc.stderr is not None
+        async with asyncio.timeout(20):
+            while True:
+                line = await self.proc.stderr.readline()
+                if not line:
+                    raise AssertionError(f"ringproxy exited early: {self.stderr.decode()}")
+                self.stderr += line
+                if m := pattern.search(self.stderr):
+                    if pattern is LISTENING:
+                        self.url = m.group(1).decode()
+                    return m
+
+    async def finish(self, sig: int | None, wait: float = 15) -> tuple[int, str, str]:
+        if sig is not None:
+            self.proc.send_signal(sig)
+        out, err = await asyncio.wait_for(self.proc.communicate(), wait)
+        return self.proc.returncode or 0, out.decode(), (self.stderr + err).decode()
+
+
+@pytest.fixture
+async def spawn() -> AsyncIterator:
+    procs: list[Running] = []
+
+    async def start(*args: str) -> Running:
+        proc = await asyncio.create_subprocess_exec(
+            *RINGPROXY, *args, cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        running = Running(proc)
+        procs.append(running)
+        return running
+
+    yield start
+    for running in procs:
+        if running.proc.returncode is None:
+            running.proc.kill()
+            await running.proc.wait()
+
+
+def write_config(tmp_path: Path, upstream: str, extra: str = "", listen: str = "127.0.0.1:0") -> Path:
+    path = tmp_path / "ringproxy.yaml"
+    path.write_text(textwrap.dedent(f"""
+        listen: {listen}
+        admin: {{listen: 127.0.0.1:0}}
+        shutdown_grace: 5s
+        pools:
+          app: {{servers: ["{upstream}"]}}
+        routes:
+          - name: api
+            rings:
+              - name: stable
+                pool: app
+    """) + extra)
+    return path
+
+
+def test_check_accepts_a_good_config_and_the_shipped_ones() -> None:
+    for path in ("config/demo.yaml", "config/example.yaml"):
+        result = cli("check", path)
+        assert result.returncode == 0, result.stderr
+        assert re.match(rf"{re.escape(path)}: OK \(revision [0-9a-f]{{12}}: ", result.stdout)
+
+
+def test_check_prints_every_error_with_its_path_and_exits_1(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(textwrap.dedent("""
+        listen: 127.0.0.1:8080
+        pools:
+          v1: {servers: [http://127.0.0.1:9001]}
+        routes:
+          - name: api
+            rings:
+              - {name: a, pool: v1}
+              - {name: b, pool: v1, policy: {timeout: 10}}
+              - {name: c, pool: v3}
+    """))
+    result = cli("check", str(bad))
+    assert result.returncode == 1
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert f"{bad}:9: routes[0].rings[1].policy.timeout: 10 (int) is not a duration; " \
+           "expected e.g. 250ms, 30s, 5m or 1h" in lines
+    assert f"{bad}:10: routes[0].rings[2].pool: unknown pool 'v3' (pools: v1)" in lines
+    assert lines[-1] == f"{bad}: 2 errors"
+
+
+def test_usage_errors_exit_2() -> None:
+    assert cli("frobnicate").returncode == 2
+    assert cli("run").returncode == 2  # --config is required
+    version = cli("--version")
+    assert version.returncode == 0 and version.stdout.startswith("ringproxy ")
+
+
+def test_run_with_a_bad_config_exits_1_without_serving(tmp_path: Path) -> None:
+    result = cli("run", "--config", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 1
+    assert "cannot read the file" in result.stderr
+
+
+def test_run_when_the_port_is_taken_exits_1(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(tmp_path, "http://127.0.0.1:1", listen=f"127.0.0.1:{port}")
+        result = cli("run", "--config", str(config))
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_run_serves_then_drains_in_flight_requests_on_signal(
+    spawn, stable: Upstream, tmp_path: Path, sig: int
+) -> None:
+    proxy = await spawn("run", "--config", str(write_config(tmp_path, stable.url)))
+    await proxy.wait_listening()
+    async with aiohttp.ClientSession() as client:
+        async with client.get(proxy.url + "/hello") as r:
+            assert r.status == 200
+            assert (await r.json())["upstream"] == "stable"
+        in_flight = asyncio.ensure_future(client.get(proxy.url + "/slow?s=1"))
+        await asyncio.sleep(0.3)
+        proxy.proc.send_signal(sig)
+        await asyncio.sleep(0.3)
+        # no new connections once shutdown has begun
+        with pytest.raises(aiohttp.ClientConnectionError):
+            async with aiohttp.ClientSession() as fresh, fresh.get(proxy.url + "/"):
+                pass
+        async with await in_flight as r:
+            assert r.status == 200
+            assert await r.text() == "slow done"
+    code, out, err = await proxy.finish(None)  # the signal was sent above
+    assert code == 0, err
+    assert "shutting down" in err and "stopped" in err
+    log = [json.loads(line) for line in out.splitlines()]
+    assert [(e["path"], e["status"]) for e in log] == [("/hello", 200), ("/slow", 200)]
+
+
+async def test_demo_runs_and_its_curl_lines_land_in_different_rings(spawn) -> None:
+    demo = await spawn("demo", "--ephemeral")
+    await demo.wait_listening(re.compile(rb"Press Ctrl-C to stop"))
+    banner = demo.stderr.decode()
+    curls = [line.split("#")[0].strip() for line in banner.splitlines()
+             if line.strip().startswith("curl ")]
+    assert len(curls) == 3
+    seen = []
+    async with aiohttp.ClientSession() as client:
+        for line in curls:
+            argv = shlex.split(line)
+            headers = dict(
+                argv[i + 1].split(": ", 1) for i, a in enumerate(argv) if a == "-H"
+            )
+            async with client.get(argv[-1], headers=headers) as r:
+                assert r.status == 200
+                body = await r.json()
+            seen.append((body["ring"], body["version"]))
+    assert seen == [("stable", "stable"), ("beta", "canary"), ("qa", "canary")]
+    code, out, err = await demo.finish(signal.SIGINT)
+    assert code == 0, err
+    assert len(out.splitlines()) == 3  # one access log line per request
+
+
+@pytest.mark.skipif(not Path("/usr/bin/curl").exists(), reason="curl is not installed")
+async def test_demo_curl_lines_work_verbatim_with_curl(spawn) -> None:
+    demo = await spawn("demo", "--ephemeral")
+    await demo.wait_listening(re.compile(rb"Press Ctrl-C to stop"))
+    curls = [line.split("#")[0].strip() for line in demo.stderr.decode().splitlines()
+             if line.strip().startswith("curl ")]
+    rings = []
+    for line in curls:
+        proc = await asyncio.create_subprocess_exec(
+            *shlex.split(line), stdout=asyncio.subprocess.PIPE, env={**os.environ}
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 10)
+        rings.append(json.loads(out)["ring"])
+    assert rings == ["stable", "beta", "qa"]
+    code, _, err = await demo.finish(signal.SIGINT)
+    assert code == 0, err
