@@ -192,12 +192,12 @@ async def _relay(
     response = web.StreamResponse(
         status=upstream.status,
         reason=upstream.reason,
-        headers=downstream_response_headers(upstream.raw_headers, ex.request_id),
+        headers=downstream_response_headers(upstream.headers, ex.request_id),
     )
-    await response.prepare(request)
-    if request.method == "HEAD" or upstream.status in _NO_BODY_STATUS:
-        return response
     try:
+        await response.prepare(request)
+        if request.method == "HEAD" or upstream.status in _NO_BODY_STATUS:
+            return response
         async for chunk in upstream.content.iter_any():
             ex.bytes_out += len(chunk)
             await response.write(chunk)

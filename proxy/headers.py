@@ -110,12 +110,9 @@ def upstream_request_headers(
 
 
 def downstream_response_headers(
-    raw_headers: Iterable[tuple[bytes, bytes]], request_id: str
+    incoming: CIMultiDictProxy[str], request_id: str
 ) -> CIMultiDict[str]:
-    """The upstream response's headers as the client should see them."""
-    incoming: CIMultiDict[str] = CIMultiDict(
-        (k.decode("latin-1"), v.decode("latin-1")) for k, v in raw_headers
-    )
+    """The upstream response's headers (as aiohttp parsed them) as the client should see them."""
     drop = connection_tokens(incoming)
     out: CIMultiDict[str] = CIMultiDict()
     via: list[str] = []

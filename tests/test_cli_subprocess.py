@@ -9,92 +9,13 @@ import re
 import shlex
 import signal
 import socket
-import subprocess
-import sys
 import textwrap
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.conftest import Upstream
-
-ROOT = Path(__file__).resolve().parent.parent
-_SCRIPT = Path(sys.executable).with_name("ringproxy")
-RINGPROXY = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "proxy"]
-LISTENING = re.compile(rb"proxy listening on (http://\S+)")
-
-
-def cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*RINGPROXY, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
-    )
-
-
-class Running:
-    """A ringproxy process started by a test; its stderr is read until it says where it is."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.stderr = b""
-        self.url = ""
-
-    async def wait_listening(self, pattern: re.Pattern[bytes] = LISTENING) -> re.Match[bytes]:
-        assert self.proc.stderr is not None
-        async with asyncio.timeout(20):
-            while True:
-                line = await self.proc.stderr.readline()
-                if not line:
-                    raise AssertionError(f"ringproxy exited early: {self.stderr.decode()}")
-                self.stderr += line
-                if m := pattern.search(self.stderr):
-                    if pattern is LISTENING:
-                        self.url = m.group(1).decode()
-                    return m
-
-    async def finish(self, sig: int | None, wait: float = 15) -> tuple[int, str, str]:
-        if sig is not None:
-            self.proc.send_signal(sig)
-        out, err = await asyncio.wait_for(self.proc.communicate(), wait)
-        return self.proc.returncode or 0, out.decode(), (self.stderr + err).decode()
-
-
-@pytest.fixture
-async def spawn() -> AsyncIterator:
-    procs: list[Running] = []
-
-    async def start(*args: str) -> Running:
-        proc = await asyncio.create_subprocess_exec(
-            *RINGPROXY, *args, cwd=ROOT,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )
-        running = Running(proc)
-        procs.append(running)
-        return running
-
-    yield start
-    for running in procs:
-        if running.proc.returncode is None:
-            running.proc.kill()
-            await running.proc.wait()
-
-
-def write_config(tmp_path: Path, upstream: str, extra: str = "", listen: str = "127.0.0.1:0") -> Path:
-    path = tmp_path / "ringproxy.yaml"
-    path.write_text(textwrap.dedent(f"""
-        listen: {listen}
-        admin: {{listen: 127.0.0.1:0}}
-        shutdown_grace: 5s
-        pools:
-          app: {{servers: ["{upstream}"]}}
-        routes:
-          - name: api
-            rings:
-              - name: stable
-                pool: app
-    """) + extra)
-    return path
+from tests.conftest import Upstream, cli, write_config
 
 
 def test_check_accepts_a_good_config_and_the_shipped_ones() -> None:

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.conftest import Upstream
-from tests.test_cli_subprocess import spawn, write_config  # noqa: F401  (fixture)
+from tests.conftest import Upstream, write_config
 
 SIZE = 200 * 1024 * 1024
 LIMIT = 64 * 1024 * 1024
