@@ -112,6 +112,11 @@ class AccessLog:
 
 
 @dataclass(frozen=True, slots=True)
+class Metrics:
+    enabled: bool = True  # per-ring Prometheus metrics and the in-process windows
+
+
+@dataclass(frozen=True, slots=True)
 class Admin:
     listen: Listen = field(default_factory=lambda: Listen("127.0.0.1", 9901))
 
@@ -124,6 +129,7 @@ class Config:
     admin: Admin = field(default_factory=Admin)
     access_log: AccessLog = field(default_factory=AccessLog)
     shutdown_grace: float = 30.0
+    metrics: Metrics = field(default_factory=Metrics)
     revision: str = ""  # short hash of the file's bytes
     source: str = ""
 
@@ -307,6 +313,9 @@ def _read_config(ctx: _Ctx, data: object) -> Config | None:
     admin = _read_admin(ctx, top.raw("admin", {}), "admin")
     access_log = _read_access_log(ctx, top.raw("access_log", {}), "access_log")
     grace = top.duration("shutdown_grace", 30.0, minimum=0.0)
+    msec = _Section(ctx, top.raw("metrics", {}), "metrics")
+    metrics = Metrics(msec.flag("enabled", True))
+    msec.close()
     pools = _read_pools(ctx, top.raw("pools"), "pools")
     routes = _read_routes(ctx, top, {p.name for p in pools})
     top.close()
@@ -314,7 +323,7 @@ def _read_config(ctx: _Ctx, data: object) -> Config | None:
         ctx.err("admin.listen", f"{admin.listen} is also the proxy's listen address")
     if not top.ok:
         return None
-    return Config(listen, pools, routes, admin, access_log, grace)
+    return Config(listen, pools, routes, admin, access_log, grace, metrics)
 
 
 def _read_admin(ctx: _Ctx, data: object, path: str) -> Admin:

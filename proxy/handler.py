@@ -61,7 +61,7 @@ class ProxyHandler:
         if compiled is None:
             ex.error = "no_route"
             response = _local_response(404, "no route for this host and path", ex)
-            self._log(request, ex, started, None, None)
+            self._finish(request, ex, started, None, None)
             return response
         decision = assign(compiled, request)
         ring = runtime.rings[compiled.route.name][decision.index]
@@ -77,7 +77,7 @@ class ProxyHandler:
             ex.error = exc.kind
             return _local_response(exc.status, exc.reason, ex, retry_after=exc.status == 503)
         finally:
-            self._log(request, ex, started, ring, decision)
+            self._finish(request, ex, started, ring, decision)
 
     async def _forward(
         self, request: web.BaseRequest, ring: RingRuntime, decision: Decision, ex: Exchange
@@ -143,7 +143,7 @@ class ProxyHandler:
         finally:
             upstream.release()
 
-    def _log(
+    def _finish(
         self,
         request: web.BaseRequest,
         ex: Exchange,
@@ -151,6 +151,10 @@ class ProxyHandler:
         ring: RingRuntime | None,
         decision: Decision | None,
     ) -> None:
+        now = time.monotonic()
+        duration = now - started
+        if ring is not None and ring.recorder is not None:
+            ring.recorder.record(ex.status, ex.error, duration, ex.bytes_in, ex.bytes_out, now)
         if self.access_log is None:
             return
         self.access_log.log(
@@ -162,7 +166,7 @@ class ProxyHandler:
                 "host": request.host,
                 "path": request.path,
                 "status": ex.status,
-                "duration_ms": round((time.monotonic() - started) * 1000, 3),
+                "duration_ms": round(duration * 1000, 3),
                 "route": ring.route if ring else None,
                 "ring": ring.name if ring else None,
                 "reason": decision.reason.value if decision else None,

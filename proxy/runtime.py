@@ -6,11 +6,25 @@ one and swapping that reference is how a config change takes effect.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import aiohttp
 
 from proxy.config import Config, Ring, Route
 from proxy.pool import UpstreamPool
 from proxy.table import RoutingTable
+
+
+class Recorder(Protocol):
+    def record(
+        self,
+        status: int,
+        error: str,
+        duration: float,
+        bytes_in: int,
+        bytes_out: int,
+        now: float,
+    ) -> None: ...
 
 
 class RingRuntime:
@@ -23,6 +37,7 @@ class RingRuntime:
         "limit",
         "name",
         "pool",
+        "recorder",
         "ring",
         "route",
         "timeout",
@@ -34,6 +49,10 @@ class RingRuntime:
         self.name = ring.name
         self.pool = pool
         self.inflight = 0
+        # Set by the metrics layer: an object with
+        # record(status, error, duration_s, bytes_in, bytes_out, now) -> None, called once
+        # per finished request on this ring.  None records nothing.
+        self.recorder: Recorder | None = None
         self.limit = ring.policy.max_concurrency
         self.timeout = ring.policy.timeout
         self.extra_headers = ring.policy.add_headers
