@@ -76,6 +76,9 @@ class ProxyHandler:
         except UpstreamError as exc:
             ex.error = exc.kind
             return _local_response(exc.status, exc.reason, ex, retry_after=exc.status == 503)
+        except asyncio.CancelledError:  # the client went away while we waited upstream
+            ex.error = ex.error or "client_closed"
+            raise
         finally:
             self._finish(request, ex, started, ring, decision)
 
