@@ -1,40 +1,40 @@
 """Ring assignment: which ring of a route a request belongs to, and why.
 
-Pure and deterministic: no asyncio, no I/O, no clock.  Everything that can be is worked
-out once per config (``compile_route``); ``assign`` then only evaluates precompiled
-predicates.  The decision is a value that travels upstream (``X-Ring``), into the access
-log and into ``explain``.
+Pure and deterministic: no asyncio, no I/O, no clock (randomness for anonymous ids is
+passed in).  Everything that can be is worked out once per config in ``compile_route``;
+``assign`` then evaluates precompiled predicates and one hash.
 
-Order, first hit wins: attribute rules ring by ring, then the default (last) ring.
-(Overrides and sticky bucket percentages come with the assignment issue; they slot in
-here without changing any caller.)
+For a request on a route, first hit wins:
+
+1. override: a header/cookie naming a ring, honoured only with a matching secret or from
+   an allowed network, and never to a rolled-back ring unless the config allows it;
+2. attribute rules, ring by ring in order (any group matches, all rules of a group hold);
+3. sticky buckets: ``bucket = mmh3(f"{salt}:{key}") % 10000``; percentage rings own
+   consecutive bucket ranges in ring order, the earliest ring first;
+4. the default (last) ring.
+
+Bucket layout: ring ranges are laid out from bucket 0 in ring order, each as long as its
+weight.  Raising a ring's weight therefore only moves users toward earlier rings; lowering
+it releases that ring's most recently added users (the top of its range).  Rings *after*
+it shift down by the same amount: their shares stay exact, and the same number of their
+users move one ring later (see README, "Bucket layout").
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import hmac
+import ipaddress
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import Protocol
 
-from proxy.config import Attr, Ring, Route, Rule
+import mmh3
 
+from proxy.assigncfg import KeySource, Override
+from proxy.config import Route
+from proxy.rules import Attr, Predicate, RequestView, compile_group, getter
 
-class RequestView(Protocol):
-    """What assignment may look at.  aiohttp's request satisfies it; so does a test's dict."""
-
-    @property
-    def method(self) -> str: ...
-    @property
-    def path(self) -> str: ...
-    @property
-    def headers(self) -> Mapping[str, str]: ...  # case-insensitive
-    @property
-    def cookies(self) -> Mapping[str, str]: ...
-    @property
-    def query(self) -> Mapping[str, str]: ...
-    @property
-    def remote(self) -> str | None: ...
+BUCKETS = 10_000
 
 
 class Reason(StrEnum):
@@ -49,26 +49,83 @@ class Decision:
     ring: str
     index: int  # position of the ring in its route
     reason: Reason
-    detail: str  # the rule group that matched, or the bucket
+    detail: str  # the rule group that matched, the bucket range, or the override source
     revision: str
+    bucket: int | None = None
+    key_source: str | None = None  # where the stickiness key came from
+    new_id: str | None = None  # a generated anonymous id the response must set as a cookie
 
     def as_dict(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "ring": self.ring,
             "reason": self.reason.value,
             "detail": self.detail,
+            "bucket": self.bucket,
+            "key_source": self.key_source,
             "revision": self.revision,
         }
+        if self.new_id is not None:
+            out["new_id"] = self.new_id
+        return out
 
 
-Predicate = Callable[[RequestView], bool]
+def bucket_of(salt: str, key: str) -> int:
+    return mmh3.hash(f"{salt}:{key}", signed=False) % BUCKETS
+
+
+@dataclass(frozen=True, slots=True)
+class _Range:
+    lo: int
+    hi: int  # exclusive
+    index: int
+    ring: str
 
 
 @dataclass(frozen=True, slots=True)
 class CompiledRoute:
     route: Route
+    revision: str
     rules: tuple[tuple[Predicate, Decision], ...]  # (group predicate, decision) in ring order
     default: Decision
+    weights: tuple[int | None, ...]  # basis points per ring (None: not a percentage ring)
+    ranges: tuple[_Range, ...]
+    key_getters: tuple[tuple[Callable[[RequestView], str | None], str], ...]
+    salt: str
+    anonymous: bool
+    blocked: frozenset[str] = frozenset()  # rolled-back rings (override refuses them)
+    ring_index: dict[str, int] = field(default_factory=dict)
+
+    def with_weights(
+        self, weights: Iterable[int | None], blocked: Iterable[str] = ()
+    ) -> CompiledRoute:
+        """The same route with live weights (basis points) and rolled-back rings."""
+        weights = tuple(weights)
+        if len(weights) != len(self.route.rings):
+            raise ValueError(f"{len(weights)} weights for {len(self.route.rings)} rings")
+        return replace(self, weights=weights, ranges=_layout(self.route, weights),
+                       blocked=frozenset(blocked))
+
+    def range_of(self, ring: str) -> tuple[int, int] | None:
+        for r in self.ranges:
+            if r.ring == ring:
+                return (r.lo, r.hi)
+        return None
+
+
+def _layout(route: Route, weights: tuple[int | None, ...]) -> tuple[_Range, ...]:
+    ranges = []
+    start = 0
+    for index, (ring, weight) in enumerate(zip(route.rings, weights, strict=True)):
+        if weight is None or weight <= 0:
+            continue
+        end = min(BUCKETS, start + weight)
+        ranges.append(_Range(start, end, index, ring.name))
+        start = end
+    return tuple(ranges)
+
+
+def _key_getter(source: KeySource) -> Callable[[RequestView], str | None]:
+    return getter(source.attr, source.name)
 
 
 def compile_route(route: Route, revision: str) -> CompiledRoute:
@@ -77,61 +134,126 @@ def compile_route(route: Route, revision: str) -> CompiledRoute:
         for group in ring.rules:
             detail = " and ".join(r.describe() for r in group)
             decision = Decision(ring.name, index, Reason.RULE, detail, revision)
-            rules.append((_group(group), decision))
+            rules.append((compile_group(group), decision))
     last = len(route.rings) - 1
     default = Decision(route.rings[last].name, last, Reason.DEFAULT, "", revision)
-    return CompiledRoute(route, tuple(rules), default)
+    weights = tuple(r.weight for r in route.rings)
+    sticky = route.sticky
+    return CompiledRoute(
+        route=route,
+        revision=revision,
+        rules=tuple(rules),
+        default=default,
+        weights=weights,
+        ranges=_layout(route, weights),
+        key_getters=tuple((_key_getter(s), str(s)) for s in sticky.key) if sticky else (),
+        salt=sticky.salt if sticky else route.name,
+        anonymous=bool(sticky and sticky.anonymous),
+        ring_index={r.name: i for i, r in enumerate(route.rings)},
+    )
 
 
-def assign(compiled: CompiledRoute, request: RequestView) -> Decision:
+def assign(
+    compiled: CompiledRoute,
+    request: RequestView,
+    make_id: Callable[[], str] | None = None,
+) -> Decision:
+    """The ring for ``request``.  ``make_id`` makes an anonymous id when the route sets one."""
+    override = compiled.route.override
+    if override is not None:
+        decision = _override(compiled, override, request)
+        if decision is not None:
+            return decision
     for predicate, decision in compiled.rules:
         if predicate(request):
             return decision
-    return compiled.default
+    if not compiled.ranges:
+        return compiled.default
+    key = None
+    source = None
+    for get, name in compiled.key_getters:
+        value = get(request)
+        if value:
+            key, source = value, name
+            break
+    new_id = None
+    if key is None:
+        if not (compiled.anonymous and make_id is not None):
+            return compiled.default
+        key = new_id = make_id()
+        source = "anonymous"
+    bucket = bucket_of(compiled.salt, key)
+    for r in compiled.ranges:
+        if r.lo <= bucket < r.hi:
+            return Decision(r.ring, r.index, Reason.BUCKET, f"bucket {bucket} in [{r.lo}, {r.hi})",
+                            compiled.revision, bucket, source, new_id)
+    d = compiled.default
+    return Decision(d.ring, d.index, Reason.DEFAULT, f"bucket {bucket} in no percentage ring",
+                    compiled.revision, bucket, source, new_id)
 
 
-def ring_of(compiled: CompiledRoute, decision: Decision) -> Ring:
-    return compiled.route.rings[decision.index]
+def _override(compiled: CompiledRoute, override: Override, request: RequestView) -> Decision | None:
+    name = None
+    source = ""
+    if override.header is not None:
+        name = request.headers.get(override.header)
+        source = f"header:{override.header}"
+    if not name and override.cookie is not None:
+        name = request.cookies.get(override.cookie)
+        source = f"cookie:{override.cookie}"
+    if not name:
+        return None
+    index = compiled.ring_index.get(name)
+    if index is None:
+        return None  # an unknown ring name is ignored, not an error page
+    if name in compiled.blocked and not override.allow_rolled_back:
+        return None
+    if not _override_allowed(override, request):
+        return None
+    return Decision(name, index, Reason.OVERRIDE, source, compiled.revision)
 
 
-# --------------------------------------------------------------------------- predicates
+def _override_allowed(override: Override, request: RequestView) -> bool:
+    if override.secret is not None and override.secret_header is not None:
+        given = request.headers.get(override.secret_header)
+        if given is not None and hmac.compare_digest(given.encode(), override.secret.encode()):
+            return True
+    if override.cidrs and request.remote:
+        try:
+            ip = ipaddress.ip_address(request.remote)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in override.cidrs)
+    return False
 
 
-def _group(rules: tuple[Rule, ...]) -> Predicate:
-    predicates = tuple(_rule(r) for r in rules)
-    if len(predicates) == 1:
-        return predicates[0]
-    return lambda request: all(p(request) for p in predicates)
+@dataclass(frozen=True, slots=True)
+class StaticRequest:
+    """A request described by values, for ``explain`` and tests."""
+
+    headers: dict[str, str] = field(default_factory=dict)  # names lower-cased
+    cookies: dict[str, str] = field(default_factory=dict)
+    query: dict[str, str] = field(default_factory=dict)
+    remote: str | None = None
+    path: str = "/"
+    method: str = "GET"
+
+    @classmethod
+    def build(cls, headers: Iterable[tuple[str, str]] = (), **kw: object) -> StaticRequest:
+        return cls(headers={k.lower(): v for k, v in headers}, **kw)  # type: ignore[arg-type]
 
 
-def _getter(rule: Rule) -> Callable[[RequestView], str | None]:
-    name = rule.name
-    if rule.attr is Attr.HEADER:
-        return lambda request: request.headers.get(name)
-    if rule.attr is Attr.COOKIE:
-        return lambda request: request.cookies.get(name)
-    if rule.attr is Attr.QUERY:
-        return lambda request: request.query.get(name)
-    if rule.attr is Attr.IP:
-        return lambda request: request.remote
-    if rule.attr is Attr.PATH:
-        return lambda request: request.path
-    return lambda request: request.method
-
-
-def _rule(rule: Rule) -> Predicate:
-    get = _getter(rule)
-    if rule.op == "exists":
-        return lambda request: get(request) is not None
-    if rule.op == "equals":
-        expected = rule.value or ""
-        if rule.ignore_case:
-            folded = expected.casefold()
-
-            def equals_folded(request: RequestView) -> bool:
-                got = get(request)
-                return got is not None and got.casefold() == folded
-
-            return equals_folded
-        return lambda request: get(request) == expected
-    raise ValueError(f"unsupported rule operator {rule.op!r}")  # config validation prevents it
+__all__ = [
+    "BUCKETS",
+    "Attr",
+    "CompiledRoute",
+    "Decision",
+    "Reason",
+    "RequestView",
+    "StaticRequest",
+    "assign",
+    "bucket_of",
+    "compile_route",
+]

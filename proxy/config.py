@@ -8,7 +8,6 @@ builds a new Config and swaps the reference.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import os
 import string
@@ -18,16 +17,26 @@ from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
+from proxy.assigncfg import (
+    DecisionHeaders,
+    Override,
+    Sticky,
+    read_decision_headers,
+    read_override,
+    read_sticky,
+)
 from proxy.errors import ConfigError, ConfigIssue
+from proxy.reader import Ctx, Section, kind
+from proxy.rules import Rule, read_rule
 from proxy.values import (
     NAME_RE,
     TOKEN_RE,
     Listen,
     Upstream,
-    parse_duration,
     parse_host_pattern,
     parse_listen,
     parse_upstream,
+    parse_weight,
 )
 from proxy.yamlsrc import join, load_yaml
 
@@ -58,39 +67,13 @@ class Policy:
     add_headers: tuple[tuple[str, str], ...] = ()  # sent upstream, {ring}/{route} expanded
 
 
-class Attr(StrEnum):
-    HEADER = "header"
-    COOKIE = "cookie"
-    QUERY = "query"
-    IP = "ip"
-    PATH = "path"
-    METHOD = "method"
-
-
-NAMED_ATTRS = (Attr.HEADER, Attr.COOKIE, Attr.QUERY)
-
-
-@dataclass(frozen=True, slots=True)
-class Rule:
-    """One condition on a request attribute, e.g. ``header:X-Beta equals "1"``."""
-
-    attr: Attr
-    name: str  # header (lower-cased) / cookie / query name; "" for ip, path, method
-    op: str
-    value: str | None = None
-    ignore_case: bool = False
-
-    def describe(self) -> str:
-        source = f"{self.attr.value}:{self.name}" if self.name else self.attr.value
-        return f"{source} {self.op}" + ("" if self.value is None else f" {self.value!r}")
-
-
 @dataclass(frozen=True, slots=True)
 class Ring:
     name: str
     pool: str
     rules: tuple[tuple[Rule, ...], ...] = ()  # any group matches; all rules of a group hold
     policy: Policy = field(default_factory=Policy)
+    weight: int | None = None  # share of sticky buckets in basis points (0.01 %); None: none
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +82,9 @@ class Route:
     rings: tuple[Ring, ...]
     hosts: tuple[str, ...] = ()  # empty: any host
     path_prefix: str = "/"
+    sticky: Sticky | None = None
+    override: Override | None = None
+    decision: DecisionHeaders = field(default_factory=DecisionHeaders)
 
     @property
     def default_ring(self) -> Ring:
@@ -140,7 +126,6 @@ class Config:
         raise KeyError(name)
 
 
-RULE_OPS = ("equals", "exists")  # widened by the assignment issue (in, prefix, regex, ...)
 
 
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
@@ -164,7 +149,7 @@ def parse_config(
     raw: bytes | None = None,
 ) -> Config:
     loaded = load_yaml(text, os.environ if environ is None else environ)
-    ctx = _Ctx(loaded.lines, list(loaded.issues))
+    ctx = Ctx(loaded.lines, list(loaded.issues), loaded.env_paths)
     config = None
     if loaded.data is not None or not ctx.issues:
         config = _read_config(ctx, loaded.data)
@@ -181,122 +166,7 @@ def _replace(config: Config, **changes: Any) -> Config:
     return replace(config, **changes)
 
 
-# --------------------------------------------------------------------------- reading
-
-
-class _Ctx:
-    def __init__(self, lines: dict[str, int], issues: list[ConfigIssue]) -> None:
-        self.lines = lines
-        self.issues = issues
-
-    def line(self, path: str) -> int | None:
-        while True:
-            if path in self.lines:
-                return self.lines[path]
-            if not path:
-                return None
-            cut = max(path.rfind("."), path.rfind("["))
-            path = path[:cut] if cut > 0 else ""
-
-    def err(self, path: str, message: str) -> None:
-        self.issues.append(ConfigIssue(path, message, self.line(path)))
-
-
-_MISSING: Any = object()
-
-
-def _kind(value: object) -> str:
-    if value is None:
-        return "nothing"
-    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(
-        type(value), f"a {type(value).__name__}"
-    )
-
-
-class _Section:
-    """A mapping being read: typed getters that record issues, and unknown-key checks."""
-
-    def __init__(self, ctx: _Ctx, value: object, path: str) -> None:
-        self.ctx, self.path, self.seen = ctx, path, set[str]()
-        self.ok = isinstance(value, dict)
-        self.data: dict[str, Any] = value if isinstance(value, dict) else {}
-        if not self.ok:
-            ctx.err(path, f"expected a mapping, got {_kind(value)}")
-
-    def sub(self, key: str) -> str:
-        return join(self.path, key)
-
-    def has(self, key: str) -> bool:
-        return key in self.data
-
-    def raw(self, key: str, default: Any = _MISSING) -> Any:
-        self.seen.add(key)
-        if key not in self.data:
-            if default is _MISSING and self.ok:
-                self.ctx.err(self.sub(key), "is required")
-            return None if default is _MISSING else default
-        return self.data[key]
-
-    def parsed(self, key: str, parse: Callable[[object], T], default: T) -> T:
-        if key not in self.data:
-            self.seen.add(key)
-            return default
-        try:
-            return parse(self.raw(key))
-        except ValueError as exc:
-            self.ctx.err(self.sub(key), str(exc))
-            return default
-
-    def text(self, key: str, default: Any = _MISSING) -> str:
-        value = self.raw(key, default)
-        if key in self.data and not isinstance(value, str):
-            self.ctx.err(self.sub(key), f"expected a string, got {_kind(value)}")
-            return "" if default is _MISSING else default
-        return "" if value is None else value
-
-    def flag(self, key: str, default: bool) -> bool:
-        value = self.raw(key, default)
-        if not isinstance(value, bool):
-            self.ctx.err(self.sub(key), f"expected true or false, got {value!r}")
-            return default
-        return value
-
-    def integer(self, key: str, default: Any, lo: int, hi: int) -> Any:
-        value = self.raw(key, default)
-        if key not in self.data:
-            return value
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.ctx.err(self.sub(key), f"expected a whole number, got {value!r}")
-            return default
-        if not lo <= value <= hi:
-            self.ctx.err(self.sub(key), f"{value} is outside {lo}..{hi}")
-            return default
-        return value
-
-    def duration(self, key: str, default: float, minimum: float = 0.001) -> float:
-        value = self.parsed(key, parse_duration, default)
-        if value < minimum:
-            self.ctx.err(self.sub(key), f"{self.data.get(key)!r} is below the minimum {minimum}s")
-            return default
-        return value
-
-    def items(self, key: str) -> list[Any]:
-        value = self.raw(key, [])
-        if not isinstance(value, list):
-            self.ctx.err(self.sub(key), f"expected a list, got {_kind(value)}")
-            return []
-        return value
-
-    def close(self) -> None:
-        for key in self.data:
-            if key not in self.seen:
-                hint = difflib.get_close_matches(key, sorted(self.seen), n=1)
-                extra = f"; did you mean {hint[0]!r}?" if hint else ""
-                known = ", ".join(sorted(self.seen))
-                self.ctx.err(self.sub(key), f"unknown key (known keys: {known}){extra}")
-
-
-def _name(ctx: _Ctx, sec: _Section, what: str) -> str:
+def _name(ctx: Ctx, sec: Section, what: str) -> str:
     name = sec.text("name")
     if name and not NAME_RE.match(name):
         ctx.err(
@@ -307,13 +177,13 @@ def _name(ctx: _Ctx, sec: _Section, what: str) -> str:
     return name
 
 
-def _read_config(ctx: _Ctx, data: object) -> Config | None:
-    top = _Section(ctx, data, "")
+def _read_config(ctx: Ctx, data: object) -> Config | None:
+    top = Section(ctx, data, "")
     listen = top.parsed("listen", parse_listen, Listen("127.0.0.1", 8080))
     admin = _read_admin(ctx, top.raw("admin", {}), "admin")
     access_log = _read_access_log(ctx, top.raw("access_log", {}), "access_log")
     grace = top.duration("shutdown_grace", 30.0, minimum=0.0)
-    msec = _Section(ctx, top.raw("metrics", {}), "metrics")
+    msec = Section(ctx, top.raw("metrics", {}), "metrics")
     metrics = Metrics(msec.flag("enabled", True))
     msec.close()
     pools = _read_pools(ctx, top.raw("pools"), "pools")
@@ -326,32 +196,32 @@ def _read_config(ctx: _Ctx, data: object) -> Config | None:
     return Config(listen, pools, routes, admin, access_log, grace, metrics)
 
 
-def _read_admin(ctx: _Ctx, data: object, path: str) -> Admin:
-    sec = _Section(ctx, data, path)
+def _read_admin(ctx: Ctx, data: object, path: str) -> Admin:
+    sec = Section(ctx, data, path)
     listen = sec.parsed("listen", parse_listen, Admin().listen)
     sec.close()
     return Admin(listen)
 
 
-def _read_access_log(ctx: _Ctx, data: object, path: str) -> AccessLog:
-    sec = _Section(ctx, data, path)
+def _read_access_log(ctx: Ctx, data: object, path: str) -> AccessLog:
+    sec = Section(ctx, data, path)
     result = AccessLog(sec.flag("enabled", True), sec.text("path", "-") or "-")
     sec.close()
     return result
 
 
-def _read_pools(ctx: _Ctx, data: object, path: str) -> tuple[Pool, ...]:
+def _read_pools(ctx: Ctx, data: object, path: str) -> tuple[Pool, ...]:
     if data is None:
         return ()
     if not isinstance(data, dict) or not data:
-        ctx.err(path, f"expected a mapping of pool name to pool, got {_kind(data)}")
+        ctx.err(path, f"expected a mapping of pool name to pool, got {kind(data)}")
         return ()
     pools = []
     for name, body in data.items():
         sub = join(path, name)
         if not NAME_RE.match(name):
             ctx.err(sub, f"{name!r} is not a valid pool name; use letters, digits, '_', '.', '-'")
-        sec = _Section(ctx, body, sub)
+        sec = Section(ctx, body, sub)
         servers = []
         raw_servers = sec.items("servers")
         if sec.ok and not raw_servers:
@@ -390,7 +260,7 @@ def _enum(kind: type[Enum]) -> Callable[[object], Any]:
     return parse
 
 
-def _read_routes(ctx: _Ctx, top: _Section, pool_names: set[str]) -> tuple[Route, ...]:
+def _read_routes(ctx: Ctx, top: Section, pool_names: set[str]) -> tuple[Route, ...]:
     items = top.items("routes")
     if top.ok and top.has("routes") and not items:
         ctx.err("routes", "at least one route is required")
@@ -415,14 +285,14 @@ def _read_routes(ctx: _Ctx, top: _Section, pool_names: set[str]) -> tuple[Route,
     return tuple(routes)
 
 
-def _read_route(ctx: _Ctx, data: object, path: str, pool_names: set[str]) -> Route | None:
-    sec = _Section(ctx, data, path)
+def _read_route(ctx: Ctx, data: object, path: str, pool_names: set[str]) -> Route | None:
+    sec = Section(ctx, data, path)
     name = _name(ctx, sec, "route")
     hosts: tuple[str, ...] = ()
     prefix = "/"
     match = sec.raw("match", None)
     if match is not None:
-        msec = _Section(ctx, match, sec.sub("match"))
+        msec = Section(ctx, match, sec.sub("match"))
         raw_hosts = msec.raw("host", None)
         if raw_hosts is not None:
             host_list = raw_hosts if isinstance(raw_hosts, list) else [raw_hosts]
@@ -439,6 +309,9 @@ def _read_route(ctx: _Ctx, data: object, path: str, pool_names: set[str]) -> Rou
             ctx.err(msec.sub("path_prefix"), f"{prefix!r} must start with '/'")
         msec.close()
     defaults = _read_policy(ctx, sec.raw("policy", None), sec.sub("policy"), Policy(), name, "")
+    sticky = read_sticky(ctx, sec.raw("sticky", None), sec.sub("sticky"), name)
+    override = read_override(ctx, sec.raw("override", None), sec.sub("override"))
+    decision = read_decision_headers(ctx, sec.raw("decision", None), sec.sub("decision"))
     rings: list[Ring] = []
     ring_items = sec.items("rings")
     if sec.ok and not ring_items:
@@ -451,22 +324,40 @@ def _read_route(ctx: _Ctx, data: object, path: str, pool_names: set[str]) -> Rou
             ctx.err(join(rpath, "name"), f"duplicate ring name {ring.name!r} in route {name!r}")
         seen.setdefault(ring.name, j)
         rings.append(ring)
-    if rings and rings[-1].rules:
-        ctx.err(
-            join(sec.sub("rings"), len(rings) - 1),
-            f"the last ring ({rings[-1].name!r}) is the default and takes everyone else; "
-            "it cannot have rules",
-        )
+    _check_default_and_weights(ctx, sec, rings, sticky)
     sec.close()
     if not sec.ok:
         return None
-    return Route(name, tuple(rings), hosts, prefix)
+    return Route(name, tuple(rings), hosts, prefix, sticky, override, decision)
+
+
+def _check_default_and_weights(
+    ctx: Ctx, sec: Section, rings: list[Ring], sticky: Sticky | None
+) -> None:
+    if not rings:
+        return
+    last = join(sec.sub("rings"), len(rings) - 1)
+    if rings[-1].rules or rings[-1].weight is not None:
+        ctx.err(last, f"the last ring ({rings[-1].name!r}) is the default and takes everyone "
+                "else; it cannot have rules or a weight")
+    weighted = [(i, r) for i, r in enumerate(rings) if r.weight is not None]
+    if weighted and sticky is None:
+        i, _ = weighted[0]
+        ctx.err(join(join(sec.sub("rings"), i), "weight"),
+                "a weight needs the route's sticky.key (what to hash users by)")
+    if sticky is not None and not sticky.key:
+        ctx.err(sec.sub("sticky.key"), "is required")
+    total = sum(r.weight or 0 for _, r in weighted)
+    if total > 10_000:
+        shown = ", ".join(f"{r.name} {(r.weight or 0) / 100:g}" for _, r in weighted)
+        ctx.err(sec.sub("rings"),
+                f"ring weights add up to {total / 100:g} %, above 100 % ({shown})")
 
 
 def _read_ring(
-    ctx: _Ctx, data: object, path: str, pool_names: set[str], defaults: Policy, route: str
+    ctx: Ctx, data: object, path: str, pool_names: set[str], defaults: Policy, route: str
 ) -> Ring:
-    sec = _Section(ctx, data, path)
+    sec = Section(ctx, data, path)
     name = _name(ctx, sec, "ring")
     pool = sec.text("pool")
     if pool and pool not in pool_names:
@@ -476,82 +367,37 @@ def _read_ring(
     for k, item in enumerate(sec.items("rules")):
         gpath = join(sec.sub("rules"), k)
         if isinstance(item, dict) and "all" in item:
-            gsec = _Section(ctx, item, gpath)
-            rules = [_read_rule(ctx, r, join(gsec.sub("all"), n))
+            gsec = Section(ctx, item, gpath)
+            rules = [read_rule(ctx, r, join(gsec.sub("all"), n))
                      for n, r in enumerate(gsec.items("all"))]
             if not rules:
                 ctx.err(gsec.sub("all"), "a rule group needs at least one rule")
             gsec.close()
         else:
-            rules = [_read_rule(ctx, item, gpath)]
+            rules = [read_rule(ctx, item, gpath)]
         groups.append(tuple(r for r in rules if r is not None))
     policy = _read_policy(ctx, sec.raw("policy", None), sec.sub("policy"), defaults, route, name)
+    weight = sec.parsed("weight", parse_weight, None)
     sec.close()
-    return Ring(name, pool, tuple(groups), policy)
-
-
-def _read_rule(ctx: _Ctx, data: object, path: str) -> Rule | None:
-    sec = _Section(ctx, data, path)
-    if not sec.ok:
-        return None
-    attr_s = sec.text("attr")
-    kind_s, _, name = attr_s.partition(":")
-    try:
-        attr = Attr(kind_s)
-    except ValueError:
-        ctx.err(sec.sub("attr"), f"{attr_s!r} is not an attribute; expected header:NAME, "
-                "cookie:NAME, query:NAME, ip, path or method")
-        attr = Attr.HEADER
-    if attr in NAMED_ATTRS and not name:
-        ctx.err(sec.sub("attr"), f"{attr_s!r} needs a name, e.g. {attr.value}:X-Beta")
-    elif attr not in NAMED_ATTRS and name:
-        ctx.err(sec.sub("attr"), f"{attr_s!r}: {attr.value} takes no name")
-    if attr is Attr.HEADER:
-        if name and not TOKEN_RE.match(name):
-            ctx.err(sec.sub("attr"), f"{name!r} is not a valid header name")
-        name = name.lower()
-    ops = [k for k in sec.data if k in RULE_OPS]
-    others = [k for k in sec.data if k not in RULE_OPS and k not in ("attr", "ignore_case")]
-    for k in others:
-        ctx.err(sec.sub(k), f"unknown rule operator (known: {', '.join(RULE_OPS)})")
-        sec.seen.add(k)
-    if len(ops) != 1:
-        if not others:
-            ctx.err(path, f"a rule needs exactly one operator ({', '.join(RULE_OPS)}), "
-                    f"got {len(ops)}")
-        return None
-    op = ops[0]
-    value = sec.raw(op)
-    text: str | None
-    if op == "exists":
-        if value is not True:
-            ctx.err(sec.sub(op), "write 'exists: true'")
-        text = None
-    else:
-        if isinstance(value, bool) or not isinstance(value, str | int | float):
-            ctx.err(sec.sub(op), f"expected a string, got {_kind(value)}")
-        text = str(value)
-    ignore_case = sec.flag("ignore_case", False)
-    sec.close()
-    return Rule(attr, name, op, text, ignore_case)
+    return Ring(name, pool, tuple(groups), policy, weight)
 
 
 _FORMATTER = string.Formatter()
 
 
 def _read_policy(
-    ctx: _Ctx, data: object, path: str, base: Policy, route: str, ring: str
+    ctx: Ctx, data: object, path: str, base: Policy, route: str, ring: str
 ) -> Policy:
     if data is None:
         return _expand_headers(base, route, ring)
-    sec = _Section(ctx, data, path)
+    sec = Section(ctx, data, path)
     timeout = sec.duration("timeout", base.timeout)
     idle = sec.duration("idle_timeout", base.idle_timeout)
     limit = sec.integer("max_concurrency", base.max_concurrency, 1, 10_000_000)
     headers = dict(base.add_headers)
     raw = sec.raw("add_headers", {})
     if not isinstance(raw, dict):
-        ctx.err(sec.sub("add_headers"), f"expected a mapping of header to value, got {_kind(raw)}")
+        ctx.err(sec.sub("add_headers"), f"expected a mapping of header to value, got {kind(raw)}")
         raw = {}
     for key, value in raw.items():
         hpath = join(sec.sub("add_headers"), key)
@@ -559,7 +405,7 @@ def _read_policy(
             ctx.err(hpath, f"{key!r} is not a valid header name")
             continue
         if not isinstance(value, str | int | float) or isinstance(value, bool):
-            ctx.err(hpath, f"expected a string, got {_kind(value)}")
+            ctx.err(hpath, f"expected a string, got {kind(value)}")
             continue
         value = str(value)
         if "\r" in value or "\n" in value:

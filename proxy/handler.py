@@ -19,10 +19,12 @@ from aiohttp import web
 
 from proxy.accesslog import AccessLog
 from proxy.assign import Decision, assign
+from proxy.config import Route
 from proxy.errors import Overloaded, UpstreamError
 from proxy.headers import (
     X_REQUEST_ID,
     downstream_response_headers,
+    new_request_id,
     request_id_of,
     upstream_request_headers,
 )
@@ -63,19 +65,24 @@ class ProxyHandler:
             response = _local_response(404, "no route for this host and path", ex)
             self._finish(request, ex, started, None, None)
             return response
-        decision = assign(compiled, request)
+        decision = assign(compiled, request, new_request_id if compiled.anonymous else None)
         ring = runtime.rings[compiled.route.name][decision.index]
+        # Headers only some routes add to the client's response (None on the common path).
+        extra = _response_extras(request, compiled.route, decision)
         try:
             if ring.limit is not None and ring.inflight >= ring.limit:
                 raise Overloaded(f"ring {ring.name!r} has {ring.limit} requests in flight")
             ring.inflight += 1
             try:
-                return await self._forward(request, ring, decision, ex)
+                return await self._forward(request, ring, decision, ex, extra)
             finally:
                 ring.inflight -= 1
         except UpstreamError as exc:
             ex.error = exc.kind
-            return _local_response(exc.status, exc.reason, ex, retry_after=exc.status == 503)
+            response = _local_response(exc.status, exc.reason, ex, retry_after=exc.status == 503)
+            if extra:
+                response.headers.extend(extra)
+            return response
         except asyncio.CancelledError:  # the client went away while we waited upstream
             ex.error = ex.error or "client_closed"
             raise
@@ -83,11 +90,17 @@ class ProxyHandler:
             self._finish(request, ex, started, ring, decision)
 
     async def _forward(
-        self, request: web.BaseRequest, ring: RingRuntime, decision: Decision, ex: Exchange
+        self,
+        request: web.BaseRequest,
+        ring: RingRuntime,
+        decision: Decision,
+        ex: Exchange,
+        extra: list[tuple[str, str]] | None,
     ) -> web.StreamResponse:
         pool = ring.pool
         server = pool.pick()
         ex.server = server.upstream.url
+        websocket = is_websocket_upgrade(request)
         headers = upstream_request_headers(
             request.headers,
             client_ip=request.remote or "",
@@ -96,15 +109,17 @@ class ProxyHandler:
             request_id=ex.request_id,
             ring=ring.name,
             extra=ring.extra_headers,
-            websocket=is_websocket_upgrade(request),
+            websocket=websocket,
         )
+        if ring.reason_header:
+            headers["X-Ring-Reason"] = decision.reason.value
         server.inflight += 1
         try:
-            if is_websocket_upgrade(request):
+            if websocket:
                 ws = await proxy_websocket(request, ring, server, headers)
                 ex.status = 101
                 return ws
-            return await self._http(request, ring, server.url, headers, ex)
+            return await self._http(request, ring, server.url, headers, ex, extra)
         finally:
             server.inflight -= 1
 
@@ -115,6 +130,7 @@ class ProxyHandler:
         make_url: Any,
         headers: Any,
         ex: Exchange,
+        extra: list[tuple[str, str]] | None,
     ) -> web.StreamResponse:
         session = ring.pool.session
         assert session is not None, "pool not started"
@@ -142,7 +158,7 @@ class ProxyHandler:
         except Exception as exc:
             raise translate(exc) from exc
         try:
-            return await _relay(request, upstream, ex)
+            return await _relay(request, upstream, ex, extra)
         finally:
             upstream.release()
 
@@ -173,6 +189,7 @@ class ProxyHandler:
                 "route": ring.route if ring else None,
                 "ring": ring.name if ring else None,
                 "reason": decision.reason.value if decision else None,
+                "bucket": decision.bucket if decision else None,
                 "pool": ring.pool.config.name if ring else None,
                 "upstream": ex.server or None,
                 "bytes_in": ex.bytes_in,
@@ -193,14 +210,16 @@ async def _upload(
 
 
 async def _relay(
-    request: web.BaseRequest, upstream: aiohttp.ClientResponse, ex: Exchange
+    request: web.BaseRequest,
+    upstream: aiohttp.ClientResponse,
+    ex: Exchange,
+    extra: list[tuple[str, str]] | None,
 ) -> web.StreamResponse:
     ex.status = upstream.status
-    response = web.StreamResponse(
-        status=upstream.status,
-        reason=upstream.reason,
-        headers=downstream_response_headers(upstream.headers, ex.request_id),
-    )
+    headers = downstream_response_headers(upstream.headers, ex.request_id)
+    if extra:
+        headers.extend(extra)
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     try:
         await response.prepare(request)
         if request.method == "HEAD" or upstream.status in _NO_BODY_STATUS:
@@ -219,6 +238,30 @@ async def _relay(
             request.transport.close()
         return response
     return response
+
+
+def _response_extras(
+    request: web.BaseRequest, route: Route, decision: Decision
+) -> list[tuple[str, str]] | None:
+    if decision.new_id is None and not route.decision.response:
+        return None
+    extra = []
+    if route.decision.response:
+        extra += [("X-Ring", decision.ring), ("X-Ring-Reason", decision.reason.value)]
+    if decision.new_id is not None and route.sticky and route.sticky.anonymous:
+        cookie = route.sticky.anonymous
+        value = f"{cookie.name}={decision.new_id}{cookie.attributes()}"
+        if cookie.secure == "always" or (cookie.secure == "auto" and _came_over_https(request)):
+            value += "; Secure"
+        extra.append(("Set-Cookie", value))
+    return extra
+
+
+def _came_over_https(request: web.BaseRequest) -> bool:
+    if request.secure:
+        return True
+    proto = request.headers.get("X-Forwarded-Proto", "")
+    return proto.split(",")[0].strip().lower() == "https"
 
 
 def _local_response(

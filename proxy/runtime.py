@@ -37,10 +37,12 @@ class RingRuntime:
         "limit",
         "name",
         "pool",
+        "reason_header",
         "recorder",
         "ring",
         "route",
         "timeout",
+        "weight",
     )
 
     def __init__(self, route: Route, ring: Ring, pool: UpstreamPool) -> None:
@@ -56,6 +58,14 @@ class RingRuntime:
         self.limit = ring.policy.max_concurrency
         self.timeout = ring.policy.timeout
         self.extra_headers = ring.policy.add_headers
+        self.reason_header = route.decision.reason_upstream
+        # The ring's share of sticky buckets in percent (the default ring: what is left);
+        # None for a ring that only has rules.  The rollout loop changes it at run time.
+        self.weight: float | None = None
+        if ring.weight is not None:
+            self.weight = ring.weight / 100
+        elif ring is route.rings[-1]:
+            self.weight = (10_000 - sum(r.weight or 0 for r in route.rings)) / 100
         self.client_timeout = aiohttp.ClientTimeout(
             total=None,
             sock_connect=pool.config.connect_timeout,

@@ -11,8 +11,8 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 # RFC 9110 token: what a header field name may be.
 TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -31,7 +31,21 @@ def parse_duration(value: object) -> float:
         m = _DURATION_RE.match(value.strip())
         if m:
             return float(m.group(1)) * _UNITS[m.group(2)]
-    raise ValueError(f"{_describe(value)} is not a duration; expected e.g. 250ms, 30s, 5m or 1h")
+    raise ValueError(
+        f"{_describe(value)} is not a duration; expected e.g. 250ms, 30s, 5m, 1h or 7d"
+    )
+
+
+def parse_weight(value: object) -> int:
+    """A percentage with 0.01 resolution -> basis points: ``5`` -> 500, ``0.25`` -> 25."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{_describe(value)} is not a percentage; expected a number from 0 to 100")
+    if not 0 <= value <= 100:
+        raise ValueError(f"{value} is outside 0..100 (percent)")
+    basis_points = round(value * 100)
+    if abs(basis_points - value * 100) > 1e-6:
+        raise ValueError(f"{value} has more than two decimals; the resolution is 0.01 %")
+    return basis_points
 
 
 def format_duration(seconds: float) -> str:

@@ -26,6 +26,7 @@ class Loaded:
     data: Any
     lines: dict[str, int] = field(default_factory=dict)
     issues: list[ConfigIssue] = field(default_factory=list)
+    env_paths: set[str] = field(default_factory=set)  # values that came from ${VAR}
 
 
 def join(path: str, key: str | int) -> str:
@@ -91,6 +92,8 @@ class _Builder:
                 return "$"
             name, default = m.group(1), m.group(2)
             got = self.environ.get(name)
+            if got is not None:
+                self.out.env_paths.add(path)
             if got is None:
                 if default is not None:
                     return default

@@ -43,7 +43,7 @@ def test_check_prints_every_error_with_its_path_and_exits_1(tmp_path: Path) -> N
     assert result.stdout == ""
     lines = result.stderr.splitlines()
     assert f"{bad}:9: routes[0].rings[1].policy.timeout: 10 (int) is not a duration; " \
-           "expected e.g. 250ms, 30s, 5m or 1h" in lines
+           "expected e.g. 250ms, 30s, 5m, 1h or 7d" in lines
     assert f"{bad}:10: routes[0].rings[2].pool: unknown pool 'v3' (pools: v1)" in lines
     assert lines[-1] == f"{bad}: 2 errors"
 

@@ -6,7 +6,8 @@ import textwrap
 
 import pytest
 
-from proxy.config import Attr, Balance, ConfigError, load_config, parse_config
+from proxy.config import Balance, ConfigError, load_config, parse_config
+from proxy.rules import Attr
 from proxy.values import Listen, parse_duration, parse_listen, parse_upstream
 
 MINIMAL = """
@@ -118,7 +119,7 @@ def test_durations(value: str, seconds: float) -> None:
     assert parse_duration(value) == seconds
 
 
-@pytest.mark.parametrize("value", ["30", 30, "5 minutes", "-1s", "1d", "", None, "s"])
+@pytest.mark.parametrize("value", ["30", 30, "5 minutes", "-1s", "1w", "", None, "s"])
 def test_bad_durations(value: object) -> None:
     with pytest.raises(ValueError, match="is not a duration"):
         parse_duration(value)
@@ -188,7 +189,7 @@ def test_every_error_is_reported_with_path_and_line() -> None:
         "'_', '.', '-'",
         "c.yaml:12: routes[0].rings[0].pool: unknown pool 'v3' (pools: bad name, stable)",
         "c.yaml:15: routes[0].rings[0].policy.timeout: 30 (int) is not a duration; "
-        "expected e.g. 250ms, 30s, 5m or 1h",
+        "expected e.g. 250ms, 30s, 5m, 1h or 7d",
         "c.yaml:15: routes[0].rings[0].policy.max_concurrency: 0 is outside 1..10000000",
         "c.yaml:16: routes[0].rings[1].name: duplicate ring name 'beta' in route 'api'",
     ]
@@ -243,13 +244,14 @@ def test_route_errors() -> None:
 @pytest.mark.parametrize(
     ("rule", "expected"),
     [
-        ('{attr: "header:X", equals: "1", prefix: "a"}', "unknown rule operator"),
+        ('{attr: "header:X", equals: "1", prefix: "a"}', "needs exactly one operator"),
+        ('{attr: "header:X", starts: "a"}', "unknown rule operator"),
         ('{attr: "header:X"}', "needs exactly one operator"),
         ('{attr: "header", equals: "1"}', "needs a name"),
         ('{attr: "ip:x", equals: "1"}', "takes no name"),
         ('{attr: "body", equals: "1"}', "is not an attribute"),
         ('{attr: "header:X Y", equals: "1"}', "is not a valid header name"),
-        ('{attr: "header:X", exists: false}', "write 'exists: true'"),
+        ('{attr: "header:X", exists: "yes"}', "expected true or false"),
         ('{attr: "header:X", equals: [1]}', "expected a string, got a list"),
         ('{attr: "header:X", equals: "1", ignore_case: maybe}', "expected true or false"),
         ("{all: []}", "a rule group needs at least one rule"),

@@ -98,14 +98,14 @@ class Req:
         (Req(method="POST", headers={"x-a": "1"}), "a", Reason.RULE,
          "header:x-a equals '1' and method equals 'POST'"),
         (Req(headers={"x-a": "1"}), "default", Reason.DEFAULT, ""),  # all rules of a group
-        (Req(cookies={"a": ""}), "a", Reason.RULE, "cookie:a exists"),  # empty still exists
-        (Req(query={"b": "yES"}), "b", Reason.RULE, "query:b equals 'Yes'"),
+        (Req(cookies={"a": ""}), "a", Reason.RULE, "cookie:a exists true"),  # empty exists
+        (Req(query={"b": "yES"}), "b", Reason.RULE, "query:b equals 'Yes' (any case)"),
         (Req(query={"b": "no"}), "default", Reason.DEFAULT, ""),
         (Req(path="/b"), "b", Reason.RULE, "path equals '/b'"),
         (Req(path="/B"), "default", Reason.DEFAULT, ""),  # case-sensitive unless asked
         (Req(remote="::1"), "b", Reason.RULE, "ip equals '::1'"),
         (Req(remote=None), "default", Reason.DEFAULT, ""),
-        (Req(cookies={"a": "1"}, path="/b"), "a", Reason.RULE, "cookie:a exists"),  # ring order
+        (Req(cookies={"a": "1"}, path="/b"), "a", Reason.RULE, "cookie:a exists true"),
     ],
 )
 def test_assignment(table: RoutingTable, req: Req, ring: str, reason: Reason, detail: str) -> None:

@@ -1,0 +1,134 @@
+"""Reading a loaded YAML tree with issues collected, not raised.
+
+``Section`` wraps one mapping: typed getters record an issue (with path and line) and
+return a default instead of raising, so one pass reports every problem in the file;
+``close()`` reports keys nobody asked for, with a "did you mean" hint.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from proxy.errors import ConfigIssue
+from proxy.values import parse_duration
+from proxy.yamlsrc import join
+
+T = TypeVar("T")
+
+
+
+class Ctx:
+    def __init__(
+        self, lines: dict[str, int], issues: list[ConfigIssue], env_paths: set[str] | None = None
+    ) -> None:
+        self.lines = lines
+        self.issues = issues
+        self.env_paths = env_paths or set()
+
+    def line(self, path: str) -> int | None:
+        while True:
+            if path in self.lines:
+                return self.lines[path]
+            if not path:
+                return None
+            cut = max(path.rfind("."), path.rfind("["))
+            path = path[:cut] if cut > 0 else ""
+
+    def err(self, path: str, message: str) -> None:
+        self.issues.append(ConfigIssue(path, message, self.line(path)))
+
+
+MISSING: Any = object()
+
+
+def kind(value: object) -> str:
+    if value is None:
+        return "nothing"
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(
+        type(value), f"a {type(value).__name__}"
+    )
+
+
+class Section:
+    """A mapping being read: typed getters that record issues, and unknown-key checks."""
+
+    def __init__(self, ctx: Ctx, value: object, path: str) -> None:
+        self.ctx, self.path, self.seen = ctx, path, set[str]()
+        self.ok = isinstance(value, dict)
+        self.data: dict[str, Any] = value if isinstance(value, dict) else {}
+        if not self.ok:
+            ctx.err(path, f"expected a mapping, got {kind(value)}")
+
+    def sub(self, key: str) -> str:
+        return join(self.path, key)
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def raw(self, key: str, default: Any = MISSING) -> Any:
+        self.seen.add(key)
+        if key not in self.data:
+            if default is MISSING and self.ok:
+                self.ctx.err(self.sub(key), "is required")
+            return None if default is MISSING else default
+        return self.data[key]
+
+    def parsed(self, key: str, parse: Callable[[object], T], default: T) -> T:
+        if key not in self.data:
+            self.seen.add(key)
+            return default
+        try:
+            return parse(self.raw(key))
+        except ValueError as exc:
+            self.ctx.err(self.sub(key), str(exc))
+            return default
+
+    def text(self, key: str, default: Any = MISSING) -> str:
+        value = self.raw(key, default)
+        if key in self.data and not isinstance(value, str):
+            self.ctx.err(self.sub(key), f"expected a string, got {kind(value)}")
+            return "" if default is MISSING else default
+        return "" if value is None else value
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.raw(key, default)
+        if not isinstance(value, bool):
+            self.ctx.err(self.sub(key), f"expected true or false, got {value!r}")
+            return default
+        return value
+
+    def integer(self, key: str, default: Any, lo: int, hi: int) -> Any:
+        value = self.raw(key, default)
+        if key not in self.data:
+            return value
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.ctx.err(self.sub(key), f"expected a whole number, got {value!r}")
+            return default
+        if not lo <= value <= hi:
+            self.ctx.err(self.sub(key), f"{value} is outside {lo}..{hi}")
+            return default
+        return value
+
+    def duration(self, key: str, default: float, minimum: float = 0.001) -> float:
+        value = self.parsed(key, parse_duration, default)
+        if value < minimum:
+            self.ctx.err(self.sub(key), f"{self.data.get(key)!r} is below the minimum {minimum}s")
+            return default
+        return value
+
+    def items(self, key: str) -> list[Any]:
+        value = self.raw(key, [])
+        if not isinstance(value, list):
+            self.ctx.err(self.sub(key), f"expected a list, got {kind(value)}")
+            return []
+        return value
+
+    def close(self) -> None:
+        for key in self.data:
+            if key not in self.seen:
+                hint = difflib.get_close_matches(key, sorted(self.seen), n=1)
+                extra = f"; did you mean {hint[0]!r}?" if hint else ""
+                known = ", ".join(sorted(self.seen))
+                self.ctx.err(self.sub(key), f"unknown key (known keys: {known}){extra}")
