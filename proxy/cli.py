@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -34,12 +36,40 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config file and exit")
     check.add_argument("file", metavar="FILE")
 
+    explain = sub.add_parser(
+        "explain",
+        help="print which ring a request would get, and why, without starting a server",
+        description="Print the assignment decision for a described request as JSON.",
+    )
+    explain.add_argument("--config", "-c", required=True, metavar="FILE")
+    explain.add_argument("--route", required=True, metavar="NAME")
+    explain.add_argument("--header", action="append", default=[], metavar="K=V", type=_pair)
+    explain.add_argument("--cookie", action="append", default=[], metavar="K=V", type=_pair)
+    explain.add_argument("--query", action="append", default=[], metavar="K=V", type=_pair)
+    explain.add_argument("--ip", metavar="ADDR", type=_ip, help="the client address")
+    explain.add_argument("--path", default="/", help="request path (default /)")
+    explain.add_argument("--method", default="GET", type=str.upper, help="default GET")
+
     demo = sub.add_parser("demo", help="run the proxy in front of two demo upstreams")
     demo.add_argument(
         "--ephemeral", action="store_true",
         help="bind every listener to a free port instead of the ports in demo.yaml",
     )
     return parser
+
+
+def _pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, value
+
+
+def _ip(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -53,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(args.file)
     if args.command == "run":
         return _run(args.config)
+    if args.command == "explain":
+        return _explain(args)
     if args.command == "demo":
         return _demo(args.ephemeral)
     return 2  # pragma: no cover - argparse rejects unknown commands
@@ -69,6 +101,43 @@ def _check(path: str) -> int:
     rings = sum(len(r.rings) for r in config.routes)
     print(f"{path}: OK (revision {config.revision}: {len(config.routes)} routes, "
           f"{rings} rings, {len(config.pools)} pools)")
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from proxy.assign import StaticRequest, assign, compile_route
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    route = next((r for r in config.routes if r.name == args.route), None)
+    if route is None:
+        names = ", ".join(r.name for r in config.routes)
+        print(f"ringproxy explain: unknown route {args.route!r} (routes: {names})",
+              file=sys.stderr)
+        return 2
+    request = StaticRequest.build(
+        args.header, cookies=dict(args.cookie), query=dict(args.query),
+        remote=args.ip, path=args.path, method=args.method,
+    )
+    compiled = compile_route(route, config.revision)
+    decision = assign(compiled, request)
+    out: dict[str, object] = {"route": route.name, **decision.as_dict()}
+    if decision.bucket is not None:
+        out["ranges"] = {r.ring: [r.lo, r.hi] for r in compiled.ranges}
+    sticky = route.sticky
+    no_key = decision.reason == "default" and decision.key_source is None
+    if no_key and sticky is not None and compiled.ranges:
+        if sticky.anonymous is not None:
+            out["note"] = (f"no stickiness key ({', '.join(map(str, sticky.key))}); the proxy "
+                           f"would set cookie {sticky.anonymous.name!r} to a new random id and "
+                           "assign by its bucket")
+        else:
+            out["note"] = (f"no stickiness key ({', '.join(map(str, sticky.key))}): "
+                           "the default ring")
+    print(json.dumps(out, indent=2))
     return 0
 
 
