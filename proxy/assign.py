@@ -23,7 +23,6 @@ users move one ring later (see README, "Bucket layout").
 from __future__ import annotations
 
 import hmac
-import ipaddress
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -32,7 +31,7 @@ import mmh3
 
 from proxy.assigncfg import KeySource, Override
 from proxy.config import Route
-from proxy.rules import Attr, Predicate, RequestView, compile_group, getter
+from proxy.rules import Attr, Predicate, RequestView, compile_group, getter, network_test
 
 BUCKETS = 10_000
 
@@ -94,6 +93,10 @@ class CompiledRoute:
     anonymous: bool
     blocked: frozenset[str] = frozenset()  # rolled-back rings (override refuses them)
     ring_index: dict[str, int] = field(default_factory=dict)
+    override_ip: Callable[[str], bool] | None = None
+    # Decisions are values: one per (bucket, key source), made once.  At most 10,000 per
+    # source; a new CompiledRoute (new weights or config) starts an empty cache.
+    _by_bucket: dict[tuple[int, str], Decision] = field(default_factory=dict, repr=False)
 
     def with_weights(
         self, weights: Iterable[int | None], blocked: Iterable[str] = ()
@@ -103,7 +106,7 @@ class CompiledRoute:
         if len(weights) != len(self.route.rings):
             raise ValueError(f"{len(weights)} weights for {len(self.route.rings)} rings")
         return replace(self, weights=weights, ranges=_layout(self.route, weights),
-                       blocked=frozenset(blocked))
+                       blocked=frozenset(blocked), _by_bucket={})
 
     def range_of(self, ring: str) -> tuple[int, int] | None:
         for r in self.ranges:
@@ -150,6 +153,8 @@ def compile_route(route: Route, revision: str) -> CompiledRoute:
         salt=sticky.salt if sticky else route.name,
         anonymous=bool(sticky and sticky.anonymous),
         ring_index={r.name: i for i, r in enumerate(route.rings)},
+        override_ip=(network_test(route.override.cidrs)
+                     if route.override and route.override.cidrs else None),
     )
 
 
@@ -176,20 +181,33 @@ def assign(
         if value:
             key, source = value, name
             break
-    new_id = None
     if key is None:
         if not (compiled.anonymous and make_id is not None):
             return compiled.default
-        key = new_id = make_id()
-        source = "anonymous"
-    bucket = bucket_of(compiled.salt, key)
+        new_id = make_id()
+        return replace(_by_bucket(compiled, bucket_of(compiled.salt, new_id), "anonymous"),
+                       new_id=new_id)
+    assert source is not None
+    return _by_bucket(compiled, bucket_of(compiled.salt, key), source)
+
+
+def _by_bucket(compiled: CompiledRoute, bucket: int, source: str) -> Decision:
+    cached = compiled._by_bucket.get((bucket, source))
+    if cached is not None:
+        return cached
+    decision = _bucket_decision(compiled, bucket, source)
+    compiled._by_bucket[(bucket, source)] = decision
+    return decision
+
+
+def _bucket_decision(compiled: CompiledRoute, bucket: int, source: str) -> Decision:
     for r in compiled.ranges:
         if r.lo <= bucket < r.hi:
             return Decision(r.ring, r.index, Reason.BUCKET, f"bucket {bucket} in [{r.lo}, {r.hi})",
-                            compiled.revision, bucket, source, new_id)
+                            compiled.revision, bucket, source)
     d = compiled.default
     return Decision(d.ring, d.index, Reason.DEFAULT, f"bucket {bucket} in no percentage ring",
-                    compiled.revision, bucket, source, new_id)
+                    compiled.revision, bucket, source)
 
 
 def _override(compiled: CompiledRoute, override: Override, request: RequestView) -> Decision | None:
@@ -208,25 +226,19 @@ def _override(compiled: CompiledRoute, override: Override, request: RequestView)
         return None  # an unknown ring name is ignored, not an error page
     if name in compiled.blocked and not override.allow_rolled_back:
         return None
-    if not _override_allowed(override, request):
+    if not _override_allowed(override, compiled.override_ip, request):
         return None
     return Decision(name, index, Reason.OVERRIDE, source, compiled.revision)
 
 
-def _override_allowed(override: Override, request: RequestView) -> bool:
+def _override_allowed(
+    override: Override, compiled_ip: Callable[[str], bool] | None, request: RequestView
+) -> bool:
     if override.secret is not None and override.secret_header is not None:
         given = request.headers.get(override.secret_header)
         if given is not None and hmac.compare_digest(given.encode(), override.secret.encode()):
             return True
-    if override.cidrs and request.remote:
-        try:
-            ip = ipaddress.ip_address(request.remote)
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in net for net in override.cidrs)
-    return False
+    return bool(compiled_ip and request.remote and compiled_ip(request.remote))
 
 
 @dataclass(frozen=True, slots=True)

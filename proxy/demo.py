@@ -12,6 +12,7 @@ from importlib import resources
 
 from aiohttp import web
 
+from proxy.assign import bucket_of
 from proxy.config import Config, parse_config
 from proxy.server import Proxy, serve
 from proxy.values import Listen, parse_upstream
@@ -76,8 +77,19 @@ async def run_demo(ephemeral: bool = False) -> None:
             await runner.cleanup()
 
 
+def _users(proxy: Proxy) -> tuple[str, str]:
+    """Two demo user ids: the first lands in the canary ring, the second in stable."""
+    compiled = proxy.runtime.table.routes["api"]
+    lo, hi = compiled.range_of("canary") or (0, 0)
+    names = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy"]
+    in_canary = [n for n in names if lo <= bucket_of(compiled.salt, n) < hi]
+    elsewhere = [n for n in names if n not in in_canary]
+    return (in_canary or ["alice"])[0], (elsewhere or ["bob"])[0]
+
+
 def _banner(proxy: Proxy) -> None:
     url = proxy.url
+    canary_user, stable_user = _users(proxy)
     lines = [
         "",
         "ringproxy demo is running. Upstreams:",
@@ -85,9 +97,14 @@ def _banner(proxy: Proxy) -> None:
         f"Proxy: {url}    Admin: {proxy.admin_url}/healthz",
         "",
         "Try these (the JSON says which version answered and which ring you were put in):",
-        f"  curl -s {url}/hello                          # everyone else -> ring stable",
-        f"  curl -s -H 'X-Beta: true' {url}/hello        # a beta user   -> ring beta (canary)",
-        f"  curl -s -H 'X-Qa-Team: payments' {url}/hello # a QA engineer -> ring qa (canary)",
+        f"  curl -s -H 'X-User-Id: {canary_user}' {url}/hello   "
+        "# in the 20 % canary share -> ring canary",
+        f"  curl -s -H 'X-User-Id: {stable_user}' {url}/hello   "
+        "# everyone else           -> ring stable",
+        f"  curl -s -H 'X-Beta: true' {url}/hello       "
+        "# a beta tester           -> ring beta (canary)",
+        "Ask why: ringproxy explain --config config/demo.yaml --route api "
+        f"--header X-User-Id={canary_user}",
         "",
         "Press Ctrl-C to stop.",
         "",

@@ -113,6 +113,8 @@ class ProxyHandler:
         )
         if ring.reason_header:
             headers["X-Ring-Reason"] = decision.reason.value
+        for name in ring.strip_headers:
+            headers.popall(name, None)
         server.inflight += 1
         try:
             if websocket:

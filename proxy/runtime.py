@@ -41,6 +41,7 @@ class RingRuntime:
         "recorder",
         "ring",
         "route",
+        "strip_headers",
         "timeout",
         "weight",
     )
@@ -59,6 +60,11 @@ class RingRuntime:
         self.timeout = ring.policy.timeout
         self.extra_headers = ring.policy.add_headers
         self.reason_header = route.decision.reason_upstream
+        # The override secret is for the proxy alone: never forwarded upstream.
+        override = route.override
+        self.strip_headers: tuple[str, ...] = (
+            (override.secret_header,) if override and override.secret_header else ()
+        )
         # The ring's share of sticky buckets in percent (the default ring: what is left);
         # None for a ring that only has rules.  The rollout loop changes it at run time.
         self.weight: float | None = None

@@ -260,7 +260,9 @@ def guarded() -> CompiledRoute:
         ([("X-Ring-Override", "canary")], {}, None, "stable", Reason.DEFAULT),
     ],
 )
-def test_override_needs_proof(guarded: CompiledRoute, headers, cookies, remote, ring, reason) -> None:
+def test_override_needs_proof(
+    guarded: CompiledRoute, headers, cookies, remote, ring, reason
+) -> None:
     decision = assign(guarded, StaticRequest.build(headers, cookies=cookies, remote=remote))
     assert (decision.ring, decision.reason) == (ring, reason)
 
@@ -269,8 +271,8 @@ def test_override_never_reaches_a_rolled_back_ring_unless_allowed(guarded: Compi
     request = StaticRequest.build([("X-Ring-Override", "canary")], remote="10.0.0.1")
     blocked = guarded.with_weights([None, None], blocked=["canary"])
     assert assign(blocked, request).ring == "stable"
-    config = parse_config(OVERRIDE.replace("fd00::/8\"]", "fd00::/8\"]\n      allow_rolled_back: true"),
-                          environ={"TOKEN": SECRET})
+    text = OVERRIDE.replace('fd00::/8"]', 'fd00::/8"]\n      allow_rolled_back: true')
+    config = parse_config(text, environ={"TOKEN": SECRET})
     allowed = compile_route(config.routes[0], "r").with_weights([None, None], blocked=["canary"])
     assert assign(allowed, request).ring == "canary"
 

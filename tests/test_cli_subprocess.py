@@ -118,7 +118,7 @@ async def test_demo_runs_and_its_curl_lines_land_in_different_rings(spawn) -> No
                 assert r.status == 200
                 body = await r.json()
             seen.append((body["ring"], body["version"]))
-    assert seen == [("stable", "stable"), ("beta", "canary"), ("qa", "canary")]
+    assert seen == [("canary", "canary"), ("stable", "stable"), ("beta", "canary")]
     code, out, err = await demo.finish(signal.SIGINT)
     assert code == 0, err
     assert len(out.splitlines()) == 3  # one access log line per request
@@ -137,6 +137,76 @@ async def test_demo_curl_lines_work_verbatim_with_curl(spawn) -> None:
         )
         out, _ = await asyncio.wait_for(proc.communicate(), 10)
         rings.append(json.loads(out)["ring"])
-    assert rings == ["stable", "beta", "qa"]
+    assert rings == ["canary", "stable", "beta"]
     code, _, err = await demo.finish(signal.SIGINT)
     assert code == 0, err
+
+
+EXPLAIN_CONFIG = """
+pools: {p: {servers: ["http://127.0.0.1:9"]}}
+routes:
+  - name: api
+    sticky: {key: ["header:X-User-Id", "cookie:uid"], salt: s1}
+    rings:
+      - name: beta
+        pool: p
+        rules: [{attr: "ip", cidr: ["10.0.0.0/8"]}, {attr: "query:beta", equals: "1"}]
+      - {name: canary, pool: p, weight: 25}
+      - {name: stable, pool: p}
+"""
+
+
+def test_explain_prints_the_decision_as_json(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(EXPLAIN_CONFIG)
+    from proxy.assign import bucket_of
+
+    user = next(f"u{i}" for i in range(100) if bucket_of("s1", f"u{i}") < 2500)
+    result = cli("explain", "--config", str(path), "--route", "api",
+                 "--header", f"X-User-Id={user}")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    bucket = bucket_of("s1", user)
+    assert out["route"] == "api" and out["ring"] == "canary" and out["reason"] == "bucket"
+    assert out["bucket"] == bucket and out["detail"] == f"bucket {bucket} in [0, 2500)"
+    assert out["key_source"] == "header:x-user-id" and len(out["revision"]) == 12
+    assert out["ranges"] == {"canary": [0, 2500]}
+    by_cookie = json.loads(cli("explain", "-c", str(path), "--route", "api",
+                               "--cookie", f"uid={user}").stdout)
+    assert by_cookie["bucket"] == bucket and by_cookie["key_source"] == "cookie:uid"
+    by_ip = json.loads(cli("explain", "-c", str(path), "--route", "api", "--ip", "10.2.3.4",
+                           "--header", f"X-User-Id={user}").stdout)
+    assert (by_ip["ring"], by_ip["reason"]) == ("beta", "rule")
+    assert by_ip["detail"] == "ip cidr ['10.0.0.0/8']"
+    by_query = json.loads(cli("explain", "-c", str(path), "--route", "api",
+                              "--query", "beta=1").stdout)
+    assert by_query["ring"] == "beta"
+    nobody = json.loads(cli("explain", "-c", str(path), "--route", "api").stdout)
+    assert (nobody["ring"], nobody["reason"]) == ("stable", "default")
+    assert "no stickiness key" in nobody["note"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--route", "nope"], "unknown route 'nope' (routes: api)"),
+        (["--route", "api", "--header", "novalue"], "'novalue' is not KEY=VALUE"),
+        (["--route", "api", "--ip", "300.1.1.1"], "'300.1.1.1' is not an IP address"),
+        ([], "the following arguments are required: --route"),
+    ],
+)
+def test_explain_usage_errors_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(EXPLAIN_CONFIG)
+    result = cli("explain", "--config", str(path), *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert result.stdout == ""
+
+
+def test_explain_with_an_invalid_config_exits_1(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(EXPLAIN_CONFIG.replace("weight: 25", "weight: 125"))
+    result = cli("explain", "--config", str(path), "--route", "api")
+    assert result.returncode == 1
+    assert "routes[0].rings[1].weight: 125 is outside 0..100" in result.stderr

@@ -155,7 +155,9 @@ def test_sources(spec: dict[str, Any], request_kw: dict[str, Any], expected: boo
         ({"attr": H, "exists": "yes"}, "expected true or false"),
     ],
 )
-def test_invalid_rules_are_config_errors_with_their_path(spec: dict[str, Any], message: str) -> None:
+def test_invalid_rules_are_config_errors_with_their_path(
+    spec: dict[str, Any], message: str
+) -> None:
     with pytest.raises(ConfigError, match=message) as info:
         rule(spec)
     assert str(info.value).startswith("r.")
