@@ -41,6 +41,7 @@ class RingRuntime:
         "recorder",
         "ring",
         "route",
+        "settings",
         "strip_headers",
         "timeout",
         "weight",
@@ -49,6 +50,9 @@ class RingRuntime:
     def __init__(self, route: Route, ring: Ring, pool: UpstreamPool) -> None:
         self.route = route.name
         self.ring = ring
+        # What, besides the ring itself, shapes this object; a reload that changes none of
+        # it keeps the object (and its in-flight count and recorder).
+        self.settings = (route.decision, route.override, route.rings[-1] is ring)
         self.name = ring.name
         self.pool = pool
         self.inflight = 0
@@ -85,20 +89,48 @@ class RingRuntime:
 
 
 class Runtime:
-    def __init__(self, config: Config) -> None:
+    """Live objects for ``config``.  Given the ``previous`` runtime (a reload), pools whose
+    settings did not change and rings whose settings did not change are carried over, so
+    their connections, in-flight counts and recorders survive; ``retired`` lists the old
+    pools the new config no longer uses (close them once their requests finish)."""
+
+    def __init__(self, config: Config, previous: Runtime | None = None) -> None:
         self.config = config
         self.table = RoutingTable(config)
-        self.pools = {p.name: UpstreamPool(p) for p in config.pools}
-        self.rings: dict[str, tuple[RingRuntime, ...]] = {
-            route.name: tuple(
-                RingRuntime(route, ring, self.pools[ring.pool]) for ring in route.rings
+        old_pools = previous.pools if previous is not None else {}
+        self.pools: dict[str, UpstreamPool] = {}
+        for pool in config.pools:
+            old = old_pools.get(pool.name)
+            self.pools[pool.name] = old if old is not None and old.config == pool else (
+                UpstreamPool(pool)
             )
-            for route in config.routes
+        self.retired = [p for name, p in old_pools.items() if self.pools.get(name) is not p]
+        old_rings = {
+            (r.route, r.name): r
+            for rings in (previous.rings.values() if previous is not None else ())
+            for r in rings
         }
+        self.rings: dict[str, tuple[RingRuntime, ...]] = {}
+        for route in config.routes:
+            built = []
+            for ring in route.rings:
+                live = self.pools[ring.pool]
+                fresh = RingRuntime(route, ring, live)
+                old_ring = old_rings.get((route.name, ring.name))
+                keep = (
+                    old_ring is not None
+                    and old_ring.ring == ring
+                    and old_ring.pool is live
+                    and old_ring.settings == fresh.settings
+                )
+                built.append(old_ring if keep and old_ring is not None else fresh)
+            self.rings[route.name] = tuple(built)
 
     async def start(self) -> None:
+        """Start the pools that are not running yet (carried-over ones already are)."""
         for pool in self.pools.values():
-            await pool.start()
+            if pool.session is None:
+                await pool.start()
 
     async def close(self) -> None:
         for pool in self.pools.values():
