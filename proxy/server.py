@@ -17,6 +17,7 @@ from aiohttp import web
 from proxy.accesslog import AccessLog
 from proxy.config import Config
 from proxy.handler import ProxyHandler
+from proxy.metrics import Metrics
 from proxy.runtime import Runtime
 from proxy.values import Listen
 
@@ -34,6 +35,10 @@ class Proxy:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.runtime = Runtime(config)
+        # Its own registry per Proxy: tests run several in one process.
+        self.metrics = Metrics()
+        self.metrics.attach(self.runtime)
+        self.metrics.config_loaded(config.revision)
         self.access_log = AccessLog(config.access_log.path) if config.access_log.enabled else None
         self.handler = ProxyHandler(self.runtime, self.access_log)
         self._runners: list[web.BaseRunner] = []
@@ -77,7 +82,8 @@ class Proxy:
 
 def _admin_app(proxy: Proxy) -> web.Application:
     # The admin API proper (token auth, rollout actions) lives in its own issue; health
-    # probes are unauthenticated on purpose so load balancers and kubelets can use them.
+    # probes and /metrics are unauthenticated on purpose so load balancers, kubelets and
+    # Prometheus can use them (the admin listener is loopback unless configured otherwise).
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
@@ -87,9 +93,16 @@ def _admin_app(proxy: Proxy) -> web.Application:
             {"ready": ready, "revision": proxy.config.revision}, status=200 if ready else 503
         )
 
+    async def metrics(request: web.Request) -> web.Response:
+        # Rendered on the loop thread, where the recorders are written: a consistent
+        # snapshot, and a few ms at most for hundreds of rings.
+        body, content_type = proxy.metrics.exposition(request.headers.get("Accept", ""))
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     return app
 
 

@@ -1,0 +1,258 @@
+"""The metrics layer without sockets: classification, attach/re-attach, exposition."""
+
+from __future__ import annotations
+
+import textwrap
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.config import parse_config
+from proxy.metrics import CODE_CLASSES, ERROR_KINDS, Metrics, RingRecorder
+from proxy.runtime import Runtime
+from proxy.window import RingWindow
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(metrics: Metrics, accept: str = "") -> Samples:
+    body, content_type = metrics.exposition(accept)
+    assert content_type.startswith("text/plain; version=0.0.4")
+    out: Samples = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for s in family.samples:
+            out[s.name, frozenset(s.labels.items())] = s.value
+    return out
+
+
+def value(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+def config(rings: str, routes_extra: str = "", metrics: str = "") -> str:
+    return textwrap.dedent(
+        """
+        listen: 127.0.0.1:0
+        admin: {listen: 127.0.0.1:0}
+        pools:
+          a: {servers: ["http://127.0.0.1:1"]}
+          b: {servers: ["http://127.0.0.1:2"]}
+        routes:
+          - name: api
+            rings:
+        """
+    ) + textwrap.indent(textwrap.dedent(rings), "      ") + routes_extra + metrics
+
+
+RINGS = """\
+- {name: beta, pool: b, rules: [{attr: "header:X-Beta", exists: true}]}
+- {name: main, pool: a}
+"""
+WEB = """
+  - name: web
+    match: {host: web.test}
+    rings:
+      - {name: main, pool: a}
+"""
+
+
+def recorder() -> RingRecorder:
+    return RingRecorder("api", "main", "a", RingWindow(60))
+
+
+# --------------------------------------------------------------------------- classification
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "code_class", "kind", "failed"),
+    [
+        (200, "", "2xx", None, False),
+        (101, "", "1xx", None, False),
+        (302, "", "3xx", None, False),
+        (404, "", "4xx", None, False),
+        (500, "", "5xx", None, True),
+        (503, "", "5xx", None, True),  # the upstream's own 503
+        (599, "", "5xx", None, True),
+        (799, "", "5xx", None, True),  # non-standard, accepted by aiohttp's parser
+        (502, "connect", "error", "connect", True),
+        (504, "connect", "error", "connect", True),  # connect timeout
+        (504, "timeout", "error", "timeout", True),
+        (502, "reset", "error", "reset", True),
+        (502, "bad_response", "error", "bad_response", True),
+        (503, "overload", "error", "overload", True),
+        (0, "timeout", "error", "timeout", True),
+        # After the upstream's headers went out: the client saw that status line.
+        (200, "reset", "2xx", "reset", False),
+        (206, "timeout", "2xx", "timeout", False),
+        (404, "bad_response", "4xx", "bad_response", False),
+        # The client went away: never an upstream error.
+        (0, "client_closed", "client_closed", None, False),
+        (200, "client_closed", "2xx", None, False),
+        (0, "", "error", None, True),  # nothing sent and no reason: a proxy bug
+    ],
+)
+def test_each_outcome_is_counted_once_in_one_class(
+    status: int, error: str, code_class: str, kind: str | None, failed: bool
+) -> None:
+    rec = recorder()
+    rec.record(status, error, 0.003, 10, 20, now=5.0)
+    assert rec.requests == [int(c == code_class) for c in CODE_CLASSES]
+    assert rec.upstream_errors == [int(k == kind) for k in ERROR_KINDS]
+    assert (rec.sent, rec.received) == (10, 20)
+    summary = rec.window.summary(5.0, 1)
+    assert (summary.requests, summary.errors) == (1, int(failed))
+    timed = status != 101
+    assert sum(rec.buckets) == summary.observed == int(timed)
+    assert rec.duration_sum == (0.003 if timed else 0.0)
+
+
+def test_durations_fill_inclusive_buckets() -> None:
+    rec = recorder()
+    for d in (0.0005, 0.001, 0.0011, 10.0, 10.5):
+        rec.record(200, "", d, 0, 0, 1.0)
+    assert rec.buckets[0] == 2 and rec.buckets[1] == 1
+    assert rec.buckets[-2] == 1 and rec.buckets[-1] == 1
+    assert repr(rec) == "<RingRecorder api/main pool=a requests=5>"
+
+
+# --------------------------------------------------------------------------- attach
+
+
+def test_attach_gives_every_ring_a_recorder_and_exports_zeroed_series() -> None:
+    runtime = Runtime(parse_config(config(RINGS, WEB)))
+    metrics = Metrics(process_metrics=False)
+    metrics.attach(runtime)
+    assert all(r.recorder is not None for rings in runtime.rings.values() for r in rings)
+    s = scrape(metrics)
+    for route, ring, pool in (("api", "beta", "b"), ("api", "main", "a"), ("web", "main", "a")):
+        for cls in CODE_CLASSES:
+            labels = {"route": route, "ring": ring, "pool": pool, "code_class": cls}
+            assert value(s, "ringproxy_requests_total", **labels) == 0
+        for kind in ERROR_KINDS:
+            labels = {"route": route, "ring": ring, "pool": pool, "kind": kind}
+            assert value(s, "ringproxy_upstream_errors_total", **labels) == 0
+        for direction in ("sent", "received"):
+            labels = {"route": route, "ring": ring, "direction": direction}
+            assert value(s, "ringproxy_upstream_bytes_total", **labels) == 0
+        labels = {"route": route, "ring": ring, "pool": pool}
+        assert value(s, "ringproxy_request_duration_seconds_count", **labels) == 0
+        assert value(s, "ringproxy_inflight_requests", route=route, ring=ring) == 0
+    # Weights are what the runtime knows: the default ring owns what is left, a ring
+    # with only rules has no weight and no series.
+    assert value(s, "ringproxy_ring_weight_percent", route="api", ring="main") == 100
+    assert value(s, "ringproxy_ring_weight_percent", route="api", ring="beta") is None
+    assert value(s, "ringproxy_config_last_reload_success") == 1
+    assert value(s, "ringproxy_config_reloads_total", result="success") == 0
+    assert value(s, "ringproxy_config_reloads_total", result="failure") == 0
+    assert not [k for k in s if k[0].startswith("ringproxy_rollbacks")]
+    assert not [k for k in s if k[0].startswith("process_")]
+
+
+def test_inflight_is_read_live_at_scrape_time() -> None:
+    runtime = Runtime(parse_config(config(RINGS)))
+    metrics = Metrics(process_metrics=False)
+    metrics.attach(runtime)
+    runtime.rings["api"][1].inflight = 7
+    assert value(scrape(metrics), "ringproxy_inflight_requests", route="api", ring="main") == 7
+
+
+def test_reattach_keeps_surviving_rings_and_drops_the_series_of_removed_ones() -> None:
+    metrics = Metrics(process_metrics=False)
+    old = Runtime(parse_config(config(RINGS, WEB)))
+    metrics.attach(old)
+    main = old.rings["api"][1].recorder
+    beta = old.rings["api"][0].recorder
+    assert main is not None and beta is not None
+    main.record(200, "", 0.01, 0, 5, 1.0)
+    beta.record(500, "", 0.01, 0, 5, 1.0)
+    metrics.rollback("api", "beta", "error_rate")
+    metrics.rollback("api", "main", "manual")
+
+    # beta is gone; web/main moved to pool b (a new series); api/main is unchanged.
+    new_rings = "- {name: main, pool: a}\n"
+    web_b = WEB.replace("pool: a", "pool: b")
+    new = Runtime(parse_config(config(new_rings, web_b)))
+    metrics.attach(new)
+    metrics.reload_succeeded(new.config.revision)
+    assert new.rings["api"][0].recorder is main  # counters and window carry on
+    s = scrape(metrics)
+    assert value(s, "ringproxy_requests_total",
+                 route="api", ring="main", pool="a", code_class="2xx") == 1
+    assert not [k for k in s if ("ring", "beta") in k[1]]
+    assert not [k for k in s if ("pool", "a") in k[1] and ("route", "web") in k[1]]
+    assert value(s, "ringproxy_requests_total",
+                 route="web", ring="main", pool="b", code_class="2xx") == 0
+    assert value(s, "ringproxy_rollbacks_total",
+                 route="api", ring="main", reason="manual") == 1
+    assert value(s, "ringproxy_rollbacks_total",
+                 route="api", ring="beta", reason="error_rate") is None
+    assert value(s, "ringproxy_config_info", revision=new.config.revision) == 1
+    assert value(s, "ringproxy_config_reloads_total", result="success") == 1
+    assert metrics.window("api", "main", 1.0, 10).requests == 1
+    message = r"no metrics for ring api/beta \(rings: api/main, web/main\)"
+    with pytest.raises(KeyError, match=message):
+        metrics.window("api", "beta", 1.0, 10)
+
+
+def test_metrics_disabled_attaches_nothing_and_exports_no_ring_series() -> None:
+    metrics = Metrics(process_metrics=False)
+    on = Runtime(parse_config(config(RINGS)))
+    metrics.attach(on)
+    off = Runtime(parse_config(config(RINGS, metrics="metrics: {enabled: false}\n")))
+    metrics.attach(off)
+    assert all(r.recorder is None for rings in off.rings.values() for r in rings)
+    s = scrape(metrics)
+    assert not [k for k in s if "ring" in dict(k[1])]
+    assert value(s, "ringproxy_config_last_reload_success") == 1
+
+
+def test_reload_failure_keeps_the_revision_and_counts() -> None:
+    metrics = Metrics(process_metrics=False)
+    metrics.config_loaded("abc")
+    metrics.reload_failed()
+    s = scrape(metrics)
+    assert value(s, "ringproxy_config_info", revision="abc") == 1
+    assert value(s, "ringproxy_config_last_reload_success") == 0
+    assert value(s, "ringproxy_config_reloads_total", result="failure") == 1
+    assert (value(s, "ringproxy_config_last_reload_success_timestamp_seconds") or 0) > 1.7e9
+    assert repr(metrics) == "<Metrics rings=0 revision=abc>"
+
+
+def test_phase_and_weight_come_from_whatever_the_runtime_rings_carry() -> None:
+    # The rollout issue adds ``phase``; duck-typed rings stand in for it here.
+    class Phase:
+        value = "rolled_back"
+
+    ring: Any = SimpleNamespace(
+        route="api", name="canary", inflight=2, weight=12.5, phase=Phase(),
+        pool=SimpleNamespace(config=SimpleNamespace(name="b")), recorder=None,
+    )
+    runtime: Any = SimpleNamespace(
+        rings={"api": (ring,)}, config=SimpleNamespace(metrics=SimpleNamespace(enabled=True))
+    )
+    metrics = Metrics(process_metrics=False)
+    metrics.attach(runtime)
+    s = scrape(metrics)
+    assert value(s, "ringproxy_ring_weight_percent", route="api", ring="canary") == 12.5
+    assert value(s, "ringproxy_ring_phase", route="api", ring="canary", phase="rolled_back") == 1
+    assert value(s, "ringproxy_inflight_requests", route="api", ring="canary") == 2
+
+
+def test_openmetrics_is_served_when_asked_and_parses() -> None:
+    metrics = Metrics()
+    runtime = Runtime(parse_config(config(RINGS)))
+    metrics.attach(runtime)
+    metrics.config_loaded(runtime.config.revision)
+    body, content_type = metrics.exposition(
+        "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+    )
+    assert content_type.startswith("application/openmetrics-text; version=1.0.0")
+    names = {f.name for f in openmetrics_families(body.decode())}
+    assert {"ringproxy_requests", "ringproxy_request_duration_seconds", "ringproxy_config",
+            "ringproxy_upstream_errors", "ringproxy_rollbacks"} <= names
+    assert any(n.startswith("process_") for n in names)
