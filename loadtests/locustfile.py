@@ -67,11 +67,19 @@ STATE = _State()
 _visits = itertools.count(1)
 
 
+def _default_config() -> str:
+    """config/demo.yaml, relative when run from the repository (as it then prints)."""
+    try:
+        return str(ringmix.DEFAULT_CONFIG.relative_to(Path.cwd()))
+    except ValueError:
+        return str(ringmix.DEFAULT_CONFIG)
+
+
 @events.init_command_line_parser.add_listener
 def _arguments(parser: Any) -> None:
     group = parser.add_argument_group("ringproxy ring report")
     group.add_argument("--ringproxy-config", env_var="RINGPROXY_CONFIG",
-                       default=str(ringmix.DEFAULT_CONFIG),
+                       default=_default_config(),
                        help="the proxy's config file, for the rings, weights and sticky keys "
                             "(default: config/demo.yaml)")
     group.add_argument("--ringproxy-route", env_var="RINGPROXY_ROUTE", default="",
