@@ -7,8 +7,8 @@ measured ``wrk --latency`` run.  CPU time per request of the proxy process
 (tree) is read from ``/proc/PID/stat`` around the measured run.
 
     .venv/bin/python loadtests/bench.py [--duration 10] [--connections 50]
-        [--threads 1] [--only direct,nginx,minimal-aiohttp,ringproxy]
-        [--access-log] [--json results.json]
+        [--threads 1] [--only direct,nginx,minimal-aiohttp,ringproxy,ringproxy-nometrics]
+        [--access-log] [--rounds 1] [--json results.json]
 
 Requires ``nginx`` and ``wrk`` on PATH (Debian: ``apt-get install nginx-light wrk``).
 """
@@ -25,6 +25,7 @@ import shlex
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,7 +35,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
 
-TARGETS = ("direct", "nginx", "minimal-aiohttp", "ringproxy")
+# ringproxy-nometrics is ringproxy with `metrics: {enabled: false}`: the two together give
+# the CPU per request that per-ring metrics (counters + sliding window) cost.
+TARGETS = ("direct", "nginx", "minimal-aiohttp", "ringproxy", "ringproxy-nometrics")
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -266,9 +269,11 @@ def nginx_proxy_body(port: int, upstream_port: int) -> str:
     }}"""
 
 
-def ringproxy_yaml(port: int, upstream_port: int, access_log: bool) -> str:
+def ringproxy_yaml(port: int, upstream_port: int, access_log: bool, metrics: bool = True) -> str:
     log = 'enabled: true\n  path: "/dev/null"' if access_log else 'enabled: false\n  path: "-"'
     return f"""listen: 127.0.0.1:{port}
+metrics:
+  enabled: {"true" if metrics else "false"}
 admin:
   listen: 127.0.0.1:0
 access_log:
@@ -467,10 +472,11 @@ def start_target(
         ]
         server = Server("minimal-aiohttp", argv, root, port)
     else:
-        config = root / "ringproxy.yaml"
-        config.write_text(ringproxy_yaml(port, upstream_port, args.access_log))
+        config = root / f"{target}.yaml"
+        metrics = target != "ringproxy-nometrics"
+        config.write_text(ringproxy_yaml(port, upstream_port, args.access_log, metrics))
         argv = [*ringproxy_argv(args.ringproxy_cmd), "run", "--config", str(config)]
-        server = Server("ringproxy", argv, root, port, cwd=REPO)
+        server = Server(target, argv, root, port, cwd=REPO)
     try:
         server.start()
     except BaseException:
@@ -509,6 +515,15 @@ def run_target(target: str, root: Path, upstream: Server, args: argparse.Namespa
 # --------------------------------------------------------------------------- report
 
 
+def median_run(runs: list[TargetResult]) -> TargetResult:
+    """The run with the median CPU per request (a failed run, if any failed)."""
+    failed = [r for r in runs if not r.ok or r.cpu_us_per_req is None]
+    if failed:
+        return failed[0]
+    ordered = sorted(runs, key=lambda r: r.cpu_us_per_req or 0.0)
+    return ordered[(len(ordered) - 1) // 2]
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
@@ -533,6 +548,10 @@ def compute_ratios(results: dict[str, TargetResult]) -> dict[str, float | None]:
         "ringproxy_vs_minimal_aiohttp_cpu_per_req": ratio(
             rp_cpu, get("minimal-aiohttp", "cpu_us_per_req")
         ),
+        "ringproxy_vs_nometrics_rps": ratio(rp_rps, get("ringproxy-nometrics", "rps")),
+        "ringproxy_vs_nometrics_cpu_per_req": ratio(
+            rp_cpu, get("ringproxy-nometrics", "cpu_us_per_req")
+        ),
     }
 
 
@@ -540,7 +559,7 @@ def render(
     results: list[TargetResult], ratios: dict[str, float | None], args: argparse.Namespace
 ) -> str:
     header = (
-        f"{'target':<16} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'proxy CPU us/req':>17} "
+        f"{'target':<20} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'proxy CPU us/req':>17} "
         f"{'upstream us/req':>16} {'host CPU':>9} {'errors':>7}"
     )
     access_log = "ON (/dev/null)" if args.access_log else "off"
@@ -554,13 +573,13 @@ def render(
     for r in results:
         if not r.ok:
             first = (r.error or "failed").strip().splitlines()[0]
-            lines.append(f"{r.target:<16} FAILED: {first[:90]}")
+            lines.append(f"{r.target:<20} FAILED: {first[:90]}")
             continue
         errors = sum(r.socket_errors.values()) + r.non_2xx_3xx
         cpu = _fmt(r.cpu_us_per_req, ".1f") + (" (upstream)" if r.target == "direct" else "")
         host = _fmt(r.host_cpu_busy_pct, ".0f") + "%"
         lines.append(
-            f"{r.target:<16} {_fmt(r.rps, ',.0f'):>10} {_fmt(r.latency_p50_ms, '.2f'):>8} "
+            f"{r.target:<20} {_fmt(r.rps, ',.0f'):>10} {_fmt(r.latency_p50_ms, '.2f'):>8} "
             f"{_fmt(r.latency_p99_ms, '.2f'):>8} {cpu:>17} "
             f"{_fmt(r.upstream_cpu_us_per_req, '.1f'):>16} {host:>9} {errors:>7}"
         )
@@ -578,10 +597,19 @@ def render(
         "ringproxy_vs_nginx_cpu_per_req": "ringproxy vs nginx            cpu/req",
         "ringproxy_vs_minimal_aiohttp_rps": "ringproxy vs minimal-aiohttp  rps",
         "ringproxy_vs_minimal_aiohttp_cpu_per_req": "ringproxy vs minimal-aiohttp  cpu/req",
+        "ringproxy_vs_nometrics_rps": "ringproxy vs ringproxy-nometrics rps",
+        "ringproxy_vs_nometrics_cpu_per_req": "ringproxy vs ringproxy-nometrics cpu/req",
     }
     for key, label in labels.items():
         value = ratios.get(key)
         lines.append(f"  {label:<40} {'n/a' if value is None else f'{value:.2f}x'}")
+    by_target = {r.target: r for r in results if r.ok}
+    on, off = by_target.get("ringproxy"), by_target.get("ringproxy-nometrics")
+    if on and off and on.cpu_us_per_req is not None and off.cpu_us_per_req is not None:
+        lines.append(
+            f"\nmetrics cost: {on.cpu_us_per_req - off.cpu_us_per_req:+.1f} us CPU per request "
+            f"({on.cpu_us_per_req:.1f} with metrics, {off.cpu_us_per_req:.1f} without)"
+        )
     for r in results:
         errors = sum(r.socket_errors.values()) + r.non_2xx_3xx
         if r.ok and errors:
@@ -617,6 +645,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="keep ringproxy's access log on (written to /dev/null)",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the targets this many times, interleaved; report each one's median "
+        "round by CPU per request (default 1)",
+    )
     p.add_argument("--json", type=Path, metavar="FILE", help="also write results as JSON")
     p.add_argument(
         "--ringproxy-cmd",
@@ -629,8 +664,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown or not only:
         p.error(f"--only: unknown target(s) {unknown}; choose from {','.join(TARGETS)}")
     args.targets = [t for t in TARGETS if t in only]
-    if args.duration < 1 or args.connections < 1 or args.threads < 1:
-        p.error("--duration, --connections and --threads must be >= 1")
+    if args.duration < 1 or args.connections < 1 or args.threads < 1 or args.rounds < 1:
+        p.error("--duration, --connections, --threads and --rounds must be >= 1")
     if args.connections < args.threads:
         p.error("--connections must be >= --threads (wrk requirement)")
     return args
@@ -655,6 +690,7 @@ def main(argv: list[str] | None = None) -> int:
     root.chmod(0o755)  # nginx workers drop to 'nobody' when started as root
     upstream: Server | None = None
     results: list[TargetResult] = []
+    rounds: dict[str, list[TargetResult]] = {}
     try:
         upstream_port = free_port()
         try:
@@ -662,8 +698,13 @@ def main(argv: list[str] | None = None) -> int:
         except StartupError as exc:
             print(f"error: upstream nginx did not start:\n{exc}", file=sys.stderr)
             return 1
-        for target in args.targets:
-            results.append(run_target(target, root, upstream, args))
+        # Rounds interleave the targets, so slow drift of the machine hits all of them.
+        for n in range(args.rounds):
+            for target in args.targets:
+                if args.rounds > 1:
+                    print(f"[bench] round {n + 1}/{args.rounds}", file=sys.stderr, flush=True)
+                rounds.setdefault(target, []).append(run_target(target, root, upstream, args))
+        results = [median_run(rounds[t]) for t in args.targets]
     finally:
         if upstream is not None:
             upstream.stop()
@@ -671,6 +712,22 @@ def main(argv: list[str] | None = None) -> int:
 
     ratios = compute_ratios({r.target: r for r in results})
     print(render(results, ratios, args))
+    if args.rounds > 1:
+        print("\nproxy CPU us/req per round (the table shows each target's median round):")
+        for target, runs in rounds.items():
+            cpu = ", ".join(_fmt(r.cpu_us_per_req, ".1f") for r in runs)
+            print(f"  {target:<20} {cpu}")
+        on, off = rounds.get("ringproxy", []), rounds.get("ringproxy-nometrics", [])
+        pairs = zip(on, off, strict=False)
+        diffs = sorted(
+            a.cpu_us_per_req - b.cpu_us_per_req
+            for a, b in pairs
+            if a.cpu_us_per_req is not None and b.cpu_us_per_req is not None
+        )
+        if diffs:
+            each = ", ".join(f"{d:+.1f}" for d in diffs)
+            print(f"  metrics cost per round (sorted): {each}; median "
+                  f"{statistics.median(diffs):+.1f} us CPU per request")
     if args.json is not None:
         payload = {
             "config": {
@@ -678,17 +735,20 @@ def main(argv: list[str] | None = None) -> int:
                 "connections": args.connections,
                 "threads": args.threads,
                 "warmup_s": WARMUP_S,
+                "rounds": args.rounds,
                 "access_log": args.access_log,
                 "cpus": os.cpu_count(),
                 "python": platform.python_version(),
                 "platform": platform.platform(),
             },
             "results": [asdict(r) for r in results],
+            "rounds": {t: [asdict(r) for r in runs] for t, runs in rounds.items()},
             "ratios": ratios,
         }
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
         print(f"\nJSON written to {args.json}")
-    return 0 if all(r.ok for r in results) else 1
+    ok = bool(results) and all(r.ok for runs in rounds.values() for r in runs)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
