@@ -32,6 +32,10 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="serve the proxy with a config file")
     run.add_argument("--config", "-c", required=True, metavar="FILE", help="YAML config file")
+    run.add_argument(
+        "--no-watch", action="store_true",
+        help="do not reload when the file changes (SIGHUP still reloads)",
+    )
 
     check = sub.add_parser("check", help="validate a config file and exit")
     check.add_argument("file", metavar="FILE")
@@ -82,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         return _check(args.file)
     if args.command == "run":
-        return _run(args.config)
+        return _run(args.config, watch=not args.no_watch)
     if args.command == "explain":
         return _explain(args)
     if args.command == "demo":
@@ -141,7 +145,7 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(path: str) -> int:
+def _run(path: str, watch: bool = True) -> int:
     from proxy.server import serve
 
     try:
@@ -149,7 +153,7 @@ def _run(path: str) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
-    return _serve_guarded(lambda: serve(config))
+    return _serve_guarded(lambda: serve(config, watch=watch))
 
 
 def _demo(ephemeral: bool) -> int:

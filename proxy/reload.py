@@ -79,6 +79,9 @@ class Reloader:
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self.last: ReloadResult | None = None
+        # What the file looked like when ``current`` was loaded (about now): a change made
+        # before the watcher's first poll is still seen.
+        self._seen = _fingerprint(self.path)
 
     async def reload(self, trigger: str = "api") -> ReloadResult:
         async with self._lock:
@@ -124,7 +127,7 @@ class Reloader:
             self._task = None
 
     async def _watch(self) -> None:
-        seen = _fingerprint(self.path)
+        seen = self._seen
         while True:
             await asyncio.sleep(self.interval)
             now = _fingerprint(self.path)
@@ -137,7 +140,7 @@ class Reloader:
                 if settled == now:
                     break
                 now = settled
-            seen = now
+            seen = self._seen = now
             if now is None:
                 log.warning("config file %s disappeared; still serving revision %s",
                             self.path, self.current.revision)

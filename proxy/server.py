@@ -11,6 +11,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from aiohttp import web
 
@@ -18,6 +19,8 @@ from proxy.accesslog import AccessLog
 from proxy.config import Config
 from proxy.handler import ProxyHandler
 from proxy.metrics import Metrics
+from proxy.pool import UpstreamPool
+from proxy.reload import Reloader, ReloadResult
 from proxy.runtime import Runtime
 from proxy.values import Listen
 
@@ -32,7 +35,7 @@ def _url(addr: tuple[str, int] | tuple[str, int, int, int]) -> str:
 class Proxy:
     """The proxy and its admin listener, startable and stoppable inside a running loop."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, watch: bool = False) -> None:
         self.config = config
         self.runtime = Runtime(config)
         # Its own registry per Proxy: tests run several in one process.
@@ -42,8 +45,46 @@ class Proxy:
         self.access_log = AccessLog(config.access_log.path) if config.access_log.enabled else None
         self.handler = ProxyHandler(self.runtime, self.access_log)
         self._runners: list[web.BaseRunner] = []
+        self._draining: set[asyncio.Task[None]] = set()
         self.url = ""
         self.admin_url = ""
+        # Reloads need a file to read again: the embedded demo config has none.
+        self.reloader: Reloader | None = None
+        if config.source and Path(config.source).is_file():
+            self.reloader = Reloader(config.source, config, self.apply, self._reloaded)
+        self._watch = watch and self.reloader is not None
+
+    async def apply(self, config: Config) -> None:
+        """Serve ``config`` from now on: build, start, then swap one reference.
+
+        Requests in flight finish on the runtime they started with; pools the new config
+        no longer uses are closed once their last request is done.
+        """
+        runtime = Runtime(config, self.runtime)
+        await runtime.start()
+        self.metrics.attach(runtime)
+        for key in ("listen", "admin", "shutdown_grace"):
+            if getattr(config, key) != getattr(self.config, key):
+                log.warning("config reload: %s changed; it takes effect at the next restart", key)
+        if config.access_log != self.config.access_log:
+            old_log = self.access_log
+            enabled = config.access_log.enabled
+            self.access_log = AccessLog(config.access_log.path) if enabled else None
+            self.handler.access_log = self.access_log
+            if old_log is not None:
+                old_log.close()
+        self.handler.runtime = runtime  # the swap: the next request sees the new config
+        self.runtime, self.config = runtime, config
+        for pool in runtime.retired:
+            task = asyncio.ensure_future(_drain(pool))
+            self._draining.add(task)
+            task.add_done_callback(self._draining.discard)
+
+    def _reloaded(self, result: ReloadResult) -> None:
+        if result.ok:
+            self.metrics.reload_succeeded(result.revision)
+        else:
+            self.metrics.reload_failed()
 
     async def start(self) -> None:
         await self.runtime.start()
@@ -56,6 +97,8 @@ class Proxy:
         except BaseException:
             await self.stop()
             raise
+        if self._watch and self.reloader is not None:
+            self.reloader.start_watching()
 
     async def _listen(self, runner: web.BaseRunner, listen: Listen) -> str:
         await runner.setup()
@@ -69,15 +112,29 @@ class Proxy:
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to shutdown_grace), close."""
+        if self.reloader is not None:
+            await self.reloader.stop()
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
+        for task in list(self._draining):
+            task.cancel()
+        await asyncio.gather(*self._draining, return_exceptions=True)
         await self.runtime.close()
         if self.access_log is not None:
             self.access_log.close()
 
     def __repr__(self) -> str:
         return f"<Proxy {self.url or 'not started'} revision={self.config.revision}>"
+
+
+async def _drain(pool: UpstreamPool) -> None:
+    try:
+        while any(server.inflight for server in pool.servers):  # noqa: ASYNC110 - a poll is simplest
+            await asyncio.sleep(0.05)
+    finally:
+        await pool.close()
+        log.info("closed pool %s (no longer in the config)", pool.config.name)
 
 
 def _admin_app(proxy: Proxy) -> web.Application:
@@ -109,14 +166,23 @@ def _admin_app(proxy: Proxy) -> web.Application:
 async def serve(
     config: Config,
     on_ready: Callable[[Proxy], Awaitable[None] | None] | None = None,
+    watch: bool = True,
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    """Serve until SIGTERM or SIGINT, then shut down gracefully.  SIGHUP reloads."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    proxy = Proxy(config)
+    proxy = Proxy(config, watch=watch)
+    reloader = proxy.reloader
+    if reloader is not None:
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: _background(reloader.reload("signal"))
+        )
     await proxy.start()
+    if reloader is not None:
+        log.info("reload: %s; SIGHUP reloads", "watching the config file" if watch
+                 else "not watching the file (--no-watch)")
     log.info("proxy listening on %s (config %s, revision %s)",
              proxy.url, config.source, config.revision)
     log.info("admin listening on %s", proxy.admin_url)
@@ -133,9 +199,18 @@ async def serve(
             loop.add_signal_handler(sig, _cancel_current(asyncio.current_task()))
     finally:
         await proxy.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     log.info("stopped")
+
+
+_BACKGROUND: set[asyncio.Task[object]] = set()
+
+
+def _background(coro: Awaitable[object]) -> None:
+    task: asyncio.Task[object] = asyncio.ensure_future(coro)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
 
 
 def _cancel_current(task: asyncio.Task[None] | None) -> Callable[[], None]:

@@ -1,0 +1,259 @@
+"""Hot reload over real sockets: swaps under load, open streams, bad files, symlink swaps."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import textwrap
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from proxy.config import load_config
+from proxy.server import Proxy
+from tests.conftest import Upstream
+
+
+def config_text(a: str, b: str, main_pool: str, extra_pool: str = "", header: str = "x") -> str:
+    return textwrap.dedent(f"""
+        listen: 127.0.0.1:0
+        admin: {{listen: 127.0.0.1:0}}
+        access_log: {{enabled: false}}
+        shutdown_grace: 2s
+        pools:
+          a: {{servers: ["{a}"]}}
+          b: {{servers: ["{b}"]}}
+          {extra_pool}
+        routes:
+          - name: api
+            rings:
+              - name: main
+                pool: {main_pool}
+                policy: {{add_headers: {{X-Edit: "{header}"}}}}
+    """)
+
+
+@pytest.fixture
+async def reloadable(tmp_path: Path) -> AsyncIterator:
+    started: list[Proxy] = []
+
+    async def start(text: str, watch: bool = False, name: str = "ringproxy.yaml") -> Proxy:
+        path = tmp_path / name
+        path.write_text(text)
+        proxy = Proxy(load_config(path), watch=watch)
+        if proxy.reloader is not None:
+            proxy.reloader.interval = 0.2
+        await proxy.start()
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        await proxy.stop()
+
+
+async def test_50_reloads_under_load_lose_no_request(
+    reloadable, stable: Upstream, canary: Upstream, tmp_path: Path
+) -> None:
+    texts = [config_text(stable.url, canary.url, "a"), config_text(stable.url, canary.url, "b")]
+    pool_upstream = {"a": "stable", "b": "canary"}
+    proxy = await reloadable(texts[0])
+    path = tmp_path / "ringproxy.yaml"
+    reloads: list[tuple[float, float, str]] = []  # (call started, call returned, pool after)
+    records: list[tuple[float, float, int, str]] = []
+    stop = asyncio.Event()
+
+    async def load(client: aiohttp.ClientSession) -> None:
+        while not stop.is_set():
+            t0 = time.monotonic()
+            async with client.get(proxy.url + "/x") as r:
+                await r.read()
+                records.append((t0, time.monotonic(), r.status, r.headers.get("X-Upstream", "")))
+
+    async with aiohttp.ClientSession() as client:
+        workers = [asyncio.ensure_future(load(client)) for _ in range(8)]
+        try:
+            for i in range(50):
+                pool = "b" if i % 2 == 0 else "a"
+                path.write_text(texts[i % 2 == 0])
+                t0 = time.monotonic()
+                result = await proxy.reloader.reload("test")
+                reloads.append((t0, time.monotonic(), pool))
+                assert result.ok and result.changed, result
+                await asyncio.sleep(0.02)
+        finally:
+            stop.set()
+            await asyncio.gather(*workers)
+    assert len(records) > 200
+    assert all(status == 200 for _, _, status, _ in records), "a request failed during reloads"
+    # Each request went to a pool that a config possibly serving while it was in flight
+    # allowed.  Config k may serve from the start of the call that loads it to the end of
+    # the call that replaces it.
+    timeline = [(-1.0, -1.0, "a"), *reloads]
+    for start, end, _, upstream in records:
+        allowed = set()
+        for k, (begins, _, pool) in enumerate(timeline):
+            ends = timeline[k + 1][1] if k + 1 < len(timeline) else float("inf")
+            if begins <= end and start <= ends:
+                allowed.add(pool_upstream[pool])
+        assert upstream in allowed, (start, end, upstream, allowed)
+    assert {u for *_, u in records} == {"stable", "canary"}
+
+
+async def test_open_stream_and_websocket_survive_a_reload(
+    reloadable, stable: Upstream, canary: Upstream, tmp_path: Path
+) -> None:
+    proxy = await reloadable(config_text(stable.url, canary.url, "a"))
+    async with aiohttp.ClientSession() as client:
+        sse = await client.get(proxy.url + "/sse")
+        first = await asyncio.wait_for(sse.content.readuntil(b"\n\n"), 5)
+        ws = await client.ws_connect(proxy.url + "/ws")
+        await ws.send_str("before")
+        assert (await ws.receive(timeout=5)).data == "echo:before"
+
+        (tmp_path / "ringproxy.yaml").write_text(config_text(stable.url, canary.url, "b"))
+        result = await proxy.reloader.reload("test")
+        assert result.changed
+        async with client.get(proxy.url + "/") as r:  # new requests use the new config
+            assert r.headers["X-Upstream"] == "canary"
+
+        await ws.send_str("after")
+        assert (await ws.receive(timeout=5)).data == "echo:after"
+        await ws.close()
+        stable.sse_release.set()
+        rest = await asyncio.wait_for(sse.content.read(), 5)
+        sse.release()
+    assert first + rest == b"data: first\n\ndata: second\n\n"
+
+
+async def test_unchanged_pools_keep_their_connections_and_removed_ones_drain(
+    reloadable, stable: Upstream, canary: Upstream, tmp_path: Path
+) -> None:
+    extra = f'c: {{servers: ["{canary.url}"]}}'
+    proxy = await reloadable(config_text(stable.url, canary.url, "c", extra_pool=extra))
+    pool_a, pool_c = proxy.runtime.pools["a"], proxy.runtime.pools["c"]
+    session_a = pool_a.session
+    async with aiohttp.ClientSession() as client:
+        slow = asyncio.ensure_future(client.get(proxy.url + "/slow?s=0.6"))
+        await asyncio.sleep(0.2)  # in flight on pool c
+        (tmp_path / "ringproxy.yaml").write_text(
+            config_text(stable.url, canary.url, "a", header="y")
+        )
+        assert (await proxy.reloader.reload("test")).changed
+        assert proxy.runtime.pools["a"] is pool_a and pool_a.session is session_a
+        assert "c" not in proxy.runtime.pools
+        assert pool_c.session is not None  # still serving its in-flight request
+        async with await slow as r:
+            assert r.status == 200 and await r.text() == "slow done"
+        for _ in range(50):
+            if pool_c.session is None:
+                break
+            await asyncio.sleep(0.05)
+        assert pool_c.session is None  # closed once its last request finished
+        async with client.get(proxy.url + "/") as r:
+            assert r.headers["X-Upstream"] == "stable"
+
+
+BROKEN = {
+    "yaml syntax": "listen: [unclosed\n",
+    "unknown key": "{text}\nlisten_port: 1\n",
+    "unknown pool": "{text_v3}",
+    "weights over 100 %": "{text_weights}",
+}
+
+
+@pytest.mark.parametrize("kind", list(BROKEN))
+async def test_a_broken_file_is_rejected_and_the_old_config_keeps_serving(
+    reloadable, stable: Upstream, canary: Upstream, tmp_path: Path, kind: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    good = config_text(stable.url, canary.url, "a")
+    proxy = await reloadable(good)
+    revision = proxy.config.revision
+    weights = good.replace("      - name: main\n", "      - {name: x, pool: a, weight: 60}\n"
+                           "      - {name: y, pool: b, weight: 50}\n      - name: main\n")
+    weights = weights.replace("  - name: api\n", "  - name: api\n    sticky: {key: [header:U]}\n")
+    broken = BROKEN[kind].format(
+        text=good, text_v3=good.replace("pool: a", "pool: v3"), text_weights=weights
+    )
+    path = tmp_path / "ringproxy.yaml"
+    path.write_text(broken)
+    result = await proxy.reloader.reload("test")
+    assert not result.ok and not result.changed
+    assert result.revision == revision
+    assert result.errors and all(str(path) in e for e in result.errors)
+    assert any("config reload rejected" in r.message for r in caplog.records)
+    async with aiohttp.ClientSession() as client:
+        async with client.get(proxy.url + "/") as r:
+            assert r.status == 200 and r.headers["X-Upstream"] == "stable"
+        async with client.get(proxy.admin_url + "/metrics") as r:
+            text = await r.text()
+        assert 'ringproxy_config_reloads_total{result="failure"} 1.0' in text
+        assert "ringproxy_config_last_reload_success 0.0" in text
+        path.write_text(config_text(stable.url, canary.url, "b"))  # fixed
+        fixed = await proxy.reloader.reload("test")
+        assert fixed.ok and fixed.changed and fixed.revision != revision
+        async with client.get(proxy.url + "/") as r:
+            assert r.headers["X-Upstream"] == "canary"
+        async with client.get(proxy.admin_url + "/metrics") as r:
+            text = await r.text()
+        assert "ringproxy_config_last_reload_success 1.0" in text
+        assert f'ringproxy_config_info{{revision="{fixed.revision}"}} 1.0' in text
+        assert f'ringproxy_config_info{{revision="{revision}"}}' not in text
+
+
+async def test_an_atomic_symlink_swap_is_picked_up_within_2s(
+    stable: Upstream, canary: Upstream, tmp_path: Path
+) -> None:
+    # The Kubernetes ConfigMap layout: config.yaml -> ..data/config.yaml, ..data -> ..v1
+    mount = tmp_path / "configmap"
+    (mount / "..v1").mkdir(parents=True)
+    (mount / "..v1" / "config.yaml").write_text(config_text(stable.url, canary.url, "a"))
+    os.symlink("..v1", mount / "..data")
+    os.symlink("..data/config.yaml", mount / "config.yaml")
+    proxy = Proxy(load_config(mount / "config.yaml"), watch=True)
+    await proxy.start()
+    try:
+        before = proxy.config.revision
+        (mount / "..v2").mkdir()
+        (mount / "..v2" / "config.yaml").write_text(config_text(stable.url, canary.url, "b"))
+        os.symlink("..v2", mount / "..data_tmp")
+        os.replace(mount / "..data_tmp", mount / "..data")  # the atomic swap
+        swapped = time.monotonic()
+        while proxy.config.revision == before and time.monotonic() - swapped < 5:
+            await asyncio.sleep(0.05)
+        took = time.monotonic() - swapped
+        assert proxy.config.revision != before
+        assert took < 2.0, took
+        async with aiohttp.ClientSession() as client, client.get(proxy.url + "/") as r:
+            assert r.headers["X-Upstream"] == "canary"
+    finally:
+        await proxy.stop()
+
+
+async def test_sighup_reloads_a_running_process(
+    spawn, stable: Upstream, canary: Upstream, tmp_path: Path
+) -> None:
+    path = tmp_path / "ringproxy.yaml"
+    path.write_text(config_text(stable.url, canary.url, "a"))
+    proc = await spawn("run", "--config", str(path), "--no-watch")
+    await proc.wait_listening()
+    async with aiohttp.ClientSession() as client:
+        async with client.get(proc.url + "/") as r:
+            assert r.headers["X-Upstream"] == "stable"
+        path.write_text(config_text(stable.url, canary.url, "b"))
+        await asyncio.sleep(0.8)  # --no-watch: a file change alone does nothing
+        async with client.get(proc.url + "/") as r:
+            assert r.headers["X-Upstream"] == "stable"
+        proc.proc.send_signal(signal.SIGHUP)
+        import re
+
+        await proc.wait_listening(re.compile(rb"config reloaded \(signal\)"))
+        async with client.get(proc.url + "/") as r:
+            assert r.headers["X-Upstream"] == "canary"
+    code, _, err = await proc.finish(signal.SIGTERM)
+    assert code == 0, err
