@@ -11,11 +11,13 @@ import textwrap
 import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.config import load_config
 from proxy.metrics import CODE_CLASSES, ERROR_KINDS, RingRecorder
 from proxy.server import Proxy
 from tests.conftest import ProxyFactory, Upstream
@@ -275,3 +277,50 @@ async def test_promtool_check_metrics_passes_after_traffic_with_errors_and_timeo
     )
     out, _ = await asyncio.wait_for(promtool.communicate(text.encode()), 30)
     assert (promtool.returncode, out.decode()) == (0, ""), text
+
+
+async def test_a_reload_keeps_surviving_rings_counting_and_removes_the_others(
+    tmp_path: Path, stable: Upstream, canary: Upstream, client: aiohttp.ClientSession
+) -> None:
+    path = tmp_path / "ringproxy.yaml"
+    path.write_text(config(stable.url, canary.url, refused_port()))
+    proxy = Proxy(load_config(path))
+    await proxy.start()
+    try:
+        assert proxy.reloader is not None
+        api, beta = {"Host": "api.test"}, {"Host": "api.test", "X-Pick": "beta"}
+        for headers in (api, api, beta):
+            async with client.get(proxy.url + "/sized", headers=headers) as r:
+                assert r.status == 200
+        # A request in flight across the reload is counted once, on its ring.
+        slow = asyncio.create_task(client.get(proxy.url + "/slow?s=0.3", headers=api))
+        await asyncio.sleep(0.1)
+        # beta leaves the config; main stays as it was.
+        text = path.read_text()
+        start, end = text.index("      - name: beta"), text.index("      - name: main")
+        path.write_text(text[:start] + text[end:])
+        result = await proxy.reloader.reload("test")
+        assert result.ok and result.changed, result
+        async with await slow as r:
+            assert r.status == 200
+        async with client.get(proxy.url + "/sized", headers=api) as r:
+            assert r.status == 200
+
+        s = samples(await scrape(client, proxy))
+        assert not [k for k in s if ("ring", "beta") in k[1]]
+        requests = ring_values(s, "ringproxy_requests_total", "code_class")
+        assert requests["api", "main", "2xx"] == 4
+        assert {(route, ring) for route, ring, _ in requests} == {
+            ("api", "broken"), ("api", "main"), ("web", "main")}
+        assert s["ringproxy_config_info", frozenset({("revision", result.revision)})] == 1
+        assert s["ringproxy_config_reloads_total", frozenset({("result", "success")})] == 1
+        assert proxy.metrics.window("api", "main", time.monotonic(), 60).requests == 4
+
+        path.write_text("routes: [}\n")  # rejected: the last good config keeps serving
+        assert not (await proxy.reloader.reload("test")).ok
+        s = samples(await scrape(client, proxy))
+        assert s["ringproxy_config_last_reload_success", frozenset()] == 0
+        assert s["ringproxy_config_reloads_total", frozenset({("result", "failure")})] == 1
+        assert s["ringproxy_config_info", frozenset({("revision", result.revision)})] == 1
+    finally:
+        await proxy.stop()
