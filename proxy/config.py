@@ -128,7 +128,9 @@ class Config:
 
 
 
-def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike[str], environ: Mapping[str, str] | None = None, fast: bool = True
+) -> Config:
     p = Path(path)
     try:
         raw = p.read_bytes()
@@ -139,7 +141,7 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError([ConfigIssue("", f"not UTF-8 text: {exc}")], str(p)) from exc
-    return parse_config(text, source=str(p), environ=environ, raw=raw)
+    return parse_config(text, source=str(p), environ=environ, raw=raw, fast=fast)
 
 
 def parse_config(
@@ -147,8 +149,10 @@ def parse_config(
     source: str = "<config>",
     environ: Mapping[str, str] | None = None,
     raw: bytes | None = None,
+    fast: bool = True,
 ) -> Config:
-    loaded = load_yaml(text, os.environ if environ is None else environ)
+    """Parse and validate; ``fast=False`` parses gently beside a running loop (reloads)."""
+    loaded = load_yaml(text, os.environ if environ is None else environ, fast)
     ctx = Ctx(loaded.lines, list(loaded.issues), loaded.env_paths)
     config = None
     if loaded.data is not None or not ctx.issues:

@@ -70,7 +70,9 @@ class UpstreamPool:
         self.servers = tuple(Server(u) for u in config.servers)
         self._rr = itertools.cycle(self.servers)
         self.session: aiohttp.ClientSession | None = None
-        self.pick = self._pick_rr if config.balance is Balance.ROUND_ROBIN else self._pick_least
+        # (Not a bound method stored on self: that would be a reference cycle, which a
+        # reload would leave to the cyclic garbage collector.)
+        self._least = config.balance is Balance.LEAST_REQUEST
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -96,8 +98,8 @@ class UpstreamPool:
             await self.session.close()
             self.session = None
 
-    def _pick_rr(self) -> Server:
-        return next(self._rr)
+    def pick(self) -> Server:
+        return self._pick_least() if self._least else next(self._rr)
 
     def _pick_least(self) -> Server:
         # Fewest in-flight wins; the round-robin cursor breaks ties so equal servers share.

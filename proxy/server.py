@@ -8,6 +8,7 @@ blocking entry point the CLI uses (uvloop, SIGTERM/SIGINT -> graceful stop -> ex
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -53,6 +54,9 @@ class Proxy:
         if config.source and Path(config.source).is_file():
             self.reloader = Reloader(config.source, config, self.apply, self._reloaded)
         self._watch = watch and self.reloader is not None
+        # Set by ``serve``: objects alive once started (config, tables, modules) are moved
+        # out of the cyclic collector's scans, so a full collection stays short.
+        self.freeze_gc = False
 
     async def apply(self, config: Config) -> None:
         """Serve ``config`` from now on: build, start, then swap one reference.
@@ -60,7 +64,9 @@ class Proxy:
         Requests in flight finish on the runtime they started with; pools the new config
         no longer uses are closed once their last request is done.
         """
-        runtime = Runtime(config, self.runtime)
+        # Building tables for hundreds of routes takes tens of ms of pure computation: in a
+        # worker thread too (it only reads the current runtime; reloads are serialised).
+        runtime = await asyncio.to_thread(Runtime, config, self.runtime)
         await runtime.start()
         self.metrics.attach(runtime)
         for key in ("listen", "admin", "shutdown_grace"):
@@ -75,6 +81,8 @@ class Proxy:
                 old_log.close()
         self.handler.runtime = runtime  # the swap: the next request sees the new config
         self.runtime, self.config = runtime, config
+        if self.freeze_gc:
+            gc.freeze()  # the new config is long-lived: keep it out of collections
         for pool in runtime.retired:
             task = asyncio.ensure_future(_drain(pool))
             self._draining.add(task)
@@ -174,12 +182,14 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     proxy = Proxy(config, watch=watch)
+    proxy.freeze_gc = True
     reloader = proxy.reloader
     if reloader is not None:
         loop.add_signal_handler(
             signal.SIGHUP, lambda: _background(reloader.reload("signal"))
         )
     await proxy.start()
+    gc.freeze()
     if reloader is not None:
         log.info("reload: %s; SIGHUP reloads", "watching the config file" if watch
                  else "not watching the file (--no-watch)")

@@ -18,6 +18,13 @@ import yaml
 
 from proxy.errors import ConfigIssue
 
+# libyaml's C parser (when PyYAML was built with it) is ~4x faster and keeps the same node
+# marks (lines) we report, but holds the GIL for the whole parse (~40 ms for a 100 KiB
+# file).  A live reload parses in a worker thread with the pure-Python parser instead,
+# which lets the event loop run every few ms: slower to finish, no stall on the requests.
+_FAST: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_GENTLE: Any = yaml.SafeLoader
+
 _ENV_RE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -35,11 +42,14 @@ def join(path: str, key: str | int) -> str:
     return f"{path}.{key}" if path else key
 
 
-def load_yaml(text: str, environ: Mapping[str, str]) -> Loaded:
-    """Parse ``text``; syntax errors and duplicate keys land in ``issues``, never raise."""
+def load_yaml(text: str, environ: Mapping[str, str], fast: bool = True) -> Loaded:
+    """Parse ``text``; syntax errors and duplicate keys land in ``issues``, never raise.
+
+    ``fast=False`` uses the pure-Python parser, for parsing beside a running event loop.
+    """
     out = Loaded(data=None)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_FAST if fast else _GENTLE)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None

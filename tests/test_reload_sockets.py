@@ -224,7 +224,7 @@ async def test_an_atomic_symlink_swap_is_picked_up_within_2s(
         os.symlink("..v2", mount / "..data_tmp")
         os.replace(mount / "..data_tmp", mount / "..data")  # the atomic swap
         swapped = time.monotonic()
-        while proxy.config.revision == before and time.monotonic() - swapped < 5:
+        while proxy.config.revision == before and time.monotonic() - swapped < 5:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         took = time.monotonic() - swapped
         assert proxy.config.revision != before
