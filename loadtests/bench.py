@@ -649,8 +649,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--rounds",
         type=int,
         default=1,
-        help="run the targets this many times, interleaved; report each one's median "
-        "round by CPU per request (default 1)",
+        help="run the targets this many times, interleaved, every other round in reverse "
+        "order; report each one's median round by CPU per request (default 1)",
     )
     p.add_argument("--json", type=Path, metavar="FILE", help="also write results as JSON")
     p.add_argument(
@@ -698,11 +698,12 @@ def main(argv: list[str] | None = None) -> int:
         except StartupError as exc:
             print(f"error: upstream nginx did not start:\n{exc}", file=sys.stderr)
             return 1
-        # Rounds interleave the targets, so slow drift of the machine hits all of them.
+        # Rounds interleave the targets, so slow drift of the machine hits all of them,
+        # and every other round runs them in reverse, so no target always goes first.
         for n in range(args.rounds):
-            for target in args.targets:
-                if args.rounds > 1:
-                    print(f"[bench] round {n + 1}/{args.rounds}", file=sys.stderr, flush=True)
+            if args.rounds > 1:
+                print(f"[bench] round {n + 1}/{args.rounds}", file=sys.stderr, flush=True)
+            for target in args.targets if n % 2 == 0 else args.targets[::-1]:
                 rounds.setdefault(target, []).append(run_target(target, root, upstream, args))
         results = [median_run(rounds[t]) for t in args.targets]
     finally:
