@@ -91,9 +91,11 @@ class CompiledRoute:
     key_getters: tuple[tuple[Callable[[RequestView], str | None], str], ...]
     salt: str
     anonymous: bool
-    blocked: frozenset[str] = frozenset()  # rolled-back rings (override refuses them)
+    # Rolled-back rings: their rules are off and the override refuses them.
+    blocked: frozenset[str] = frozenset()
     ring_index: dict[str, int] = field(default_factory=dict)
     override_ip: Callable[[str], bool] | None = None
+    all_rules: tuple[tuple[Predicate, Decision], ...] = ()  # including rolled-back rings'.
     # Decisions are values: one per (bucket, key source), made once.  At most 10,000 per
     # source; a new CompiledRoute (new weights or config) starts an empty cache.
     _by_bucket: dict[tuple[int, str], Decision] = field(default_factory=dict, repr=False)
@@ -105,8 +107,10 @@ class CompiledRoute:
         weights = tuple(weights)
         if len(weights) != len(self.route.rings):
             raise ValueError(f"{len(weights)} weights for {len(self.route.rings)} rings")
+        blocked = frozenset(blocked)
+        rules = tuple((p, d) for p, d in self.all_rules if d.ring not in blocked)
         return replace(self, weights=weights, ranges=_layout(self.route, weights),
-                       blocked=frozenset(blocked), _by_bucket={})
+                       blocked=blocked, rules=rules, _by_bucket={})
 
     def range_of(self, ring: str) -> tuple[int, int] | None:
         for r in self.ranges:
@@ -146,6 +150,7 @@ def compile_route(route: Route, revision: str) -> CompiledRoute:
         route=route,
         revision=revision,
         rules=tuple(rules),
+        all_rules=tuple(rules),
         default=default,
         weights=weights,
         ranges=_layout(route, weights),

@@ -36,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
         "--no-watch", action="store_true",
         help="do not reload when the file changes (SIGHUP still reloads)",
     )
+    run.add_argument(
+        "--fresh-state", action="store_true",
+        help="if the rollout state file is unreadable, set it aside and start fresh "
+        "(default: refuse to start)",
+    )
 
     check = sub.add_parser("check", help="validate a config file and exit")
     check.add_argument("file", metavar="FILE")
@@ -86,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         return _check(args.file)
     if args.command == "run":
-        return _run(args.config, watch=not args.no_watch)
+        return _run(args.config, watch=not args.no_watch, fresh_state=args.fresh_state)
     if args.command == "explain":
         return _explain(args)
     if args.command == "demo":
@@ -145,7 +150,7 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(path: str, watch: bool = True) -> int:
+def _run(path: str, watch: bool = True, fresh_state: bool = False) -> int:
     from proxy.server import serve
 
     try:
@@ -153,7 +158,7 @@ def _run(path: str, watch: bool = True) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
-    return _serve_guarded(lambda: serve(config, watch=watch))
+    return _serve_guarded(lambda: serve(config, watch=watch, fresh_state=fresh_state))
 
 
 def _demo(ephemeral: bool) -> int:
@@ -164,9 +169,14 @@ def _demo(ephemeral: bool) -> int:
 
 def _serve_guarded(main: object) -> int:
     from proxy.server import run
+    from proxy.statefile import StateError
 
     try:
         run(main)  # type: ignore[arg-type]
+    except StateError as exc:
+        print(f"ringproxy: {exc}; fix or remove it, or start with --fresh-state",
+              file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"ringproxy: {exc.strerror or exc}", file=sys.stderr)
         return 1

@@ -12,7 +12,7 @@ import hashlib
 import os
 import string
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,6 +27,17 @@ from proxy.assigncfg import (
 )
 from proxy.errors import ConfigError, ConfigIssue
 from proxy.reader import Ctx, Section, kind
+from proxy.rolloutcfg import (
+    Analysis,
+    Progression,
+    StateFiles,
+    Webhook,
+    read_analysis,
+    read_progression,
+    read_rollback,
+    read_state_files,
+    read_webhooks,
+)
 from proxy.rules import Rule, read_rule
 from proxy.values import (
     NAME_RE,
@@ -74,6 +85,8 @@ class Ring:
     rules: tuple[tuple[Rule, ...], ...] = ()  # any group matches; all rules of a group hold
     policy: Policy = field(default_factory=Policy)
     weight: int | None = None  # share of sticky buckets in basis points (0.01 %); None: none
+    progression: Progression | None = None  # steps the weight advances along
+    pinned: bool = False  # keeps its pool when a rollback takes the pool's other rings off
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +98,7 @@ class Route:
     sticky: Sticky | None = None
     override: Override | None = None
     decision: DecisionHeaders = field(default_factory=DecisionHeaders)
+    analysis: Analysis | None = None
 
     @property
     def default_ring(self) -> Ring:
@@ -116,6 +130,8 @@ class Config:
     access_log: AccessLog = field(default_factory=AccessLog)
     shutdown_grace: float = 30.0
     metrics: Metrics = field(default_factory=Metrics)
+    state: StateFiles = field(default_factory=StateFiles)
+    webhooks: tuple[Webhook, ...] = ()
     revision: str = ""  # short hash of the file's bytes
     source: str = ""
 
@@ -190,6 +206,8 @@ def _read_config(ctx: Ctx, data: object) -> Config | None:
     msec = Section(ctx, top.raw("metrics", {}), "metrics")
     metrics = Metrics(msec.flag("enabled", True))
     msec.close()
+    state = read_state_files(ctx, top.raw("state", None), "state")
+    webhooks = read_webhooks(ctx, top.raw("webhooks", None), "webhooks")
     pools = _read_pools(ctx, top.raw("pools"), "pools")
     routes = _read_routes(ctx, top, {p.name for p in pools})
     top.close()
@@ -197,7 +215,12 @@ def _read_config(ctx: Ctx, data: object) -> Config | None:
         ctx.err("admin.listen", f"{admin.listen} is also the proxy's listen address")
     if not top.ok:
         return None
-    return Config(listen, pools, routes, admin, access_log, grace, metrics)
+    if not metrics.enabled:
+        for i, route in enumerate(routes):
+            if route.analysis is not None:
+                ctx.err(f"routes[{i}].analysis", "analysis reads the per-ring metrics; "
+                        "it needs metrics.enabled: true")
+    return Config(listen, pools, routes, admin, access_log, grace, metrics, state, webhooks)
 
 
 def _read_admin(ctx: Ctx, data: object, path: str) -> Admin:
@@ -316,6 +339,9 @@ def _read_route(ctx: Ctx, data: object, path: str, pool_names: set[str]) -> Rout
     sticky = read_sticky(ctx, sec.raw("sticky", None), sec.sub("sticky"), name)
     override = read_override(ctx, sec.raw("override", None), sec.sub("override"))
     decision = read_decision_headers(ctx, sec.raw("decision", None), sec.sub("decision"))
+    analysis = read_analysis(ctx, sec.raw("analysis", None), sec.sub("analysis"))
+    if read_rollback(ctx, sec.raw("rollback", None), sec.sub("rollback")) and analysis:
+        analysis = replace(analysis, rollback_to_previous=True)
     rings: list[Ring] = []
     ring_items = sec.items("rings")
     if sec.ok and not ring_items:
@@ -329,10 +355,19 @@ def _read_route(ctx: Ctx, data: object, path: str, pool_names: set[str]) -> Rout
         seen.setdefault(ring.name, j)
         rings.append(ring)
     _check_default_and_weights(ctx, sec, rings, sticky)
+    if analysis is not None and analysis.baseline is not None and rings and \
+            analysis.baseline not in {r.name for r in rings}:
+        ctx.err(sec.sub("analysis.baseline"), f"unknown ring {analysis.baseline!r} "
+                f"(rings: {', '.join(r.name for r in rings)})")
+    if analysis is None:
+        for j, ring in enumerate(rings):
+            if ring.progression is not None:
+                ctx.err(join(join(sec.sub("rings"), j), "progression"),
+                        "progression needs the route's analysis (what decides a step passed)")
     sec.close()
     if not sec.ok:
         return None
-    return Route(name, tuple(rings), hosts, prefix, sticky, override, decision)
+    return Route(name, tuple(rings), hosts, prefix, sticky, override, decision, analysis)
 
 
 def _check_default_and_weights(
@@ -344,18 +379,24 @@ def _check_default_and_weights(
     if rings[-1].rules or rings[-1].weight is not None:
         ctx.err(last, f"the last ring ({rings[-1].name!r}) is the default and takes everyone "
                 "else; it cannot have rules or a weight")
-    weighted = [(i, r) for i, r in enumerate(rings) if r.weight is not None]
+    weighted = [(i, r) for i, r in enumerate(rings)
+                if r.weight is not None or r.progression is not None]
     if weighted and sticky is None:
         i, _ = weighted[0]
         ctx.err(join(join(sec.sub("rings"), i), "weight"),
                 "a weight needs the route's sticky.key (what to hash users by)")
     if sticky is not None and not sticky.key:
         ctx.err(sec.sub("sticky.key"), "is required")
-    total = sum(r.weight or 0 for _, r in weighted)
+    def most(r: Ring) -> int:
+        steps = r.progression.steps if r.progression else ()
+        return max([r.weight or 0, *(s.weight for s in steps)])
+
+    total = sum(most(r) for _, r in weighted)
     if total > 10_000:
-        shown = ", ".join(f"{r.name} {(r.weight or 0) / 100:g}" for _, r in weighted)
-        ctx.err(sec.sub("rings"),
-                f"ring weights add up to {total / 100:g} %, above 100 % ({shown})")
+        shown = ", ".join(f"{r.name} {most(r) / 100:g}" for _, r in weighted)
+        what = "ring weights (the largest step of progressing rings)" if any(
+            r.progression for _, r in weighted) else "ring weights"
+        ctx.err(sec.sub("rings"), f"{what} add up to {total / 100:g} %, above 100 % ({shown})")
 
 
 def _read_ring(
@@ -382,8 +423,15 @@ def _read_ring(
         groups.append(tuple(r for r in rules if r is not None))
     policy = _read_policy(ctx, sec.raw("policy", None), sec.sub("policy"), defaults, route, name)
     weight = sec.parsed("weight", parse_weight, None)
+    progression = read_progression(ctx, sec.raw("progression", None), sec.sub("progression"))
+    if progression is not None and weight is not None:
+        ctx.err(sec.sub("weight"), "a progressing ring's weight is its first step; "
+                "leave weight out")
+    if progression is not None and progression.steps:
+        weight = progression.steps[0].weight
+    pinned = sec.flag("pinned", False)
     sec.close()
-    return Ring(name, pool, tuple(groups), policy, weight)
+    return Ring(name, pool, tuple(groups), policy, weight, progression, pinned)
 
 
 _FORMATTER = string.Formatter()

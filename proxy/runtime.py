@@ -36,6 +36,7 @@ class RingRuntime:
         "inflight",
         "limit",
         "name",
+        "phase",
         "pool",
         "reason_header",
         "recorder",
@@ -64,6 +65,7 @@ class RingRuntime:
         self.timeout = ring.policy.timeout
         self.extra_headers = ring.policy.add_headers
         self.reason_header = route.decision.reason_upstream
+        self.phase: object = None  # the rollout phase, set by the control loop
         # The override secret is for the proxy alone: never forwarded upstream.
         override = route.override
         self.strip_headers: tuple[str, ...] = (

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from proxy.accesslog import AccessLog
 from proxy.config import Config
+from proxy.control import Controller
 from proxy.handler import ProxyHandler
 from proxy.metrics import Metrics
 from proxy.pool import UpstreamPool
@@ -36,13 +37,15 @@ def _url(addr: tuple[str, int] | tuple[str, int, int, int]) -> str:
 class Proxy:
     """The proxy and its admin listener, startable and stoppable inside a running loop."""
 
-    def __init__(self, config: Config, watch: bool = False) -> None:
+    def __init__(self, config: Config, watch: bool = False, fresh_state: bool = False) -> None:
         self.config = config
         self.runtime = Runtime(config)
         # Its own registry per Proxy: tests run several in one process.
         self.metrics = Metrics()
         self.metrics.attach(self.runtime)
         self.metrics.config_loaded(config.revision)
+        self.controller = Controller(config, self.metrics)
+        self._fresh_state = fresh_state
         self.access_log = AccessLog(config.access_log.path) if config.access_log.enabled else None
         self.handler = ProxyHandler(self.runtime, self.access_log)
         self._runners: list[web.BaseRunner] = []
@@ -69,6 +72,7 @@ class Proxy:
         runtime = await asyncio.to_thread(Runtime, config, self.runtime)
         await runtime.start()
         self.metrics.attach(runtime)
+        self.controller.configure(runtime)  # live weights and rollbacks, before the swap
         for key in ("listen", "admin", "shutdown_grace"):
             if getattr(config, key) != getattr(self.config, key):
                 log.warning("config reload: %s changed; it takes effect at the next restart", key)
@@ -95,6 +99,9 @@ class Proxy:
             self.metrics.reload_failed()
 
     async def start(self) -> None:
+        # Rollout state before anything listens: a rolled-back ring stays rolled back.
+        self.controller.load(fresh=self._fresh_state)
+        self.controller.configure(self.runtime)
         await self.runtime.start()
         try:
             server = web.Server(self.handler, handler_cancellation=True, access_log=None)
@@ -107,6 +114,7 @@ class Proxy:
             raise
         if self._watch and self.reloader is not None:
             self.reloader.start_watching()
+        self.controller.start()
 
     async def _listen(self, runner: web.BaseRunner, listen: Listen) -> str:
         await runner.setup()
@@ -122,6 +130,7 @@ class Proxy:
         """Stop accepting, let in-flight requests finish (up to shutdown_grace), close."""
         if self.reloader is not None:
             await self.reloader.stop()
+        await self.controller.stop()
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
@@ -175,13 +184,14 @@ async def serve(
     config: Config,
     on_ready: Callable[[Proxy], Awaitable[None] | None] | None = None,
     watch: bool = True,
+    fresh_state: bool = False,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully.  SIGHUP reloads."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    proxy = Proxy(config, watch=watch)
+    proxy = Proxy(config, watch=watch, fresh_state=fresh_state)
     proxy.freeze_gc = True
     reloader = proxy.reloader
     if reloader is not None:

@@ -28,27 +28,37 @@ def normalize_host(host: str) -> str:
     return host.partition(":")[0].lower().rstrip(".")
 
 
+class _Slot:
+    """Where a route's compiled form lives; the rollout loop replaces it (live weights)."""
+
+    __slots__ = ("compiled",)
+
+    def __init__(self, compiled: CompiledRoute) -> None:
+        self.compiled = compiled
+
+
 @dataclass(frozen=True, slots=True)
 class _Candidate:
-    compiled: CompiledRoute
+    slot: _Slot
     prefix: str
     wildcard: str  # ".example.com" for "*.example.com", else ""
 
 
 class RoutingTable:
-    __slots__ = ("_by_host", "_fallback", "config", "routes")
+    __slots__ = ("_by_host", "_fallback", "_slots", "config", "routes")
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.routes = {r.name: compile_route(r, config.revision) for r in config.routes}
+        self._slots = {name: _Slot(compiled) for name, compiled in self.routes.items()}
         every: list[tuple[Route, _Candidate]] = []
         for route in config.routes:
-            compiled = self.routes[route.name]
+            slot = self._slots[route.name]
             if not route.hosts:
-                every.append((route, _Candidate(compiled, route.path_prefix, "")))
+                every.append((route, _Candidate(slot, route.path_prefix, "")))
             for h in route.hosts:
                 wild = h[1:] if h.startswith("*.") else ""
-                every.append((route, _Candidate(compiled, route.path_prefix, wild)))
+                every.append((route, _Candidate(slot, route.path_prefix, wild)))
         exact_hosts = {h for r in config.routes for h in r.hosts if not h.startswith("*.")}
         # For a configured exact host: every candidate that could match it, in file order.
         self._by_host: dict[str, tuple[_Candidate, ...]] = {
@@ -63,19 +73,27 @@ class RoutingTable:
         # For any other host: wildcard and any-host candidates, checked per request.
         self._fallback = tuple(c for route, c in every if not route.hosts or c.wildcard)
 
+    def set_route(self, compiled: CompiledRoute) -> None:
+        """Replace a route's compiled form (same route, new live weights): one assignment."""
+        name = compiled.route.name
+        if name not in self._slots:
+            raise KeyError(name)
+        self.routes[name] = compiled
+        self._slots[name].compiled = compiled
+
     def match(self, host: str, path: str) -> CompiledRoute | None:
         name = normalize_host(host)
         candidates = self._by_host.get(name)
         if candidates is not None:
             for c in candidates:
                 if _prefix_matches(c.prefix, path):
-                    return c.compiled
+                    return c.slot.compiled
             return None
         for c in self._fallback:
             if c.wildcard and not name.endswith(c.wildcard):
                 continue
             if _prefix_matches(c.prefix, path):
-                return c.compiled
+                return c.slot.compiled
         return None
 
     def __repr__(self) -> str:

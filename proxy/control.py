@@ -1,0 +1,289 @@
+"""The control loop: judge every analysed ring on a timer and apply what the rollout decides.
+
+The shell around the pure ``judge`` and ``rollout`` modules: it reads the metrics windows,
+keeps the ring states, persists them (state file, then audit file) before it applies a
+change to the routing table, counts rollbacks, and hands events to the webhook sender.
+Operator actions (the admin API) come in through ``act``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from proxy.config import Config, Route
+from proxy.judge import Thresholds, Verdict, judge
+from proxy.rollout import (
+    Event,
+    Phase,
+    RingPlan,
+    RingState,
+    RoutePlan,
+    Trigger,
+    act,
+    fingerprint,
+    on_verdicts,
+    restore,
+)
+from proxy.statefile import StateError, append_audit, load_state, save_state, set_aside
+from proxy.webhooks import WebhookSender
+
+if TYPE_CHECKING:
+    from proxy.metrics import Metrics
+    from proxy.runtime import Runtime
+
+log = logging.getLogger("ringproxy.rollout")
+
+
+def build_plan(config: Config, route: Route) -> RoutePlan:
+    pools = {p.name: p for p in config.pools}
+    rings = []
+    for ring in route.rings:
+        steps = ring.progression.steps if ring.progression else ()
+        pool = pools[ring.pool]
+        rings.append(RingPlan(
+            name=ring.name,
+            pool=ring.pool,
+            weight=ring.weight,
+            steps=steps,
+            min_step_duration=ring.progression.min_step_duration if ring.progression else 0.0,
+            pinned=ring.pinned,
+            # A new pool, new servers (a new version), new rules or a new schedule start
+            # the ring's rollout over; anything else keeps its live state.
+            fingerprint=fingerprint(ring.pool, [s.url for s in pool.servers], ring.rules,
+                                    ring.weight, steps, ring.pinned),
+        ))
+    analysis = route.analysis
+    baseline = (analysis.baseline if analysis and analysis.baseline else route.rings[-1].name)
+    return RoutePlan(
+        route=route.name,
+        rings=tuple(rings),
+        baseline=baseline,
+        thresholds=analysis.thresholds if analysis else Thresholds(),
+        failure_limit=analysis.failure_limit if analysis else 3,
+        rollback_to_previous=analysis.rollback_to_previous if analysis else False,
+        interval=analysis.interval if analysis else 0.0,
+        window=analysis.window if analysis else 60.0,
+    )
+
+
+class Controller:
+    """Ring states for every route of the current config, and the loop that moves them."""
+
+    def __init__(
+        self,
+        config: Config,
+        metrics: Metrics,
+        wall: Callable[[], float] = time.time,
+        mono: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.metrics = metrics
+        self.wall, self.mono = wall, mono
+        self.state_path = Path(config.state.path)
+        self.audit_path = Path(config.state.audit)
+        self.plans: dict[str, RoutePlan] = {}
+        self.states: dict[str, dict[str, RingState]] = {}
+        self.verdicts: dict[str, dict[str, Verdict]] = {}
+        self.events: collections.deque[Event] = collections.deque(maxlen=1000)
+        self.webhooks = WebhookSender(config.webhooks)
+        self._saved: dict[str, dict[str, RingState]] = {}
+        self._runtime: Runtime | None = None
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._analysed = False
+
+    # ------------------------------------------------------------------ configuration
+
+    def load(self, fresh: bool = False) -> None:
+        """Read the state file; with ``fresh`` an unusable one is set aside, loudly."""
+        try:
+            self._saved = load_state(self.state_path)
+        except StateError as exc:
+            if not fresh:
+                raise
+            aside = set_aside(self.state_path)
+            log.warning("%s; STARTING WITH FRESH ROLLOUT STATE (--fresh-state); the old file "
+                        "is kept as %s", exc, aside)
+            self._saved = {}
+
+    def configure(self, runtime: Runtime) -> None:
+        """Plans and states for ``runtime``'s config, applied to its routing table.
+
+        Call before the runtime serves a request (at start, and on reload before the swap),
+        so a rolled-back ring is never served at its configured weight, not even once.
+        """
+        now = self.wall()
+        config = runtime.config
+        plans, states = {}, {}
+        for route in config.routes:
+            plan = build_plan(config, route)
+            known = self.states.get(route.name) or self._saved.get(route.name) or {}
+            plans[route.name] = plan
+            states[route.name] = restore(plan, known, now)
+        for name, rings in states.items():
+            old = self.states.get(name) or self._saved.get(name) or {}
+            for ring, state in rings.items():
+                before = old.get(ring)
+                if before is not None and before.fingerprint != state.fingerprint:
+                    log.info("ring %s/%s changed in the config: its rollout starts over (%s)",
+                             name, ring, state.phase.value)
+        self.plans, self.states = plans, states
+        self.verdicts = {k: v for k, v in self.verdicts.items() if k in plans}
+        self._runtime = runtime
+        for name in plans:
+            self._apply(name)
+        self._analysed = any(r.analysis is not None for r in config.routes)
+
+    def _apply(self, route: str) -> None:
+        """Put the route's live weights and rolled-back rings into the routing table."""
+        runtime = self._runtime
+        if runtime is None:
+            return
+        states = self.states[route]
+        compiled = runtime.table.routes[route]
+        rings = compiled.route.rings
+        weights = [states[r.name].weight for r in rings[:-1]] + [None]
+        blocked = [r.name for r in rings if not states[r.name].enabled]
+        runtime.table.set_route(compiled.with_weights(weights, blocked))
+        rest = 10_000 - sum(w or 0 for w in weights)
+        for ring_rt in runtime.rings[route]:
+            state = states[ring_rt.name]
+            ring_rt.phase = state.phase
+            if ring_rt.ring is rings[-1]:
+                ring_rt.weight = rest / 100
+            elif state.weight is not None:
+                ring_rt.weight = state.weight / 100
+
+    # ------------------------------------------------------------------ the loop
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._run())
+        self.webhooks.start()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.webhooks.stop()
+
+    async def _run(self) -> None:
+        due: dict[str, float] = {}
+        while True:
+            now = self.mono()
+            for name, plan in list(self.plans.items()):
+                if plan.interval <= 0:
+                    continue
+                when = due.setdefault(name, now + plan.interval)
+                if now >= when:
+                    due[name] = now + plan.interval
+                    try:
+                        await self.evaluate(name)
+                    except Exception:  # one bad round must not stop the loop
+                        log.exception("analysis of route %s failed", name)
+            intervals = [p.interval for p in self.plans.values() if p.interval > 0]
+            await asyncio.sleep(min(intervals) / 4 if intervals else 1.0)
+
+    async def evaluate(self, route: str) -> list[Event]:
+        """One analysis round for ``route``: verdicts, then whatever they decide."""
+        async with self._lock:
+            plan = self.plans.get(route)
+            if plan is None or self._runtime is None:
+                return []
+            if self._runtime.config.routes and not self._has_windows(route):
+                return []
+            now_mono = self.mono()
+            baseline = self.metrics.window(route, plan.baseline, now_mono, plan.window)
+            verdicts = {}
+            for ring in plan.analysed:
+                if self.states[route][ring.name].enabled:
+                    summary = self.metrics.window(route, ring.name, now_mono, plan.window)
+                    verdicts[ring.name] = judge(summary, baseline, plan.thresholds)
+            self.verdicts[route] = verdicts
+            new, events = on_verdicts(plan, self.states[route], verdicts, self.wall())
+            await self._commit(route, new, events)
+            return events
+
+    def _has_windows(self, route: str) -> bool:
+        try:
+            self.metrics.window(route, self.plans[route].baseline, self.mono(), 1.0)
+        except KeyError:
+            return False
+        return True
+
+    # ------------------------------------------------------------------ operator actions
+
+    async def act(
+        self, route: str, ring: str, trigger: Trigger, reason: str = "",
+        weight: int | None = None, actor: str = "operator",
+    ) -> list[Event]:
+        """promote / approve / pause / resume / rollback / set_weight; RolloutConflict if not."""
+        async with self._lock:
+            plan = self.plans.get(route)
+            if plan is None:
+                from proxy.rollout import RolloutConflict
+
+                raise RolloutConflict(f"no route {route!r}")
+            new, events = act(plan, self.states[route], ring, trigger, self.wall(), reason,
+                              weight, actor)
+            await self._commit(route, new, events)
+            return events
+
+    # ------------------------------------------------------------------ applying
+
+    async def _commit(self, route: str, new: dict[str, RingState], events: list[Event]) -> None:
+        if new == self.states[route]:
+            return
+        snapshot = {**self.states, route: new}
+        # Durable first: a crash after this point never re-exposes users or loses a step.
+        await asyncio.to_thread(save_state, self.state_path, snapshot)
+        self.states = snapshot
+        self._apply(route)
+        if not events:
+            return
+        await asyncio.to_thread(append_audit, self.audit_path, events)
+        for event in events:
+            self.events.append(event)
+            level = logging.WARNING if event.kind == "rollback" else logging.INFO
+            log.log(level, "%s", event.text)
+            if event.kind == "rollback":
+                self.metrics.rollback(event.route, event.ring, event.label)
+            self.webhooks.send(event)
+
+    def status(self) -> dict[str, object]:
+        """Every route's rings: phase, weight, step, failures, last verdict (admin API)."""
+        out: dict[str, object] = {}
+        for route, plan in self.plans.items():
+            rings = {}
+            for ring in plan.rings:
+                state = self.states[route][ring.name]
+                verdict = self.verdicts.get(route, {}).get(ring.name)
+                rings[ring.name] = {
+                    **state.as_dict(),
+                    "weight": None if state.weight is None else state.weight / 100,
+                    "baseline": ring.name == plan.baseline,
+                    "pinned": ring.pinned,
+                    "steps": [s.weight / 100 for s in ring.steps],
+                    "verdict": None if verdict is None else {
+                        "outcome": verdict.outcome.value, "reason": verdict.reason,
+                        "numbers": verdict.numbers,
+                    },
+                }
+            out[route] = rings
+        return out
+
+    def __repr__(self) -> str:
+        phases = collections.Counter(
+            s.phase.value for rings in self.states.values() for s in rings.values())
+        return f"<Controller routes={len(self.plans)} {dict(phases)}>"
+
+
+__all__ = ["Controller", "Phase", "Trigger", "build_plan"]

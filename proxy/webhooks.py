@@ -1,0 +1,83 @@
+"""Rollout events to webhooks: JSON POSTs from a background task, never the request path.
+
+Each event is POSTed to every configured URL as its JSON form plus a human ``text`` field
+(what Slack-style receivers show).  A failed POST (error, timeout, or a non-2xx answer) is
+retried ``retries`` times with backoff (0.5 s, 1 s, 2 s, ...).  The queue holds at most
+1,000 events; when a receiver is down for long, the oldest are dropped (and logged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+import aiohttp
+
+if TYPE_CHECKING:
+    from proxy.rollout import Event
+    from proxy.rolloutcfg import Webhook
+
+log = logging.getLogger("ringproxy.webhooks")
+QUEUE_LIMIT = 1000
+
+
+class WebhookSender:
+    def __init__(self, hooks: tuple[Webhook, ...]) -> None:
+        self.hooks = hooks
+        self._queue: collections.deque[Event] = collections.deque(maxlen=QUEUE_LIMIT)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.sent = 0
+        self.failed = 0
+        self.dropped = 0
+
+    def send(self, event: Event) -> None:
+        if not self.hooks:
+            return
+        if len(self._queue) == QUEUE_LIMIT:
+            self.dropped += 1
+            log.warning("webhook queue full: dropping the oldest event")
+        self._queue.append(event)
+        self._wake.set()
+
+    def start(self) -> None:
+        if self.hooks and self._task is None:
+            self._task = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        async with aiohttp.ClientSession() as session:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._queue:
+                    event = self._queue.popleft()
+                    body = {**event.as_dict(), "text": event.text}
+                    await asyncio.gather(*(self._post(session, hook, body) for hook in self.hooks))
+
+    async def _post(self, session: aiohttp.ClientSession, hook: Webhook, body: object) -> None:
+        for attempt in range(hook.retries + 1):
+            try:
+                async with session.post(
+                    hook.url, json=body, timeout=aiohttp.ClientTimeout(total=hook.timeout)
+                ) as resp:
+                    if 200 <= resp.status < 300:
+                        self.sent += 1
+                        return
+                    problem = f"HTTP {resp.status}"
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            if attempt < hook.retries:
+                await asyncio.sleep(0.5 * 2**attempt)
+        self.failed += 1
+        log.warning("webhook %s failed after %d attempts (%s)", hook.url, hook.retries + 1,
+                    problem)

@@ -1,0 +1,249 @@
+"""The rollout state machine and its state file: pure logic and real files, no sockets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from proxy.judge import Outcome, Verdict
+from proxy.rollout import (
+    TRANSITIONS,
+    Phase,
+    RingPlan,
+    RingState,
+    RolloutConflict,
+    RoutePlan,
+    Step,
+    Trigger,
+    act,
+    initial_state,
+    on_verdicts,
+    restore,
+)
+from proxy.statefile import StateError, append_audit, load_state, read_audit, save_state
+
+PASS = Verdict(Outcome.PASS)
+NO_DATA = Verdict(Outcome.NO_DATA, ("3 requests",))
+FAIL = Verdict(Outcome.FAIL, ("error rate 20.00% above 5.00%",), ("error_rate",),
+               {"requests": 100, "errors": 20})
+
+
+def plan(approval_at: int | None = None, previous: bool = False, limit: int = 2) -> RoutePlan:
+    steps = tuple(Step(w, i == approval_at) for i, w in enumerate((100, 500, 2500, 5000)))
+    return RoutePlan(
+        route="api",
+        rings=(
+            RingPlan("canary", "v2", 100, steps, min_step_duration=60, fingerprint="c1"),
+            RingPlan("qa", "v2", None, pinned=True, fingerprint="q1"),
+            RingPlan("beta", "v2", 1000, fingerprint="b1"),
+            RingPlan("other", "v3", 500, fingerprint="o1"),
+            RingPlan("stable", "v1", None, fingerprint="s1"),
+        ),
+        baseline="stable",
+        failure_limit=limit,
+        rollback_to_previous=previous,
+        interval=1,
+        window=30,
+    )
+
+
+def fresh(p: RoutePlan, now: float = 0.0) -> dict[str, RingState]:
+    return {r.name: initial_state(r, now) for r in p.rings}
+
+
+def run(p: RoutePlan, states, verdicts: list[tuple[float, Verdict]], ring: str = "canary"):
+    events = []
+    for now, verdict in verdicts:
+        states, new = on_verdicts(p, states, {ring: verdict}, now)
+        events += new
+    return states, events
+
+
+def test_initial_states() -> None:
+    states = fresh(plan())
+    assert (states["canary"].phase, states["canary"].weight, states["canary"].step) == (
+        Phase.PROGRESSING, 100, 0)
+    assert (states["beta"].phase, states["beta"].weight) == (Phase.STEADY, 1000)
+    assert (states["qa"].phase, states["qa"].weight) == (Phase.STEADY, None)
+
+
+def test_failure_limit_rolls_back_the_ring_and_its_pools_unpinned_rings() -> None:
+    p = plan(limit=3)
+    states, events = run(p, fresh(p), [(1, FAIL), (2, FAIL)])
+    assert events == [] and states["canary"].failures == 2
+    states, events = run(p, states, [(3, FAIL)])
+    assert [(e.ring, e.kind, e.from_weight, e.to_weight) for e in events] == [
+        ("canary", "rollback", 100, 0), ("beta", "rollback", 1000, 0)]
+    assert "3 failing verdicts in a row: error rate 20.00% above 5.00%" in events[0].reason
+    assert events[0].label == "error_rate" and events[0].numbers["errors"] == 20
+    assert states["canary"].phase is Phase.ROLLED_BACK and not states["canary"].enabled
+    assert states["qa"].phase is Phase.STEADY  # pinned keeps its pool
+    assert states["other"].phase is Phase.STEADY  # another pool
+    assert states["stable"].phase is Phase.STEADY  # the baseline never rolls back
+    # a rolled-back ring gets no more verdicts and stays down
+    states, events = run(p, states, [(4, FAIL), (5, PASS), (500, PASS)])
+    assert events == [] and states["canary"].phase is Phase.ROLLED_BACK
+
+
+def test_no_data_never_advances_nor_rolls_back_and_pass_resets_failures() -> None:
+    p = plan()
+    states, events = run(p, fresh(p), [(1, FAIL), (2, NO_DATA), (100, NO_DATA), (200, NO_DATA)])
+    assert events == []
+    assert states["canary"].failures == 1 and states["canary"].step == 0
+    states, events = run(p, states, [(201, PASS), (202, FAIL)])
+    assert states["canary"].failures == 1  # the pass reset the streak
+    assert [e.kind for e in events] == ["advance"]  # 201 - 0 >= 60 s: due
+
+
+def test_progression_through_every_step_to_completed() -> None:
+    p = plan()
+    states, events = run(p, fresh(p), [(t, PASS) for t in range(0, 400, 10)])
+    assert [(e.kind, e.to_weight) for e in events] == [
+        ("advance", 500), ("advance", 2500), ("advance", 5000)]
+    assert [e.time for e in events] == [60, 120, 180]  # min_step_duration after each step
+    assert states["canary"].phase is Phase.COMPLETED and states["canary"].weight == 5000
+
+
+def test_approval_step_waits_and_still_rolls_back() -> None:
+    p = plan(approval_at=2)
+    states, events = run(p, fresh(p), [(t, PASS) for t in range(0, 300, 10)])
+    assert [(e.kind, e.to_weight) for e in events] == [
+        ("advance", 500), ("awaiting_approval", 500)]
+    assert states["canary"].phase is Phase.AWAITING_APPROVAL
+    states, events = run(p, states, [(300, FAIL), (301, FAIL)])
+    assert [e.kind for e in events if e.ring == "canary"] == ["rollback"]
+
+
+def test_approve_moves_to_the_step() -> None:
+    p = plan(approval_at=2)
+    states, _ = run(p, fresh(p), [(t, PASS) for t in range(0, 300, 10)])
+    with pytest.raises(RolloutConflict, match="cannot approve ring 'beta': it is steady"):
+        act(p, states, "beta", Trigger.APPROVE, 300)
+    states, events = act(p, states, "canary", Trigger.APPROVE, 300, actor="alice")
+    assert [(e.kind, e.to_weight, e.actor) for e in events] == [("advance", 2500, "alice")]
+    assert states["canary"].phase is Phase.PROGRESSING
+
+
+def test_rollback_to_previous_step() -> None:
+    p = plan(previous=True)
+    states, _ = run(p, fresh(p), [(0, PASS), (60, PASS), (120, PASS)])
+    assert states["canary"].weight == 2500
+    states, events = run(p, states, [(121, FAIL), (122, FAIL)])
+    canary = next(e for e in events if e.ring == "canary")
+    assert (canary.from_weight, canary.to_weight) == (2500, 500)
+    assert states["canary"].phase is Phase.ROLLED_BACK and states["canary"].step == 1
+
+
+@pytest.mark.parametrize(
+    ("setup", "trigger", "phase_after", "weight_after"),
+    [
+        ([], Trigger.PROMOTE, Phase.PROGRESSING, 500),
+        ([], Trigger.PAUSE, Phase.PAUSED, 100),
+        ([Trigger.PAUSE], Trigger.RESUME, Phase.PROGRESSING, 100),
+        ([Trigger.PAUSE], Trigger.PROMOTE, Phase.PROGRESSING, 500),
+        ([], Trigger.ROLLBACK, Phase.ROLLED_BACK, 0),
+        ([Trigger.ROLLBACK], Trigger.RESUME, Phase.PROGRESSING, 100),
+    ],
+)
+def test_operator_actions(setup, trigger, phase_after, weight_after) -> None:
+    p = plan()
+    states = fresh(p)
+    for t in setup:
+        states, _ = act(p, states, "canary", t, 1)
+    states, events = act(p, states, "canary", trigger, 2, reason="because")
+    assert (states["canary"].phase, states["canary"].weight) == (phase_after, weight_after)
+    assert events and events[-1].reason == "because" and events[-1].actor == "operator"
+
+
+def test_manual_rollback_affects_only_that_ring() -> None:
+    p = plan()
+    states, events = act(p, fresh(p), "canary", Trigger.ROLLBACK, 1)
+    assert [e.ring for e in events] == ["canary"]
+    assert states["beta"].phase is Phase.STEADY
+
+
+@pytest.mark.parametrize(
+    ("ring", "trigger", "weight", "message"),
+    [
+        ("canary", Trigger.RESUME, None, "cannot resume ring 'canary': it is progressing"),
+        ("canary", Trigger.APPROVE, None, "cannot approve"),
+        ("beta", Trigger.PROMOTE, None, "cannot promote ring 'beta': it is steady"),
+        ("stable", Trigger.ROLLBACK, None, "is the baseline"),
+        ("nope", Trigger.PAUSE, None, "has no ring 'nope'"),
+        ("beta", Trigger.SET_WEIGHT, 9800, "add up to 104 %, above 100 %"),
+        ("beta", Trigger.SET_WEIGHT, 10_001, "is not a percentage"),
+        ("qa", Trigger.SET_WEIGHT, 100, "has rules only"),
+    ],
+)
+def test_conflicts(ring, trigger, weight, message) -> None:
+    p = plan()
+    with pytest.raises(RolloutConflict, match=message):
+        act(p, fresh(p), ring, trigger, 1, weight=weight)
+
+
+def test_set_weight_pauses_the_ring() -> None:
+    p = plan()
+    states, _events = act(p, fresh(p), "canary", Trigger.SET_WEIGHT, 5, weight=1234)
+    assert (states["canary"].weight, states["canary"].phase) == (1234, Phase.PAUSED)
+    states, _ = act(p, states, "canary", Trigger.RESUME, 6)
+    assert states["canary"].phase is Phase.PROGRESSING
+
+
+def test_analysis_triggers_are_not_operator_actions() -> None:
+    p = plan()
+    with pytest.raises(ValueError, match="comes from analysis"):
+        act(p, fresh(p), "canary", Trigger.FAILED, 1)
+
+
+def test_every_transition_in_the_table_is_reachable_and_named() -> None:
+    assert {t for _, t in TRANSITIONS} == set(Trigger)
+    assert all(callable(h) for h in TRANSITIONS.values())
+
+
+def test_restore_keeps_state_unless_the_ring_changed() -> None:
+    p = plan()
+    states, _ = act(p, fresh(p), "canary", Trigger.ROLLBACK, 1)
+    kept = restore(p, states, 2)
+    assert kept["canary"].phase is Phase.ROLLED_BACK
+    changed = RoutePlan("api", tuple(
+        RingPlan(r.name, r.pool, r.weight, r.steps, r.min_step_duration, r.pinned,
+                 "c2" if r.name == "canary" else r.fingerprint) for r in p.rings), "stable")
+    reset = restore(changed, states, 3)
+    assert reset["canary"].phase is Phase.PROGRESSING and reset["canary"].weight == 100
+
+
+def test_state_file_round_trip_and_atomic_replace(tmp_path) -> None:
+    p = plan()
+    states, _events = act(p, fresh(p), "canary", Trigger.ROLLBACK, 1)
+    path = tmp_path / "state" / "rp.json"
+    save_state(path, {"api": states})
+    assert load_state(path) == {"api": states}
+    assert not list(path.parent.glob(".*.tmp"))  # the temporary file was renamed away
+    save_state(path, {"api": fresh(p)})
+    assert load_state(path)["api"]["canary"].phase is Phase.PROGRESSING
+    assert load_state(tmp_path / "missing.json") == {}
+
+
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"format": 99, "routes": {}}',
+                                     '{"format": 1, "routes": {"api": {"c": {"phase": "x"}}}}'])
+def test_a_corrupt_state_file_is_an_error(tmp_path, content: str) -> None:
+    path = tmp_path / "rp.json"
+    path.write_text(content)
+    with pytest.raises(StateError, match="corrupt"):
+        load_state(path)
+
+
+def test_audit_file_appends_one_line_per_event(tmp_path) -> None:
+    p = plan()
+    _, events = run(p, fresh(p), [(1, FAIL), (2, FAIL)])
+    path = tmp_path / "audit.jsonl"
+    append_audit(path, events)
+    append_audit(path, [])
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [(x["ring"], x["kind"], x["from_weight"], x["to_weight"]) for x in lines] == [
+        ("canary", "rollback", 1.0, 0.0), ("beta", "rollback", 10.0, 0.0)]
+    with path.open("a") as f:
+        f.write('{"torn": ')  # a crash mid-write
+    assert len(read_audit(path)) == 2
+    assert "ringproxy api/canary rollback 1% -> 0% (rolled_back)" in events[0].text
