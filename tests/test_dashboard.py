@@ -60,6 +60,7 @@ def test_datasource_route_and_ring_are_template_variables(dashboard: dict[str, A
         var = variables[name]
         assert var["type"] == "query" and var["datasource"] == DATASOURCE
         assert var["multi"] and var["includeAll"] and var["allValue"] == ".*"
+        assert var["query"] == var["definition"]  # the plain string form every Grafana reads
     assert variables["route"]["definition"] == "label_values(ringproxy_requests_total, route)"
     assert variables["ring"]["definition"] == \
         'label_values(ringproxy_requests_total{route=~"$route"}, ring)'
