@@ -23,6 +23,7 @@ from proxy.handler import ProxyHandler
 from proxy.metrics import Metrics
 from proxy.pool import UpstreamPool
 from proxy.reload import Reloader, ReloadResult
+from proxy.rolloutcfg import WINDOW_HORIZON
 from proxy.runtime import Runtime
 from proxy.values import Listen
 
@@ -41,7 +42,7 @@ class Proxy:
         self.config = config
         self.runtime = Runtime(config)
         # Its own registry per Proxy: tests run several in one process.
-        self.metrics = Metrics()
+        self.metrics = Metrics(window_horizon=WINDOW_HORIZON)
         self.metrics.attach(self.runtime)
         self.metrics.config_loaded(config.revision)
         self.controller = Controller(config, self.metrics)

@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,12 @@ class Upstream:
         self.ws_closed_with: int | None = None
         self.ws_closed = asyncio.Event()
         self._runner: web.AppRunner | None = None
+        # /app behaves as the test says: every ``error_every``-th answer is a 500 (0: none),
+        # each after ``delay`` seconds.  ``app_hits`` counts what reached this server.
+        self.error_every = 0
+        self.delay = 0.0
+        self.app_hits = 0
+        self.first_error_at: float | None = None
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -54,6 +61,7 @@ class Upstream:
         r.add_route("*", "/sized", self.sized)
         r.add_get("/broken", self.broken)
         r.add_get("/hop", self.hop)
+        r.add_route("*", "/app", self.app_endpoint)
         r.add_route("*", "/{tail:.*}", self.echo)
         return app
 
@@ -80,6 +88,16 @@ class Upstream:
         }
         self.requests.append(seen)
         return seen
+
+    async def app_endpoint(self, request: web.Request) -> web.Response:
+        self.app_hits += 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.error_every and self.app_hits % self.error_every == 0:
+            if self.first_error_at is None:
+                self.first_error_at = time.time()
+            return web.Response(status=500, text="boom", headers={"X-Upstream": self.name})
+        return web.Response(text=self.name, headers={"X-Upstream": self.name})
 
     async def echo(self, request: web.Request) -> web.Response:
         body = await request.read()

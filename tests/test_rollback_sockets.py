@@ -1,0 +1,274 @@
+"""Automatic rollback and progression against real upstreams whose errors and latency the
+test controls, through the real proxy.  Intervals are a fraction of a second, so each
+scenario runs in seconds; every load loop is bounded and stops by itself."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+import textwrap
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from proxy.config import parse_config
+from proxy.rollout import Phase
+from proxy.server import Proxy
+from tests.conftest import Upstream
+
+
+def rollout_config(
+    stable: Upstream, canary: Upstream, tmp_path: Path, *, ring: str = "weight: 50",
+    interval: str = "500ms", window: str = "3s", min_requests: int = 20,
+    failure_limit: int = 2, listen: str = "127.0.0.1:0",
+) -> str:
+    return textwrap.dedent(f"""
+        listen: {listen}
+        admin: {{listen: 127.0.0.1:0}}
+        access_log: {{enabled: false}}
+        state: {{path: "{tmp_path / 'state.json'}", audit: "{tmp_path / 'audit.jsonl'}"}}
+        pools:
+          stable: {{servers: ["{stable.url}"]}}
+          canary: {{servers: ["{canary.url}"]}}
+        routes:
+          - name: api
+            sticky: {{key: ["header:X-User-Id"]}}
+            analysis:
+              interval: {interval}
+              window: {window}
+              min_requests: {min_requests}
+              max_error_rate: 5
+              max_error_rate_increase: 2
+              max_latency_ratio: 2
+              latency_floor: 20ms
+              failure_limit: {failure_limit}
+            rings:
+              - name: staff
+                pool: canary
+                pinned: true
+                rules: [{{attr: "header:X-Staff", exists: true}}]
+              - name: canary
+                pool: canary
+                {ring}
+              - name: stable
+                pool: stable
+    """)
+
+
+class Load:
+    """Bounded background traffic from many users; records every response."""
+
+    def __init__(self, url: str, per_second: float = 200, users: int = 2000) -> None:
+        self.url = url
+        self.pause = 1 / per_second
+        self.users = users
+        self.responses: list[tuple[float, int, str]] = []
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self, limit: float) -> None:
+        rng = random.Random(3)
+        deadline = time.monotonic() + limit
+        async with aiohttp.ClientSession() as client:
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                user = f"user-{rng.randrange(self.users)}"
+                async with client.get(self.url + "/app", headers={"X-User-Id": user}) as r:
+                    await r.read()
+                    self.responses.append((time.time(), r.status, r.headers.get("X-Upstream", "")))
+                await asyncio.sleep(self.pause)
+
+    def start(self, limit: float = 30.0, workers: int = 4) -> None:
+        self._task = asyncio.ensure_future(self._all(limit, workers))
+
+    async def _all(self, limit: float, workers: int) -> None:
+        await asyncio.gather(*(self._run(limit) for _ in range(workers)))
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+
+
+@pytest.fixture
+async def rollout(tmp_path: Path) -> AsyncIterator:
+    started: list[Proxy] = []
+    loads: list[Load] = []
+
+    async def start(text: str, per_second: float = 200, workers: int = 4) -> tuple[Proxy, Load]:
+        proxy = Proxy(parse_config(text, source=str(tmp_path / "c.yaml")))
+        await proxy.start()
+        started.append(proxy)
+        load = Load(proxy.url, per_second / workers)
+        load.start(workers=workers)
+        loads.append(load)
+        return proxy, load
+
+    yield start
+    for load in loads:
+        await load.stop()
+    for proxy in started:
+        await proxy.stop()
+
+
+async def wait_for(predicate, limit: float, step: float = 0.02) -> float:
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > limit:
+            raise AssertionError(f"not within {limit}s")
+        await asyncio.sleep(step)
+    return time.monotonic() - started
+
+
+def events_of(proxy: Proxy, kind: str, ring: str = "canary") -> list:
+    return [e for e in proxy.controller.events if e.kind == kind and e.ring == ring]
+
+
+async def test_a_canary_with_20_percent_errors_is_rolled_back_and_gets_no_more_traffic(
+    rollout, stable: Upstream, canary: Upstream, tmp_path: Path
+) -> None:
+    canary.error_every = 5  # 20 % of its answers are 500s
+    proxy, _ = await rollout(rollout_config(stable, canary, tmp_path))
+    await wait_for(lambda: events_of(proxy, "rollback"), 10)
+    event = events_of(proxy, "rollback")[0]
+    hits_at_rollback = canary.app_hits
+    assert canary.first_error_at is not None
+    elapsed = event.time - canary.first_error_at
+    # failure_limit (2) + 1 intervals of 0.5 s, with room for a slow CI machine
+    assert elapsed <= 1.5 + 1.0, elapsed
+    assert event.label == "error_rate" and event.to_weight == 0
+    assert "failing verdicts in a row" in event.reason
+    print(f"\n20 % errors: rolled back {elapsed:.2f}s after the first bad response; "
+          f"{hits_at_rollback} requests reached the canary pool in all")
+    # afterwards no request of a non-pinned ring reaches the canary pool...
+    await asyncio.sleep(0.3)
+    before = canary.app_hits
+    await asyncio.sleep(1.5)
+    assert canary.app_hits == before, "the rolled-back canary still gets traffic"
+    assert proxy.controller.states["api"]["canary"].phase is Phase.ROLLED_BACK
+    # ...but the pinned staff ring keeps its pool
+    async with aiohttp.ClientSession() as client:
+        async with client.get(proxy.url + "/app", headers={"X-Staff": "1"}) as r:
+            assert r.headers["X-Upstream"] == "canary"
+        async with client.get(proxy.admin_url + "/metrics") as r:
+            text = await r.text()
+    assert 'ringproxy_rollbacks_total{reason="error_rate",ring="canary",route="api"} 1.0' in text
+    assert 'ringproxy_ring_phase{phase="rolled_back",ring="canary",route="api"} 1.0' in text
+    assert 'ringproxy_ring_weight_percent{ring="canary",route="api"} 0.0' in text
+    audit = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [(a["ring"], a["kind"]) for a in audit] == [("canary", "rollback")]
+    assert audit[0]["numbers"]["requests"] >= 20
+
+
+@pytest.mark.parametrize(("delay", "rolled_back"), [(0.3, True), (0.005, False)])
+async def test_latency_rolls_back_only_above_the_floor(
+    rollout, stable: Upstream, canary: Upstream, tmp_path: Path, delay: float, rolled_back: bool
+) -> None:
+    canary.delay = delay
+    proxy, _ = await rollout(rollout_config(stable, canary, tmp_path), per_second=120, workers=8)
+    if rolled_back:
+        await wait_for(lambda: events_of(proxy, "rollback"), 10)
+        assert events_of(proxy, "rollback")[0].label == "latency_ratio"
+    else:
+        await asyncio.sleep(4)  # 8 intervals
+        verdict = proxy.controller.verdicts["api"]["canary"]
+        assert verdict.outcome.value == "pass", verdict
+        assert not events_of(proxy, "rollback")
+
+
+async def test_a_healthy_canary_advances_through_every_step(
+    rollout, stable: Upstream, canary: Upstream, tmp_path: Path
+) -> None:
+    stable.error_every = canary.error_every = 200  # 0.5 % errors on both sides
+    ring = "progression: {steps: [10, 20, 30, 40, 50], min_step_duration: 1500ms}"
+    text = rollout_config(stable, canary, tmp_path, ring=ring, interval="200ms", window="2s")
+    started = time.monotonic()
+    proxy, load = await rollout(text, per_second=250, workers=5)
+    await wait_for(lambda: proxy.controller.states["api"]["canary"].phase is Phase.COMPLETED,
+                   20)
+    assert time.monotonic() - started >= 30 * 0.2  # at least 30 intervals
+    advances = events_of(proxy, "advance")
+    assert [e.to_weight for e in advances] == [2000, 3000, 4000, 5000]
+    assert not events_of(proxy, "rollback")
+    await load.stop()
+    canary_share = sum(1 for *_, up in load.responses[-300:] if up == "canary") / 300
+    assert 0.3 < canary_share < 0.7  # about 50 % at the last step
+
+
+async def test_too_little_traffic_holds(
+    rollout, stable: Upstream, canary: Upstream, tmp_path: Path
+) -> None:
+    canary.error_every = 2  # awful, but there is too little traffic to tell
+    ring = "progression: {steps: [10, 50], min_step_duration: 200ms}"
+    text = rollout_config(stable, canary, tmp_path, ring=ring, min_requests=200)
+    proxy, _ = await rollout(text, per_second=20, workers=1)
+    await asyncio.sleep(3)
+    assert list(proxy.controller.events) == []
+    assert proxy.controller.verdicts["api"]["canary"].outcome.value == "no_data"
+    assert proxy.controller.states["api"]["canary"].weight == 1000
+
+
+async def test_an_approval_step_waits_and_still_rolls_back(
+    rollout, stable: Upstream, canary: Upstream, tmp_path: Path
+) -> None:
+    ring = ("progression: {steps: [20, {weight: 50, approval: required}], "
+            "min_step_duration: 500ms}")
+    proxy, _ = await rollout(rollout_config(stable, canary, tmp_path, ring=ring))
+    await wait_for(lambda: proxy.controller.states["api"]["canary"].phase
+                   is Phase.AWAITING_APPROVAL, 10)
+    await asyncio.sleep(1)
+    assert proxy.controller.states["api"]["canary"].weight == 2000  # still waiting
+    canary.error_every = 3
+    await wait_for(lambda: events_of(proxy, "rollback"), 10)
+    assert proxy.controller.states["api"]["canary"].phase is Phase.ROLLED_BACK
+
+
+async def test_a_rollback_survives_kill_9(
+    spawn, stable: Upstream, canary: Upstream, tmp_path: Path
+) -> None:
+    canary.error_every = 2
+    config = tmp_path / "ringproxy.yaml"
+    config.write_text(rollout_config(stable, canary, tmp_path))
+    audit = tmp_path / "audit.jsonl"
+    proc = await spawn("run", "--config", str(config))
+    await proc.wait_listening()
+    load = Load(proc.url, 50)
+    load.start(limit=20, workers=4)
+    try:
+        await wait_for(lambda: audit.exists() and "rollback" in audit.read_text(), 10)
+    finally:
+        await load.stop()
+    proc.proc.send_signal(signal.SIGKILL)
+    await proc.proc.wait()
+
+    again = await spawn("run", "--config", str(config))
+    await again.wait_listening()
+    before = canary.app_hits
+    async with aiohttp.ClientSession() as client:
+        for i in range(100):
+            async with client.get(again.url + "/app", headers={"X-User-Id": f"u{i}"}) as r:
+                assert r.status == 200 and r.headers["X-Upstream"] == "stable"
+    assert canary.app_hits == before
+    lines = [json.loads(x) for x in audit.read_text().splitlines()]
+    assert [(x["ring"], x["kind"]) for x in lines] == [("canary", "rollback")]
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["routes"]["api"]["canary"]["phase"] == "rolled_back"
+    code, _, err = await again.finish(signal.SIGTERM)
+    assert code == 0, err
+
+
+async def test_a_corrupt_state_file_stops_the_start_unless_fresh_state(
+    stable: Upstream, canary: Upstream, tmp_path: Path
+) -> None:
+    from tests.conftest import cli
+
+    config = tmp_path / "ringproxy.yaml"
+    config.write_text(rollout_config(stable, canary, tmp_path))
+    (tmp_path / "state.json").write_text("{torn")
+    result = cli("run", "--config", str(config), timeout=20)
+    assert result.returncode == 1
+    assert "the state file is corrupt" in result.stderr and "--fresh-state" in result.stderr
