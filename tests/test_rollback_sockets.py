@@ -272,3 +272,79 @@ async def test_a_corrupt_state_file_stops_the_start_unless_fresh_state(
     result = cli("run", "--config", str(config), timeout=20)
     assert result.returncode == 1
     assert "the state file is corrupt" in result.stderr and "--fresh-state" in result.stderr
+
+
+async def test_operator_rollback_is_kept_across_unrelated_reloads_and_reset_by_a_new_version(
+    stable: Upstream, canary: Upstream, tmp_path: Path
+) -> None:
+    from proxy.config import load_config
+    from proxy.rollout import Trigger
+
+    path = tmp_path / "c.yaml"
+    text = rollout_config(stable, canary, tmp_path, ring="weight: 50", interval="10s", window="20s")
+    path.write_text(text)
+    proxy = Proxy(load_config(path))
+    await proxy.start()
+    try:
+        events = await proxy.controller.act("api", "canary", Trigger.ROLLBACK, "bad deploy",
+                                            actor="alice")
+        assert [(e.kind, e.actor, e.reason) for e in events] == [
+            ("rollback", "alice", "bad deploy")]
+        path.write_text(text.replace("min_requests: 20", "min_requests: 30"))  # unrelated
+        assert (await proxy.reloader.reload("test")).changed
+        assert proxy.controller.states["api"]["canary"].phase is Phase.ROLLED_BACK
+        assert proxy.runtime.table.routes["api"].range_of("canary") is None
+        # a new canary version (its pool's servers change): the rollout starts over
+        other = Upstream("canary-v2")
+        await other.start()
+        try:
+            path.write_text(text.replace(canary.url, other.url))
+            assert (await proxy.reloader.reload("test")).changed
+            assert proxy.controller.states["api"]["canary"].phase is Phase.STEADY
+            assert proxy.runtime.table.routes["api"].range_of("canary") == (0, 5000)
+        finally:
+            await other.stop()
+    finally:
+        await proxy.stop()
+
+
+async def test_events_are_posted_to_webhooks_with_retries(
+    stable: Upstream, canary: Upstream, tmp_path: Path
+) -> None:
+    from aiohttp import web
+
+    from proxy.rollout import Trigger
+
+    received: list[dict] = []
+    calls = [0]
+
+    async def hook(request: web.Request) -> web.Response:
+        calls[0] += 1
+        if calls[0] == 1:
+            return web.Response(status=503)  # the first attempt fails: retried
+        received.append(await request.json())
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    text = rollout_config(stable, canary, tmp_path, interval="10s", window="20s") + (
+        f'webhooks:\n  - {{url: "http://127.0.0.1:{port}/hook", timeout: 2s, retries: 2}}\n')
+    proxy = Proxy(parse_config(text))
+    await proxy.start()
+    try:
+        await proxy.controller.act("api", "canary", Trigger.ROLLBACK, "manual test")
+        await wait_for(lambda: received, 10)
+    finally:
+        await proxy.stop()
+        await runner.cleanup()
+    (body,) = received
+    assert calls[0] == 2
+    assert (body["route"], body["ring"], body["kind"], body["phase"]) == (
+        "api", "canary", "rollback", "rolled_back")
+    assert body["from_weight"] == 50.0 and body["to_weight"] == 0.0
+    assert body["text"] == "ringproxy api/canary rollback 50% -> 0% (rolled_back): manual test"
