@@ -17,6 +17,7 @@ from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
+from proxy.admincfg import Admin, read_admin
 from proxy.assigncfg import (
     DecisionHeaders,
     Override,
@@ -117,11 +118,6 @@ class Metrics:
 
 
 @dataclass(frozen=True, slots=True)
-class Admin:
-    listen: Listen = field(default_factory=lambda: Listen("127.0.0.1", 9901))
-
-
-@dataclass(frozen=True, slots=True)
 class Config:
     listen: Listen
     pools: tuple[Pool, ...]
@@ -172,7 +168,7 @@ def parse_config(
     ctx = Ctx(loaded.lines, list(loaded.issues), loaded.env_paths)
     config = None
     if loaded.data is not None or not ctx.issues:
-        config = _read_config(ctx, loaded.data)
+        config = _read_config(ctx, loaded.data, os.environ if environ is None else environ)
     if ctx.issues or config is None:
         ctx.issues.sort(key=lambda i: (i.line or 0))
         raise ConfigError(ctx.issues, source)
@@ -197,10 +193,10 @@ def _name(ctx: Ctx, sec: Section, what: str) -> str:
     return name
 
 
-def _read_config(ctx: Ctx, data: object) -> Config | None:
+def _read_config(ctx: Ctx, data: object, environ: Mapping[str, str]) -> Config | None:
     top = Section(ctx, data, "")
     listen = top.parsed("listen", parse_listen, Listen("127.0.0.1", 8080))
-    admin = _read_admin(ctx, top.raw("admin", {}), "admin")
+    admin = read_admin(ctx, top.raw("admin", {}), "admin", dict(environ))
     access_log = _read_access_log(ctx, top.raw("access_log", {}), "access_log")
     grace = top.duration("shutdown_grace", 30.0, minimum=0.0)
     msec = Section(ctx, top.raw("metrics", {}), "metrics")
@@ -221,13 +217,6 @@ def _read_config(ctx: Ctx, data: object) -> Config | None:
                 ctx.err(f"routes[{i}].analysis", "analysis reads the per-ring metrics; "
                         "it needs metrics.enabled: true")
     return Config(listen, pools, routes, admin, access_log, grace, metrics, state, webhooks)
-
-
-def _read_admin(ctx: Ctx, data: object, path: str) -> Admin:
-    sec = Section(ctx, data, path)
-    listen = sec.parsed("listen", parse_listen, Admin().listen)
-    sec.close()
-    return Admin(listen)
 
 
 def _read_access_log(ctx: Ctx, data: object, path: str) -> AccessLog:

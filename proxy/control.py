@@ -31,7 +31,14 @@ from proxy.rollout import (
     on_verdicts,
     restore,
 )
-from proxy.statefile import StateError, append_audit, load_state, save_state, set_aside
+from proxy.statefile import (
+    StateError,
+    append_audit,
+    load_state,
+    read_audit,
+    save_state,
+    set_aside,
+)
 from proxy.webhooks import WebhookSender
 
 if TYPE_CHECKING:
@@ -91,6 +98,9 @@ class Controller:
         self.states: dict[str, dict[str, RingState]] = {}
         self.verdicts: dict[str, dict[str, Verdict]] = {}
         self.events: collections.deque[Event] = collections.deque(maxlen=1000)
+        # The audit trail as the admin API serves it: this process's events, after the last
+        # ones of earlier runs read back from the audit file at start.
+        self.history: collections.deque[dict[str, object]] = collections.deque(maxlen=1000)
         self.webhooks = WebhookSender(config.webhooks)
         self._saved: dict[str, dict[str, RingState]] = {}
         self._runtime: Runtime | None = None
@@ -102,6 +112,7 @@ class Controller:
 
     def load(self, fresh: bool = False) -> None:
         """Read the state file; with ``fresh`` an unusable one is set aside, loudly."""
+        self.history.extend(read_audit(self.audit_path))
         try:
             self._saved = load_state(self.state_path)
         except StateError as exc:
@@ -252,6 +263,7 @@ class Controller:
         await asyncio.to_thread(append_audit, self.audit_path, events)
         for event in events:
             self.events.append(event)
+            self.history.append(event.as_dict())
             level = logging.WARNING if event.kind == "rollback" else logging.INFO
             log.log(level, "%s", event.text)
             if event.kind == "rollback":

@@ -17,6 +17,7 @@ from pathlib import Path
 from aiohttp import web
 
 from proxy.accesslog import AccessLog
+from proxy.admin import admin_app
 from proxy.config import Config
 from proxy.control import Controller
 from proxy.handler import ProxyHandler
@@ -108,7 +109,7 @@ class Proxy:
             server = web.Server(self.handler, handler_cancellation=True, access_log=None)
             runner = web.ServerRunner(server, shutdown_timeout=self.config.shutdown_grace)
             self.url = await self._listen(runner, self.config.listen)
-            admin = web.AppRunner(_admin_app(self), access_log=None, shutdown_timeout=1.0)
+            admin = web.AppRunner(admin_app(self), access_log=None, shutdown_timeout=1.0)
             self.admin_url = await self._listen(admin, self.config.admin.listen)
         except BaseException:
             await self.stop()
@@ -153,32 +154,6 @@ async def _drain(pool: UpstreamPool) -> None:
     finally:
         await pool.close()
         log.info("closed pool %s (no longer in the config)", pool.config.name)
-
-
-def _admin_app(proxy: Proxy) -> web.Application:
-    # The admin API proper (token auth, rollout actions) lives in its own issue; health
-    # probes and /metrics are unauthenticated on purpose so load balancers, kubelets and
-    # Prometheus can use them (the admin listener is loopback unless configured otherwise).
-    async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    async def readyz(request: web.Request) -> web.Response:
-        ready = all(p.session is not None for p in proxy.runtime.pools.values())
-        return web.json_response(
-            {"ready": ready, "revision": proxy.config.revision}, status=200 if ready else 503
-        )
-
-    async def metrics(request: web.Request) -> web.Response:
-        # Rendered on the loop thread, where the recorders are written: a consistent
-        # snapshot, and a few ms at most for hundreds of rings.
-        body, content_type = proxy.metrics.exposition(request.headers.get("Accept", ""))
-        return web.Response(body=body, headers={"Content-Type": content_type})
-
-    app = web.Application()
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    return app
 
 
 async def serve(
