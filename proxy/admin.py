@@ -298,7 +298,12 @@ async def reload(request: web.Request) -> web.Response:
     if reloader is None:
         raise ApiError(409, "this proxy was not started from a config file; nothing to reload")
     result = await reloader.reload(f"api:{caller.actor if caller else 'anonymous'}")
-    return web.json_response(result.as_dict(), status=200 if result.ok else 422)
+    if result.ok:
+        return web.json_response(result.as_dict())
+    more = f" (+{len(result.errors) - 1} more)" if len(result.errors) > 1 else ""
+    return web.json_response(
+        {"error": f"config rejected, still serving {result.revision}: "
+                  f"{result.errors[0]}{more}", **result.as_dict()}, status=422)
 
 
 # --------------------------------------------------------------------------- probes and page

@@ -10,10 +10,12 @@ import asyncio
 import ipaddress
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from proxy import __version__
+from proxy.adminclient import DEFAULT_URL
 from proxy.config import load_config
 from proxy.errors import ConfigError
 
@@ -59,6 +61,37 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--path", default="/", help="request path (default /)")
     explain.add_argument("--method", default="GET", type=str.upper, help="default GET")
 
+    def remote(name: str, help_text: str) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=help_text)
+        cmd.add_argument(
+            "--admin", default=os.environ.get("RINGPROXY_ADMIN_URL", DEFAULT_URL),
+            metavar="URL", help="admin API (default $RINGPROXY_ADMIN_URL or %(default)s)")
+        cmd.add_argument(
+            "--token", default=os.environ.get("RINGPROXY_ADMIN_TOKEN"),
+            help="bearer token (default $RINGPROXY_ADMIN_TOKEN)")
+        cmd.add_argument("--json", action="store_true", help="print the API's JSON")
+        return cmd
+
+    remote("status", "show every route's rings on a running proxy")
+    for action, text in (("promote", "move a ring to its next step now"),
+                         ("approve", "approve the step a ring is waiting for"),
+                         ("pause", "stop a ring's progression"),
+                         ("resume", "resume a paused or rolled-back ring"),
+                         ("rollback", "roll a ring back now")):
+        cmd = remote(action, text)
+        cmd.add_argument("route")
+        cmd.add_argument("ring")
+        cmd.add_argument("--reason", default="", help="recorded in the audit trail")
+    weight = remote("weight", "set a ring's weight (pauses its progression)")
+    weight.add_argument("route")
+    weight.add_argument("ring")
+    weight.add_argument("percent", type=float)
+    weight.add_argument("--reason", default="")
+    events = remote("events", "show the audit trail")
+    events.add_argument("--route")
+    events.add_argument("--since", type=float, metavar="UNIX_TIME")
+    remote("reload", "reload the config file now")
+
     demo = sub.add_parser("demo", help="run the proxy in front of two demo upstreams")
     demo.add_argument(
         "--ephemeral", action="store_true",
@@ -96,6 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _explain(args)
     if args.command == "demo":
         return _demo(args.ephemeral)
+    if args.command in REMOTE_COMMANDS:
+        return _remote(args)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 
@@ -110,6 +145,38 @@ def _check(path: str) -> int:
     rings = sum(len(r.rings) for r in config.routes)
     print(f"{path}: OK (revision {config.revision}: {len(config.routes)} routes, "
           f"{rings} rings, {len(config.pools)} pools)")
+    return 0
+
+
+REMOTE_COMMANDS = ("status", "promote", "approve", "pause", "resume", "rollback", "weight",
+                   "events", "reload")
+
+
+def _remote(args: argparse.Namespace) -> int:
+    from proxy import adminclient as ac
+
+    client = ac.AdminClient(args.admin, args.token)
+    try:
+        if args.command == "status":
+            data = client.status()
+            text = ac.format_status(data)
+        elif args.command == "events":
+            data = client.events(args.route, args.since)
+            text = ac.format_events(data)
+        elif args.command == "reload":
+            data = client.reload()
+            text = (f"reloaded: revision {data['revision']}" if data["changed"]
+                    else f"unchanged: revision {data['revision']}")
+        else:
+            body: dict[str, object] = {"reason": args.reason}
+            if args.command == "weight":
+                body["weight"] = args.percent
+            data = client.act(args.route, args.ring, args.command, body)
+            text = ac.format_action(data)
+    except ac.AdminClientError as exc:
+        print(f"ringproxy {args.command}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(data, indent=2) if args.json else text)
     return 0
 
 

@@ -1,0 +1,305 @@
+"""The admin API and the CLI's remote commands against a running proxy (real sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from proxy.config import load_config
+from proxy.server import Proxy
+from tests.conftest import RINGPROXY, ROOT, Upstream
+
+ADMIN = "admin-token-0123456789abcdef"
+OPS = "operator-token-0123456789abcd"
+OPS_LIMITED = "operator-limited-0123456789ab"
+VIEW = "viewer-token-0123456789abcdef"
+
+
+def config_text(stable: Upstream, canary: Upstream, tmp_path: Path, tokens: bool = True) -> str:
+    token_yaml = (
+        "  tokens:\n"
+        "    - {env: RP_ADMIN, role: admin}\n"
+        "    - {env: RP_OPS, role: operator}\n"
+        "    - {env: RP_OPS_LIMITED, role: operator, routes: [api], rings: [beta]}\n"
+        "    - {env: RP_VIEW, role: viewer}\n"
+    ) if tokens else ""
+    return (
+        "listen: 127.0.0.1:0\n"
+        "admin:\n"
+        "  listen: 127.0.0.1:0\n"
+        + token_yaml
+        + textwrap.dedent(f"""\
+        access_log: {{enabled: false}}
+        state: {{path: "{tmp_path / 'state.json'}", audit: "{tmp_path / 'audit.jsonl'}"}}
+        pools:
+          stable: {{servers: ["{stable.url}"]}}
+          canary: {{servers: ["{canary.url}"]}}
+        routes:
+          - name: api
+            sticky: {{key: ["header:X-User-Id"]}}
+            analysis: {{interval: 10s, window: 30s, max_error_rate: 5}}
+            rings:
+              - name: canary
+                pool: canary
+                progression:
+                  steps: [5, {{weight: 20, approval: required}}, 50]
+                  min_step_duration: 1h
+              - {{name: beta, pool: canary, weight: 10,
+                  rules: [{{attr: "header:X-Beta", exists: true}}]}}
+              - {{name: stable, pool: stable}}
+        """)
+    )
+
+
+@pytest.fixture
+def token_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    env = {"RP_ADMIN": ADMIN, "RP_OPS": OPS, "RP_OPS_LIMITED": OPS_LIMITED, "RP_VIEW": VIEW}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return env
+
+
+@pytest.fixture
+async def admin(stable: Upstream, canary: Upstream, tmp_path: Path,
+                token_env: dict[str, str]) -> AsyncIterator[Proxy]:
+    path = tmp_path / "ringproxy.yaml"
+    path.write_text(config_text(stable, canary, tmp_path))
+    proxy = Proxy(load_config(path))
+    await proxy.start()
+    yield proxy
+    await proxy.stop()
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def call(proxy: Proxy, method: str, path: str, token: str | None = VIEW,
+               body: object | None = None) -> tuple[int, dict]:
+    headers = bearer(token) if token else {}
+    async with aiohttp.ClientSession() as client, client.request(
+        method, proxy.admin_url + path, json=body, headers=headers
+    ) as r:
+        return r.status, await r.json()
+
+
+async def test_health_ready_and_metrics_need_no_token(admin: Proxy) -> None:
+    for path in ("/healthz", "/readyz"):
+        status, body = await call(admin, "GET", path, token=None)
+        assert status == 200
+    assert body["ready"] is True and body["revision"] == admin.config.revision
+    async with aiohttp.ClientSession() as client, client.get(admin.admin_url + "/metrics") as r:
+        assert r.status == 200 and "ringproxy_requests_total" in await r.text()
+
+
+async def test_routes_view(admin: Proxy, client: aiohttp.ClientSession) -> None:
+    for i in range(20):
+        async with client.get(admin.url + "/app", headers={"X-User-Id": f"u{i}"}) as r:
+            assert r.status == 200
+    status, body = await call(admin, "GET", "/api/routes")
+    assert status == 200 and body["revision"] == admin.config.revision
+    (route,) = body["routes"]
+    assert route["name"] == "api" and route["analysis"]["baseline"] == "stable"
+    rings = {r["name"]: r for r in route["rings"]}
+    assert list(rings) == ["canary", "beta", "stable"]
+    canary = rings["canary"]
+    assert (canary["weight"], canary["phase"], canary["step"], canary["steps"]) == (
+        5.0, "progressing", 0, [5.0, 20.0, 50.0])
+    assert canary["range"] == [0, 500] and canary["pool"] == "canary"
+    assert rings["beta"]["rules"] == ["header:x-beta exists true"]
+    assert rings["stable"]["baseline"] and rings["stable"]["default"]
+    assert rings["stable"]["weight"] == 85.0
+    total = sum(r["traffic"]["requests"] for r in rings.values())
+    assert total == 20
+    status, one = await call(admin, "GET", "/api/routes/api")
+    assert status == 200 and [r["name"] for r in one["rings"]] == list(rings)
+
+
+async def test_explain_endpoint(admin: Proxy) -> None:
+    status, body = await call(admin, "GET", "/api/explain?route=api&header=X-Beta:1")
+    assert status == 200 and (body["ring"], body["reason"]) == ("beta", "rule")
+    from proxy.assign import bucket_of
+
+    user = next(f"u{i}" for i in range(500) if bucket_of("api", f"u{i}") < 500)
+    status, body = await call(admin, "GET", f"/api/explain?route=api&header=X-User-Id:{user}")
+    assert (body["ring"], body["bucket"]) == ("canary", bucket_of("api", user))
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "message"),
+    [
+        ("/api/explain", 400, "the route parameter is required"),
+        ("/api/explain?route=api&header=novalue", 400, "expected NAME:VALUE"),
+        ("/api/explain?route=api&ip=999.1.1.1", 400, "is not an IP address"),
+        ("/api/explain?route=nope", 404, "unknown route 'nope'"),
+        ("/api/routes/nope", 404, "unknown route 'nope'"),
+        ("/api/events?since=yesterday", 400, "expected a Unix time"),
+        ("/api/nothing", 404, "no such endpoint"),
+    ],
+)
+async def test_bad_reads(admin: Proxy, path: str, status: int, message: str) -> None:
+    got, body = await call(admin, "GET", path)
+    assert got == status and message in body["error"]
+
+
+@pytest.mark.parametrize(
+    ("token", "method", "path", "status", "message"),
+    [
+        (None, "GET", "/api/routes", 401, "missing bearer token"),
+        ("wrong-token-wrong-token", "GET", "/api/routes", 401, "invalid token"),
+        (VIEW, "POST", "/api/routes/api/rings/canary/pause", 403, "a viewer token may not"),
+        (OPS_LIMITED, "POST", "/api/routes/api/rings/canary/pause", 403,
+         "may not act on api/canary"),
+        (OPS, "POST", "/api/reload", 403, "only an admin token may reload"),
+        (VIEW, "POST", "/api/reload", 403, "only an admin token may reload"),
+    ],
+)
+async def test_auth_failures(admin: Proxy, token, method, path, status, message) -> None:
+    got, body = await call(admin, method, path, token=token)
+    assert got == status and message in body["error"]
+
+
+async def test_actions_conflicts_and_the_audit_trail(admin: Proxy) -> None:
+    # 409: nothing to approve yet
+    status, body = await call(admin, "POST", "/api/routes/api/rings/canary/approve", OPS)
+    assert status == 409 and "cannot approve ring 'canary': it is progressing" in body["error"]
+    status, body = await call(admin, "POST", "/api/routes/api/rings/canary/promote", OPS,
+                              {"reason": "looks good"})
+    assert status == 200
+    assert [(e["kind"], e["to_weight"], e["actor"]) for e in body["events"]] == [
+        ("advance", 20.0, "operator:RP_OPS")]
+    assert body["ring"]["weight"] == 20.0
+    status, body = await call(admin, "POST", "/api/routes/api/rings/canary/pause", ADMIN)
+    assert status == 200 and body["ring"]["phase"] == "paused"
+    status, body = await call(admin, "POST", "/api/routes/api/rings/canary/pause", ADMIN)
+    assert status == 409 and "it is paused" in body["error"]
+    status, body = await call(admin, "POST", "/api/routes/api/rings/canary/resume", ADMIN)
+    assert status == 200 and body["ring"]["phase"] == "progressing"
+    # the limited operator may act on beta
+    status, body = await call(admin, "POST", "/api/routes/api/rings/beta/weight", OPS_LIMITED,
+                              {"weight": 12.5, "reason": "more beta"})
+    assert status == 200 and body["ring"]["weight"] == 12.5
+    for bad, message in [({}, 'weight needs {"weight": PERCENT}'),
+                         ({"weight": 101}, "is not a percentage"),
+                         ({"weight": 1.234}, "0.01 steps"),
+                         ({"weight": 90}, "above 100 %")]:
+        status, body = await call(admin, "POST", "/api/routes/api/rings/beta/weight", OPS, bad)
+        assert status in (400, 409) and message in body["error"], body
+    status, body = await call(admin, "POST", "/api/routes/api/rings/stable/rollback", ADMIN)
+    assert status == 409 and "is the baseline" in body["error"]
+    status, body = await call(admin, "POST", "/api/routes/api/rings/nope/pause", ADMIN)
+    assert status == 404 and "has no ring 'nope'" in body["error"]
+    status, body = await call(admin, "POST", "/api/routes/api/rings/canary/explode", ADMIN)
+    assert status == 404 and "unknown action" in body["error"]
+    status, body = await call(admin, "POST", "/api/routes/api/rings/canary/rollback", ADMIN,
+                              {"reason": "pager went off"})
+    assert status == 200 and body["ring"]["weight"] == 0.0
+    async with aiohttp.ClientSession() as client, client.post(
+        admin.admin_url + "/api/routes/api/rings/canary/resume",
+        data=b"{not json", headers=bearer(ADMIN),
+    ) as r:
+        assert r.status == 400 and "not valid JSON" in (await r.json())["error"]
+    status, body = await call(admin, "GET", "/api/events?route=api")
+    kinds = [(e["ring"], e["kind"], e["actor"]) for e in body["events"]]
+    assert kinds == [("canary", "advance", "operator:RP_OPS"),
+                     ("canary", "pause", "admin:RP_ADMIN"),
+                     ("canary", "resume", "admin:RP_ADMIN"),
+                     ("beta", "set_weight", "operator:RP_OPS_LIMITED"),
+                     ("canary", "rollback", "admin:RP_ADMIN")]
+    assert body["events"][-1]["reason"] == "pager went off"
+    since = body["events"][2]["time"]
+    status, body = await call(admin, "GET", f"/api/events?since={since}")
+    assert [e["kind"] for e in body["events"]] == ["set_weight", "rollback"]
+
+
+async def test_reload_endpoint(admin: Proxy, tmp_path: Path) -> None:
+    path = tmp_path / "ringproxy.yaml"
+    path.write_text(path.read_text().replace("max_error_rate: 5", "max_error_rate: 6"))
+    status, body = await call(admin, "POST", "/api/reload", ADMIN)
+    assert status == 200 and body["changed"] and body["trigger"] == "api:admin:RP_ADMIN"
+    path.write_text(path.read_text().replace("pool: canary", "pool: v9", 1))
+    status, body = await call(admin, "POST", "/api/reload", ADMIN)
+    assert status == 422 and "config rejected" in body["error"] and "unknown pool 'v9'" in \
+        body["error"]
+
+
+async def test_without_tokens_the_api_is_read_only_from_loopback(
+    stable: Upstream, canary: Upstream, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = Proxy(load_config_text(config_text(stable, canary, tmp_path, tokens=False), tmp_path))
+    await proxy.start()
+    try:
+        assert any("no tokens configured" in r.message for r in caplog.records)
+        status, _ = await call(proxy, "GET", "/api/routes", token=None)
+        assert status == 200
+        status, body = await call(proxy, "POST", "/api/routes/api/rings/canary/pause", None)
+        assert status == 403 and "read-only" in body["error"]
+    finally:
+        await proxy.stop()
+
+
+def load_config_text(text: str, tmp_path: Path):
+    path = tmp_path / "plain.yaml"
+    path.write_text(text)
+    return load_config(path)
+
+
+async def acli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *RINGPROXY, *args, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env={"PATH": "/usr/bin:/bin", **(env or {})})
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def test_cli_remote_commands(admin: Proxy) -> None:
+    env = {"RINGPROXY_ADMIN_URL": admin.admin_url, "RINGPROXY_ADMIN_TOKEN": ADMIN}
+    code, out, err = await acli("status", env=env)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == f"revision {admin.config.revision}"
+    assert lines[1].split() == ["ROUTE", "RING", "POOL", "WEIGHT", "PHASE", "STEP", "REQ/S",
+                                "ERR", "P95", "VERDICT"]
+    assert lines[2].split()[:6] == ["api", "canary", "canary", "5%", "progressing", "1/3"]
+    code, out, err = await acli("status", "--json", env=env)
+    assert json.loads(out)["routes"][0]["name"] == "api"
+    code, out, err = await acli("promote", "api", "canary", "--reason", "ok", env=env)
+    assert code == 0 and "api/canary: advance 5% -> 20% (progressing)" in out
+    code, out, err = await acli("approve", "api", "canary", env=env)
+    assert code == 1 and err.strip() == (
+        "ringproxy approve: cannot approve ring 'canary': it is progressing (HTTP 409)")
+    for action in ("pause", "resume", "rollback"):
+        code, out, err = await acli(action, "api", "canary", env=env)
+        assert code == 0, err
+    code, out, err = await acli("weight", "api", "beta", "7.5", env=env)
+    assert code == 0 and "beta is now paused at 7.5%" in out
+    code, out, err = await acli("events", "--route", "api", env=env)
+    assert code == 0 and out.splitlines()[0].split()[:4] == ["TIME", "ROUTE", "RING", "KIND"]
+    assert len(out.splitlines()) == 1 + 5
+    code, out, err = await acli("reload", env=env)
+    assert code == 0 and out.startswith("unchanged: revision")
+    # errors: a one-line message and a non-zero exit
+    code, out, err = await acli("status", "--token", "nope-nope-nope-nope", env=env)
+    assert code == 1 and err.strip() == "ringproxy status: invalid token (HTTP 401)"
+    code, out, err = await acli("status", "--admin", "http://127.0.0.1:1", env=env)
+    assert code == 1 and "cannot reach the admin API at http://127.0.0.1:1" in err
+    code, out, err = await acli("weight", "api", "beta", "lots", env=env)
+    assert code == 2
+
+
+def test_cli_module_runs_without_an_event_loop() -> None:
+    # The remote commands use urllib only; importing them pulls in no server code.
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys, proxy.adminclient; "
+         "print(sorted(m for m in sys.modules if m.startswith('proxy')))"],
+        capture_output=True, text=True, check=True, cwd=ROOT)
+    assert "proxy.server" not in result.stdout and "proxy.handler" not in result.stdout
