@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from proxy.config import Config, Route
-from proxy.judge import Thresholds, Verdict, judge
+from proxy.judge import Thresholds, Verdict, judge, judge_fast
 from proxy.rollout import (
     Event,
     Phase,
@@ -28,6 +28,7 @@ from proxy.rollout import (
     Trigger,
     act,
     fingerprint,
+    on_fast_failure,
     on_verdicts,
     restore,
 )
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from proxy.runtime import Runtime
 
 log = logging.getLogger("ringproxy.rollout")
+FAST_TICK = 0.2  # seconds between fast-path checks, when a route has one
 
 
 def build_plan(config: Config, route: Route) -> RoutePlan:
@@ -77,6 +79,7 @@ def build_plan(config: Config, route: Route) -> RoutePlan:
         rollback_to_previous=analysis.rollback_to_previous if analysis else False,
         interval=analysis.interval if analysis else 0.0,
         window=analysis.window if analysis else 60.0,
+        fast=analysis.fast if analysis else None,
     )
 
 
@@ -200,8 +203,36 @@ class Controller:
                         await self.evaluate(name)
                     except Exception:  # one bad round must not stop the loop
                         log.exception("analysis of route %s failed", name)
-            intervals = [p.interval for p in self.plans.values() if p.interval > 0]
-            await asyncio.sleep(min(intervals) / 4 if intervals else 1.0)
+            fast = [name for name, p in self.plans.items() if p.fast is not None]
+            for name in fast:
+                try:
+                    await self.check_fast(name)
+                except Exception:
+                    log.exception("fast rollback check of route %s failed", name)
+            intervals = [p.interval / 4 for p in self.plans.values() if p.interval > 0]
+            if fast:
+                intervals.append(FAST_TICK)
+            await asyncio.sleep(min(intervals) if intervals else 1.0)
+
+    async def check_fast(self, route: str) -> list[Event]:
+        """The fast path: a ring far above the hard error limit is rolled back at once."""
+        async with self._lock:
+            plan = self.plans.get(route)
+            if plan is None or plan.fast is None or not self._has_windows(route):
+                return []
+            limit, minimum, seconds = plan.fast
+            now = self.mono()
+            for ring in plan.analysed:
+                if not self.states[route][ring.name].enabled:
+                    continue
+                summary = self.metrics.window(route, ring.name, now, seconds)
+                verdict = judge_fast(summary, limit, minimum)
+                if verdict is not None:
+                    new, events = on_fast_failure(plan, self.states[route], ring.name,
+                                                  verdict, self.wall())
+                    await self._commit(route, new, events)
+                    return events
+            return []
 
     async def evaluate(self, route: str) -> list[Event]:
         """One analysis round for ``route``: verdicts, then whatever they decide."""

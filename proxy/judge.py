@@ -117,6 +117,20 @@ def judge(ring: Summary, baseline: Summary | None, t: Thresholds) -> Verdict:
     return Verdict(Outcome.PASS, (), (), numbers)
 
 
+def judge_fast(ring: Summary, max_error_rate: float, min_requests: int) -> Verdict | None:
+    """The fast path: a FAIL when the error rate is above a hard limit, else None."""
+    if ring.requests < min_requests or ring.error_rate <= max_error_rate:
+        return None
+    return Verdict(
+        Outcome.FAIL,
+        (f"error rate {_pct(ring.error_rate)} ({ring.errors}/{ring.requests}) above the "
+         f"fast-rollback limit {_pct(max_error_rate)}",),
+        ("fast_error_rate",),
+        {"requests": ring.requests, "errors": ring.errors, "error_rate": ring.error_rate,
+         "p95": ring.p95},
+    )
+
+
 # --------------------------------------------------------------------------- statistics
 
 

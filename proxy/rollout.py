@@ -85,6 +85,8 @@ class RoutePlan:
     rollback_to_previous: bool = False
     interval: float = 10.0
     window: float = 60.0
+    # Fast path: (max error rate, min requests, window seconds), checked every few 100 ms.
+    fast: tuple[float, int, float] | None = None
 
     def ring(self, name: str) -> RingPlan:
         for r in self.rings:
@@ -382,6 +384,18 @@ def on_verdicts(
                 _fire(ctx, Trigger.STEP_DUE, strict=False)
         events += ctx.events
     return new, events
+
+
+def on_fast_failure(
+    plan: RoutePlan, states: Mapping[str, RingState], ring: str, verdict: Verdict, now: float
+) -> tuple[States, list[Event]]:
+    """The fast path: roll back at once, without waiting for failure_limit verdicts."""
+    new: States = dict(states)
+    ctx = _Ctx(plan, new, plan.ring(ring), now, f"fast rollback: {verdict.reason}",
+               (verdict.broken or ("fast_error_rate",))[0], verdict.numbers)
+    if new[ring].enabled:
+        _fire(ctx, Trigger.FAILED, strict=False)
+    return new, ctx.events
 
 
 def act(

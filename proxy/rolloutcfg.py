@@ -26,6 +26,7 @@ class Analysis:
     failure_limit: int = 3
     rollback_to_previous: bool = False
     thresholds: Thresholds = field(default_factory=Thresholds)
+    fast: tuple[float, int, float] | None = None  # (max error rate, min requests, window)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,13 +80,30 @@ def read_analysis(ctx: Ctx, data: object, path: str) -> Analysis | None:
     )
     baseline = sec.text("baseline", "") or None
     limit = sec.integer("failure_limit", 3, 1, 1000)
-    result = Analysis(interval, window, baseline, limit, False, thresholds)
+    fast = _read_fast(ctx, sec.raw("fast_rollback", None), sec.sub("fast_rollback"))
+    result = Analysis(interval, window, baseline, limit, False, thresholds, fast)
     sec.close()
     if not any((thresholds.max_error_rate, thresholds.max_p95, thresholds.max_p99,
                 thresholds.max_error_rate_increase, thresholds.max_latency_ratio)):
         ctx.err(path, "analysis needs at least one threshold (max_error_rate, max_p95, "
                 "max_p99, max_error_rate_increase or max_latency_ratio)")
     return result
+
+
+def _read_fast(ctx: Ctx, data: object, path: str) -> tuple[float, int, float] | None:
+    """``fast_rollback: {max_error_rate: 50, min_requests: 20, window: 5s}``."""
+    if data is None:
+        return None
+    sec = Section(ctx, data, path)
+    rate = _percent(ctx, sec, "max_error_rate")
+    if rate is None and sec.ok:
+        ctx.err(sec.sub("max_error_rate"), "is required")
+    minimum = sec.integer("min_requests", 20, 1, 100_000_000)
+    window = sec.duration("window", 5.0, minimum=1.0)
+    if window > WINDOW_HORIZON:
+        ctx.err(sec.sub("window"), f"{window:g}s is longer than {WINDOW_HORIZON:g}s")
+    sec.close()
+    return None if rate is None else (rate, minimum, min(window, WINDOW_HORIZON))
 
 
 def _ratio(ctx: Ctx, sec: Section, key: str) -> float | None:

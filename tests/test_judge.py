@@ -107,3 +107,13 @@ def test_z_test_and_edges() -> None:
     assert increase_p_value(10, 2000, 60, 2000) > 0.999
     assert increase_p_value(0, 0, 5, 100) == 1.0
     assert increase_p_value(100, 100, 100, 100) == 1.0  # all errors on both: no evidence
+
+
+def test_fast_verdict() -> None:
+    from proxy.judge import judge_fast
+
+    assert judge_fast(window(9, 9), 0.5, 10) is None  # too few requests
+    assert judge_fast(window(100, 50), 0.5, 10) is None  # at the limit, not above
+    verdict = judge_fast(window(100, 51), 0.5, 10)
+    assert verdict is not None and verdict.broken == ("fast_error_rate",)
+    assert "above the fast-rollback limit 50.00%" in verdict.reason

@@ -348,3 +348,17 @@ async def test_events_are_posted_to_webhooks_with_retries(
         "api", "canary", "rollback", "rolled_back")
     assert body["from_weight"] == 50.0 and body["to_weight"] == 0.0
     assert body["text"] == "ringproxy api/canary rollback 50% -> 0% (rolled_back): manual test"
+
+
+async def test_the_fast_path_rolls_back_without_waiting_for_the_interval(
+    rollout, stable: Upstream, canary: Upstream, tmp_path: Path
+) -> None:
+    canary.error_every = 1  # every answer is a 500
+    text = rollout_config(stable, canary, tmp_path, interval="30s", window="60s").replace(
+        "failure_limit: 2",
+        "failure_limit: 2\n      fast_rollback: {max_error_rate: 50, min_requests: 10, window: 2s}")
+    proxy, _ = await rollout(text)
+    took = await wait_for(lambda: events_of(proxy, "rollback"), 5)
+    assert took < 3, took  # the analysis interval is 30 s
+    event = events_of(proxy, "rollback")[0]
+    assert event.label == "fast_error_rate" and event.reason.startswith("fast rollback: ")
