@@ -44,8 +44,15 @@ class _Candidate:
     wildcard: str  # ".example.com" for "*.example.com", else ""
 
 
+# Host header values repeat (a handful per site), so match() remembers their normal form.
+# Bounded: at most _HOSTS_MAX entries of at most _HOST_MAX_LEN characters (the Host header
+# is the client's to choose); a full cache is emptied and refilled.
+_HOSTS_MAX = 1024
+_HOST_MAX_LEN = 255
+
+
 class RoutingTable:
-    __slots__ = ("_by_host", "_fallback", "_slots", "config", "routes")
+    __slots__ = ("_by_host", "_fallback", "_hosts", "_slots", "config", "routes")
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -72,6 +79,7 @@ class RoutingTable:
         }
         # For any other host: wildcard and any-host candidates, checked per request.
         self._fallback = tuple(c for route, c in every if not route.hosts or c.wildcard)
+        self._hosts: dict[str, str] = {}  # Host header value -> normalize_host(value)
 
     def set_route(self, compiled: CompiledRoute) -> None:
         """Replace a route's compiled form (same route, new live weights): one assignment."""
@@ -82,7 +90,13 @@ class RoutingTable:
         self._slots[name].compiled = compiled
 
     def match(self, host: str, path: str) -> CompiledRoute | None:
-        name = normalize_host(host)
+        name = self._hosts.get(host)
+        if name is None:
+            name = normalize_host(host)
+            if len(host) <= _HOST_MAX_LEN:
+                if len(self._hosts) >= _HOSTS_MAX:
+                    self._hosts.clear()
+                self._hosts[host] = name
         candidates = self._by_host.get(name)
         if candidates is not None:
             for c in candidates:
