@@ -37,9 +37,16 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class Exchange:
-    """What one request did, for the access log (and, later, metrics)."""
+    """What one request did, for the access log (and, later, metrics).
 
-    __slots__ = ("bytes_in", "bytes_out", "error", "request_id", "server", "status")
+    It is also the request's entry in its ring timeout's ``Deadlines``: ``task`` is what
+    to cancel, ``timer`` says where the deadline stands (``_IDLE``, ``_ARMED``, ``_OVER``).
+    """
+
+    __slots__ = (
+        "bytes_in", "bytes_out", "error", "expired", "request_id", "server", "status", "task",
+        "timer",
+    )
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
@@ -48,12 +55,84 @@ class Exchange:
         self.bytes_out = 0
         self.server = ""
         self.error = ""
+        self.task: asyncio.Task[Any] | None = None
+        self.timer = _IDLE
+        self.expired = False
+
+
+_IDLE, _ARMED, _OVER = 0, 1, 2
+
+
+class Deadlines:
+    """The ring timeouts of all requests that share one timeout value, on a single timer.
+
+    ``asyncio.timeout()`` per request costs a Timeout object, a timer handle scheduled and
+    cancelled in the event loop, and its enter/exit: several microseconds, for a deadline
+    that almost never fires.  Here a request's deadline is one dict insertion and one
+    removal.  All entries have the same timeout, so insertion order is deadline order: the
+    one timer is armed for the oldest entry; when it fires, finished requests are long gone
+    from the dict, expired ones are cancelled (as ``asyncio.timeout`` does: the task is
+    cancelled and the handler turns that CancelledError into a timeout), and the timer is
+    re-armed for the oldest request still waiting.  With steady traffic it fires about once
+    per ``timeout``.
+    """
+
+    __slots__ = ("_handle", "_loop", "_pending", "timeout")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self._loop = loop
+        self.timeout = timeout
+        self._pending: dict[Exchange, float] = {}  # insertion order is deadline order
+        self._handle: asyncio.TimerHandle | None = None
+
+    def arm(self, ex: Exchange) -> None:
+        """Start ``ex``'s deadline now (no-op once it is over: a late end of an upload)."""
+        if ex.timer != _IDLE:
+            return
+        ex.timer = _ARMED
+        when = self._loop.time() + self.timeout
+        self._pending[ex] = when
+        if self._handle is None:
+            self._handle = self._loop.call_at(when, self._fire)
+
+    def disarm(self, ex: Exchange) -> None:
+        """The wait is over (answer, error or cancellation): the deadline no longer applies."""
+        ex.timer = _OVER
+        self._pending.pop(ex, None)
+
+    def _fire(self) -> None:
+        self._handle = None
+        now = self._loop.time()
+        pending = self._pending
+        while pending:
+            ex = next(iter(pending))
+            when = pending[ex]
+            if when > now:
+                self._handle = self._loop.call_at(when, self._fire)
+                return
+            del pending[ex]
+            ex.timer = _OVER
+            ex.expired = True
+            if ex.task is not None:
+                ex.task.cancel()
+
+    def __repr__(self) -> str:
+        return f"<Deadlines {self.timeout:g}s pending={len(self._pending)}>"
 
 
 class ProxyHandler:
     def __init__(self, runtime: Runtime, access_log: AccessLog | None = None) -> None:
         self.runtime = runtime  # swapped whole on reload; read once per request
         self.access_log = access_log
+        # One Deadlines per ring timeout value in use (a handful), made on first use.
+        self._deadlines: dict[float, Deadlines] = {}
+
+    def _deadlines_for(self, timeout: float) -> Deadlines:
+        deadlines = self._deadlines.get(timeout)
+        if deadlines is None:
+            deadlines = Deadlines(asyncio.get_running_loop(), timeout)
+            self._deadlines[timeout] = deadlines
+        return deadlines
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.monotonic()
@@ -138,29 +217,38 @@ class ProxyHandler:
         assert session is not None, "pool not started"
         rel = request.rel_url
         url = make_url(rel.raw_path, rel.raw_query_string)
+        deadlines = self._deadlines_for(ring.timeout)
+        ex.task = asyncio.current_task()
         data = None
         if request.body_exists:
             if request.headers.get("Expect", "").lower() == "100-continue":
                 await request.writer.write(_CONTINUE)
             # The ring timeout counts from the moment the body is fully sent.
-            timer = asyncio.timeout(None)
-            data = _upload(request, timer, ring.timeout, ex)
+            data = _upload(request, deadlines, ex)
         else:
-            timer = asyncio.timeout(ring.timeout)
+            deadlines.arm(ex)
         try:
-            async with timer:
-                upstream = await session.request(
-                    request.method,
-                    url,
-                    headers=headers,
-                    data=data,
-                    allow_redirects=False,
-                    timeout=ring.client_timeout,
-                )
+            # No sock_read timer while waiting for the headers (the ring timeout covers
+            # that); _relay starts idle_timeout only if it has to wait for the body.
+            upstream = await session.request(
+                request.method,
+                url,
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+            )
+        except asyncio.CancelledError:
+            # The deadline fired (and nobody else cancelled the task meanwhile, such as
+            # the client going away): a timeout, as ``asyncio.timeout`` would report it.
+            if ex.expired and ex.task is not None and ex.task.uncancel() == 0:
+                raise translate(TimeoutError()) from None
+            raise
         except Exception as exc:
             raise translate(exc) from exc
+        finally:
+            deadlines.disarm(ex)
         try:
-            return await _relay(request, upstream, ex, extra)
+            return await _relay(request, upstream, ex, extra, ring.client_timeout.sock_read)
         finally:
             upstream.release()
 
@@ -203,12 +291,30 @@ class ProxyHandler:
 
 
 async def _upload(
-    request: web.BaseRequest, timer: asyncio.Timeout, ring_timeout: float, ex: Exchange
+    request: web.BaseRequest, deadlines: Deadlines, ex: Exchange
 ) -> AsyncIterator[bytes]:
     async for chunk in request.content.iter_any():
         ex.bytes_in += len(chunk)
         yield chunk
-    timer.reschedule(asyncio.get_running_loop().time() + ring_timeout)
+    deadlines.arm(ex)
+
+
+def _start_idle_timeout(upstream: aiohttp.ClientResponse, idle: float | None) -> None:
+    """Time out silences of more than ``idle`` seconds in the rest of the response body.
+
+    This is aiohttp's own sock_read timer (restarted by every read, stopped at the end of
+    the body and while reading is paused for back-pressure), switched on only now: most
+    responses are complete when their headers arrive and never need the timer.
+    """
+    conn = upstream.connection
+    if not idle or conn is None or conn.protocol is None:
+        return  # no limit, or the body is complete and the connection released
+    protocol = conn.protocol
+    protocol.read_timeout = idle
+    transport = conn.transport
+    if transport is not None and transport.is_reading():
+        protocol.start_timeout()
+    # While paused (back-pressure) aiohttp starts the timer itself on resuming.
 
 
 async def _relay(
@@ -216,17 +322,21 @@ async def _relay(
     upstream: aiohttp.ClientResponse,
     ex: Exchange,
     extra: list[tuple[str, str]] | None,
+    idle_timeout: float | None,
 ) -> web.StreamResponse:
     ex.status = upstream.status
     headers = downstream_response_headers(upstream.headers, ex.request_id)
     if extra:
         headers.extend(extra)
+    content = upstream.content
+    if not content.is_eof():  # (HEAD, 204 and 304 responses have an empty one at EOF)
+        _start_idle_timeout(upstream, idle_timeout)
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     try:
         await response.prepare(request)
         if request.method == "HEAD" or upstream.status in _NO_BODY_STATUS:
             return response
-        async for chunk in upstream.content.iter_any():
+        async for chunk in content.iter_any():
             ex.bytes_out += len(chunk)
             await response.write(chunk)
     except ConnectionResetError:  # the client went away; aiohttp releases the upstream

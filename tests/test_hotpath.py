@@ -1,0 +1,196 @@
+"""What the request path's shortcuts must keep: shared deadline timers, an idle timer only
+when the body is still coming, a bounded Host cache, batched request ids."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import textwrap
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from proxy.config import parse_config
+from proxy.handler import Deadlines, Exchange
+from proxy.headers import new_request_id
+from proxy.table import _HOSTS_MAX, RoutingTable, normalize_host
+from tests.conftest import ProxyFactory, Upstream
+
+
+def _config(upstream: str, policy: str) -> str:
+    return textwrap.dedent(
+        f"""
+        listen: 127.0.0.1:0
+        admin: {{listen: 127.0.0.1:0}}
+        access_log: {{enabled: false}}
+        shutdown_grace: 1s
+        pools:
+          p: {{servers: [{upstream}]}}
+        routes:
+          - name: r
+            rings:
+              - name: only
+                pool: p
+                policy: {policy}
+        """
+    )
+
+
+async def test_one_timer_serves_many_deadlines_and_is_rearmed(
+    make_proxy: ProxyFactory, stable: Upstream, client: aiohttp.ClientSession
+) -> None:
+    proxy = await make_proxy(_config(stable.url, "{timeout: 300ms}"))
+
+    async def get(seconds: float) -> tuple[int, float]:
+        started = time.monotonic()
+        async with client.get(proxy.url + f"/slow?s={seconds}") as r:
+            await r.read()
+            return r.status, time.monotonic() - started
+
+    # Fast and slow requests interleaved, in two waves: the second wave's deadlines are
+    # served by a timer re-armed after the first wave's fired.
+    for _ in range(2):
+        results = await asyncio.gather(*(get(0.02 if i % 3 else 2.0) for i in range(12)))
+        for i, (status, took) in enumerate(results):
+            if i % 3:
+                assert status == 200
+            else:
+                assert status == 504
+                assert 0.25 < took < 1.5
+    # Nothing is left waiting on a deadline.
+    for deadlines in proxy.handler._deadlines.values():
+        assert not deadlines._pending
+
+
+async def test_deadlines_cancel_only_expired_entries() -> None:
+    loop = asyncio.get_running_loop()
+    deadlines = Deadlines(loop, 0.05)
+
+    async def wait() -> None:
+        await asyncio.sleep(5)
+
+    slow, fast = Exchange("a"), Exchange("b")
+    slow.task = asyncio.ensure_future(wait())
+    fast.task = asyncio.ensure_future(wait())
+    deadlines.arm(slow)
+    deadlines.arm(fast)
+    deadlines.disarm(fast)
+    deadlines.arm(fast)  # over: a late arm (an upload ending after the answer) does nothing
+    await asyncio.sleep(0.2)
+    assert slow.expired and slow.task.cancelled()
+    assert not fast.expired and not fast.task.done()
+    fast.task.cancel()
+
+
+class _Trickle:
+    """An upstream that sends its headers, then body pieces with pauses it is told."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/trickle", self.trickle)
+        app.router.add_get("/late", self.late)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = self._runner.addresses[0][:2]
+        self.url = f"http://{host}:{port}"
+
+    async def trickle(self, request: web.Request) -> web.StreamResponse:
+        pauses = [float(p) for p in request.query["pauses"].split(",")]
+        resp = web.StreamResponse(headers={"Content-Length": str(len(pauses) + 1)})
+        await resp.prepare(request)
+        await resp.write(b"a")
+        for pause in pauses:
+            await asyncio.sleep(pause)
+            await resp.write(b"b")
+        return resp
+
+    async def late(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(float(request.query["s"]))
+        return web.Response(text="late")
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+@pytest.fixture
+async def trickle() -> AsyncIterator[_Trickle]:
+    up = _Trickle()
+    await up.start()
+    yield up
+    await up.stop()
+
+
+async def test_idle_timeout_cuts_a_stalled_body_but_not_a_slow_steady_one(
+    make_proxy: ProxyFactory, trickle: _Trickle, client: aiohttp.ClientSession
+) -> None:
+    proxy = await make_proxy(_config(trickle.url, "{timeout: 5s, idle_timeout: 300ms}"))
+    # Six pauses of 100 ms: 600 ms in all, twice the idle timeout, never silent for long.
+    async with client.get(proxy.url + "/trickle?pauses=" + ",".join(["0.1"] * 6)) as r:
+        assert r.status == 200
+        assert await r.read() == b"abbbbbb"
+    # A silence of 2 s: the body is cut off after about 300 ms.
+    started = time.monotonic()
+    async with client.get(proxy.url + "/trickle?pauses=0.05,2") as r:
+        assert r.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await r.read()
+    assert time.monotonic() - started < 1.5
+
+
+async def test_the_wait_for_headers_is_bounded_by_timeout_not_idle_timeout(
+    make_proxy: ProxyFactory, trickle: _Trickle, client: aiohttp.ClientSession
+) -> None:
+    # README: ``timeout`` runs until the response headers; ``idle_timeout`` is the longest
+    # silence while streaming the response body.
+    proxy = await make_proxy(_config(trickle.url, "{timeout: 3s, idle_timeout: 200ms}"))
+    async with client.get(proxy.url + "/late?s=0.5") as r:
+        assert r.status == 200
+        assert await r.text() == "late"
+    proxy = await make_proxy(_config(trickle.url, "{timeout: 200ms, idle_timeout: 3s}"))
+    async with client.get(proxy.url + "/late?s=1") as r:
+        assert r.status == 504
+
+
+def test_host_cache_is_bounded_and_changes_no_answer() -> None:
+    table = RoutingTable(parse_config(textwrap.dedent(
+        """
+        pools:
+          p: {servers: ["http://127.0.0.1:9"]}
+        routes:
+          - name: exact
+            match: {host: api.example.com}
+            rings: [{name: a, pool: p}]
+          - name: wild
+            match: {host: "*.example.org"}
+            rings: [{name: a, pool: p}]
+        """
+    )))
+    for i in range(3 * _HOSTS_MAX):
+        table.match(f"h{i}.example.org:80", "/")
+        assert len(table._hosts) <= _HOSTS_MAX
+    for host in ("API.example.com:8080", "api.example.com.", "x.EXAMPLE.org", "nope.test"):
+        for _ in range(2):  # the second lookup comes from the cache
+            route = table.match(host, "/")
+            name = normalize_host(host)
+            expected = ("exact" if name == "api.example.com"
+                        else "wild" if name.endswith(".example.org") else None)
+            assert (route.route.name if route else None) == expected
+    long_host = "a" * 300 + ".example.org"
+    assert table.match(long_host, "/") is not None
+    assert long_host not in table._hosts
+
+
+def test_request_ids_are_unique_random_hex() -> None:
+    ids = [new_request_id() for _ in range(3000)]  # several batches
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
