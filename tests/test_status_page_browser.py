@@ -1,0 +1,661 @@
+"""The status page (``GET /`` on the admin listener) in a real headless Chromium.
+
+Debian's ``chromium`` is started once for the module and driven over the Chrome DevTools
+Protocol on its websocket, with aiohttp: no WebDriver, no extra packages.  Each test opens
+its own tab, loads the page from an in-process ``Proxy`` with background load, and reads
+what the page shows through its ``data-*`` attributes.  The browser runs under
+``timeout`` in its own process group, which a ``finally`` kills.
+
+``python -m tests.test_status_page_browser docs/status-page.png`` renders the README's
+screenshot from a realistic rollout (two routes, a progressing and a rolled-back canary).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from proxy.config import parse_config
+from proxy.server import Proxy
+from tests.conftest import Upstream
+from tests.test_rollback_sockets import Load, rollout_config
+
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM),
+    reason="needs Debian's chromium at /usr/bin/chromium "
+    "(apt-get install chromium chromium-driver; .ci/run installs it)",
+)
+
+REFRESH = 5.0  # the page's refresh period (body[data-refresh-ms])
+BROWSER_LIFETIME = 300  # seconds: the browser stops by itself even if pytest is killed
+VIEW_TOKEN = "viewer-page-token-0123456789"
+
+
+# --------------------------------------------------------------------------- the browser
+
+
+class Chromium:
+    """A headless Chromium in its own process group, reachable over CDP on 127.0.0.1."""
+
+    def __init__(self, profile: Path, lifetime: float = BROWSER_LIFETIME) -> None:
+        self.profile = profile
+        self.lifetime = lifetime
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ws_url = ""
+        self.log = profile / "chromium.log"
+
+    def start(self) -> None:
+        args = [
+            CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+            "--no-first-run", "--no-default-browser-check", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--disable-extensions",
+            "--disable-dev-shm-usage", "--no-proxy-server", "--mute-audio",
+            "--hide-scrollbars", "--force-color-profile=srgb", "--window-size=1200,900",
+            f"--user-data-dir={self.profile / 'data'}",
+            "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
+            "about:blank",
+        ]
+        wrapper = shutil.which("timeout")
+        if wrapper:  # kills the whole group (timeout's own) when the lifetime is up
+            args = [wrapper, "-k", "5", str(int(self.lifetime)), *args]
+        # Its home, config and cache (crash reports included) stay inside the profile.
+        home = str(self.profile)
+        env = {**os.environ, "HOME": home, "XDG_CONFIG_HOME": home, "XDG_CACHE_HOME": home}
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                         env=env, start_new_session=True)
+        port_file = self.profile / "data" / "DevToolsActivePort"
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"chromium exited {self.proc.returncode}: {self.tail()}")
+            with contextlib.suppress(OSError):
+                lines = port_file.read_text().split()
+                if len(lines) >= 2:
+                    self.ws_url = f"ws://127.0.0.1:{lines[0]}{lines[1]}"
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"chromium did not open its DevTools port: {self.tail()}")
+
+    def tail(self) -> str:
+        with contextlib.suppress(OSError):
+            return self.log.read_text(errors="replace")[-2000:]
+        return ""
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+class Cdp:
+    """One DevTools websocket: numbered commands and their answers; events are recorded."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self._next = 0
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.events: list[dict[str, Any]] = []
+        self._reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        async for msg in self.ws:
+            if msg.type is not aiohttp.WSMsgType.TEXT:
+                continue
+            data = json.loads(msg.data)
+            future = self._pending.pop(data.get("id", -1), None)
+            if future is None:
+                self.events.append(data)
+            elif not future.done():
+                if "error" in data:
+                    future.set_exception(RuntimeError(f"CDP error: {data['error']}"))
+                else:
+                    future.set_result(data.get("result", {}))
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(RuntimeError("the DevTools connection closed"))
+
+    async def send(self, method: str, params: dict[str, Any] | None = None,
+                   session: str | None = None, limit: float = 15) -> dict[str, Any]:
+        self._next += 1
+        message: dict[str, Any] = {"id": self._next, "method": method, "params": params or {}}
+        if session:
+            message["sessionId"] = session
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[self._next] = future
+        await self.ws.send_str(json.dumps(message))
+        return await asyncio.wait_for(future, limit)
+
+    async def close(self) -> None:
+        await self.ws.close()
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+
+
+class Tab:
+    """A browser tab attached with a flat session: navigate, evaluate, wait, screenshot."""
+
+    def __init__(self, cdp: Cdp, target: str, session: str) -> None:
+        self.cdp, self.target, self.session = cdp, target, session
+
+    @classmethod
+    async def open(cls, cdp: Cdp, width: int = 1200, height: int = 900) -> Tab:
+        target = (await cdp.send("Target.createTarget", {"url": "about:blank"}))["targetId"]
+        attached = await cdp.send("Target.attachToTarget", {"targetId": target, "flatten": True})
+        tab = cls(cdp, target, attached["sessionId"])
+        for domain in ("Page", "Runtime", "Log", "Network"):
+            await tab.send(f"{domain}.enable")
+        await tab.send("Emulation.setDeviceMetricsOverride", {
+            "width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+        return tab
+
+    async def send(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        return await self.cdp.send(method, params, session=self.session)
+
+    async def goto(self, url: str) -> None:
+        await self.send("Page.navigate", {"url": url})
+        await self.wait("document.readyState === 'complete' && location.href !== 'about:blank'",
+                        10)
+
+    async def eval(self, expression: str) -> Any:
+        answer = await self.send("Runtime.evaluate", {
+            "expression": expression, "returnByValue": True, "awaitPromise": True})
+        if "exceptionDetails" in answer:
+            raise AssertionError(f"page script failed: {answer['exceptionDetails']}")
+        return answer["result"].get("value")
+
+    async def wait(self, expression: str, limit: float, step: float = 0.05) -> float:
+        """Seconds until ``expression`` is truthy in the page; fails after ``limit``."""
+        started = time.monotonic()
+        while not await self.eval(expression):
+            if time.monotonic() - started > limit:
+                raise AssertionError(f"not within {limit}s: {expression}\n"
+                                     f"page: {json.dumps(await self.snapshot())[:3000]}")
+            await asyncio.sleep(step)
+        return time.monotonic() - started
+
+    async def snapshot(self) -> dict[str, Any]:
+        return await self.eval(SNAPSHOT)  # type: ignore[no-any-return]
+
+    async def screenshot(self, path: Path) -> None:
+        height = await self.eval("Math.ceil(document.documentElement.scrollHeight)")
+        await self.send("Emulation.setDeviceMetricsOverride", {
+            "width": 1200, "height": int(height), "deviceScaleFactor": 1, "mobile": False})
+        shot = await self.send("Page.captureScreenshot", {"format": "png"})
+        await asyncio.to_thread(path.write_bytes, base64.b64decode(shot["data"]))
+
+    def _of_session(self) -> Iterator[dict[str, Any]]:
+        return (e for e in self.cdp.events if e.get("sessionId") == self.session)
+
+    def problems(self) -> list[str]:
+        """Script exceptions, console errors and CSP violations (network errors are expected:
+        401s, a favicon 404, a stopped proxy)."""
+        out = []
+        for event in self._of_session():
+            method, params = event.get("method"), event.get("params", {})
+            if method == "Runtime.exceptionThrown":
+                out.append(json.dumps(params["exceptionDetails"])[:500])
+            elif method == "Runtime.consoleAPICalled" and params.get("type") == "error":
+                out.append(json.dumps(params.get("args"))[:500])
+            elif method == "Log.entryAdded":
+                entry = params["entry"]
+                if entry.get("level") == "error" and entry.get("source") != "network":
+                    out.append(f"{entry.get('source')}: {entry.get('text')}")
+        return out
+
+    def requests(self) -> list[dict[str, Any]]:
+        return [e["params"]["request"] for e in self._of_session()
+                if e.get("method") == "Network.requestWillBeSent"]
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.cdp.send("Target.closeTarget", {"targetId": self.target}, limit=5)
+
+
+# What the page shows, read through its data-* attributes.
+SNAPSHOT = r"""(() => {
+  const cells = (row) => Object.fromEntries(
+    [...row.querySelectorAll(':scope > td[data-field]')].map((td) => [td.dataset.field, {
+      text: td.innerText.trim(), ...td.dataset,
+      sub: Object.fromEntries([...td.querySelectorAll('[data-field]')].map(
+        (n) => [n.dataset.field, {text: n.innerText.trim(), value: n.dataset.value}])),
+    }]));
+  const banner = document.querySelector('[data-banner]');
+  return {
+    state: document.body.dataset.state,
+    updated: Number(document.querySelector('[data-field="updated"]').dataset.value || 0),
+    updatedText: document.querySelector('[data-field="updated"]').textContent,
+    revision: document.querySelector('[data-field="revision"]').textContent,
+    banner: banner.hidden ? null : banner.textContent,
+    auth: !document.querySelector('[data-auth]').hidden,
+    authMessage: document.querySelector('[data-auth-message]').textContent,
+    routesShown: !document.querySelector('[data-routes]').hidden,
+    routes: Object.fromEntries([...document.querySelectorAll('[data-route]')].map((sec) => [
+      sec.dataset.route, {
+        rings: Object.fromEntries([...sec.querySelectorAll('table.rings tr[data-ring]')].map(
+          (tr) => [tr.dataset.ring, cells(tr)])),
+        events: [...sec.querySelectorAll('tr[data-event]')].map(cells),
+      }])),
+  };
+})()"""
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[Chromium]:
+    with tempfile.TemporaryDirectory(prefix="ringproxy-chromium-",
+                                     ignore_cleanup_errors=True) as profile:
+        browser = Chromium(Path(profile))
+        try:
+            browser.start()
+            yield browser
+        finally:
+            browser.stop()
+
+
+@pytest.fixture
+async def browser(chromium: Chromium) -> AsyncIterator[Callable[[], Awaitable[Tab]]]:
+    """Opens tabs on the module's browser; closes them and the connection afterwards."""
+    client = aiohttp.ClientSession()
+    ws = await client.ws_connect(chromium.ws_url, max_msg_size=0)
+    cdp = Cdp(ws)
+    tabs: list[Tab] = []
+
+    async def open_tab() -> Tab:
+        tab = await Tab.open(cdp)
+        tabs.append(tab)
+        return tab
+
+    try:
+        yield open_tab
+    finally:
+        for tab in tabs:
+            await tab.close()
+        await cdp.close()
+        await client.close()
+
+
+@pytest.fixture
+async def running(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[tuple[Proxy, Load]]]]:
+    """Start an in-process proxy with bounded background load; both stop afterwards."""
+    proxies: list[Proxy] = []
+    loads: list[Load] = []
+
+    async def start(text: str, per_second: float = 200, workers: int = 4) -> tuple[Proxy, Load]:
+        proxy = Proxy(parse_config(text, source=str(tmp_path / "c.yaml")))
+        await proxy.start()
+        proxies.append(proxy)
+        load = Load(proxy.url, per_second / workers)
+        load.start(limit=40, workers=workers)
+        loads.append(load)
+        return proxy, load
+
+    try:
+        yield start
+    finally:
+        for load in loads:
+            await load.stop()
+        for proxy in proxies:
+            if proxy.admin_url:
+                await proxy.stop()
+
+
+async def api(proxy: Proxy, path: str, token: str | None = None) -> Any:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession() as client, \
+            client.get(proxy.admin_url + path, headers=headers) as r:
+        assert r.status == 200, await r.text()
+        return await r.json()
+
+
+def close(shown: float, actual: float, rel: float, absolute: float) -> bool:
+    return abs(shown - actual) <= max(absolute, rel * abs(actual))
+
+
+def with_second_route(text: str) -> str:
+    """The rollout config plus a route that gets no traffic (every route is shown)."""
+    return text + (
+        "  - name: static\n"
+        "    match: {host: static.example.com, path_prefix: /assets}\n"
+        "    rings:\n"
+        "      - {name: everyone, pool: stable}\n"
+    )
+
+
+# --------------------------------------------------------------------------- tests
+
+
+async def test_the_page_shows_every_ring_with_the_numbers_of_the_api(
+    browser, running, stable: Upstream, canary: Upstream, tmp_path: Path
+) -> None:
+    stable.error_every = canary.error_every = 40  # 2.5 % errors: numbers worth comparing
+    ring = "progression: {steps: [10, 25, 50], min_step_duration: 10m}"
+    text = with_second_route(rollout_config(stable, canary, tmp_path, ring=ring, window="10s"))
+    proxy, _ = await running(text, per_second=120)
+    await asyncio.sleep(1.5)  # some traffic in the window first
+    tab = await browser()
+    started = time.monotonic()
+    await tab.goto(proxy.admin_url + "/")
+    await tab.wait("document.body.dataset.state === 'ok'", 5)
+    print(f"\nstatus page: first data {time.monotonic() - started:.2f}s after navigating")
+    assert await tab.eval("document.body.dataset.refreshMs") == str(int(REFRESH * 1000))
+    await tab.eval("window.sameDocument = true")
+
+    for round_ in range(2):
+        page = await tab.snapshot()
+        truth = await api(proxy, "/api/routes")
+        assert page["state"] == "ok" and page["banner"] is None and not page["auth"]
+        assert page["revision"] == truth["revision"]
+        assert list(page["routes"]) == [r["name"] for r in truth["routes"]]
+        for route in truth["routes"]:
+            shown = page["routes"][route["name"]]["rings"]
+            assert list(shown) == [r["name"] for r in route["rings"]], "every ring, in order"
+            for ring_ in route["rings"]:
+                row, name = shown[ring_["name"]], f"{route['name']}/{ring_['name']}"
+                assert row["pool"]["text"] == ring_["pool"]
+                if ring_["weight"] is None:
+                    assert row["weight"]["value"] == "" and row["weight"]["text"] == "rules"
+                else:
+                    assert float(row["weight"]["value"]) == ring_["weight"], name
+                    assert row["weight"]["text"] == f"{ring_['weight']:g}%", name
+                assert row["phase"]["value"] == ring_["phase"], name
+                assert row["phase"]["text"] == ring_["phase"].replace("_", " "), name
+                traffic = ring_["traffic"]
+                requests = int(row["rps"]["requests"])
+                assert close(requests, traffic["requests"], 0.15, 12), (name, requests, traffic)
+                assert close(float(row["rps"]["value"]), traffic["rps"], 0.15, 1.2), name
+                assert close(int(row["error_rate"]["errors"]), traffic["errors"], 0.2, 2), name
+                if traffic["requests"] >= 50:  # a rate worth comparing
+                    assert close(float(row["error_rate"]["value"]),
+                                 traffic["error_rate"] * 100, 0, 1.5), (name, row, traffic)
+                    assert row["error_rate"]["text"].split("%")[0].replace(".", "").isdigit()
+                if traffic["p95"] is not None and row["p95"]["value"]:
+                    assert close(float(row["p95"]["value"]), traffic["p95"] * 1000, 1.0, 5), name
+                    assert row["p95"]["text"].split()[1] == "ms"
+                assert close(int(row["inflight"]["value"]), ring_["inflight"], 0, 6), name
+                if ring_["steps"]:
+                    assert row["step"]["value"] == str(ring_["step"] + 1)
+                    assert row["step"]["text"].startswith(f"{ring_['step'] + 1} / 3")
+        api_page = page["routes"]["api"]["rings"]
+        # p95 next to the baseline's: the same number as the baseline ring's own p95
+        assert api_page["canary"]["p95"]["sub"]["baseline_p95"]["value"] == \
+            api_page["stable"]["p95"]["value"]
+        assert "baseline" in api_page["stable"]["name"]["text"]
+        assert "pinned" in api_page["staff"]["name"]["text"]
+        assert api_page["canary"]["phase"]["value"] == "progressing"
+        assert float(api_page["canary"]["weight"]["value"]) == 10.0
+        assert int(api_page["stable"]["rps"]["requests"]) > 50
+        assert page["routes"]["static"]["rings"]["everyone"]["rps"]["requests"] == "0"
+        assert page["routes"]["api"]["events"] == []
+        if round_ == 0:  # then wait for the page's own refresh: the same document, new data
+            before = page["updated"]
+            waited = await tab.wait(f"document.body.dataset.state === 'ok' && Number("
+                                    f"document.querySelector('[data-field=updated]')"
+                                    f".dataset.value) > {before}", REFRESH + 2)
+            print(f"status page: refreshed itself after {waited:.2f}s more")
+            assert await tab.eval("window.sameDocument") is True, "the page was reloaded"
+    assert tab.problems() == []
+
+
+async def test_the_page_shows_a_rollback_within_its_refresh_period(
+    browser, running, stable: Upstream, canary: Upstream, tmp_path: Path
+) -> None:
+    text = rollout_config(stable, canary, tmp_path, ring="weight: 20")
+    proxy, load = await running(text)
+    tab = await browser()
+    await tab.goto(proxy.admin_url + "/")
+    await tab.wait("document.body.dataset.state === 'ok'", 5)
+    canary_row = "document.querySelector('[data-route=api] tr[data-ring=canary]')"
+    assert await tab.eval(f"{canary_row}.querySelector('[data-field=phase]').dataset.value") \
+        == "steady"
+
+    canary.error_every = 3
+    broken_at = time.time()
+    deadline = time.monotonic() + 10
+    while not [e for e in proxy.controller.events if e.kind == "rollback"]:
+        assert time.monotonic() < deadline, "no rollback within 10 s"
+        await asyncio.sleep(0.02)
+    rollback = next(e for e in proxy.controller.events if e.kind == "rollback")
+    await tab.wait(
+        f"{canary_row}.querySelector('[data-field=phase]').dataset.value === 'rolled_back' "
+        f"&& {canary_row}.querySelector('[data-field=weight]').dataset.value === '0'",
+        REFRESH + 1.5)
+    seen_at = time.time()
+    print(f"\nrollback {rollback.time - broken_at:.2f}s after the canary broke; on the page "
+          f"{seen_at - rollback.time:.2f}s after the rollback")
+    assert seen_at - rollback.time <= REFRESH + 1.5
+    assert seen_at - broken_at <= 3.5 + REFRESH + 1.5  # rollback delay + refresh period
+
+    page = await tab.snapshot()
+    rings = page["routes"]["api"]["rings"]
+    assert rings["canary"]["phase"]["text"] == "rolled back"
+    assert rings["canary"]["weight"]["text"] == "0%"
+    assert float(rings["stable"]["weight"]["value"]) == 100.0
+    assert rings["staff"]["phase"]["value"] == "steady"  # pinned: kept
+    event = page["routes"]["api"]["events"][0]  # newest first
+    assert event["kind"]["value"] == "rollback" and event["ring"]["value"] == "canary"
+    assert (float(event["weight"]["from"]), float(event["weight"]["value"])) == (20.0, 0.0)
+    assert event["weight"]["text"] == "20% → 0%"
+    assert event["actor"]["value"] == "analysis"
+    assert event["reason"]["value"] == rollback.reason
+    assert float(event["time"]["value"]) == rollback.time
+    assert event["time"]["text"].endswith(time.strftime("%H:%M:%S", time.localtime(rollback.time)))
+    truth = await api(proxy, "/api/events")  # oldest first; the page shows the newest first
+    assert [(e["time"], e["kind"]) for e in reversed(truth["events"])][:10] == [
+        (float(e["time"]["value"]), e["kind"]["value"]) for e in page["routes"]["api"]["events"]]
+
+    # The admin API goes away: a clear banner, and the last data stays on the page.
+    await load.stop()
+    await proxy.stop()
+    proxy.admin_url = ""  # stopped: the fixture leaves it
+    waited = await tab.wait("document.body.dataset.state === 'error'", REFRESH + 2)
+    page = await tab.snapshot()
+    print(f"status page: error banner {waited:.2f}s after the admin API stopped")
+    assert page["banner"] is not None and "Refresh failed" in page["banner"]
+    assert f"Showing data from {page['updatedText']}" in page["banner"]
+    assert page["routes"]["api"]["rings"]["canary"]["phase"]["value"] == "rolled_back"
+    assert tab.problems() == []
+
+
+async def test_the_page_asks_for_a_token_and_shows_data_after_it_is_given(
+    browser, running, monkeypatch: pytest.MonkeyPatch, stable: Upstream, canary: Upstream,
+    tmp_path: Path
+) -> None:
+    monkeypatch.setenv("RP_PAGE_VIEWER", VIEW_TOKEN)
+    text = rollout_config(stable, canary, tmp_path).replace(
+        "admin: {listen: 127.0.0.1:0}",
+        "admin: {listen: 127.0.0.1:0, tokens: [{env: RP_PAGE_VIEWER, role: viewer}]}")
+    proxy, _ = await running(text, per_second=40, workers=2)
+    tab = await browser()
+    await tab.goto(proxy.admin_url + "/")
+    await tab.wait("document.body.dataset.state === 'auth'", 5)
+    page = await tab.snapshot()
+    assert page["auth"] and not page["routesShown"] and page["routes"] == {}
+    assert "401" in page["authMessage"] and "missing bearer token" in page["authMessage"]
+
+    submit = ("(() => { const i = document.querySelector('[data-auth-input]'); i.value = %s; "
+              "document.querySelector('[data-auth-form]').requestSubmit(); })()")
+    await tab.eval(submit % json.dumps("not-the-token-0123456789"))
+    await tab.wait("document.querySelector('[data-auth-message]').textContent"
+                   ".includes('refused')", 5)
+    assert await tab.eval("document.body.dataset.state") == "auth"
+    await tab.eval(submit % json.dumps(VIEW_TOKEN))
+    await tab.wait("document.body.dataset.state === 'ok'", 5)
+    page = await tab.snapshot()
+    assert not page["auth"]
+    assert list(page["routes"]["api"]["rings"]) == ["staff", "canary", "stable"]
+    assert await tab.eval("sessionStorage.getItem('ringproxy.admin-token')") == VIEW_TOKEN
+
+    # A fresh tab with the token in the fragment: straight to the data; the fragment is gone.
+    second = await browser()
+    await second.goto(f"{proxy.admin_url}/#token={VIEW_TOKEN}")
+    await second.wait("document.body.dataset.state === 'ok'", 5)
+    assert await second.eval("location.hash") == ""
+    assert float((await second.snapshot())["routes"]["api"]["rings"]["canary"]["weight"]
+                 ["value"]) == 50.0
+
+    for t in (tab, second):
+        calls = [r for r in t.requests() if "/api/" in r["url"]]
+        assert calls, "the page called the API"
+        for request in calls:
+            assert VIEW_TOKEN not in request["url"] and "token" not in request["url"]
+        authorised = [r for r in calls if r["headers"].get("Authorization")]
+        assert authorised and all(r["headers"]["Authorization"] in (
+            f"Bearer {VIEW_TOKEN}", "Bearer not-the-token-0123456789") for r in authorised)
+        assert t.problems() == []
+    second_calls = [r for r in second.requests() if "/api/" in r["url"]]
+    assert all(r["headers"].get("Authorization") == f"Bearer {VIEW_TOKEN}"
+               for r in second_calls)
+
+
+# --------------------------------------------------------------------------- screenshot
+
+
+def screenshot_config(ups: dict[str, Upstream], tmp: Path) -> str:
+    return textwrap.dedent(f"""
+        listen: 127.0.0.1:0
+        admin: {{listen: 127.0.0.1:0}}
+        access_log: {{enabled: false}}
+        state: {{path: "{tmp / 'state.json'}", audit: "{tmp / 'audit.jsonl'}"}}
+        pools:
+          api-v41: {{servers: ["{ups['api-v41'].url}"]}}
+          api-v42: {{servers: ["{ups['api-v42'].url}"]}}
+          checkout-v17: {{servers: ["{ups['checkout-v17'].url}"]}}
+          checkout-v18: {{servers: ["{ups['checkout-v18'].url}"]}}
+        routes:
+          - name: api
+            match: {{host: api.example.com}}
+            sticky: {{key: ["header:X-User-Id"]}}
+            analysis:
+              interval: 500ms
+              window: 20s
+              min_requests: 30
+              max_error_rate: 5
+              max_error_rate_increase: 2
+              max_latency_ratio: 2
+              latency_floor: 20ms
+              failure_limit: 3
+            rings:
+              - name: staff
+                pool: api-v42
+                pinned: true
+                rules: [{{attr: "header:X-Staff", exists: true}}]
+              - name: canary
+                pool: api-v42
+                progression:
+                  steps: [5, 10, 25, 50, {{weight: 75, approval: required}}]
+                  min_step_duration: 4s
+              - name: stable
+                pool: api-v41
+          - name: checkout
+            match: {{host: checkout.example.com}}
+            sticky: {{key: ["header:X-User-Id"]}}
+            analysis:
+              interval: 500ms
+              window: 20s
+              min_requests: 30
+              max_error_rate: 5
+              max_error_rate_increase: 2
+              failure_limit: 3
+            rings:
+              - name: beta
+                pool: checkout-v18
+                rules: [{{attr: "header:X-Beta", equals: "true"}}]
+              - name: canary
+                pool: checkout-v18
+                weight: 10
+              - name: stable
+                pool: checkout-v17
+    """)
+
+
+async def _traffic(url: str, until: float) -> None:
+    rng = random.Random(7)
+    async with aiohttp.ClientSession() as client:
+        while time.monotonic() < until:
+            host = rng.choice(["api.example.com"] * 3 + ["checkout.example.com"])
+            headers = {"Host": host, "X-User-Id": f"user-{rng.randrange(5000)}"}
+            if rng.random() < 0.03:
+                headers["X-Staff" if host.startswith("api") else "X-Beta"] = "true"
+            async with client.get(url + "/app", headers=headers) as r:
+                await r.read()
+            await asyncio.sleep(0.02)
+
+
+async def make_screenshot(out: Path) -> None:
+    ups = {name: Upstream(name) for name in ("api-v41", "api-v42", "checkout-v17", "checkout-v18")}
+    for up in ups.values():
+        await up.start()
+    ups["api-v41"].delay, ups["api-v42"].delay = 0.012, 0.016
+    ups["checkout-v17"].delay, ups["checkout-v18"].delay = 0.030, 0.034
+    ups["api-v41"].error_every, ups["api-v42"].error_every = 400, 300
+    ups["checkout-v17"].error_every = 500
+    with tempfile.TemporaryDirectory(prefix="ringproxy-shot-", ignore_cleanup_errors=True) as tmp:
+        browser = Chromium(Path(tmp), lifetime=120)
+        proxy = Proxy(parse_config(screenshot_config(ups, Path(tmp))))
+        await proxy.start()
+        until = time.monotonic() + 60
+        load = [asyncio.ensure_future(_traffic(proxy.url, until)) for _ in range(6)]
+        try:
+            browser.start()
+            async with aiohttp.ClientSession() as client:
+                cdp = Cdp(await client.ws_connect(browser.ws_url, max_msg_size=0))
+                tab = await Tab.open(cdp)
+                await tab.goto(proxy.admin_url + "/")
+                await asyncio.sleep(5)
+                ups["checkout-v18"].error_every = 4  # the checkout canary goes bad
+                deadline = time.monotonic() + 40
+                while not (proxy.controller.states["api"]["canary"].step == 2 and proxy
+                           .controller.states["checkout"]["canary"].phase.value == "rolled_back"):
+                    assert time.monotonic() < deadline, (
+                        f"the scenario did not unfold: {proxy.controller.status()}")
+                    await asyncio.sleep(0.1)
+                await asyncio.sleep(1.5)
+                before = await tab.eval("document.querySelector('[data-field=updated]')"
+                                        ".dataset.value")
+                await tab.eval("document.querySelector('[data-action=refresh]').click()")
+                await tab.wait("document.querySelector('[data-field=updated]').dataset.value "
+                               f"!== {json.dumps(before)}", 5)
+                await tab.screenshot(out)
+                problems = tab.problems()
+                await cdp.close()
+            assert not problems, problems
+        finally:
+            browser.stop()
+            for task in load:
+                task.cancel()
+            await asyncio.gather(*load, return_exceptions=True)
+            await proxy.stop()
+            for up in ups.values():
+                await up.stop()
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    asyncio.run(make_screenshot(Path(sys.argv[1] if len(sys.argv) > 1 else "status-page.png")))
