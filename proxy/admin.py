@@ -342,11 +342,16 @@ async def page(request: web.Request) -> web.Response:
                                  "style-src 'unsafe-inline'; script-src 'unsafe-inline'"})
 
 
+async def no_icon(request: web.Request) -> web.Response:
+    return web.Response(status=204)  # keeps browsers from logging a 404 for the page
+
+
 def admin_app(proxy: Proxy) -> web.Application:
     app = web.Application(middlewares=[_errors])
     app[PROXY_KEY] = proxy
     r = app.router
     r.add_get("/", page)
+    r.add_get("/favicon.ico", no_icon)
     r.add_get("/healthz", healthz)
     r.add_get("/readyz", readyz)
     r.add_get("/metrics", metrics)

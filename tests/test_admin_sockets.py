@@ -303,3 +303,15 @@ def test_cli_module_runs_without_an_event_loop() -> None:
          "print(sorted(m for m in sys.modules if m.startswith('proxy')))"],
         capture_output=True, text=True, check=True, cwd=ROOT)
     assert "proxy.server" not in result.stdout and "proxy.handler" not in result.stdout
+
+
+async def test_status_page_and_favicon_are_served_without_a_token(admin: Proxy) -> None:
+    async with aiohttp.ClientSession() as client:
+        async with client.get(admin.admin_url + "/") as r:
+            assert r.status == 200 and r.content_type == "text/html"
+            assert "default-src 'self'" in r.headers["Content-Security-Policy"]
+            page = await r.text()
+        async with client.get(admin.admin_url + "/favicon.ico") as r:
+            assert r.status == 204
+    assert "/api/routes" in page and "<script" in page
+    assert "http://" not in page and "https://" not in page  # no external assets
