@@ -90,8 +90,9 @@ def request_id_of(headers: CIMultiDictProxy[str]) -> str:
 # a per-header loop in Python costs several times more on ordinary requests.  The result
 # is the same as filtering header by header: kept headers in their order and case, then
 # the forwarding headers in a fixed order.
-_REQUEST_SPECIAL = _REQUEST_DROP | _REPLACED | {"x-forwarded-for", "via"}
-_RESPONSE_SPECIAL = _RESPONSE_DROP | {"via"}
+# (istr members: a multidict compares them without lower-casing them first.)
+_REQUEST_SPECIAL = frozenset(map(istr, _REQUEST_DROP | _REPLACED | {"x-forwarded-for", "via"}))
+_RESPONSE_SPECIAL = frozenset(map(istr, _RESPONSE_DROP | {"via"}))
 
 
 def upstream_request_headers(
