@@ -13,11 +13,15 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from proxy import pool
 from proxy.config import parse_config
 from proxy.handler import Deadlines, Exchange
 from proxy.headers import new_request_id
+from proxy.pool import Server
+from proxy.server import Proxy
 from proxy.table import _HOSTS_MAX, RoutingTable, normalize_host
-from tests.conftest import ProxyFactory, Upstream
+from proxy.values import parse_upstream
+from tests.conftest import ProxyFactory, Upstream, headers_of, raw_exchange
 
 
 def _config(upstream: str, policy: str) -> str:
@@ -194,3 +198,51 @@ def test_request_ids_are_unique_random_hex() -> None:
     ids = [new_request_id() for _ in range(3000)]  # several batches
     assert len(set(ids)) == len(ids)
     assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+
+
+def test_upstream_request_shortcut_applies_to_the_installed_aiohttp() -> None:
+    # Every header aiohttp adds on its own is in the skip list, so the shortcut is on.
+    assert pool._SKIPS_ALL
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_upstream_sees_only_what_the_client_sent(
+    proxy: Proxy, stable: Upstream, method: str
+) -> None:
+    body = b"x=1" if method == "POST" else b""
+    raw = await raw_exchange(
+        proxy.url,
+        f"{method} /seen HTTP/1.1\r\nHost: h.test\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n".encode() + body,
+    )
+    assert raw.startswith(b"HTTP/1.1 200")
+    seen = headers_of(stable.requests[-1])
+    for name in ("user-agent", "accept", "accept-encoding", "content-type"):
+        assert name not in seen
+    raw = await raw_exchange(
+        proxy.url,
+        f"{method} /seen HTTP/1.1\r\nHost: h.test\r\nUser-Agent: ua/1\r\nAccept: a/b\r\n"
+        f"Accept-Encoding: br\r\nContent-Type: c/d\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n".encode() + body,
+    )
+    assert raw.startswith(b"HTTP/1.1 200")
+    seen = headers_of(stable.requests[-1])
+    assert (seen["user-agent"], seen["accept"], seen["accept-encoding"], seen["content-type"]) \
+        == ("ua/1", "a/b", "br", "c/d")
+
+
+def test_server_urls_are_remembered_within_bounds() -> None:
+    server = Server(parse_upstream("http://127.0.0.1:9"))
+    first = server.url("/a", "q=1")
+    assert server.url("/a", "q=1") is first
+    assert str(first) == "http://127.0.0.1:9/a?q=1"
+    assert str(server.url("/a", "q=1", websocket=True)) == "ws://127.0.0.1:9/a?q=1"
+    for i in range(3 * pool._URLS_MAX):
+        assert server.url(f"/p{i}", "").path == f"/p{i}"
+        assert len(server._urls) <= pool._URLS_MAX
+    long_path = "/" + "x" * 300
+    assert server.url(long_path, "").raw_path == long_path
+    assert ("/" + "x" * 300, "") not in server._urls
+    assert server.host_header == "127.0.0.1:9"
+    assert Server(parse_upstream("http://[::1]:80")).host_header == "[::1]"
+    assert Server(parse_upstream("https://h.test:443")).host_header == "h.test"
