@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from multidict import istr
 
 from proxy.accesslog import AccessLog
 from proxy.assign import Decision, assign
@@ -33,6 +34,7 @@ from proxy.runtime import RingRuntime, Runtime
 from proxy.wsproxy import is_websocket_upgrade, proxy_websocket
 
 _NO_BODY_STATUS = frozenset({204, 304})
+UPGRADE = istr("Upgrade")
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
@@ -147,7 +149,11 @@ class ProxyHandler:
         decision = assign(compiled, request, new_request_id if compiled.anonymous else None)
         ring = runtime.rings[compiled.route.name][decision.index]
         # Headers only some routes add to the client's response (None on the common path).
-        extra = _response_extras(request, compiled.route, decision)
+        route = compiled.route
+        extra = (
+            None if decision.new_id is None and not route.decision.response
+            else _response_extras(request, route, decision)
+        )
         try:
             if ring.limit is not None and ring.inflight >= ring.limit:
                 raise Overloaded(f"ring {ring.name!r} has {ring.limit} requests in flight")
@@ -179,7 +185,8 @@ class ProxyHandler:
         pool = ring.pool
         server = pool.pick()
         ex.server = server.upstream.url
-        websocket = is_websocket_upgrade(request)
+        # (The Upgrade test first: it is one lookup, and almost no request has one.)
+        websocket = UPGRADE in request.headers and is_websocket_upgrade(request)
         headers = upstream_request_headers(
             request.headers,
             client_ip=request.remote or "",
@@ -200,57 +207,47 @@ class ProxyHandler:
                 ws = await proxy_websocket(request, ring, server, headers)
                 ex.status = 101
                 return ws
-            return await self._http(request, ring, server.url, headers, ex, extra)
+            # Plain HTTP, inline rather than one more coroutine per request.
+            session = pool.session
+            assert session is not None, "pool not started"
+            rel = request.rel_url
+            url = server.url(rel.raw_path, rel.raw_query_string)
+            deadlines = self._deadlines.get(ring.timeout) or self._deadlines_for(ring.timeout)
+            ex.task = asyncio.current_task()
+            data = None
+            if request.body_exists:
+                if request.headers.get("Expect", "").lower() == "100-continue":
+                    await request.writer.write(_CONTINUE)
+                # The ring timeout counts from the moment the body is fully sent.
+                data = _upload(request, deadlines, ex)
+            else:
+                deadlines.arm(ex)
+            try:
+                # No sock_read timer while waiting for the headers (the ring timeout covers
+                # that); _relay starts idle_timeout only if it has to wait for the body.
+                upstream = await session.request(
+                    request.method,
+                    url,
+                    headers=headers,
+                    data=data,
+                    allow_redirects=False,
+                )
+            except asyncio.CancelledError:
+                # The deadline fired (and nobody else cancelled the task meanwhile, such as
+                # the client going away): a timeout, as ``asyncio.timeout`` would report it.
+                if ex.expired and ex.task is not None and ex.task.uncancel() == 0:
+                    raise translate(TimeoutError()) from None
+                raise
+            except Exception as exc:
+                raise translate(exc) from exc
+            finally:
+                deadlines.disarm(ex)
+            try:
+                return await _relay(request, upstream, ex, extra, ring.client_timeout.sock_read)
+            finally:
+                upstream.release()
         finally:
             server.inflight -= 1
-
-    async def _http(
-        self,
-        request: web.BaseRequest,
-        ring: RingRuntime,
-        make_url: Any,
-        headers: Any,
-        ex: Exchange,
-        extra: list[tuple[str, str]] | None,
-    ) -> web.StreamResponse:
-        session = ring.pool.session
-        assert session is not None, "pool not started"
-        rel = request.rel_url
-        url = make_url(rel.raw_path, rel.raw_query_string)
-        deadlines = self._deadlines_for(ring.timeout)
-        ex.task = asyncio.current_task()
-        data = None
-        if request.body_exists:
-            if request.headers.get("Expect", "").lower() == "100-continue":
-                await request.writer.write(_CONTINUE)
-            # The ring timeout counts from the moment the body is fully sent.
-            data = _upload(request, deadlines, ex)
-        else:
-            deadlines.arm(ex)
-        try:
-            # No sock_read timer while waiting for the headers (the ring timeout covers
-            # that); _relay starts idle_timeout only if it has to wait for the body.
-            upstream = await session.request(
-                request.method,
-                url,
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-            )
-        except asyncio.CancelledError:
-            # The deadline fired (and nobody else cancelled the task meanwhile, such as
-            # the client going away): a timeout, as ``asyncio.timeout`` would report it.
-            if ex.expired and ex.task is not None and ex.task.uncancel() == 0:
-                raise translate(TimeoutError()) from None
-            raise
-        except Exception as exc:
-            raise translate(exc) from exc
-        finally:
-            deadlines.disarm(ex)
-        try:
-            return await _relay(request, upstream, ex, extra, ring.client_timeout.sock_read)
-        finally:
-            upstream.release()
 
     def _finish(
         self,
@@ -335,6 +332,14 @@ async def _relay(
     try:
         await response.prepare(request)
         if request.method == "HEAD" or upstream.status in _NO_BODY_STATUS:
+            return response
+        if content.is_eof():
+            # The whole body came with the headers (most small responses): one write, no
+            # async iteration over the stream.
+            body = content.read_nowait()
+            if body:
+                ex.bytes_out += len(body)
+                await response.write(body)
             return response
         async for chunk in content.iter_any():
             ex.bytes_out += len(chunk)
