@@ -223,7 +223,7 @@ http {{
 
 def start_nginx(name: str, root: Path, port: int, http_body: str) -> Server:
     workdir = root / name
-    workdir.mkdir(mode=0o755)
+    workdir.mkdir(mode=0o755, exist_ok=True)  # a later round reuses it
     conf = workdir / "nginx.conf"
     conf.write_text(nginx_conf(workdir, http_body))
     argv = ["nginx", "-e", str(workdir / "error.log"), "-p", f"{workdir}/", "-c", str(conf)]
