@@ -291,7 +291,8 @@ class Controller:
         self._apply(route)
         if not events:
             return
-        await asyncio.to_thread(append_audit, self.audit_path, events)
+        # In memory together with the state they explain (no await in between), so a
+        # reader never sees a new phase without its event; then the audit file; then out.
         for event in events:
             self.events.append(event)
             self.history.append(event.as_dict())
@@ -299,6 +300,8 @@ class Controller:
             log.log(level, "%s", event.text)
             if event.kind == "rollback":
                 self.metrics.rollback(event.route, event.ring, event.label)
+        await asyncio.to_thread(append_audit, self.audit_path, events)
+        for event in events:
             self.webhooks.send(event)
 
     def status(self) -> dict[str, object]:
