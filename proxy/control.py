@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from proxy.statefile import (
     save_state,
     set_aside,
 )
+from proxy.tasks import cancel_and_wait
 from proxy.webhooks import WebhookSender
 
 if TYPE_CHECKING:
@@ -182,11 +182,8 @@ class Controller:
         self.webhooks.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         await self.webhooks.stop()
 
     async def _run(self) -> None:

@@ -117,19 +117,9 @@ def upstream_request_headers(
     via = VIA
     special = incoming.keys() & _REQUEST_SPECIAL  # names as sent, any letter case
     if special:
-        drop = connection_tokens(incoming)
-        for name in special:
-            out.popall(name, None)
-        for name in drop:
-            out.popall(name, None)
-        if "x-forwarded-for" not in drop:
-            prior = incoming.getall(X_FORWARDED_FOR, ())
-            if prior:
-                forwarded_for = ", ".join([*prior, client_ip])
-        if "via" not in drop:
-            prior = incoming.getall(VIA_H, ())
-            if prior:
-                via = ", ".join([*prior, VIA])
+        drop = _remove(out, incoming, special)
+        forwarded_for = _appended(incoming, X_FORWARDED_FOR, drop, client_ip)
+        via = _appended(incoming, VIA_H, drop, VIA)
     if websocket:
         for name in [k for k in out if k.lower().startswith("sec-websocket-")]:
             out.popall(name, None)
@@ -156,15 +146,29 @@ def downstream_response_headers(
     via = VIA
     special = incoming.keys() & _RESPONSE_SPECIAL
     if special:
-        drop = connection_tokens(incoming)
-        for name in special:
-            out.popall(name, None)
-        for name in drop:
-            out.popall(name, None)
-        if "via" not in drop:
-            prior = incoming.getall(VIA_H, ())
-            if prior:
-                via = ", ".join([*prior, VIA])
+        via = _appended(incoming, VIA_H, _remove(out, incoming, special), VIA)
     out.add(VIA_H, via)
     out.setdefault(X_REQUEST_ID, request_id)
     return out
+
+
+def _remove(
+    out: CIMultiDict[str], incoming: CIMultiDictProxy[str], special: Iterable[str]
+) -> frozenset[str]:
+    """Remove the special names and those the Connection header lists; returns the latter."""
+    drop = connection_tokens(incoming)
+    for name in special:
+        out.popall(name, None)
+    for name in drop:
+        out.popall(name, None)
+    return drop
+
+
+def _appended(
+    incoming: CIMultiDictProxy[str], name: istr, drop: frozenset[str], own: str
+) -> str:
+    """``own`` after the incoming values of a list header (unless Connection dropped it)."""
+    if name.lower() in drop:
+        return own
+    prior = incoming.getall(name, ())
+    return ", ".join([*prior, own]) if prior else own

@@ -15,7 +15,6 @@ platform-specific notifier.  A change is acted on once the file has stopped chan
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import os
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from proxy.config import Config, load_config
 from proxy.errors import ConfigError
+from proxy.tasks import cancel_and_wait
 
 log = logging.getLogger("ringproxy.reload")
 
@@ -134,11 +134,8 @@ class Reloader:
             self._task = asyncio.ensure_future(self._watch())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _watch(self) -> None:
         seen = self._seen

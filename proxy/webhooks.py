@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 from typing import TYPE_CHECKING
 
 import aiohttp
+
+from proxy.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from proxy.rollout import Event
@@ -48,11 +49,8 @@ class WebhookSender:
             self._task = asyncio.ensure_future(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         async with aiohttp.ClientSession() as session:
