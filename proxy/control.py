@@ -23,6 +23,7 @@ from proxy.rollout import (
     Phase,
     RingPlan,
     RingState,
+    RolloutConflict,
     RoutePlan,
     Trigger,
     act,
@@ -109,7 +110,6 @@ class Controller:
         self._runtime: Runtime | None = None
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
-        self._analysed = False
 
     # ------------------------------------------------------------------ configuration
 
@@ -152,7 +152,6 @@ class Controller:
         self._runtime = runtime
         for name in plans:
             self._apply(name)
-        self._analysed = any(r.analysis is not None for r in config.routes)
 
     def _apply(self, route: str) -> None:
         """Put the route's live weights and rolled-back rings into the routing table."""
@@ -237,7 +236,7 @@ class Controller:
             plan = self.plans.get(route)
             if plan is None or self._runtime is None:
                 return []
-            if self._runtime.config.routes and not self._has_windows(route):
+            if not self._has_windows(route):
                 return []
             now_mono = self.mono()
             baseline = self.metrics.window(route, plan.baseline, now_mono, plan.window)
@@ -268,8 +267,6 @@ class Controller:
         async with self._lock:
             plan = self.plans.get(route)
             if plan is None:
-                from proxy.rollout import RolloutConflict
-
                 raise RolloutConflict(f"no route {route!r}")
             new, events = act(plan, self.states[route], ring, trigger, self.wall(), reason,
                               weight, actor)

@@ -39,7 +39,7 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class Exchange:
-    """What one request did, for the access log (and, later, metrics).
+    """What one request did, for the access log and the ring's metrics recorder.
 
     It is also the request's entry in its ring timeout's ``Deadlines``: ``task`` is what
     to cancel, ``timer`` says where the deadline stands (``_IDLE``, ``_ARMED``, ``_OVER``).
@@ -243,7 +243,7 @@ class ProxyHandler:
             finally:
                 deadlines.disarm(ex)
             try:
-                return await _relay(request, upstream, ex, extra, ring.client_timeout.sock_read)
+                return await _relay(request, upstream, ex, extra, ring.idle_timeout)
             finally:
                 upstream.release()
         finally:
@@ -359,9 +359,8 @@ async def _relay(
 
 def _response_extras(
     request: web.BaseRequest, route: Route, decision: Decision
-) -> list[tuple[str, str]] | None:
-    if decision.new_id is None and not route.decision.response:
-        return None
+) -> list[tuple[str, str]]:
+    """X-Ring/X-Ring-Reason and an anonymous id's cookie (the caller checks they apply)."""
     extra = []
     if route.decision.response:
         extra += [("X-Ring", decision.ring), ("X-Ring-Reason", decision.reason.value)]

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Protocol
 
-import aiohttp
-
 from proxy.config import Config, Ring, Route
 from proxy.pool import UpstreamPool
 from proxy.table import RoutingTable
@@ -31,8 +29,8 @@ class RingRuntime:
     """A ring's policy in the form the request path wants, and its in-flight count."""
 
     __slots__ = (
-        "client_timeout",
         "extra_headers",
+        "idle_timeout",
         "inflight",
         "limit",
         "name",
@@ -78,11 +76,7 @@ class RingRuntime:
             self.weight = ring.weight / 100
         elif ring is route.rings[-1]:
             self.weight = (10_000 - sum(r.weight or 0 for r in route.rings)) / 100
-        self.client_timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=pool.config.connect_timeout,
-            sock_read=ring.policy.idle_timeout,
-        )
+        self.idle_timeout = ring.policy.idle_timeout  # longest silence in a body
 
     def __repr__(self) -> str:
         limit = self.limit if self.limit is not None else "-"

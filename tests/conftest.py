@@ -228,7 +228,7 @@ async def canary() -> AsyncIterator[Upstream]:
     await up.stop()
 
 
-def two_ring_config(stable: str, canary: str, extra_ring_policy: str = "", **fmt: Any) -> str:
+def two_ring_config(stable: str, canary: str) -> str:
     return textwrap.dedent(
         f"""
         listen: 127.0.0.1:0
