@@ -14,8 +14,8 @@ import timeit
 
 from multidict import CIMultiDict
 
-from proxy.assign import StaticRequest, assign, compile_route
 from proxy.config import parse_config
+from proxy.routing.assign import StaticRequest, assign, compile_route
 
 CONFIG = """
 pools: {p: {servers: ["http://127.0.0.1:9"]}}

@@ -31,8 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from proxy.assign import BUCKETS, CompiledRoute, Reason, StaticRequest, assign, compile_route
 from proxy.config import Config, Route, load_config
+from proxy.routing.assign import (
+    BUCKETS,
+    CompiledRoute,
+    Reason,
+    StaticRequest,
+    assign,
+    compile_route,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "config" / "demo.yaml"

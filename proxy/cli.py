@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from proxy import __version__
-from proxy.adminclient import DEFAULT_URL
+from proxy.admin.client import DEFAULT_URL
 from proxy.config import load_config
 from proxy.errors import ConfigError
 
@@ -153,7 +153,7 @@ REMOTE_COMMANDS = ("status", "promote", "approve", "pause", "resume", "rollback"
 
 
 def _remote(args: argparse.Namespace) -> int:
-    from proxy import adminclient as ac
+    from proxy.admin import client as ac
 
     client = ac.AdminClient(args.admin, args.token)
     try:
@@ -181,7 +181,7 @@ def _remote(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from proxy.assign import StaticRequest, assign, compile_route
+    from proxy.routing.assign import StaticRequest, assign, compile_route
 
     try:
         config = load_config(args.config)
@@ -229,14 +229,14 @@ def _run(path: str, watch: bool = True, fresh_state: bool = False) -> int:
 
 
 def _demo(ephemeral: bool) -> int:
-    from proxy.demo import run_demo
+    from proxy.demo.run import run_demo
 
     return _serve_guarded(lambda: run_demo(ephemeral))
 
 
 def _serve_guarded(main: object) -> int:
+    from proxy.control.statefile import StateError
     from proxy.server import run
-    from proxy.statefile import StateError
 
     try:
         run(main)  # type: ignore[arg-type]

@@ -29,8 +29,8 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.process_collector import ProcessCollector
 
+from proxy.rollout.window import LATENCY_BUCKETS, RingWindow, Summary
 from proxy.runtime import RingRuntime, Runtime
-from proxy.window import LATENCY_BUCKETS, RingWindow, Summary
 
 # code_class: the status class sent to the client; "error" when the proxy answered
 # itself because the upstream failed (502/504) or the ring was full (503); "client_closed"

@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Protocol
 
 from proxy.config import Config, Ring, Route
-from proxy.pool import UpstreamPool
-from proxy.table import RoutingTable
+from proxy.dataplane.pool import UpstreamPool
+from proxy.routing.table import RoutingTable
 
 
 class Recorder(Protocol):

@@ -16,17 +16,17 @@ from pathlib import Path
 
 from aiohttp import web
 
-from proxy.accesslog import AccessLog
-from proxy.admin import admin_app
+from proxy.admin.api import admin_app
 from proxy.config import Config
-from proxy.control import Controller
-from proxy.handler import ProxyHandler
+from proxy.config.rollout import WINDOW_HORIZON
+from proxy.config.values import Listen
+from proxy.control.controller import Controller
+from proxy.dataplane.accesslog import AccessLog
+from proxy.dataplane.handler import ProxyHandler
+from proxy.dataplane.pool import UpstreamPool
 from proxy.metrics import Metrics
-from proxy.pool import UpstreamPool
 from proxy.reload import Reloader, ReloadResult
-from proxy.rolloutcfg import WINDOW_HORIZON
 from proxy.runtime import Runtime
-from proxy.values import Listen
 
 log = logging.getLogger("ringproxy")
 

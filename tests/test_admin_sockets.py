@@ -125,7 +125,7 @@ async def test_routes_view(admin: Proxy, client: aiohttp.ClientSession) -> None:
 async def test_explain_endpoint(admin: Proxy) -> None:
     status, body = await call(admin, "GET", "/api/explain?route=api&header=X-Beta:1")
     assert status == 200 and (body["ring"], body["reason"]) == ("beta", "rule")
-    from proxy.assign import bucket_of
+    from proxy.routing.assign import bucket_of
 
     user = next(f"u{i}" for i in range(500) if bucket_of("api", f"u{i}") < 500)
     status, body = await call(admin, "GET", f"/api/explain?route=api&header=X-User-Id:{user}")
@@ -299,10 +299,10 @@ def test_cli_module_runs_without_an_event_loop() -> None:
     import subprocess
 
     result = subprocess.run(
-        [sys.executable, "-c", "import sys, proxy.adminclient; "
+        [sys.executable, "-c", "import sys, proxy.admin.client; "
          "print(sorted(m for m in sys.modules if m.startswith('proxy')))"],
         capture_output=True, text=True, check=True, cwd=ROOT)
-    assert "proxy.server" not in result.stdout and "proxy.handler" not in result.stdout
+    assert "proxy.server" not in result.stdout and "proxy.dataplane.handler" not in result.stdout
 
 
 async def test_status_page_and_favicon_are_served_without_a_token(admin: Proxy) -> None:

@@ -10,7 +10,9 @@ import textwrap
 
 import pytest
 
-from proxy.assign import (
+from proxy.config import parse_config
+from proxy.errors import ConfigError
+from proxy.routing.assign import (
     BUCKETS,
     CompiledRoute,
     Reason,
@@ -19,7 +21,6 @@ from proxy.assign import (
     bucket_of,
     compile_route,
 )
-from proxy.config import ConfigError, parse_config
 
 ROUTE = textwrap.dedent("""
     pools: {{p: {{servers: [http://h]}}}}

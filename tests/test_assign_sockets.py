@@ -8,7 +8,7 @@ from http.cookies import SimpleCookie
 import aiohttp
 import pytest
 
-from proxy.assign import bucket_of
+from proxy.routing.assign import bucket_of
 from tests.conftest import ProxyFactory, Upstream, headers_of
 
 SECRET = "override-secret-0123456789"

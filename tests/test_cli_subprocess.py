@@ -159,7 +159,7 @@ routes:
 def test_explain_prints_the_decision_as_json(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(EXPLAIN_CONFIG)
-    from proxy.assign import bucket_of
+    from proxy.routing.assign import bucket_of
 
     user = next(f"u{i}" for i in range(100) if bucket_of("s1", f"u{i}") < 2500)
     result = cli("explain", "--config", str(path), "--route", "api",

@@ -6,9 +6,10 @@ import textwrap
 
 import pytest
 
-from proxy.config import Balance, ConfigError, load_config, parse_config
-from proxy.rules import Attr
-from proxy.values import Listen, parse_duration, parse_listen, parse_upstream
+from proxy.config import Balance, load_config, parse_config
+from proxy.config.rules import Attr
+from proxy.config.values import Listen, parse_duration, parse_listen, parse_upstream
+from proxy.errors import ConfigError
 
 MINIMAL = """
 listen: 127.0.0.1:8080

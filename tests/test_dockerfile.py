@@ -30,7 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import Admin, load_config
+from proxy.config import load_config
+from proxy.config.admin import Admin
 from tests.conftest import LISTENING, ROOT, cli, write_config
 
 DOCKERFILE = ROOT / "Dockerfile"
@@ -830,7 +831,7 @@ def test_dockerignore_keeps_out_what_the_image_must_not_see(ignore: DockerIgnore
     leaked = [p for p in kept_out if not ignore.excluded(p)]
     assert not leaked, f".dockerignore lets these into the build context: {leaked}"
     needed = ["pyproject.toml", "README.md", "proxy/__init__.py", "proxy/py.typed",
-              "proxy/demo.yaml"]
+              "proxy/demo/demo.yaml"]
     dropped = [p for p in needed if ignore.excluded(p)]
     assert not dropped, f".dockerignore keeps out files the wheel build needs: {dropped}"
 
@@ -881,14 +882,16 @@ def test_build_stage_copies_a_complete_project(
     package_files = [f for f in context if f.startswith("proxy/")]
     missing = [f for f in package_files if not (project / f).is_file()]
     assert not missing, f"package files not copied into the build stage: {missing}"
-    for pattern in PYPROJECT["tool"]["setuptools"]["package-data"]["proxy"]:
-        assert list((project / "proxy").glob(pattern)), f"package data {pattern} not copied"
+    for package, patterns in PYPROJECT["tool"]["setuptools"]["package-data"].items():
+        folder = project.joinpath(*package.split("."))
+        for pattern in patterns:
+            assert list(folder.glob(pattern)), f"package data {package}/{pattern} not copied"
     # The copied package runs on its own (not the checkout's): it loads its demo config.
     probe = subprocess.run(
         [sys.executable, "-c",
          "import sys, proxy, proxy.cli; print(proxy.__file__); "
          "sys.exit(proxy.cli.main(['check', sys.argv[1]]))",
-         str(project / "proxy" / "demo.yaml")],
+         str(project / "proxy" / "demo" / "demo.yaml")],
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(project)},
         capture_output=True, text=True, timeout=60,
     )

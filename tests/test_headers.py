@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.headers import (
+from proxy.dataplane.headers import (
     HOP_BY_HOP,
     downstream_response_headers,
     request_id_of,

@@ -13,14 +13,14 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy import pool
 from proxy.config import parse_config
-from proxy.handler import Deadlines, Exchange
-from proxy.headers import new_request_id
-from proxy.pool import Server
+from proxy.config.values import parse_upstream
+from proxy.dataplane import pool
+from proxy.dataplane.handler import Deadlines, Exchange
+from proxy.dataplane.headers import new_request_id
+from proxy.dataplane.pool import Server
+from proxy.routing.table import _HOSTS_MAX, RoutingTable, normalize_host
 from proxy.server import Proxy
-from proxy.table import _HOSTS_MAX, RoutingTable, normalize_host
-from proxy.values import parse_upstream
 from tests.conftest import ProxyFactory, Upstream, headers_of, raw_exchange
 
 

@@ -6,14 +6,14 @@ import math
 
 import pytest
 
-from proxy.judge import (
+from proxy.config.rollout import Thresholds
+from proxy.rollout.judge import (
     Outcome,
-    Thresholds,
     fisher_greater,
     increase_p_value,
     judge,
 )
-from proxy.window import LATENCY_BUCKETS, summarize
+from proxy.rollout.window import LATENCY_BUCKETS, summarize
 
 
 def window(requests: int, errors: int = 0, latency: float | None = 0.004):
@@ -110,7 +110,7 @@ def test_z_test_and_edges() -> None:
 
 
 def test_fast_verdict() -> None:
-    from proxy.judge import judge_fast
+    from proxy.rollout.judge import judge_fast
 
     assert judge_fast(window(9, 9), 0.5, 10) is None  # too few requests
     assert judge_fast(window(100, 50), 0.5, 10) is None  # at the limit, not above

@@ -14,8 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import parse_config
 from proxy.metrics import CODE_CLASSES, ERROR_KINDS, Metrics, RingRecorder
+from proxy.rollout.window import RingWindow
 from proxy.runtime import Runtime
-from proxy.window import RingWindow
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

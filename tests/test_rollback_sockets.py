@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from proxy.config import parse_config
-from proxy.rollout import Phase
+from proxy.rollout.machine import Phase
 from proxy.server import Proxy
 from tests.conftest import Upstream
 
@@ -284,7 +284,7 @@ async def test_operator_rollback_is_kept_across_unrelated_reloads_and_reset_by_a
     stable: Upstream, canary: Upstream, tmp_path: Path
 ) -> None:
     from proxy.config import load_config
-    from proxy.rollout import Trigger
+    from proxy.rollout.machine import Trigger
 
     path = tmp_path / "c.yaml"
     text = rollout_config(stable, canary, tmp_path, ring="weight: 50", interval="10s", window="20s")
@@ -319,7 +319,7 @@ async def test_events_are_posted_to_webhooks_with_retries(
 ) -> None:
     from aiohttp import web
 
-    from proxy.rollout import Trigger
+    from proxy.rollout.machine import Trigger
 
     received: list[dict] = []
     calls = [0]

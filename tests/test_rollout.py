@@ -6,22 +6,22 @@ import json
 
 import pytest
 
-from proxy.judge import Outcome, Verdict
-from proxy.rollout import (
+from proxy.config.rollout import Step
+from proxy.control.statefile import StateError, append_audit, load_state, read_audit, save_state
+from proxy.rollout.judge import Outcome, Verdict
+from proxy.rollout.machine import (
     TRANSITIONS,
     Phase,
     RingPlan,
     RingState,
     RolloutConflict,
     RoutePlan,
-    Step,
     Trigger,
     act,
     initial_state,
     on_verdicts,
     restore,
 )
-from proxy.statefile import StateError, append_audit, load_state, read_audit, save_state
 
 PASS = Verdict(Outcome.PASS)
 NO_DATA = Verdict(Outcome.NO_DATA, ("3 requests",))

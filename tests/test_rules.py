@@ -6,10 +6,11 @@ from typing import Any
 
 import pytest
 
-from proxy.assign import StaticRequest
+from proxy.config.reader import Ctx
+from proxy.config.rules import parse_version, read_rule
 from proxy.errors import ConfigError
-from proxy.reader import Ctx
-from proxy.rules import compile_rule, parse_version, read_rule
+from proxy.routing.assign import StaticRequest
+from proxy.routing.predicates import compile_rule
 
 
 def rule(spec: dict[str, Any]):
@@ -116,7 +117,7 @@ def test_operator_on_a_header(op: str, spec: dict[str, Any], value: str | None,
 
 
 def test_every_operator_has_cases() -> None:
-    from proxy.rules import OPS
+    from proxy.config.rules import OPS
 
     assert {c[0] for c in CASES} == set(OPS)
 

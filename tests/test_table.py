@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from proxy.assign import Reason, assign
 from proxy.config import parse_config
-from proxy.table import RoutingTable, normalize_host
+from proxy.routing.assign import Reason, assign
+from proxy.routing.table import RoutingTable, normalize_host
 
 CONFIG = textwrap.dedent("""
     pools: {p: {servers: [http://h]}}

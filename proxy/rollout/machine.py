@@ -26,8 +26,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
+from proxy.config.rollout import Step, Thresholds
 from proxy.errors import RingproxyError
-from proxy.judge import Outcome, Thresholds, Verdict
+from proxy.rollout.judge import Outcome, Verdict
 
 
 class Phase(StrEnum):
@@ -54,12 +55,6 @@ class RolloutConflict(RingproxyError):
     """An action that does not apply to the ring's current phase (HTTP 409)."""
 
     status = 409
-
-
-@dataclass(frozen=True, slots=True)
-class Step:
-    weight: int  # basis points
-    approval: bool = False  # an operator must approve moving *to* this step
 
 
 @dataclass(frozen=True, slots=True)

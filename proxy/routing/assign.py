@@ -29,9 +29,16 @@ from enum import StrEnum
 
 import mmh3
 
-from proxy.assigncfg import KeySource, Override
 from proxy.config import Route
-from proxy.rules import Attr, Predicate, RequestView, compile_group, getter, network_test
+from proxy.config.assignment import KeySource, Override
+from proxy.config.rules import Attr
+from proxy.routing.predicates import (
+    Predicate,
+    RequestView,
+    compile_group,
+    getter,
+    network_test,
+)
 
 BUCKETS = 10_000
 

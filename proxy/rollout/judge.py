@@ -21,25 +21,14 @@ import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from proxy.window import Summary
+from proxy.config.rollout import Thresholds
+from proxy.rollout.window import Summary
 
 
 class Outcome(StrEnum):
     PASS = "pass"
     FAIL = "fail"
     NO_DATA = "no_data"
-
-
-@dataclass(frozen=True, slots=True)
-class Thresholds:
-    min_requests: int = 50
-    max_error_rate: float | None = None  # fraction, e.g. 0.05
-    max_p95: float | None = None  # seconds
-    max_p99: float | None = None
-    max_error_rate_increase: float | None = None  # fraction (0.01 = 1 percentage point)
-    max_latency_ratio: float | None = None  # ring p95 / baseline p95
-    latency_floor: float = 0.020  # seconds
-    significance: float = 0.05  # one-sided p-value below which an increase is real
 
 
 @dataclass(frozen=True, slots=True)

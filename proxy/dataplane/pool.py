@@ -17,6 +17,7 @@ from multidict import CIMultiDict, CIMultiDictProxy, istr
 from yarl import URL
 
 from proxy.config import Balance, Pool
+from proxy.config.values import Upstream
 from proxy.errors import (
     UpstreamBadResponse,
     UpstreamConnectError,
@@ -24,7 +25,6 @@ from proxy.errors import (
     UpstreamResetError,
     UpstreamTimeout,
 )
-from proxy.values import Upstream
 
 # Send only what the client sent: no User-Agent, Accept, Accept-Encoding or Content-Type of
 # aiohttp's own.

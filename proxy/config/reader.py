@@ -11,9 +11,9 @@ import difflib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from proxy.config.source import join
+from proxy.config.values import parse_duration
 from proxy.errors import ConfigIssue
-from proxy.values import parse_duration
-from proxy.yamlsrc import join
 
 T = TypeVar("T")
 

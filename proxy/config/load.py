@@ -1,4 +1,4 @@
-"""The config model: one YAML file parsed into frozen, fully validated objects.
+"""Reading a config: one YAML file parsed into the frozen, validated model.
 
 ``load_config(path)`` / ``parse_config(text)`` return a :class:`Config` or raise
 :class:`~proxy.errors.ConfigError` holding *every* issue found, each with its YAML path
@@ -12,132 +12,48 @@ import hashlib
 import os
 import string
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
-from enum import Enum, StrEnum
+from dataclasses import replace
+from enum import Enum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from proxy.admincfg import Admin, read_admin
-from proxy.assigncfg import (
-    DecisionHeaders,
-    Override,
+from proxy.config.admin import read_admin
+from proxy.config.assignment import (
     Sticky,
     read_decision_headers,
     read_override,
     read_sticky,
 )
-from proxy.errors import ConfigError, ConfigIssue
-from proxy.reader import Ctx, Section, kind
-from proxy.rolloutcfg import (
-    Analysis,
-    Progression,
-    StateFiles,
-    Webhook,
+from proxy.config.model import (
+    AccessLog,
+    Balance,
+    Config,
+    Metrics,
+    Policy,
+    Pool,
+    Ring,
+    Route,
+)
+from proxy.config.reader import Ctx, Section, kind
+from proxy.config.rollout import (
     read_analysis,
     read_progression,
     read_rollback,
     read_state_files,
     read_webhooks,
 )
-from proxy.rules import Rule, read_rule
-from proxy.values import (
+from proxy.config.rules import read_rule
+from proxy.config.source import join, load_yaml
+from proxy.config.values import (
     NAME_RE,
     TOKEN_RE,
     Listen,
-    Upstream,
     parse_host_pattern,
     parse_listen,
     parse_upstream,
     parse_weight,
 )
-from proxy.yamlsrc import join, load_yaml
-
-T = TypeVar("T")
-
-
-class Balance(StrEnum):
-    ROUND_ROBIN = "round_robin"
-    LEAST_REQUEST = "least_request"
-
-
-@dataclass(frozen=True, slots=True)
-class Pool:
-    name: str
-    servers: tuple[Upstream, ...]
-    balance: Balance = Balance.ROUND_ROBIN
-    connect_timeout: float = 2.0
-    max_connections: int = 1000  # per pool, over all its servers
-    keepalive_timeout: float = 15.0  # idle pooled connections are closed after this
-    preserve_host: bool = True  # send the client's Host; False sends the server's host:port
-
-
-@dataclass(frozen=True, slots=True)
-class Policy:
-    timeout: float = 30.0  # request fully sent -> upstream response headers received
-    idle_timeout: float = 60.0  # longest silence while streaming a body, either way
-    max_concurrency: int | None = None  # in-flight requests on this ring; None = no limit
-    add_headers: tuple[tuple[str, str], ...] = ()  # sent upstream, {ring}/{route} expanded
-
-
-@dataclass(frozen=True, slots=True)
-class Ring:
-    name: str
-    pool: str
-    rules: tuple[tuple[Rule, ...], ...] = ()  # any group matches; all rules of a group hold
-    policy: Policy = field(default_factory=Policy)
-    weight: int | None = None  # share of sticky buckets in basis points (0.01 %); None: none
-    progression: Progression | None = None  # steps the weight advances along
-    pinned: bool = False  # keeps its pool when a rollback takes the pool's other rings off
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    name: str
-    rings: tuple[Ring, ...]
-    hosts: tuple[str, ...] = ()  # empty: any host
-    path_prefix: str = "/"
-    sticky: Sticky | None = None
-    override: Override | None = None
-    decision: DecisionHeaders = field(default_factory=DecisionHeaders)
-    analysis: Analysis | None = None
-
-    @property
-    def default_ring(self) -> Ring:
-        return self.rings[-1]
-
-
-@dataclass(frozen=True, slots=True)
-class AccessLog:
-    enabled: bool = True
-    path: str = "-"  # "-" is standard output
-
-
-@dataclass(frozen=True, slots=True)
-class Metrics:
-    enabled: bool = True  # per-ring Prometheus metrics and the in-process windows
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    listen: Listen
-    pools: tuple[Pool, ...]
-    routes: tuple[Route, ...]
-    admin: Admin = field(default_factory=Admin)
-    access_log: AccessLog = field(default_factory=AccessLog)
-    shutdown_grace: float = 30.0
-    metrics: Metrics = field(default_factory=Metrics)
-    state: StateFiles = field(default_factory=StateFiles)
-    webhooks: tuple[Webhook, ...] = ()
-    revision: str = ""  # short hash of the file's bytes
-    source: str = ""
-
-    def pool(self, name: str) -> Pool:
-        for pool in self.pools:
-            if pool.name == name:
-                return pool
-        raise KeyError(name)
-
-
+from proxy.errors import ConfigError, ConfigIssue
 
 
 def load_config(

@@ -15,8 +15,8 @@ import aiohttp
 from aiohttp import WSMsgType, web
 from multidict import CIMultiDict
 
+from proxy.dataplane.pool import Server, translate
 from proxy.errors import UpstreamBadResponse
-from proxy.pool import Server, translate
 from proxy.runtime import RingRuntime
 
 MAX_MESSAGE = 16 * 1024 * 1024  # bytes; a larger message closes the socket with 1009

@@ -18,20 +18,20 @@ import aiohttp
 from aiohttp import web
 from multidict import istr
 
-from proxy.accesslog import AccessLog
-from proxy.assign import Decision, assign
 from proxy.config import Route
-from proxy.errors import Overloaded, UpstreamError
-from proxy.headers import (
+from proxy.dataplane.accesslog import AccessLog
+from proxy.dataplane.headers import (
     X_REQUEST_ID,
     downstream_response_headers,
     new_request_id,
     request_id_of,
     upstream_request_headers,
 )
-from proxy.pool import translate
+from proxy.dataplane.pool import translate
+from proxy.dataplane.websocket import is_websocket_upgrade, proxy_websocket
+from proxy.errors import Overloaded, UpstreamError
+from proxy.routing.assign import Decision, assign
 from proxy.runtime import RingRuntime, Runtime
-from proxy.wsproxy import is_websocket_upgrade, proxy_websocket
 
 _NO_BODY_STATUS = frozenset({204, 304})
 UPGRADE = istr("Upgrade")

@@ -12,14 +12,14 @@ from importlib import resources
 
 from aiohttp import web
 
-from proxy.assign import bucket_of
 from proxy.config import Config, parse_config
+from proxy.config.values import Listen, parse_upstream
+from proxy.routing.assign import bucket_of
 from proxy.server import Proxy, serve
-from proxy.values import Listen, parse_upstream
 
 
 def demo_config() -> Config:
-    text = resources.files("proxy").joinpath("demo.yaml").read_text(encoding="utf-8")
+    text = resources.files("proxy.demo").joinpath("demo.yaml").read_text(encoding="utf-8")
     return parse_config(text, source="config/demo.yaml (embedded)")
 
 

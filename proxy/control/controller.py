@@ -16,23 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from proxy.config import Config, Route
-from proxy.judge import Thresholds, Verdict, judge, judge_fast
-from proxy.rollout import (
-    Event,
-    Phase,
-    RingPlan,
-    RingState,
-    RolloutConflict,
-    RoutePlan,
-    Trigger,
-    act,
-    fingerprint,
-    on_fast_failure,
-    on_verdicts,
-    restore,
-)
-from proxy.statefile import (
+from proxy.config import Config
+from proxy.control.statefile import (
     StateError,
     append_audit,
     load_state,
@@ -40,8 +25,22 @@ from proxy.statefile import (
     save_state,
     set_aside,
 )
+from proxy.control.webhooks import WebhookSender
+from proxy.rollout.judge import Verdict, judge, judge_fast
+from proxy.rollout.machine import (
+    Event,
+    Phase,
+    RingState,
+    RolloutConflict,
+    RoutePlan,
+    Trigger,
+    act,
+    on_fast_failure,
+    on_verdicts,
+    restore,
+)
+from proxy.rollout.plan import build_plan
 from proxy.tasks import cancel_and_wait
-from proxy.webhooks import WebhookSender
 
 if TYPE_CHECKING:
     from proxy.metrics import Metrics
@@ -49,39 +48,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ringproxy.rollout")
 FAST_TICK = 0.2  # seconds between fast-path checks, when a route has one
-
-
-def build_plan(config: Config, route: Route) -> RoutePlan:
-    pools = {p.name: p for p in config.pools}
-    rings = []
-    for ring in route.rings:
-        steps = ring.progression.steps if ring.progression else ()
-        pool = pools[ring.pool]
-        rings.append(RingPlan(
-            name=ring.name,
-            pool=ring.pool,
-            weight=ring.weight,
-            steps=steps,
-            min_step_duration=ring.progression.min_step_duration if ring.progression else 0.0,
-            pinned=ring.pinned,
-            # A new pool, new servers (a new version), new rules or a new schedule start
-            # the ring's rollout over; anything else keeps its live state.
-            fingerprint=fingerprint(ring.pool, [s.url for s in pool.servers], ring.rules,
-                                    ring.weight, steps, ring.pinned),
-        ))
-    analysis = route.analysis
-    baseline = (analysis.baseline if analysis and analysis.baseline else route.rings[-1].name)
-    return RoutePlan(
-        route=route.name,
-        rings=tuple(rings),
-        baseline=baseline,
-        thresholds=analysis.thresholds if analysis else Thresholds(),
-        failure_limit=analysis.failure_limit if analysis else 3,
-        rollback_to_previous=analysis.rollback_to_previous if analysis else False,
-        interval=analysis.interval if analysis else 0.0,
-        window=analysis.window if analysis else 60.0,
-        fast=analysis.fast if analysis else None,
-    )
 
 
 class Controller:
@@ -326,4 +292,4 @@ class Controller:
         return f"<Controller routes={len(self.plans)} {dict(phases)}>"
 
 
-__all__ = ["Controller", "Phase", "Trigger", "build_plan"]
+__all__ = ["Controller", "Phase", "Trigger"]

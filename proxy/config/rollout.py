@@ -9,13 +9,29 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from proxy.judge import Thresholds
-from proxy.reader import Ctx, Section, kind
-from proxy.rollout import Step
-from proxy.values import parse_weight
-from proxy.yamlsrc import join
+from proxy.config.reader import Ctx, Section, kind
+from proxy.config.source import join
+from proxy.config.values import parse_weight
 
 WINDOW_HORIZON = 300.0  # seconds of per-ring history kept in memory (metrics windows)
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    weight: int  # basis points
+    approval: bool = False  # an operator must approve moving *to* this step
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    min_requests: int = 50
+    max_error_rate: float | None = None  # fraction, e.g. 0.05
+    max_p95: float | None = None  # seconds
+    max_p99: float | None = None
+    max_error_rate_increase: float | None = None  # fraction (0.01 = 1 percentage point)
+    max_latency_ratio: float | None = None  # ring p95 / baseline p95
+    latency_floor: float = 0.020  # seconds
+    significance: float = 0.05  # one-sided p-value below which an increase is real
 
 
 @dataclass(frozen=True, slots=True)

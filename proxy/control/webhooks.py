@@ -18,8 +18,8 @@ import aiohttp
 from proxy.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
-    from proxy.rollout import Event
-    from proxy.rolloutcfg import Webhook
+    from proxy.config.rollout import Webhook
+    from proxy.rollout.machine import Event
 
 log = logging.getLogger("ringproxy.webhooks")
 QUEUE_LIMIT = 1000

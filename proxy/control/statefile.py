@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from proxy.errors import RingproxyError
-from proxy.rollout import Event, RingState
+from proxy.rollout.machine import Event, RingState
 
 FORMAT = 1
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-from proxy.reader import Ctx, Section
-from proxy.rules import Attr, Network, parse_attr
-from proxy.values import TOKEN_RE
-from proxy.yamlsrc import join
+from proxy.config.reader import Ctx, Section
+from proxy.config.rules import Attr, Network, parse_attr
+from proxy.config.source import join
+from proxy.config.values import TOKEN_RE
 
 _SAME_SITE = {"lax": "Lax", "strict": "Strict", "none": "None"}
 _SECURE = ("auto", "always", "never")

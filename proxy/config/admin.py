@@ -8,9 +8,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from proxy.reader import Ctx, Section, kind
-from proxy.values import Listen, parse_listen
-from proxy.yamlsrc import join
+from proxy.config.reader import Ctx, Section, kind
+from proxy.config.source import join
+from proxy.config.values import Listen, parse_listen
 
 ROLES = ("viewer", "operator", "admin")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

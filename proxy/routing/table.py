@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from proxy.assign import CompiledRoute, compile_route
 from proxy.config import Config, Route
+from proxy.routing.assign import CompiledRoute, compile_route
 
 
 def _prefix_matches(prefix: str, path: str) -> bool:

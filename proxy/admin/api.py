@@ -17,16 +17,20 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
-from proxy.admincfg import AdminToken
-from proxy.assign import StaticRequest, assign
-from proxy.rollout import RolloutConflict, Trigger
+from proxy.config.admin import AdminToken
+from proxy.rollout.machine import RolloutConflict, Trigger
+from proxy.routing.assign import StaticRequest, assign
 
 if TYPE_CHECKING:
-    from proxy.server import Proxy
+    from proxy.config import Config
+    from proxy.control.controller import Controller
+    from proxy.metrics import Metrics
+    from proxy.reload import Reloader
+    from proxy.runtime import Runtime
 
 log = logging.getLogger("ringproxy.admin")
 
@@ -38,7 +42,28 @@ ACTIONS = {
     "rollback": Trigger.ROLLBACK,
     "weight": Trigger.SET_WEIGHT,
 }
-PROXY_KEY = web.AppKey("proxy", object)
+
+
+class Proxy(Protocol):
+    """What the admin listener reads and drives (``proxy.server.Proxy`` is one).
+
+    A protocol, not an import: the server builds the admin app, so the admin side names
+    only what it uses and never imports the server.
+    """
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def runtime(self) -> Runtime: ...
+    @property
+    def controller(self) -> Controller: ...
+    @property
+    def metrics(self) -> Metrics: ...
+    @property
+    def reloader(self) -> Reloader | None: ...
+
+
+PROXY_KEY = web.AppKey("proxy", Proxy)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -52,7 +77,7 @@ class ApiError(Exception):
 
 
 def _proxy(request: web.Request) -> Proxy:
-    return request.app[PROXY_KEY]  # type: ignore[return-value]
+    return request.app[PROXY_KEY]
 
 
 def _is_loopback(request: web.Request) -> bool:
@@ -335,7 +360,7 @@ _PAGE: bytes | None = None
 async def page(request: web.Request) -> web.Response:
     global _PAGE
     if _PAGE is None:
-        _PAGE = resources.files("proxy").joinpath("status.html").read_bytes()
+        _PAGE = resources.files("proxy.admin").joinpath("status.html").read_bytes()
     return web.Response(body=_PAGE, content_type="text/html", charset="utf-8",
                         headers={"Cache-Control": "no-store",
                                  "Content-Security-Policy": "default-src 'self'; "

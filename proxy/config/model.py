@@ -1,0 +1,100 @@
+"""The config model: frozen, validated dataclasses, built once by ``proxy.config.load``.
+
+Nothing here is mutated after it is built: a reload builds a new Config and swaps the
+reference.  Defaults live on these classes (and the settings classes they hold) only; the
+reader passes them on instead of repeating them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from proxy.config.admin import Admin
+from proxy.config.assignment import DecisionHeaders, Override, Sticky
+from proxy.config.rollout import Analysis, Progression, StateFiles, Webhook
+from proxy.config.rules import Rule
+from proxy.config.values import Listen, Upstream
+
+
+class Balance(StrEnum):
+    ROUND_ROBIN = "round_robin"
+    LEAST_REQUEST = "least_request"
+
+
+@dataclass(frozen=True, slots=True)
+class Pool:
+    name: str
+    servers: tuple[Upstream, ...]
+    balance: Balance = Balance.ROUND_ROBIN
+    connect_timeout: float = 2.0
+    max_connections: int = 1000  # per pool, over all its servers
+    keepalive_timeout: float = 15.0  # idle pooled connections are closed after this
+    preserve_host: bool = True  # send the client's Host; False sends the server's host:port
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    timeout: float = 30.0  # request fully sent -> upstream response headers received
+    idle_timeout: float = 60.0  # longest silence while streaming a body, either way
+    max_concurrency: int | None = None  # in-flight requests on this ring; None = no limit
+    add_headers: tuple[tuple[str, str], ...] = ()  # sent upstream, {ring}/{route} expanded
+
+
+@dataclass(frozen=True, slots=True)
+class Ring:
+    name: str
+    pool: str
+    rules: tuple[tuple[Rule, ...], ...] = ()  # any group matches; all rules of a group hold
+    policy: Policy = field(default_factory=Policy)
+    weight: int | None = None  # share of sticky buckets in basis points (0.01 %); None: none
+    progression: Progression | None = None  # steps the weight advances along
+    pinned: bool = False  # keeps its pool when a rollback takes the pool's other rings off
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    rings: tuple[Ring, ...]
+    hosts: tuple[str, ...] = ()  # empty: any host
+    path_prefix: str = "/"
+    sticky: Sticky | None = None
+    override: Override | None = None
+    decision: DecisionHeaders = field(default_factory=DecisionHeaders)
+    analysis: Analysis | None = None
+
+    @property
+    def default_ring(self) -> Ring:
+        return self.rings[-1]
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLog:
+    enabled: bool = True
+    path: str = "-"  # "-" is standard output
+
+
+@dataclass(frozen=True, slots=True)
+class Metrics:
+    enabled: bool = True  # per-ring Prometheus metrics and the in-process windows
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen: Listen
+    pools: tuple[Pool, ...]
+    routes: tuple[Route, ...]
+    admin: Admin = field(default_factory=Admin)
+    access_log: AccessLog = field(default_factory=AccessLog)
+    shutdown_grace: float = 30.0
+    metrics: Metrics = field(default_factory=Metrics)
+    state: StateFiles = field(default_factory=StateFiles)
+    webhooks: tuple[Webhook, ...] = ()
+    revision: str = ""  # short hash of the file's bytes
+    source: str = ""
+
+    def pool(self, name: str) -> Pool:
+        for pool in self.pools:
+            if pool.name == name:
+                return pool
+        raise KeyError(name)
