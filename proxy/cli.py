@@ -154,6 +154,7 @@ REMOTE_COMMANDS = ("status", "promote", "approve", "pause", "resume", "rollback"
 
 def _remote(args: argparse.Namespace) -> int:
     from proxy.admin import client as ac
+    from proxy.errors import AdminClientError
 
     client = ac.AdminClient(args.admin, args.token)
     try:
@@ -173,7 +174,7 @@ def _remote(args: argparse.Namespace) -> int:
                 body["weight"] = args.percent
             data = client.act(args.route, args.ring, args.command, body)
             text = ac.format_action(data)
-    except ac.AdminClientError as exc:
+    except AdminClientError as exc:
         print(f"ringproxy {args.command}: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(data, indent=2) if args.json else text)
@@ -235,7 +236,7 @@ def _demo(ephemeral: bool) -> int:
 
 
 def _serve_guarded(main: object) -> int:
-    from proxy.control.statefile import StateError
+    from proxy.errors import StateError
     from proxy.server import run
 
     try:

@@ -1,13 +1,19 @@
 """The one exception tree of ringproxy.
 
-    RingproxyError
+    RingproxyError                          500  (the status each error maps to)
     ├── ConfigError (ValueError)            a config file that cannot be served
+    ├── StateError                          the rollout state file exists but cannot be used
+    ├── RolloutConflict                409  an action that does not apply to the ring's phase
+    ├── ApiError                     4xx   an admin API request refused (its own status)
+    ├── AdminClientError                    the CLI's call to the admin API failed
     └── UpstreamError                       a request that got no usable upstream answer
-        ├── UpstreamConnectError            502  connect refused / unreachable / DNS
-        ├── UpstreamResetError              502  connection reset or closed early
-        ├── UpstreamBadResponse             502  malformed status line, headers or body
-        ├── UpstreamTimeout (TimeoutError)  504  no response headers within the ring timeout
-        └── Overloaded                      503  ring max_concurrency full, or no server
+        ├── UpstreamConnectError       502  connect refused / unreachable / DNS
+        ├── UpstreamResetError         502  connection reset or closed early
+        ├── UpstreamBadResponse        502  malformed status line, headers or body
+        ├── UpstreamTimeout (TimeoutError)
+        │   │                          504  no response headers within the ring timeout
+        │   └── UpstreamConnectTimeout 504  the connect took longer than connect_timeout
+        └── Overloaded                 503  ring max_concurrency full, or no server
 
 Every UpstreamError carries the HTTP status it maps to and a `kind` from a fixed set
 (the label value metrics use).  Foreign exceptions (aiohttp, OSError) are translated
@@ -21,6 +27,8 @@ from dataclasses import dataclass
 
 class RingproxyError(Exception):
     """Root of every error ringproxy raises on purpose."""
+
+    status: int = 500  # the HTTP status it maps to where one applies
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +55,29 @@ class ConfigError(RingproxyError, ValueError):
         self.issues = list(issues)
         self.source = source
         super().__init__("\n".join(i.format(source) for i in self.issues))
+
+
+class StateError(RingproxyError):
+    """The state file exists but cannot be used (the proxy refuses to start on it)."""
+
+
+class RolloutConflict(RingproxyError):
+    """An action that does not apply to the ring's current phase."""
+
+    status = 409
+
+
+class ApiError(RingproxyError):
+    """An admin API request refused; answered as ``{"error": message}`` with ``status``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class AdminClientError(RingproxyError):
+    """The CLI's call to a running proxy's admin API failed (one line for the user)."""
 
 
 class UpstreamError(RingproxyError):
@@ -81,6 +112,12 @@ class UpstreamTimeout(UpstreamError, TimeoutError):
     status = 504
     kind = "timeout"
     reason = "upstream timed out"
+
+
+class UpstreamConnectTimeout(UpstreamTimeout):
+    status = 504
+    kind = "connect"
+    reason = "upstream connect timed out"
 
 
 class Overloaded(UpstreamError):

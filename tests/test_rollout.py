@@ -7,14 +7,14 @@ import json
 import pytest
 
 from proxy.config.rollout import Step
-from proxy.control.statefile import StateError, append_audit, load_state, read_audit, save_state
+from proxy.control.statefile import append_audit, load_state, read_audit, save_state
+from proxy.errors import RolloutConflict, StateError
 from proxy.rollout.judge import Outcome, Verdict
 from proxy.rollout.machine import (
     TRANSITIONS,
     Phase,
     RingPlan,
     RingState,
-    RolloutConflict,
     RoutePlan,
     Trigger,
     act,

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from aiohttp import web
 
 from proxy.config.admin import AdminToken
-from proxy.rollout.machine import RolloutConflict, Trigger
+from proxy.errors import ApiError, RolloutConflict
+from proxy.rollout.machine import Trigger
 from proxy.routing.assign import StaticRequest, assign
 
 if TYPE_CHECKING:
@@ -66,14 +67,6 @@ class Proxy(Protocol):
 PROXY_KEY = web.AppKey("proxy", Proxy)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-
-class ApiError(Exception):
-    """Answered as ``{"error": message}`` with ``status``."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 def _proxy(request: web.Request) -> Proxy:

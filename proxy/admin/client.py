@@ -13,11 +13,11 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
+from proxy.errors import AdminClientError
+
 DEFAULT_URL = "http://127.0.0.1:9901"
 
 
-class AdminClientError(Exception):
-    pass
 
 
 class AdminClient:

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 
 from proxy.config import Config
 from proxy.control.statefile import (
-    StateError,
     append_audit,
     load_state,
     read_audit,
@@ -26,12 +25,12 @@ from proxy.control.statefile import (
     set_aside,
 )
 from proxy.control.webhooks import WebhookSender
+from proxy.errors import RolloutConflict, StateError
 from proxy.rollout.judge import Verdict, judge, judge_fast
 from proxy.rollout.machine import (
     Event,
     Phase,
     RingState,
-    RolloutConflict,
     RoutePlan,
     Trigger,
     act,

@@ -17,14 +17,11 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from proxy.errors import RingproxyError
+from proxy.errors import StateError
 from proxy.rollout.machine import Event, RingState
 
 FORMAT = 1
 
-
-class StateError(RingproxyError):
-    """The state file exists but cannot be used."""
 
 
 def load_state(path: Path) -> dict[str, dict[str, RingState]]:

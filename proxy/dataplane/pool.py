@@ -21,6 +21,7 @@ from proxy.config.values import Upstream
 from proxy.errors import (
     UpstreamBadResponse,
     UpstreamConnectError,
+    UpstreamConnectTimeout,
     UpstreamError,
     UpstreamResetError,
     UpstreamTimeout,
@@ -51,10 +52,6 @@ class _UpstreamRequest(aiohttp.ClientRequest):
             return
         super().update_auto_headers(skip_auto_headers)
 
-
-class UpstreamConnectTimeout(UpstreamTimeout):
-    kind = "connect"
-    reason = "upstream connect timed out"
 
 
 # Server.url() remembers the URLs it made: paths repeat, and a URL object that aiohttp has

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from proxy.config.rollout import Step, Thresholds
-from proxy.errors import RingproxyError
+from proxy.errors import RolloutConflict
 from proxy.rollout.judge import Outcome, Verdict
 
 
@@ -50,11 +50,6 @@ class Trigger(StrEnum):
     ROLLBACK = "rollback"
     SET_WEIGHT = "set_weight"
 
-
-class RolloutConflict(RingproxyError):
-    """An action that does not apply to the ring's current phase (HTTP 409)."""
-
-    status = 409
 
 
 @dataclass(frozen=True, slots=True)
