@@ -125,7 +125,7 @@ class Runtime:
     async def start(self) -> None:
         """Start the pools that are not running yet (carried-over ones already are)."""
         for pool in self.pools.values():
-            if pool.session is None:
+            if not pool.started:
                 await pool.start()
 
     async def close(self) -> None:

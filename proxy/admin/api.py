@@ -333,7 +333,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     proxy = _proxy(request)
-    missing = [name for name, pool in proxy.runtime.pools.items() if pool.session is None]
+    missing = [name for name, pool in proxy.runtime.pools.items() if not pool.started]
     ready = not missing
     return web.json_response(
         {"ready": ready, "revision": proxy.config.revision, "pools_not_started": missing},

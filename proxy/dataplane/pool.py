@@ -138,6 +138,10 @@ class UpstreamPool:
             read_bufsize=2**16,
         )
 
+    @property
+    def started(self) -> bool:
+        return self.session is not None
+
     async def close(self) -> None:
         if self.session is not None:
             await self.session.close()
