@@ -11,7 +11,7 @@ import asyncio
 import gc
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 
 from aiohttp import web
@@ -217,12 +217,12 @@ def _cancel_current(task: asyncio.Task[None] | None) -> Callable[[], None]:
     return cancel
 
 
-def run(main: Callable[[], Awaitable[None]]) -> None:
+def run(main: Callable[[], Coroutine[object, object, None]]) -> None:
     """Run ``main`` on uvloop (falling back to asyncio where uvloop is not available)."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on every POSIX platform
-        asyncio.run(main())  # type: ignore[arg-type]
+        asyncio.run(main())
         return
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(main())  # type: ignore[arg-type]
+        runner.run(main())

@@ -89,13 +89,7 @@ def parse_config(
         ctx.issues.sort(key=lambda i: (i.line or 0))
         raise ConfigError(ctx.issues, source)
     revision = hashlib.sha256(raw if raw is not None else text.encode()).hexdigest()[:12]
-    return _replace(config, revision=revision, source=source)
-
-
-def _replace(config: Config, **changes: Any) -> Config:
-    from dataclasses import replace
-
-    return replace(config, **changes)
+    return replace(config, revision=revision, source=source)
 
 
 def _name(ctx: Ctx, sec: Section, what: str) -> str:
@@ -386,7 +380,5 @@ def _read_policy(
 def _expand_headers(policy: Policy, route: str, ring: str) -> Policy:
     if not ring or not policy.add_headers:
         return policy
-    from dataclasses import replace
-
     expanded = tuple((k, v.format(ring=ring, route=route)) for k, v in policy.add_headers)
     return replace(policy, add_headers=expanded)

@@ -48,12 +48,6 @@ def parse_weight(value: object) -> int:
     return basis_points
 
 
-def format_duration(seconds: float) -> str:
-    if seconds < 1:
-        return f"{seconds * 1000:g}ms"
-    return f"{seconds:g}s"
-
-
 @dataclass(frozen=True, slots=True)
 class Listen:
     """An address to bind: ``host:port``; ``[v6]:port`` for IPv6; port 0 picks a free one."""

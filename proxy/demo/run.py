@@ -66,11 +66,11 @@ async def run_demo(ephemeral: bool = False) -> None:
             runner, url = await _start_upstream(pool.name, listen)
             runners.append(runner)
             pools.append(dataclasses.replace(pool, servers=(parse_upstream(url),)))
-        changes: dict[str, object] = {"pools": tuple(pools)}
+        listen, admin = config.listen, config.admin
         if ephemeral:
-            changes["listen"] = Listen("127.0.0.1", 0)
-            changes["admin"] = dataclasses.replace(config.admin, listen=Listen("127.0.0.1", 0))
-        config = dataclasses.replace(config, **changes)  # type: ignore[arg-type]
+            listen = Listen("127.0.0.1", 0)
+            admin = dataclasses.replace(config.admin, listen=Listen("127.0.0.1", 0))
+        config = dataclasses.replace(config, pools=tuple(pools), listen=listen, admin=admin)
         await serve(config, on_ready=_banner)
     finally:
         for runner in runners:
