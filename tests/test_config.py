@@ -6,7 +6,18 @@ import textwrap
 
 import pytest
 
-from proxy.config import Balance, load_config, parse_config
+from proxy.config import (
+    AccessLog,
+    Balance,
+    Config,
+    Metrics,
+    Pool,
+    Ring,
+    Route,
+    load_config,
+    parse_config,
+)
+from proxy.config.assignment import AnonymousCookie, DecisionHeaders, Override
 from proxy.config.rules import Attr
 from proxy.config.values import Listen, parse_duration, parse_listen, parse_upstream
 from proxy.errors import ConfigError
@@ -44,6 +55,28 @@ def test_minimal_config_and_defaults() -> None:
     assert route.default_ring.name == "stable"
     assert route.default_ring.policy.timeout == 30.0
     assert len(config.revision) == 12
+
+
+def test_what_the_file_leaves_out_takes_the_model_defaults() -> None:
+    # The defaults are written once, on the model classes: the reader must agree with them.
+    text = MINIMAL.replace("listen: 127.0.0.1:8080\n", "") + textwrap.indent(textwrap.dedent("""
+        sticky: {key: header:X-User-Id, anonymous: {}}
+        override: {header: X-Ring, cidrs: [10.0.0.0/8]}
+        decision: {}
+    """), "    ")
+    config = parse_config(text, environ={})
+    assert config.listen == Config().listen == Listen("127.0.0.1", 8080)
+    assert config.shutdown_grace == Config().shutdown_grace
+    assert (config.access_log, config.metrics) == (AccessLog(), Metrics())
+    (pool,) = config.pools
+    assert pool == Pool("stable", pool.servers)
+    (route,) = config.routes
+    assert route.path_prefix == Route("api", route.rings).path_prefix
+    assert route.decision == DecisionHeaders()
+    assert route.sticky is not None and route.sticky.anonymous == AnonymousCookie()
+    assert route.override is not None
+    assert route.override.allow_rolled_back is Override().allow_rolled_back
+    assert route.default_ring == Ring("stable", "stable")
 
 
 def test_config_objects_are_immutable() -> None:

@@ -116,25 +116,26 @@ def _read_anonymous(ctx: Ctx, data: object, path: str) -> AnonymousCookie | None
     if not TOKEN_RE.match(name):
         ctx.err(sec.sub("cookie"), f"{name!r} is not a valid cookie name")
     max_age = sec.duration("max_age", float(base.max_age), minimum=1.0)
-    secure = sec.text("secure", "auto")
+    secure = sec.text("secure", base.secure)
     if secure not in _SECURE:
         ctx.err(sec.sub("secure"), f"{secure!r} is not one of: {', '.join(_SECURE)}")
-        secure = "auto"
-    same_site_raw = sec.text("same_site", "Lax")
+        secure = base.secure
+    same_site_raw = sec.text("same_site", base.same_site)
     same_site = _SAME_SITE.get(same_site_raw.lower(), "")
     if not same_site:
         ctx.err(sec.sub("same_site"), f"{same_site_raw!r} is not one of: Lax, Strict, None")
-        same_site = "Lax"
+        same_site = base.same_site
     if same_site == "None" and secure != "always":
         ctx.err(sec.sub("same_site"),
                 "SameSite=None needs secure: always (browsers drop it otherwise)")
-    domain = sec.text("domain", "") or None
-    cookie_path = sec.text("path", "/") or "/"
+    domain = sec.text("domain", "") or base.domain
+    cookie_path = sec.text("path", base.path) or base.path
     for key, value in (("domain", domain or ""), ("path", cookie_path)):
         if any(c in value for c in ";,\r\n ") :
             ctx.err(sec.sub(key), f"{value!r} cannot contain ';', ',', spaces or line breaks")
     result = AnonymousCookie(
-        name, int(max_age), secure, sec.flag("http_only", True), same_site, domain, cookie_path
+        name, int(max_age), secure, sec.flag("http_only", base.http_only), same_site, domain,
+        cookie_path,
     )
     sec.close()
     return result
@@ -170,7 +171,7 @@ def read_override(ctx: Ctx, data: object, path: str) -> Override | None:
     if sec.ok and secret is None and not cidrs:
         ctx.err(path, "an override must be guarded: set secret_header + secret, or cidrs "
                 "(otherwise any client could pick its ring)")
-    allow = sec.flag("allow_rolled_back", False)
+    allow = sec.flag("allow_rolled_back", Override().allow_rolled_back)
     sec.close()
     return Override(
         header.lower() if header else None,
@@ -186,6 +187,8 @@ def read_decision_headers(ctx: Ctx, data: object, path: str) -> DecisionHeaders:
     if data is None:
         return DecisionHeaders()
     sec = Section(ctx, data, path)
-    result = DecisionHeaders(sec.flag("reason_upstream", False), sec.flag("response", False))
+    base = DecisionHeaders()
+    result = DecisionHeaders(sec.flag("reason_upstream", base.reason_upstream),
+                             sec.flag("response", base.response))
     sec.close()
     return result

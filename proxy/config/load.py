@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 from proxy.config.admin import read_admin
 from proxy.config.assignment import (
@@ -47,13 +47,14 @@ from proxy.config.source import join, load_yaml
 from proxy.config.values import (
     NAME_RE,
     TOKEN_RE,
-    Listen,
     parse_host_pattern,
     parse_listen,
     parse_upstream,
     parse_weight,
 )
 from proxy.errors import ConfigError, ConfigIssue
+
+E = TypeVar("E", bound=Enum)
 
 
 def load_config(
@@ -92,6 +93,13 @@ def parse_config(
     return replace(config, revision=revision, source=source)
 
 
+# Defaults are written once, on the model classes; the reader takes them from these.
+_CONFIG = Config()
+_POOL = Pool(name="", servers=())
+_RING = Ring(name="", pool="")
+_ROUTE = Route(name="", rings=())
+
+
 def _name(ctx: Ctx, sec: Section, what: str) -> str:
     name = sec.text("name")
     if name and not NAME_RE.match(name):
@@ -105,12 +113,12 @@ def _name(ctx: Ctx, sec: Section, what: str) -> str:
 
 def _read_config(ctx: Ctx, data: object, environ: Mapping[str, str]) -> Config | None:
     top = Section(ctx, data, "")
-    listen = top.parsed("listen", parse_listen, Listen("127.0.0.1", 8080))
+    listen = top.parsed("listen", parse_listen, _CONFIG.listen)
     admin = read_admin(ctx, top.raw("admin", {}), "admin", dict(environ))
     access_log = _read_access_log(ctx, top.raw("access_log", {}), "access_log")
-    grace = top.duration("shutdown_grace", 30.0, minimum=0.0)
+    grace = top.duration("shutdown_grace", _CONFIG.shutdown_grace, minimum=0.0)
     msec = Section(ctx, top.raw("metrics", {}), "metrics")
-    metrics = Metrics(msec.flag("enabled", True))
+    metrics = Metrics(msec.flag("enabled", _CONFIG.metrics.enabled))
     msec.close()
     state = read_state_files(ctx, top.raw("state", None), "state")
     webhooks = read_webhooks(ctx, top.raw("webhooks", None), "webhooks")
@@ -131,7 +139,8 @@ def _read_config(ctx: Ctx, data: object, environ: Mapping[str, str]) -> Config |
 
 def _read_access_log(ctx: Ctx, data: object, path: str) -> AccessLog:
     sec = Section(ctx, data, path)
-    result = AccessLog(sec.flag("enabled", True), sec.text("path", "-") or "-")
+    base = _CONFIG.access_log
+    result = AccessLog(sec.flag("enabled", base.enabled), sec.text("path", base.path) or base.path)
     sec.close()
     return result
 
@@ -160,23 +169,22 @@ def _read_pools(ctx: Ctx, data: object, path: str) -> tuple[Pool, ...]:
         dupes = {s.url for s in servers if servers.count(s) > 1}
         for url in sorted(dupes):
             ctx.err(sec.sub("servers"), f"{url} is listed twice")
-        balance = sec.parsed("balance", _enum(Balance), Balance.ROUND_ROBIN)
         pool = Pool(
             name,
             tuple(servers),
-            balance,
-            connect_timeout=sec.duration("connect_timeout", 2.0),
-            max_connections=sec.integer("max_connections", 1000, 1, 1_000_000),
-            keepalive_timeout=sec.duration("keepalive_timeout", 15.0),
-            preserve_host=sec.flag("preserve_host", True),
+            sec.parsed("balance", _enum(Balance), _POOL.balance),
+            connect_timeout=sec.duration("connect_timeout", _POOL.connect_timeout),
+            max_connections=sec.integer("max_connections", _POOL.max_connections, 1, 1_000_000),
+            keepalive_timeout=sec.duration("keepalive_timeout", _POOL.keepalive_timeout),
+            preserve_host=sec.flag("preserve_host", _POOL.preserve_host),
         )
         sec.close()
         pools.append(pool)
     return tuple(pools)
 
 
-def _enum(kind: type[Enum]) -> Callable[[object], Any]:
-    def parse(value: object) -> Any:
+def _enum(kind: type[E]) -> Callable[[object], E]:
+    def parse(value: object) -> E:
         try:
             return kind(value)
         except ValueError:
@@ -215,7 +223,7 @@ def _read_route(ctx: Ctx, data: object, path: str, pool_names: set[str]) -> Rout
     sec = Section(ctx, data, path)
     name = _name(ctx, sec, "route")
     hosts: tuple[str, ...] = ()
-    prefix = "/"
+    prefix = _ROUTE.path_prefix
     match = sec.raw("match", None)
     if match is not None:
         msec = Section(ctx, match, sec.sub("match"))
@@ -230,7 +238,7 @@ def _read_route(ctx: Ctx, data: object, path: str, pool_names: set[str]) -> Rout
                 except ValueError as exc:
                     ctx.err(hpath, str(exc))
             hosts = tuple(parsed)
-        prefix = msec.text("path_prefix", "/")
+        prefix = msec.text("path_prefix", _ROUTE.path_prefix)
         if not prefix.startswith("/"):
             ctx.err(msec.sub("path_prefix"), f"{prefix!r} must start with '/'")
         msec.close()
@@ -321,14 +329,14 @@ def _read_ring(
             rules = [read_rule(ctx, item, gpath)]
         groups.append(tuple(r for r in rules if r is not None))
     policy = _read_policy(ctx, sec.raw("policy", None), sec.sub("policy"), defaults, route, name)
-    weight = sec.parsed("weight", parse_weight, None)
+    weight = sec.parsed("weight", parse_weight, _RING.weight)
     progression = read_progression(ctx, sec.raw("progression", None), sec.sub("progression"))
     if progression is not None and weight is not None:
         ctx.err(sec.sub("weight"), "a progressing ring's weight is its first step; "
                 "leave weight out")
     if progression is not None and progression.steps:
         weight = progression.steps[0].weight
-    pinned = sec.flag("pinned", False)
+    pinned = sec.flag("pinned", _RING.pinned)
     sec.close()
     return Ring(name, pool, tuple(groups), policy, weight, progression, pinned)
 

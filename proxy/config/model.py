@@ -81,9 +81,9 @@ class Metrics:
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    listen: Listen
-    pools: tuple[Pool, ...]
-    routes: tuple[Route, ...]
+    listen: Listen = field(default_factory=lambda: Listen("127.0.0.1", 8080))
+    pools: tuple[Pool, ...] = ()
+    routes: tuple[Route, ...] = ()  # the reader requires at least one
     admin: Admin = field(default_factory=Admin)
     access_log: AccessLog = field(default_factory=AccessLog)
     shutdown_grace: float = 30.0
