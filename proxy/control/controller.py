@@ -12,7 +12,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -58,9 +58,11 @@ class Controller:
         metrics: Metrics,
         wall: Callable[[], float] = time.time,
         mono: Callable[[], float] = time.monotonic,
+        save: Callable[[Path, Mapping[str, Mapping[str, RingState]]], None] = save_state,
     ) -> None:
         self.metrics = metrics
         self.wall, self.mono = wall, mono
+        self._save = save  # runs in a worker thread; tests pass a slow one
         self.state_path = Path(config.state.path)
         self.audit_path = Path(config.state.audit)
         self.plans: dict[str, RoutePlan] = {}
@@ -245,7 +247,7 @@ class Controller:
             return
         snapshot = {**self.states, route: new}
         # Durable first: a crash after this point never re-exposes users or loses a step.
-        await asyncio.to_thread(save_state, self.state_path, snapshot)
+        await asyncio.to_thread(self._save, self.state_path, snapshot)
         self.states = snapshot
         self._apply(route)
         if not events:
