@@ -1,30 +1,45 @@
 """The admin listener: health, metrics, the JSON API, and the status page.
 
-Unauthenticated: ``/healthz``, ``/readyz``, ``/metrics`` (probes and Prometheus) and ``/``
-(the status page's static HTML; it carries no data and calls the API with the token the
-operator gives it).  Everything under ``/api`` needs a bearer token with a role:
-``viewer`` may GET, ``operator`` may also act on rings (optionally only named routes and
-rings), ``admin`` may do everything including reload.  With no token configured the API
-is read-only and only from loopback.  Errors are JSON ``{"error": ...}`` with 400, 401,
-403, 404 or 409.
+Who may call what is declared per endpoint (``ENDPOINTS``) and decided by
+``proxy.admin.auth.authorize``; every route is registered through that table, so a new
+endpoint cannot skip the check.  Unauthenticated: ``/healthz``, ``/readyz``, ``/metrics``
+(probes and Prometheus) and ``/`` (the status page's static HTML; it carries no data and
+calls the API with the token the operator gives it).  Everything under ``/api`` needs a
+bearer token with a role: ``viewer`` may read, ``operator`` may also act on rings
+(optionally only named routes and rings), ``admin`` may do everything including reload.
+With no token configured the API is read-only and only from loopback.  Errors are JSON
+``{"error": ...}`` with 400, 401, 403, 404, 405, 409 or 422.
 """
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
-from proxy.config.admin import AdminToken
-from proxy.errors import ApiError, RolloutConflict
+from proxy.admin.auth import (
+    ACT,
+    PUBLIC,
+    READ,
+    Access,
+    Caller,
+    Denied,
+    Requirement,
+    Target,
+    admin_only,
+    authorize,
+)
+from proxy.admin.views import RingView, RouteView, ring_views, route_view
+from proxy.errors import ApiError, RingproxyError
 from proxy.rollout.machine import Trigger
-from proxy.routing.assign import StaticRequest, assign
+from proxy.routing.assign import CompiledRoute, StaticRequest
+from proxy.routing.explain import explain as explain_decision
 
 if TYPE_CHECKING:
     from proxy.config import Config
@@ -64,9 +79,13 @@ class Proxy(Protocol):
     def reloader(self) -> Reloader | None: ...
 
 
-PROXY_KEY = web.AppKey("proxy", Proxy)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# An endpoint's handler runs only once its requirement is met, and gets the caller.
+EndpointHandler = Callable[[web.Request, Caller], Awaitable[web.StreamResponse]]
 
+PROXY_KEY = web.AppKey("proxy", Proxy)
+# Every registered handler and the requirement it enforces (tests read it back).
+REQUIREMENTS_KEY: web.AppKey[dict[Handler, Requirement]] = web.AppKey("requirements")
 
 
 def _proxy(request: web.Request) -> Proxy:
@@ -78,26 +97,6 @@ def _is_loopback(request: web.Request) -> bool:
         return ipaddress.ip_address(request.remote or "").is_loopback
     except ValueError:
         return False
-
-
-def _caller(request: web.Request) -> AdminToken | None:
-    """The token the request proves, None without tokens configured; raises 401/403."""
-    tokens = _proxy(request).config.admin.tokens
-    if not tokens:
-        if request.method != "GET":
-            raise ApiError(403, "no admin tokens are configured: the API is read-only "
-                           "(set admin.tokens to allow actions)")
-        if not _is_loopback(request):
-            raise ApiError(403, "no admin tokens are configured: only loopback may read")
-        return None
-    header = request.headers.get("Authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not given:
-        raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)")
-    for token in tokens:
-        if hmac.compare_digest(given.encode(), token.secret.encode()):
-            return token
-    raise ApiError(401, "invalid token")
 
 
 @web.middleware
@@ -112,89 +111,73 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPMethodNotAllowed:
         return web.json_response(
             {"error": f"{request.method} is not allowed on {request.path}"}, status=405)
-    except RolloutConflict as exc:
-        return web.json_response({"error": str(exc)}, status=409)
+    except RingproxyError as exc:
+        # The rest of the tree (RolloutConflict: 409) answers with the status it maps to.
+        if exc.status >= 500:
+            log.exception("admin: %s %s failed", request.method, request.path)
+        return web.json_response({"error": str(exc)}, status=exc.status)
 
 
-def _route_or_404(request: web.Request, name: str) -> Any:
+def _unknown_route(runtime: Runtime, name: str) -> str:
+    return f"unknown route {name!r} (routes: {', '.join(runtime.table.routes)})"
+
+
+def _route_or_404(request: web.Request, name: str) -> CompiledRoute:
     runtime = _proxy(request).runtime
     compiled = runtime.table.routes.get(name)
     if compiled is None:
-        raise ApiError(404, f"unknown route {name!r} (routes: {', '.join(runtime.table.routes)})")
+        raise ApiError(404, _unknown_route(runtime, name))
     return compiled
+
+
+def _target(request: web.Request) -> Target | Denied:
+    """The ring an action names, or the 404 to answer (once the caller is authenticated)."""
+    verb = request.match_info["action"]
+    if verb not in ACTIONS:
+        return Denied(404, f"unknown action {verb!r} (actions: {', '.join(ACTIONS)})")
+    route_name, ring = request.match_info["route"], request.match_info["ring"]
+    runtime = _proxy(request).runtime
+    compiled = runtime.table.routes.get(route_name)
+    if compiled is None:
+        return Denied(404, _unknown_route(runtime, route_name))
+    if ring not in compiled.ring_index:
+        return Denied(404, f"route {route_name!r} has no ring {ring!r}")
+    return Target(route_name, ring, verb)
+
+
+def _guarded(requirement: Requirement, handler: EndpointHandler) -> Handler:
+    """``handler`` behind ``requirement``: the only way an endpoint is registered."""
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        target = _target(request) if requirement.access is Access.ACT else None
+        decision = authorize(
+            requirement, _proxy(request).config.admin.tokens,
+            request.headers.get("Authorization", ""), is_loopback=_is_loopback(request),
+            method=request.method, target=target)
+        if isinstance(decision, Denied):
+            raise ApiError(decision.status, decision.message)
+        return await handler(request, decision)
+
+    return guarded
 
 
 # --------------------------------------------------------------------------- reads
 
 
-def _ring_view(proxy: Proxy, route: str) -> list[dict[str, object]]:
-    runtime, controller = proxy.runtime, proxy.controller
-    compiled = runtime.table.routes[route]
-    plan = controller.plans.get(route)
-    status: dict[str, Any] = controller.status().get(route, {})  # type: ignore[assignment]
-    window = plan.window if plan else 60.0
-    now = time.monotonic()
-    wall = time.time()
-    rings = []
-    for ring_rt, ring in zip(runtime.rings[route], compiled.route.rings, strict=True):
-        state: dict[str, Any] = dict(status.get(ring.name, {}))
-        try:
-            summary = proxy.metrics.window(route, ring.name, now, window)
-            traffic: dict[str, object] | None = {
-                "window_seconds": window,
-                "requests": summary.requests,
-                "errors": summary.errors,
-                "error_rate": summary.error_rate,
-                "rps": summary.requests / window,
-                "p50": summary.p50,
-                "p95": summary.p95,
-                "p99": summary.p99,
-            }
-        except KeyError:
-            traffic = None
-        since = state.get("step_since")
-        rings.append({
-            "name": ring.name,
-            "pool": ring.pool,
-            "servers": [s.url for s in ring_rt.pool.config.servers],
-            "rules": [" and ".join(r.describe() for r in group) for group in ring.rules],
-            "default": ring is compiled.route.rings[-1],
-            "weight": ring_rt.weight,
-            "range": compiled.range_of(ring.name),
-            "phase": state.get("phase"),
-            "step": state.get("step"),
-            "steps": state.get("steps", []),
-            "seconds_in_step": round(wall - since, 1) if isinstance(since, float) else None,
-            "failures": state.get("failures"),
-            "baseline": state.get("baseline", False),
-            "pinned": ring.pinned,
-            "verdict": state.get("verdict"),
-            "inflight": ring_rt.inflight,
-            "traffic": traffic,
-        })
-    return rings
+def _route_view(proxy: Proxy, name: str) -> RouteView:
+    runtime = proxy.runtime
+    return route_view(runtime.table.routes[name], runtime.rings[name], proxy.controller,
+                      proxy.metrics, time.monotonic(), time.time())
 
 
-def _route_view(proxy: Proxy, name: str) -> dict[str, object]:
-    compiled = proxy.runtime.table.routes[name]
-    route = compiled.route
-    plan = proxy.controller.plans.get(name)
-    return {
-        "name": name,
-        "hosts": list(route.hosts),
-        "path_prefix": route.path_prefix,
-        "analysis": None if route.analysis is None else {
-            "interval": route.analysis.interval,
-            "window": route.analysis.window,
-            "baseline": plan.baseline if plan else None,
-            "failure_limit": route.analysis.failure_limit,
-        },
-        "rings": _ring_view(proxy, name),
-    }
+def _ring_view(proxy: Proxy, route: str, ring: str) -> RingView:
+    runtime = proxy.runtime
+    views = ring_views(runtime.table.routes[route], runtime.rings[route], proxy.controller,
+                       proxy.metrics, time.monotonic(), time.time())
+    return next(r for r in views if r["name"] == ring)
 
 
-async def routes(request: web.Request) -> web.Response:
-    _caller(request)
+async def routes(request: web.Request, caller: Caller) -> web.Response:
     proxy = _proxy(request)
     return web.json_response({
         "revision": proxy.config.revision,
@@ -202,8 +185,7 @@ async def routes(request: web.Request) -> web.Response:
     })
 
 
-async def route(request: web.Request) -> web.Response:
-    _caller(request)
+async def route(request: web.Request, caller: Caller) -> web.Response:
     name = request.match_info["route"]
     _route_or_404(request, name)
     return web.json_response(_route_view(_proxy(request), name))
@@ -219,8 +201,7 @@ def _pairs(request: web.Request, key: str) -> list[tuple[str, str]]:
     return out
 
 
-async def explain(request: web.Request) -> web.Response:
-    _caller(request)
+async def explain(request: web.Request, caller: Caller) -> web.Response:
     name = request.query.get("route")
     if not name:
         raise ApiError(400, "the route parameter is required")
@@ -231,17 +212,21 @@ async def explain(request: web.Request) -> web.Response:
             ip = str(ipaddress.ip_address(ip))
         except ValueError:
             raise ApiError(400, f"ip={ip!r} is not an IP address") from None
-    fake = StaticRequest.build(
-        _pairs(request, "header"), cookies=dict(_pairs(request, "cookie")),
-        query=dict(_pairs(request, "query")), remote=ip,
-        path=request.query.get("path", "/"), method=request.query.get("method", "GET").upper(),
+    described = StaticRequest(
+        headers={k.lower(): v for k, v in _pairs(request, "header")},
+        cookies=dict(_pairs(request, "cookie")), query=dict(_pairs(request, "query")),
+        remote=ip, path=request.query.get("path", "/"),
+        method=request.query.get("method", "GET").upper(),
     )
-    decision = assign(compiled, fake)
-    return web.json_response({"route": name, **decision.as_dict()})
+    return web.json_response(explain_decision(compiled, described))
 
 
-async def events(request: web.Request) -> web.Response:
-    _caller(request)
+def _time_of(event: Mapping[str, object]) -> float:
+    when = event.get("time", 0)
+    return float(when) if isinstance(when, int | float) else 0.0
+
+
+async def events(request: web.Request, caller: Caller) -> web.Response:
     history = list(_proxy(request).controller.history)
     route_name = request.query.get("route")
     if route_name:
@@ -252,14 +237,14 @@ async def events(request: web.Request) -> web.Response:
             after = float(since)
         except ValueError:
             raise ApiError(400, f"since={since!r}: expected a Unix time in seconds") from None
-        history = [e for e in history if float(e.get("time", 0)) > after]  # type: ignore[arg-type]
+        history = [e for e in history if _time_of(e) > after]
     return web.json_response({"events": history})
 
 
 # --------------------------------------------------------------------------- actions
 
 
-async def _body(request: web.Request) -> dict[str, Any]:
+async def _body(request: web.Request) -> dict[str, object]:
     if not request.can_read_body:
         return {}
     try:
@@ -271,51 +256,40 @@ async def _body(request: web.Request) -> dict[str, Any]:
     return data
 
 
-async def action(request: web.Request) -> web.Response:
-    caller = _caller(request)
-    route_name = request.match_info["route"]
-    ring = request.match_info["ring"]
+def _weight(body: Mapping[str, object]) -> int:
+    """The body's weight in basis points; 400 unless a percentage in 0.01 steps."""
+    raw = body.get("weight")
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        raise ApiError(400, 'weight needs {"weight": PERCENT}')
+    if not 0 <= raw <= 100 or abs(round(raw * 100) - raw * 100) > 1e-6:
+        raise ApiError(400, f"weight {raw} is not a percentage 0..100 in 0.01 steps")
+    return round(raw * 100)
+
+
+async def action(request: web.Request, caller: Caller) -> web.Response:
+    # The guard has resolved the target: the action, route and ring exist.
+    route_name, ring = request.match_info["route"], request.match_info["ring"]
     verb = request.match_info["action"]
-    trigger = ACTIONS.get(verb)
-    if trigger is None:
-        raise ApiError(404, f"unknown action {verb!r} (actions: {', '.join(ACTIONS)})")
-    compiled = _route_or_404(request, route_name)
-    if ring not in compiled.ring_index:
-        raise ApiError(404, f"route {route_name!r} has no ring {ring!r}")
-    if caller is not None:
-        if caller.role == "viewer":
-            raise ApiError(403, f"a viewer token may not {verb}")
-        if not caller.may_act_on(route_name, ring):
-            raise ApiError(403, f"this operator token may not act on {route_name}/{ring}")
+    trigger = ACTIONS[verb]
     body = await _body(request)
     reason = body.get("reason", "")
     if not isinstance(reason, str):
         raise ApiError(400, "reason must be a string")
-    weight = None
-    if trigger is Trigger.SET_WEIGHT:
-        raw = body.get("weight")
-        if isinstance(raw, bool) or not isinstance(raw, int | float):
-            raise ApiError(400, 'weight needs {"weight": PERCENT}')
-        if not 0 <= raw <= 100 or abs(round(raw * 100) - raw * 100) > 1e-6:
-            raise ApiError(400, f"weight {raw} is not a percentage 0..100 in 0.01 steps")
-        weight = round(raw * 100)
-    actor = caller.actor if caller else "anonymous"
-    done = await _proxy(request).controller.act(route_name, ring, trigger, reason, weight, actor)
-    log.info("admin: %s %s %s/%s", actor, verb, route_name, ring)
+    weight = _weight(body) if trigger is Trigger.SET_WEIGHT else None
+    proxy = _proxy(request)
+    done = await proxy.controller.act(route_name, ring, trigger, reason, weight, caller.actor)
+    log.info("admin: %s %s %s/%s", caller.actor, verb, route_name, ring)
     return web.json_response({
         "events": [e.as_dict() for e in done],
-        "ring": next(r for r in _ring_view(_proxy(request), route_name) if r["name"] == ring),
+        "ring": _ring_view(proxy, route_name, ring),
     })
 
 
-async def reload(request: web.Request) -> web.Response:
-    caller = _caller(request)
-    if caller is not None and caller.role != "admin":
-        raise ApiError(403, "only an admin token may reload")
+async def reload(request: web.Request, caller: Caller) -> web.Response:
     reloader = _proxy(request).reloader
     if reloader is None:
         raise ApiError(409, "this proxy was not started from a config file; nothing to reload")
-    result = await reloader.reload(f"api:{caller.actor if caller else 'anonymous'}")
+    result = await reloader.reload(f"api:{caller.actor}")
     if result.ok:
         return web.json_response(result.as_dict())
     more = f" (+{len(result.errors) - 1} more)" if len(result.errors) > 1 else ""
@@ -327,11 +301,11 @@ async def reload(request: web.Request) -> web.Response:
 # --------------------------------------------------------------------------- probes and page
 
 
-async def healthz(request: web.Request) -> web.Response:
+async def healthz(request: web.Request, caller: Caller) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-async def readyz(request: web.Request) -> web.Response:
+async def readyz(request: web.Request, caller: Caller) -> web.Response:
     proxy = _proxy(request)
     missing = [name for name, pool in proxy.runtime.pools.items() if not pool.started]
     ready = not missing
@@ -341,7 +315,7 @@ async def readyz(request: web.Request) -> web.Response:
     )
 
 
-async def metrics(request: web.Request) -> web.Response:
+async def metrics(request: web.Request, caller: Caller) -> web.Response:
     # Rendered on the loop thread, where the recorders are written: a consistent snapshot.
     body, content_type = _proxy(request).metrics.exposition(request.headers.get("Accept", ""))
     return web.Response(body=body, headers={"Content-Type": content_type})
@@ -350,7 +324,7 @@ async def metrics(request: web.Request) -> web.Response:
 _PAGE: bytes | None = None
 
 
-async def page(request: web.Request) -> web.Response:
+async def page(request: web.Request, caller: Caller) -> web.Response:
     global _PAGE
     if _PAGE is None:
         _PAGE = resources.files("proxy.admin").joinpath("status.html").read_bytes()
@@ -360,25 +334,48 @@ async def page(request: web.Request) -> web.Response:
                                  "style-src 'unsafe-inline'; script-src 'unsafe-inline'"})
 
 
-async def no_icon(request: web.Request) -> web.Response:
+async def no_icon(request: web.Request, caller: Caller) -> web.Response:
     return web.Response(status=204)  # keeps browsers from logging a 404 for the page
+
+
+# --------------------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    method: str  # GET also answers HEAD
+    path: str
+    requirement: Requirement
+    handler: EndpointHandler
+
+
+ENDPOINTS = (
+    Endpoint("GET", "/", PUBLIC, page),
+    Endpoint("GET", "/favicon.ico", PUBLIC, no_icon),
+    Endpoint("GET", "/healthz", PUBLIC, healthz),
+    Endpoint("GET", "/readyz", PUBLIC, readyz),
+    Endpoint("GET", "/metrics", PUBLIC, metrics),
+    Endpoint("GET", "/api/routes", READ, routes),
+    Endpoint("GET", "/api/routes/{route}", READ, route),
+    Endpoint("GET", "/api/explain", READ, explain),
+    Endpoint("GET", "/api/events", READ, events),
+    Endpoint("POST", "/api/routes/{route}/rings/{ring}/{action}", ACT, action),
+    Endpoint("POST", "/api/reload", admin_only("reload"), reload),
+)
 
 
 def admin_app(proxy: Proxy) -> web.Application:
     app = web.Application(middlewares=[_errors])
     app[PROXY_KEY] = proxy
-    r = app.router
-    r.add_get("/", page)
-    r.add_get("/favicon.ico", no_icon)
-    r.add_get("/healthz", healthz)
-    r.add_get("/readyz", readyz)
-    r.add_get("/metrics", metrics)
-    r.add_get("/api/routes", routes)
-    r.add_get("/api/routes/{route}", route)
-    r.add_get("/api/explain", explain)
-    r.add_get("/api/events", events)
-    r.add_post("/api/routes/{route}/rings/{ring}/{action}", action)
-    r.add_post("/api/reload", reload)
+    requirements: dict[Handler, Requirement] = {}
+    for endpoint in ENDPOINTS:
+        handler = _guarded(endpoint.requirement, endpoint.handler)
+        requirements[handler] = endpoint.requirement
+        if endpoint.method == "GET":
+            app.router.add_get(endpoint.path, handler)
+        else:
+            app.router.add_route(endpoint.method, endpoint.path, handler)
+    app[REQUIREMENTS_KEY] = requirements
     if not proxy.config.admin.tokens:
         log.warning("admin API: no tokens configured (admin.tokens): read-only, loopback only")
     return app
