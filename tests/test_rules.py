@@ -7,10 +7,10 @@ from typing import Any
 import pytest
 
 from proxy.config.reader import Ctx
-from proxy.config.rules import parse_version, read_rule
+from proxy.config.rules import Op, parse_version, read_rule
 from proxy.errors import ConfigError
 from proxy.routing.assign import StaticRequest
-from proxy.routing.predicates import compile_rule
+from proxy.routing.predicates import TESTS, compile_rule
 
 
 def rule(spec: dict[str, Any]):
@@ -116,10 +116,34 @@ def test_operator_on_a_header(op: str, spec: dict[str, Any], value: str | None,
     assert rule(spec)(hv(value)) is expected
 
 
-def test_every_operator_has_cases() -> None:
-    from proxy.config.rules import OPS
+def test_every_operator_has_cases_and_a_builder() -> None:
+    assert {c[0] for c in CASES} == set(Op)
+    assert set(TESTS) == set(Op) - {Op.EXISTS}  # exists is about presence, not a value
 
-    assert {c[0] for c in CASES} == set(OPS)
+
+def test_unknown_operators_list_the_known_ones_in_order() -> None:
+    with pytest.raises(ConfigError) as info:
+        rule({"attr": H, "equal": "a"})
+    known = ("equals, prefix, suffix, contains, in, not_in, regex, exists, cidr, version_eq, "
+             "version_gt, version_gte, version_lt, version_lte")
+    assert f"r.equal: unknown rule operator (known: {known})" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("spec", "described"),
+    [
+        ({"attr": H, "equals": "a", "ignore_case": True}, "header:x-v equals 'a' (any case)"),
+        ({"attr": H, "in": ["a", 7]}, "header:x-v in ['a', '7']"),
+        ({"attr": "ip", "cidr": "10.0.0.0/8"}, "ip cidr ['10.0.0.0/8']"),
+        ({"attr": "query:b", "exists": False}, "query:b exists false"),
+        ({"attr": "path", "version_gte": "v7.10"}, "path version_gte 'v7.10'"),
+    ],
+)
+def test_a_rule_describes_itself_as_written(spec: dict[str, Any], described: str) -> None:
+    ctx = Ctx({}, [])
+    parsed = read_rule(ctx, spec, "r")
+    assert parsed is not None and not ctx.issues
+    assert parsed.describe() == described
 
 
 @pytest.mark.parametrize(
@@ -171,3 +195,12 @@ def test_invalid_rules_are_config_errors_with_their_path(
 )
 def test_parse_version(text: str, parsed: tuple[int, ...] | None) -> None:
     assert parse_version(text) == parsed
+
+
+def test_a_rules_repr_is_stable_for_the_state_files_fingerprints() -> None:
+    # Ring fingerprints saved in the state file hash repr(rule): a change here would start
+    # every rollout with rules over at the next upgrade.  This is the text from before Op.
+    ctx = Ctx({}, [])
+    parsed = read_rule(ctx, {"attr": "header:X-Beta", "in": ["a", 7], "ignore_case": True}, "r")
+    assert repr(parsed) == ("Rule(attr=<Attr.HEADER: 'header'>, name='x-beta', op='in', "
+                            "value=('a', '7'), ignore_case=True)")

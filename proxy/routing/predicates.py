@@ -10,9 +10,21 @@ from __future__ import annotations
 import functools
 import ipaddress
 from collections.abc import Callable, Mapping
-from typing import Protocol
+from typing import Protocol, TypeVar
 
-from proxy.config.rules import VERSION_OPS, Attr, Network, Rule, parse_version
+from proxy.config.rules import (
+    Attr,
+    Choices,
+    Network,
+    Networks,
+    Op,
+    Pattern,
+    Presence,
+    Rule,
+    Text,
+    Version,
+    parse_version,
+)
 
 
 class RequestView(Protocol):
@@ -31,14 +43,6 @@ class RequestView(Protocol):
     @property
     def remote(self) -> str | None: ...
 
-
-_VERSION_COMPARE: dict[str, Callable[[tuple[int, ...], tuple[int, ...]], bool]] = {
-    "version_eq": lambda a, b: a == b,
-    "version_gt": lambda a, b: a > b,
-    "version_gte": lambda a, b: a >= b,
-    "version_lt": lambda a, b: a < b,
-    "version_lte": lambda a, b: a <= b,
-}
 
 Predicate = Callable[[RequestView], bool]
 Getter = Callable[[RequestView], str | None]
@@ -84,45 +88,105 @@ def network_test(networks: tuple[Network, ...]) -> Callable[[str], bool]:
     return contains
 
 
-def _test(rule: Rule) -> Callable[[str], bool]:
-    """The check on a present value."""
-    op, want = rule.op, rule.compiled
-    fold = rule.ignore_case
-    if op == "equals":
-        return (lambda v: v.casefold() == want) if fold else (lambda v: v == want)
-    if op == "prefix":
-        return (lambda v: v.casefold().startswith(want)) if fold else (lambda v: v.startswith(want))
-    if op == "suffix":
-        return (lambda v: v.casefold().endswith(want)) if fold else (lambda v: v.endswith(want))
-    if op == "contains":
-        return (lambda v: want in v.casefold()) if fold else (lambda v: want in v)
-    if op == "in":
-        return (lambda v: v.casefold() in want) if fold else (lambda v: v in want)
-    if op == "not_in":
-        return (lambda v: v.casefold() not in want) if fold else (lambda v: v not in want)
-    if op == "regex":
-        search = want.search
-        return lambda v: search(v) is not None
-    if op == "cidr":
-        return network_test(want)
-    if op in VERSION_OPS:
-        compare: Callable[[tuple[int, ...], tuple[int, ...]], bool] = _VERSION_COMPARE[op]
+# Builders of the check on a present value, one per operator but ``exists`` (which is
+# about presence itself).  Each takes its operand out of the rule once; the closure it
+# returns is what runs per request, so it reads only captured locals.
+Test = Callable[[str], bool]
+K = TypeVar("K", Text, Choices, Pattern, Networks, Version)
+
+
+def _operand(rule: Rule, kind: type[K]) -> K:
+    operand = rule.operand
+    if not isinstance(operand, kind):  # validation pairs each operator with its operand
+        raise TypeError(f"rule {rule.describe()}: operand {operand!r}, expected {kind.__name__}")
+    return operand
+
+
+def _equals(rule: Rule) -> Test:
+    want = _operand(rule, Text).text
+    return (lambda v: v.casefold() == want) if rule.ignore_case else (lambda v: v == want)
+
+
+def _prefix(rule: Rule) -> Test:
+    want = _operand(rule, Text).text
+    if rule.ignore_case:
+        return lambda v: v.casefold().startswith(want)
+    return lambda v: v.startswith(want)
+
+
+def _suffix(rule: Rule) -> Test:
+    want = _operand(rule, Text).text
+    if rule.ignore_case:
+        return lambda v: v.casefold().endswith(want)
+    return lambda v: v.endswith(want)
+
+
+def _contains(rule: Rule) -> Test:
+    want = _operand(rule, Text).text
+    return (lambda v: want in v.casefold()) if rule.ignore_case else (lambda v: want in v)
+
+
+def _in(rule: Rule) -> Test:
+    want = _operand(rule, Choices).texts
+    return (lambda v: v.casefold() in want) if rule.ignore_case else (lambda v: v in want)
+
+
+def _not_in(rule: Rule) -> Test:
+    want = _operand(rule, Choices).texts
+    if rule.ignore_case:
+        return lambda v: v.casefold() not in want
+    return lambda v: v not in want
+
+
+def _regex(rule: Rule) -> Test:
+    search = _operand(rule, Pattern).regex.search
+    return lambda v: search(v) is not None
+
+
+def _cidr(rule: Rule) -> Test:
+    return network_test(_operand(rule, Networks).networks)
+
+
+Compare = Callable[[tuple[int, ...], tuple[int, ...]], bool]
+
+
+def _version(compare: Compare) -> Callable[[Rule], Test]:
+    def build(rule: Rule) -> Test:
+        want = _operand(rule, Version).parts
 
         def version(v: str) -> bool:
             got = parse_version(v)
             return got is not None and compare(got, want)
 
         return version
-    raise ValueError(f"unsupported rule operator {op!r}")  # validation prevents it
+
+    return build
+
+
+TESTS: dict[Op, Callable[[Rule], Test]] = {
+    Op.EQUALS: _equals,
+    Op.PREFIX: _prefix,
+    Op.SUFFIX: _suffix,
+    Op.CONTAINS: _contains,
+    Op.IN: _in,
+    Op.NOT_IN: _not_in,
+    Op.REGEX: _regex,
+    Op.CIDR: _cidr,
+    Op.VERSION_EQ: _version(lambda a, b: a == b),
+    Op.VERSION_GT: _version(lambda a, b: a > b),
+    Op.VERSION_GTE: _version(lambda a, b: a >= b),
+    Op.VERSION_LT: _version(lambda a, b: a < b),
+    Op.VERSION_LTE: _version(lambda a, b: a <= b),
+}
 
 
 def compile_rule(rule: Rule) -> Predicate:
     get = getter(rule.attr, rule.name)
-    if rule.op == "exists":
-        if rule.value:
+    if isinstance(rule.operand, Presence):  # exists: true / false
+        if rule.operand.present:
             return lambda request: get(request) is not None
         return lambda request: get(request) is None
-    test = _test(rule)
+    test = TESTS[rule.op](rule)
 
     def predicate(request: RequestView) -> bool:
         value = get(request)
