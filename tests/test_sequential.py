@@ -1,0 +1,139 @@
+"""Anytime-valid confidence sequences: checked against independent computations and by
+simulation over many runs (pure, no sockets)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from proxy.rollout.sequential import Counts, compare, exceeds, log_mixture, rate_bounds
+
+
+@pytest.mark.parametrize(("s", "n", "p"), [
+    (0, 0, 0.3), (0, 10, 0.01), (3, 10, 0.2), (10, 10, 0.9), (7, 200, 0.05), (50, 60, 0.5),
+])
+def test_uniform_prior_mixture_is_the_closed_form(s: int, n: int, p: float) -> None:
+    # With a Beta(1, 1) prior, integral of x^s (1-x)^(n-s) dx = 1 / ((n + 1) C(n, s)),
+    # computed here in exact integers, independently of the lgamma form.
+    exact = -math.log((n + 1) * math.comb(n, s)) - s * math.log(p) - (n - s) * math.log1p(-p)
+    assert log_mixture(Counts(s, n), p, prior=(1.0, 1.0)) == pytest.approx(exact, rel=1e-9)
+
+
+@pytest.mark.parametrize(("s", "n", "p"), [(0, 5, 0.1), (2, 9, 0.3), (12, 40, 0.25)])
+def test_jeffreys_mixture_matches_numeric_integration(s: int, n: int, p: float) -> None:
+    # x = sin^2(t) turns the Beta(1/2, 1/2) density into the constant 2/pi on [0, pi/2]:
+    # a midpoint rule then integrates without the endpoint singularities.
+    steps = 20_000
+    h = (math.pi / 2) / steps
+    total = sum(
+        math.sin(t) ** (2 * s) * math.cos(t) ** (2 * (n - s))
+        for t in ((i + 0.5) * h for i in range(steps))
+    ) * h * 2 / math.pi
+    numeric = math.log(total) - s * math.log(p) - (n - s) * math.log1p(-p)
+    assert log_mixture(Counts(s, n), p) == pytest.approx(numeric, rel=1e-6)
+
+
+def test_bounds_hold_the_estimate_and_sit_where_the_evidence_crosses() -> None:
+    for s, n in [(0, 1), (0, 50), (5, 50), (50, 50), (13, 1000)]:
+        c = Counts(s, n)
+        lo, hi = rate_bounds(c, 0.01)
+        assert 0.0 <= lo <= s / n <= hi <= 1.0
+        limit = math.log(100)
+        if lo > 0:
+            assert log_mixture(c, lo) < limit <= log_mixture(c, lo * 0.999)
+        if hi < 1:
+            assert log_mixture(c, hi) < limit <= log_mixture(c, min(1.0, hi * 1.001))
+    assert rate_bounds(Counts(0, 0), 0.05) == (0.0, 1.0)
+    with pytest.raises(ValueError, match=r"events 3 must be within 0\.\.trials 2"):
+        Counts(3, 2)
+    with pytest.raises(ValueError, match=r"alpha 1\.5 must be between 0 and 1"):
+        rate_bounds(Counts(1, 2), 1.5)
+
+
+def _ever_excluded(rng: random.Random, p: float, steps: int, alpha: float) -> tuple[bool, bool]:
+    """One run of ``steps`` Bernoulli(p) trials, looked at after every trial: did the
+    sequence ever exclude the true p, and did a naive fixed-horizon 95 % Wald interval?"""
+    limit = math.log(1 / alpha)
+    s = 0
+    ours = naive = False
+    for n in range(1, steps + 1):
+        s += rng.random() < p
+        c = Counts(s, n)
+        ours = ours or log_mixture(c, p) >= limit
+        if n >= 30:
+            hat = s / n
+            half = 1.96 * math.sqrt(max(hat * (1 - hat), 1e-12) / n)
+            naive = naive or abs(hat - p) > half
+        if ours and naive:
+            break
+    return ours, naive
+
+
+@pytest.mark.parametrize("p", [0.01, 0.2])
+def test_coverage_holds_however_often_one_looks(p: float) -> None:
+    # 400 runs of 1,500 trials, looked at after every single one.  The guarantee is
+    # P(ever excluded) <= alpha; the naive interval, looked at as often, fails far more
+    # often (which shows this harness can see a violation).
+    rng = random.Random(20261129 + int(p * 100))
+    alpha, runs = 0.1, 400
+    results = [_ever_excluded(rng, p, 1500, alpha) for _ in range(runs)]
+    ours = sum(o for o, _ in results) / runs
+    naive = sum(n for _, n in results) / runs
+    sigma = math.sqrt(alpha * (1 - alpha) / runs)
+    assert ours <= alpha + 3 * sigma, f"excluded the true rate in {ours:.1%} of runs"
+    assert naive > alpha + 3 * sigma, f"the naive interval failed only {naive:.1%}"
+
+
+def test_a_a_comparison_rarely_rejects_when_looked_at_often() -> None:
+    # Two rings with the same 2 % error rate, the ring at 10 % of the traffic, looked at
+    # every 20 of its requests up to 1,000: false rejections stay below alpha.
+    rng = random.Random(7)
+    alpha, runs, rejected = 0.1, 150, 0
+    for _ in range(runs):
+        ring = base = 0
+        for n in range(1, 1001):
+            ring += rng.random() < 0.02
+            base += sum(rng.random() < 0.02 for _ in range(9))
+            if n % 20 == 0 and compare(Counts(ring, n), Counts(base, 9 * n), 0.0, alpha).worse:
+                rejected += 1
+                break
+    sigma = math.sqrt(alpha * (1 - alpha) / runs)
+    assert rejected / runs <= alpha + 3 * sigma
+
+
+def test_a_broken_ring_is_rejected_within_a_handful_of_requests() -> None:
+    # Every request an error, baseline at 1 %: rejected at alpha 0.01 on the 2nd request,
+    # at alpha 0.001 on the 3rd (the low-traffic case: at 0.1 req/s, within 30 s).
+    base = Counts(10, 1000)
+    first = {a: next(n for n in range(1, 50) if compare(Counts(n, n), base, 0.01, a).worse)
+             for a in (0.01, 0.001)}
+    assert first == {0.01: 2, 0.001: 3}
+
+
+def test_p_value_is_the_level_where_the_decision_flips() -> None:
+    cases = [(Counts(20, 100), Counts(10, 1000)), (Counts(9, 60), Counts(30, 3000)),
+             (Counts(200, 1000), Counts(100, 10_000)), (Counts(4, 4), Counts(2, 500))]
+    for ring, base in cases:
+        p = compare(ring, base, 0.01, 0.01).p_value
+        assert 0.0 < p < 1.0
+        assert compare(ring, base, 0.01, min(0.999, p * 1.02)).worse
+        assert not compare(ring, base, 0.01, p * 0.98).worse
+    # The estimates themselves within the tolerance: no evidence at all.
+    assert compare(Counts(2, 100), Counts(10, 1000), 0.02, 0.01).p_value == 1.0
+
+
+def test_health_needs_enough_traffic_to_bound_the_difference() -> None:
+    # The same 1 % on both sides: "within" 1 point only once the interval is that narrow.
+    few = compare(Counts(1, 100), Counts(10, 1000), 0.01, 0.01)
+    many = compare(Counts(100, 10_000), Counts(1000, 100_000), 0.01, 0.01)
+    assert not few.within and not few.worse
+    assert many.within and not many.worse
+    assert many.lower < 0 < many.upper <= 0.01
+
+
+def test_exceeds_a_fixed_limit() -> None:
+    # 40 slow answers of 200 against "at most 1 % slower" (a p99 limit): rejected.
+    assert exceeds(Counts(40, 200), 0.01, 0.01)
+    assert not exceeds(Counts(3, 200), 0.01, 0.01)
