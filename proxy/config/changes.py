@@ -1,0 +1,105 @@
+"""Which config changes a reload applies live, and which wait for a restart.  Pure.
+
+``reload_plan(old, new)`` compares two configs key by key against one table, ``KEYS``:
+the reload follows the plan it returns instead of deciding key by key where it applies.
+A key is *live* when the running proxy takes it at the swap (routing, pools, admin tokens,
+which the admin API reads on every request), and *restart* when what it configures was
+built at start and is not rebuilt (listening sockets, the shutdown timeout, the state
+files the controller writes).  Every field of the model is in the table, so a new one
+cannot be silently ignored on reload (``tests/test_reload_plan.py`` checks it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from proxy.config.model import Config
+from proxy.config.values import Listen
+
+
+class Applies(StrEnum):
+    LIVE = "live"  # taken by the running proxy at the swap
+    RESTART = "restart"  # only a restart takes it; a reload logs a warning
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """A config key the reload knows: its dotted path, when it applies, how to read it."""
+
+    path: str
+    applies: Applies
+    read: Callable[[Config], object]
+
+
+KEYS: tuple[Key, ...] = (
+    Key("listen", Applies.RESTART, lambda c: c.listen),
+    Key("admin.listen", Applies.RESTART, lambda c: c.admin.listen),
+    Key("admin.tokens", Applies.LIVE, lambda c: c.admin.tokens),
+    Key("access_log", Applies.LIVE, lambda c: c.access_log),
+    Key("shutdown_grace", Applies.RESTART, lambda c: c.shutdown_grace),
+    # Metrics.attach reads it for every new runtime: off drops the per-ring series.
+    Key("metrics.enabled", Applies.LIVE, lambda c: c.metrics.enabled),
+    Key("state.path", Applies.RESTART, lambda c: c.state.path),
+    Key("state.audit", Applies.RESTART, lambda c: c.state.audit),
+    Key("webhooks", Applies.LIVE, lambda c: c.webhooks),
+    Key("pools", Applies.LIVE, lambda c: c.pools),
+    Key("routes", Applies.LIVE, lambda c: c.routes),
+)
+# Not keys of the file: what the reader adds about it.
+NOT_KEYS = frozenset({"revision", "source"})
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    key: str
+    applies: Applies
+    old: str  # shown for restart keys only: live ones can be large (routes) or secret
+    new: str
+
+    @property
+    def message(self) -> str:
+        if self.applies is Applies.LIVE:
+            return f"config reload: {self.key} changed; applied now"
+        return (f"config reload: {self.key} changed from {self.old} to {self.new}; "
+                "it takes effect at the next restart")
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadPlan:
+    """What changed between two configs, each change with when it applies."""
+
+    changes: tuple[Change, ...] = ()
+
+    def changed(self, key: str) -> bool:
+        return any(c.key == key for c in self.changes)
+
+    @property
+    def live(self) -> tuple[Change, ...]:
+        return tuple(c for c in self.changes if c.applies is Applies.LIVE)
+
+    @property
+    def restart(self) -> tuple[Change, ...]:
+        return tuple(c for c in self.changes if c.applies is Applies.RESTART)
+
+
+def reload_plan(old: Config, new: Config) -> ReloadPlan:
+    changes = []
+    for key in KEYS:
+        before, after = key.read(old), key.read(new)
+        if before == after:
+            continue
+        if key.applies is Applies.RESTART:
+            changes.append(Change(key.path, key.applies, _show(before), _show(after)))
+        else:
+            changes.append(Change(key.path, key.applies, "", ""))
+    return ReloadPlan(tuple(changes))
+
+
+def _show(value: object) -> str:
+    if isinstance(value, Listen):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:g}s"
+    return repr(value)
