@@ -1,4 +1,5 @@
-"""The ``ringproxy`` command: run, check, demo.
+"""The ``ringproxy`` command: run, check, explain, demo, and the remote commands (status,
+the rollout actions, events, reload) that call a running proxy's admin API.
 
 Exit codes: 0 success, 1 an invalid config or a failure to start, 2 bad usage.
 """
@@ -12,12 +13,17 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING
 
 from proxy import __version__
 from proxy.admin.client import DEFAULT_URL
 from proxy.config import load_config
 from proxy.errors import ConfigError
+
+if TYPE_CHECKING:
+    # argparse's (typeshed-only generic) type of ``add_subparsers()``.
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,7 +37,20 @@ def _parser() -> argparse.ArgumentParser:
         help="level of the process log on stderr (the access log is separate)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run(sub)
+    check = sub.add_parser("check", help="validate a config file and exit")
+    check.add_argument("file", metavar="FILE")
+    _add_explain(sub)
+    _add_remote(sub)
+    demo = sub.add_parser("demo", help="run the proxy in front of two demo upstreams")
+    demo.add_argument(
+        "--ephemeral", action="store_true",
+        help="bind every listener to a free port instead of the ports in demo.yaml",
+    )
+    return parser
 
+
+def _add_run(sub: Subparsers) -> None:
     run = sub.add_parser("run", help="serve the proxy with a config file")
     run.add_argument("--config", "-c", required=True, metavar="FILE", help="YAML config file")
     run.add_argument(
@@ -44,9 +63,8 @@ def _parser() -> argparse.ArgumentParser:
         "(default: refuse to start)",
     )
 
-    check = sub.add_parser("check", help="validate a config file and exit")
-    check.add_argument("file", metavar="FILE")
 
+def _add_explain(sub: Subparsers) -> None:
     explain = sub.add_parser(
         "explain",
         help="print which ring a request would get, and why, without starting a server",
@@ -60,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--ip", metavar="ADDR", type=_ip, help="the client address")
     explain.add_argument("--path", default="/", help="request path (default /)")
     explain.add_argument("--method", default="GET", type=str.upper, help="default GET")
+
+
+def _add_remote(sub: Subparsers) -> None:
+    """The commands that call a running proxy's admin API."""
 
     def remote(name: str, help_text: str) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help_text)
@@ -91,13 +113,6 @@ def _parser() -> argparse.ArgumentParser:
     events.add_argument("--route")
     events.add_argument("--since", type=float, metavar="UNIX_TIME")
     remote("reload", "reload the config file now")
-
-    demo = sub.add_parser("demo", help="run the proxy in front of two demo upstreams")
-    demo.add_argument(
-        "--ephemeral", action="store_true",
-        help="bind every listener to a free port instead of the ports in demo.yaml",
-    )
-    return parser
 
 
 def _pair(text: str) -> tuple[str, str]:
@@ -182,7 +197,8 @@ def _remote(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from proxy.routing.assign import StaticRequest, assign, compile_route
+    from proxy.routing.assign import StaticRequest, compile_route
+    from proxy.routing.explain import explain
 
     try:
         config = load_config(args.config)
@@ -195,26 +211,13 @@ def _explain(args: argparse.Namespace) -> int:
         print(f"ringproxy explain: unknown route {args.route!r} (routes: {names})",
               file=sys.stderr)
         return 2
-    request = StaticRequest.build(
-        args.header, cookies=dict(args.cookie), query=dict(args.query),
-        remote=args.ip, path=args.path, method=args.method,
+    request = StaticRequest(
+        headers={k.lower(): v for k, v in args.header}, cookies=dict(args.cookie),
+        query=dict(args.query), remote=args.ip, path=args.path, method=args.method,
     )
-    compiled = compile_route(route, config.revision)
-    decision = assign(compiled, request)
-    out: dict[str, object] = {"route": route.name, **decision.as_dict()}
-    if decision.bucket is not None:
-        out["ranges"] = {r.ring: [r.lo, r.hi] for r in compiled.ranges}
-    sticky = route.sticky
-    no_key = decision.reason == "default" and decision.key_source is None
-    if no_key and sticky is not None and compiled.ranges:
-        if sticky.anonymous is not None:
-            out["note"] = (f"no stickiness key ({', '.join(map(str, sticky.key))}); the proxy "
-                           f"would set cookie {sticky.anonymous.name!r} to a new random id and "
-                           "assign by its bucket")
-        else:
-            out["note"] = (f"no stickiness key ({', '.join(map(str, sticky.key))}): "
-                           "the default ring")
-    print(json.dumps(out, indent=2))
+    # The configured weights: the file says what a fresh proxy would do (the API's explain
+    # answers with the live weights of a running one).
+    print(json.dumps(explain(compile_route(route, config.revision), request), indent=2))
     return 0
 
 
@@ -235,12 +238,12 @@ def _demo(ephemeral: bool) -> int:
     return _serve_guarded(lambda: run_demo(ephemeral))
 
 
-def _serve_guarded(main: object) -> int:
+def _serve_guarded(main: Callable[[], Coroutine[object, object, None]]) -> int:
     from proxy.errors import StateError
     from proxy.server import run
 
     try:
-        run(main)  # type: ignore[arg-type]
+        run(main)
     except StateError as exc:
         print(f"ringproxy: {exc}; fix or remove it, or start with --fresh-state",
               file=sys.stderr)

@@ -11,13 +11,15 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any
+from collections.abc import Mapping
 
 from proxy.errors import AdminClientError
 
 DEFAULT_URL = "http://127.0.0.1:9901"
 
-
+# A JSON object as the API answers it; the formatters below read it defensively (a field of
+# the wrong type shows as "-" or its text, never a traceback).
+Answer = dict[str, object]
 
 
 class AdminClient:
@@ -26,7 +28,7 @@ class AdminClient:
         self.token = token
         self.timeout = timeout
 
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    def call(self, method: str, path: str, body: Mapping[str, object] | None = None) -> Answer:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.url + path, data=data, method=method)
         request.add_header("Accept", "application/json")
@@ -36,35 +38,57 @@ class AdminClient:
             request.add_header("Authorization", f"Bearer {self.token}")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return json.loads(response.read() or b"null")
+                answer = json.loads(response.read() or b"null")
         except urllib.error.HTTPError as exc:
-            try:
-                message = json.loads(exc.read()).get("error") or exc.reason
-            except ValueError:
-                message = exc.reason
-            raise AdminClientError(f"{message} (HTTP {exc.code})") from None
+            raise AdminClientError(f"{_error_of(exc)} (HTTP {exc.code})") from None
         except urllib.error.URLError as exc:
             raise AdminClientError(f"cannot reach the admin API at {self.url}: "
                                    f"{exc.reason}") from None
         except (TimeoutError, ValueError) as exc:
             raise AdminClientError(f"bad answer from the admin API at {self.url}: {exc}") from None
+        if not isinstance(answer, dict):
+            raise AdminClientError(f"bad answer from the admin API at {self.url}{path}: "
+                                   f"{type(answer).__name__}, expected a JSON object")
+        return answer
 
-    def status(self) -> Any:
+    def status(self) -> Answer:
         return self.call("GET", "/api/routes")
 
-    def act(self, route: str, ring: str, action: str, body: dict[str, Any]) -> Any:
+    def act(self, route: str, ring: str, action: str, body: Mapping[str, object]) -> Answer:
         quote = urllib.parse.quote
         return self.call(
             "POST", f"/api/routes/{quote(route, safe='')}/rings/{quote(ring, safe='')}/{action}",
             body)
 
-    def events(self, route: str | None, since: float | None) -> Any:
+    def events(self, route: str | None, since: float | None) -> Answer:
         query = {k: v for k, v in (("route", route), ("since", since)) if v is not None}
         suffix = "?" + urllib.parse.urlencode(query) if query else ""
         return self.call("GET", "/api/events" + suffix)
 
-    def reload(self) -> Any:
+    def reload(self) -> Answer:
         return self.call("POST", "/api/reload", {})
+
+
+def _error_of(exc: urllib.error.HTTPError) -> str:
+    """The API's ``{"error": ...}`` message, or the HTTP reason when there is none."""
+    try:
+        answer = json.loads(exc.read())
+    except ValueError:
+        return str(exc.reason)
+    message = answer.get("error") if isinstance(answer, dict) else None
+    return str(message) if message else str(exc.reason)
+
+
+# --------------------------------------------------------------------------- reading answers
+
+
+def _objects(value: object) -> list[Answer]:
+    """The JSON objects of a list (none for anything else)."""
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def _object(value: object) -> Answer:
+    return value if isinstance(value, dict) else {}
 
 
 # --------------------------------------------------------------------------- tables
@@ -82,46 +106,53 @@ def _num(value: object, spec: str, scale: float = 1.0, suffix: str = "") -> str:
     return f"{value * scale:{spec}}{suffix}"
 
 
-def format_status(data: dict[str, Any]) -> str:
+def _weights(event: Answer) -> str:
+    return (f"{_num(event.get('from_weight'), 'g', suffix='%')} -> "
+            f"{_num(event.get('to_weight'), 'g', suffix='%')}")
+
+
+def format_status(data: Answer) -> str:
     rows = [["ROUTE", "RING", "POOL", "WEIGHT", "PHASE", "STEP", "REQ/S", "ERR", "P95",
              "VERDICT"]]
-    for route in data.get("routes", []):
-        for ring in route["rings"]:
-            traffic = ring.get("traffic") or {}
-            steps = ring.get("steps") or []
+    for route in _objects(data.get("routes")):
+        for ring in _objects(route.get("rings")):
+            traffic = _object(ring.get("traffic"))
+            steps = ring.get("steps")
             step = ring.get("step")
-            verdict = ring.get("verdict") or {}
-            name = ring["name"] + (" (baseline)" if ring.get("baseline") else "")
+            verdict = _object(ring.get("verdict"))
+            name = f"{ring.get('name')}" + (" (baseline)" if ring.get("baseline") else "")
             rows.append([
-                route["name"], name, ring["pool"], _num(ring.get("weight"), "g", suffix="%"),
-                ring.get("phase") or "-",
-                f"{step + 1}/{len(steps)}" if steps and isinstance(step, int) else "-",
+                str(route.get("name")), name, str(ring.get("pool")),
+                _num(ring.get("weight"), "g", suffix="%"),
+                str(ring.get("phase") or "-"),
+                f"{step + 1}/{len(steps)}" if isinstance(steps, list) and steps
+                and isinstance(step, int) else "-",
                 _num(traffic.get("rps"), ".1f"), _num(traffic.get("error_rate"), ".2f", 100, "%"),
                 _num(traffic.get("p95"), ".1f", 1000, "ms"),
-                verdict.get("outcome", "-"),
+                str(verdict.get("outcome", "-")),
             ])
     return f"revision {data.get('revision', '?')}\n" + _table(rows)
 
 
-def format_events(data: dict[str, Any]) -> str:
+def format_events(data: Answer) -> str:
     rows = [["TIME", "ROUTE", "RING", "KIND", "WEIGHT", "PHASE", "ACTOR", "REASON"]]
-    for e in data.get("events", []):
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(e["time"])))
-        weight = f"{_num(e.get('from_weight'), 'g', suffix='%')} -> " \
-                 f"{_num(e.get('to_weight'), 'g', suffix='%')}"
-        rows.append([when, e["route"], e["ring"], e["kind"], weight, e["phase"],
+    for e in _objects(data.get("events")):
+        stamp = e.get("time")
+        when = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp))
+                if isinstance(stamp, int | float) else "-")
+        rows.append([when, str(e.get("route")), str(e.get("ring")), str(e.get("kind")),
+                     _weights(e), str(e.get("phase")),
                      str(e.get("actor", "")), str(e.get("reason", ""))])
     if len(rows) == 1:
         return "no events"
     return _table(rows)
 
 
-def format_action(data: dict[str, Any]) -> str:
-    ring = data["ring"]
-    lines = [f"{e['route']}/{e['ring']}: {e['kind']} "
-             f"{_num(e.get('from_weight'), 'g', suffix='%')} -> "
-             f"{_num(e.get('to_weight'), 'g', suffix='%')} ({e['phase']})"
-             for e in data.get("events", [])]
-    lines.append(f"{ring['name']} is now {ring['phase']} at "
+def format_action(data: Answer) -> str:
+    ring = _object(data.get("ring"))
+    lines = [f"{e.get('route')}/{e.get('ring')}: {e.get('kind')} {_weights(e)} "
+             f"({e.get('phase')})"
+             for e in _objects(data.get("events"))]
+    lines.append(f"{ring.get('name')} is now {ring.get('phase')} at "
                  f"{_num(ring.get('weight'), 'g', suffix='%')}")
     return "\n".join(lines)
