@@ -15,6 +15,7 @@ import pytest
 from proxy.config import Config, parse_config
 from proxy.control.controller import Controller
 from proxy.control.statefile import load_state, save_state
+from proxy.errors import RolloutConflict
 from proxy.metrics import Metrics
 from proxy.rollout.machine import Phase, RingState, Trigger
 from proxy.runtime import Runtime
@@ -73,6 +74,14 @@ class Harness:
         self.controller.load()
         self.controller.configure(self.runtime)
 
+    def feed(self, ring: str, requests: int, errors: int = 0, latency: float = 0.010) -> None:
+        """``requests`` finished on ``ring`` at the clock's now, the first ``errors`` 500s."""
+        (ring_rt,) = [r for r in self.runtime.rings["api"] if r.name == ring]
+        assert ring_rt.recorder is not None
+        for i in range(requests):
+            status = 500 if i < errors else 200
+            ring_rt.recorder.record(status, "", latency, 0, 0, self.clock.now)
+
     def reload(self, config: Config) -> Runtime:
         self.runtime = Runtime(config, self.runtime)
         self.metrics.attach(self.runtime)
@@ -123,3 +132,40 @@ async def test_a_reload_during_a_slow_state_save_keeps_the_new_ring(tmp_path: Pa
     assert saved["canary"].phase is Phase.ROLLED_BACK
     # and the next analysis round works
     assert await h.controller.evaluate("api") == []
+
+
+async def test_an_action_on_a_ring_a_reload_removed_is_a_conflict_and_not_saved(
+    tmp_path: Path,
+) -> None:
+    slow = SlowSave()
+    text = config_text(tmp_path, extra_ring="- {name: beta, pool: canary, weight: 10}")
+    h = Harness(parse_config(text), save=slow)
+    action = asyncio.ensure_future(h.controller.act("api", "beta", Trigger.ROLLBACK))
+    assert await asyncio.to_thread(slow.started.wait, 5)
+    h.reload(parse_config(config_text(tmp_path)))  # beta leaves the config
+    slow.release.set()
+    with pytest.raises(RolloutConflict, match="route 'api' has no ring 'beta'"):
+        await action
+    assert set(h.controller.states["api"]) == {"canary", "stable"}
+    # the overtaken snapshot (beta rolled back) was replaced by what is live
+    saved = load_state(tmp_path / "state.json")
+    assert saved == h.controller.states
+    assert list(h.controller.events) == []
+
+
+async def test_an_analysis_round_overtaken_by_a_reload_of_its_route_is_dropped(
+    tmp_path: Path,
+) -> None:
+    slow = SlowSave()
+    h = Harness(parse_config(config_text(tmp_path)), save=slow)
+    h.feed("stable", 100)
+    h.feed("canary", 100, errors=50)
+    round_ = asyncio.ensure_future(h.controller.evaluate("api"))
+    assert await asyncio.to_thread(slow.started.wait, 5)
+    # new thresholds: the verdict was judged under the old ones
+    h.reload(parse_config(config_text(tmp_path).replace("max_error_rate: 5",
+                                                        "max_error_rate: 60")))
+    slow.release.set()
+    assert await round_ == []
+    assert h.controller.states["api"]["canary"].failures == 0  # the failing verdict dropped
+    assert load_state(tmp_path / "state.json") == h.controller.states

@@ -46,6 +46,11 @@ if TYPE_CHECKING:
     from proxy.runtime import Runtime
 
 log = logging.getLogger("ringproxy.rollout")
+
+States = Mapping[str, RingState]
+Decision = tuple[dict[str, RingState], list[Event]]
+# Decides a route's new states from its current plan (None: the route left the config).
+Decide = Callable[[RoutePlan | None, States], Decision]
 FAST_TICK = 0.2  # seconds between fast-path checks, when a route has one
 
 
@@ -76,6 +81,7 @@ class Controller:
         self._saved: dict[str, dict[str, RingState]] = {}
         self._runtime: Runtime | None = None
         self._lock = asyncio.Lock()
+        self._generation = 0  # bumped by every configure()
         self._task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ configuration
@@ -115,6 +121,7 @@ class Controller:
                     log.info("ring %s/%s changed in the config: its rollout starts over (%s)",
                              name, ring, state.phase.value)
         self.plans, self.states = plans, states
+        self._generation += 1  # a commit whose save spans this call decides again
         self.verdicts = {k: v for k, v in self.verdicts.items() if k in plans}
         self._runtime = runtime
         for name in plans:
@@ -183,19 +190,26 @@ class Controller:
             plan = self.plans.get(route)
             if plan is None or plan.fast is None or not self._has_windows(route):
                 return []
-            limit, minimum, seconds = plan.fast
-            now = self.mono()
-            for ring in plan.analysed:
-                if not self.states[route][ring.name].enabled:
-                    continue
+            found = self._fast_failure(route, plan, plan.fast)
+            if found is None:
+                return []
+            ring, verdict = found
+            now = self.wall()
+            return await self._commit(route, _judged(
+                plan, lambda p, s: on_fast_failure(p, s, ring, verdict, now)))
+
+    def _fast_failure(
+        self, route: str, plan: RoutePlan, fast: tuple[float, int, float]
+    ) -> tuple[str, Verdict] | None:
+        limit, minimum, seconds = fast
+        now = self.mono()
+        for ring in plan.analysed:
+            if self.states[route][ring.name].enabled:
                 summary = self.metrics.window(route, ring.name, now, seconds)
                 verdict = judge_fast(summary, limit, minimum)
                 if verdict is not None:
-                    new, events = on_fast_failure(plan, self.states[route], ring.name,
-                                                  verdict, self.wall())
-                    await self._commit(route, new, events)
-                    return events
-            return []
+                    return ring.name, verdict
+        return None
 
     async def evaluate(self, route: str) -> list[Event]:
         """One analysis round for ``route``: verdicts, then whatever they decide."""
@@ -213,9 +227,9 @@ class Controller:
                     summary = self.metrics.window(route, ring.name, now_mono, plan.window)
                     verdicts[ring.name] = judge(summary, baseline, plan.thresholds)
             self.verdicts[route] = verdicts
-            new, events = on_verdicts(plan, self.states[route], verdicts, self.wall())
-            await self._commit(route, new, events)
-            return events
+            now = self.wall()
+            return await self._commit(route, _judged(
+                plan, lambda p, s: on_verdicts(p, s, verdicts, now)))
 
     def _has_windows(self, route: str) -> bool:
         try:
@@ -231,25 +245,61 @@ class Controller:
         weight: int | None = None, actor: str = "operator",
     ) -> list[Event]:
         """promote / approve / pause / resume / rollback / set_weight; RolloutConflict if not."""
-        async with self._lock:
-            plan = self.plans.get(route)
+        now = self.wall()
+
+        # An operator's action is meant for the ring whatever the config: after a reload
+        # it is decided again under the new plan (a conflict if it no longer applies).
+        def decide(plan: RoutePlan | None, states: States) -> Decision:
             if plan is None:
                 raise RolloutConflict(f"no route {route!r}")
-            new, events = act(plan, self.states[route], ring, trigger, self.wall(), reason,
-                              weight, actor)
-            await self._commit(route, new, events)
-            return events
+            return act(plan, states, ring, trigger, now, reason, weight, actor)
+
+        async with self._lock:
+            return await self._commit(route, decide)
 
     # ------------------------------------------------------------------ applying
 
-    async def _commit(self, route: str, new: dict[str, RingState], events: list[Event]) -> None:
-        if new == self.states[route]:
-            return
-        snapshot = {**self.states, route: new}
-        # Durable first: a crash after this point never re-exposes users or loses a step.
-        await asyncio.to_thread(self._save, self.state_path, snapshot)
+    async def _commit(self, route: str, decide: Decide) -> list[Event]:
+        """Decide, save, install, publish; the caller holds the lock.
+
+        The lock keeps commits (and their saves) in turn.  ``configure`` does not take it
+        (it is synchronous, so a reload never waits on the disk), so a reload can land
+        while the save is awaited: the generation shows it, and the decision is made again
+        on the states and plan that are current now, and saved again, before anything is
+        installed.  The file never keeps a snapshot a reload overtook.
+        """
+        overtaken = False
+        while True:
+            generation = self._generation
+            current = self.states.get(route, {})
+            conflict: RolloutConflict | None = None
+            try:
+                new, events = decide(self.plans.get(route), current)
+            except RolloutConflict as exc:
+                if not overtaken:
+                    raise
+                conflict, new, events = exc, current, []
+            changed = new != current
+            if not changed and not overtaken:
+                return []
+            snapshot = {**self.states, route: new} if route in self.plans else dict(self.states)
+            # Durable first: a crash after this point never re-exposes users or loses a step.
+            await asyncio.to_thread(self._save, self.state_path, snapshot)
+            if generation == self._generation:
+                break
+            overtaken = True
+            log.warning("route %s: the config was reloaded during the state save; deciding "
+                        "again under the new config", route)
+        if conflict is not None:
+            raise conflict
+        if not changed:
+            return []
         self.states = snapshot
         self._apply(route)
+        await self._publish(events)
+        return events
+
+    async def _publish(self, events: list[Event]) -> None:
         if not events:
             return
         # In memory together with the state they explain (no await in between), so a
@@ -291,6 +341,21 @@ class Controller:
         phases = collections.Counter(
             s.phase.value for rings in self.states.values() for s in rings.values())
         return f"<Controller routes={len(self.plans)} {dict(phases)}>"
+
+
+def _judged(plan: RoutePlan, decide: Callable[[RoutePlan, States], Decision]) -> Decide:
+    """An analysis decision: it stands only under the plan it was judged under.
+
+    Verdicts were measured against that plan's thresholds and ring versions; after a reload
+    that changed the route they are dropped (nothing changes), and the next round judges
+    under the new plan.
+    """
+    def under_plan(current: RoutePlan | None, states: States) -> Decision:
+        if current != plan:
+            return dict(states), []
+        return decide(plan, states)
+
+    return under_plan
 
 
 __all__ = ["Controller", "Phase", "Trigger"]
