@@ -36,7 +36,7 @@ from proxy.admin.auth import (
     authorize,
 )
 from proxy.admin.views import RingView, RouteView, ring_views, route_view
-from proxy.errors import ApiError, RingproxyError
+from proxy.errors import ApiError, RolloutConflict
 from proxy.rollout.machine import Trigger
 from proxy.routing.assign import CompiledRoute, StaticRequest
 from proxy.routing.explain import explain as explain_decision
@@ -111,10 +111,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPMethodNotAllowed:
         return web.json_response(
             {"error": f"{request.method} is not allowed on {request.path}"}, status=405)
-    except RingproxyError as exc:
-        # The rest of the tree (RolloutConflict: 409) answers with the status it maps to.
-        if exc.status >= 500:
-            log.exception("admin: %s %s failed", request.method, request.path)
+    except RolloutConflict as exc:
         return web.json_response({"error": str(exc)}, status=exc.status)
 
 
