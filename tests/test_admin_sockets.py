@@ -12,7 +12,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.config import load_config
+from proxy.admin.api import REQUIREMENTS_KEY, admin_app
+from proxy.admin.auth import Access
+from proxy.config import load_config, parse_config
+from proxy.errors import RolloutConflict
 from proxy.server import Proxy
 from tests.conftest import RINGPROXY, ROOT, Upstream
 
@@ -20,6 +23,7 @@ ADMIN = "admin-token-0123456789abcdef"
 OPS = "operator-token-0123456789abcd"
 OPS_LIMITED = "operator-limited-0123456789ab"
 VIEW = "viewer-token-0123456789abcdef"
+TOKENS = {"RP_ADMIN": ADMIN, "RP_OPS": OPS, "RP_OPS_LIMITED": OPS_LIMITED, "RP_VIEW": VIEW}
 
 
 def config_text(stable: Upstream, canary: Upstream, tmp_path: Path, tokens: bool = True) -> str:
@@ -60,10 +64,9 @@ def config_text(stable: Upstream, canary: Upstream, tmp_path: Path, tokens: bool
 
 @pytest.fixture
 def token_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    env = {"RP_ADMIN": ADMIN, "RP_OPS": OPS, "RP_OPS_LIMITED": OPS_LIMITED, "RP_VIEW": VIEW}
-    for k, v in env.items():
+    for k, v in TOKENS.items():
         monkeypatch.setenv(k, v)
-    return env
+    return dict(TOKENS)
 
 
 @pytest.fixture
@@ -130,6 +133,16 @@ async def test_explain_endpoint(admin: Proxy) -> None:
     user = next(f"u{i}" for i in range(500) if bucket_of("api", f"u{i}") < 500)
     status, body = await call(admin, "GET", f"/api/explain?route=api&header=X-User-Id:{user}")
     assert (body["ring"], body["bucket"]) == ("canary", bucket_of("api", user))
+    # The same answer as `ringproxy explain` (proxy.routing.explain), on the live table.
+    assert body["ranges"] == {"canary": [0, 500], "beta": [500, 1500]}
+    status, body = await call(admin, "POST", "/api/routes/api/rings/beta/weight", ADMIN,
+                              {"weight": 20})
+    assert status == 200
+    status, body = await call(admin, "GET", f"/api/explain?route=api&header=X-User-Id:{user}")
+    assert body["ranges"] == {"canary": [0, 500], "beta": [500, 2500]}
+    status, body = await call(admin, "GET", "/api/explain?route=api")
+    assert (body["ring"], body["reason"], body["bucket"]) == ("stable", "default", None)
+    assert body["note"] == "no stickiness key (header:x-user-id): the default ring"
 
 
 @pytest.mark.parametrize(
@@ -159,6 +172,11 @@ async def test_bad_reads(admin: Proxy, path: str, status: int, message: str) -> 
          "may not act on api/canary"),
         (OPS, "POST", "/api/reload", 403, "only an admin token may reload"),
         (VIEW, "POST", "/api/reload", 403, "only an admin token may reload"),
+        # 401 before 404 before 403: strangers learn nothing, callers hear what is missing
+        (None, "POST", "/api/routes/api/rings/nope/pause", 401, "missing bearer token"),
+        (VIEW, "POST", "/api/routes/api/rings/nope/pause", 404, "has no ring 'nope'"),
+        (OPS_LIMITED, "POST", "/api/routes/web/rings/beta/pause", 404, "unknown route 'web'"),
+        (VIEW, "POST", "/api/routes/api/rings/canary/explode", 404, "unknown action"),
     ],
 )
 async def test_auth_failures(admin: Proxy, token, method, path, status, message) -> None:
@@ -241,6 +259,52 @@ async def test_without_tokens_the_api_is_read_only_from_loopback(
         assert status == 200
         status, body = await call(proxy, "POST", "/api/routes/api/rings/canary/pause", None)
         assert status == 403 and "read-only" in body["error"]
+    finally:
+        await proxy.stop()
+
+
+def test_every_endpoint_declares_who_may_call_it(admin: Proxy) -> None:
+    # Endpoints are registered through ENDPOINTS only, each behind its requirement: a route
+    # added to the router any other way has no requirement and fails here.
+    app = admin_app(admin)
+    requirements = app[REQUIREMENTS_KEY]
+    declared = {}
+    for route in app.router.routes():
+        assert route.handler in requirements, f"{route.method} {route.resource} is unguarded"
+        assert route.resource is not None
+        declared[route.method, route.resource.canonical] = requirements[route.handler].access
+    reads = ["/api/routes", "/api/routes/{route}", "/api/explain", "/api/events"]
+    public = ["/", "/favicon.ico", "/healthz", "/readyz", "/metrics"]
+    assert declared == {
+        **{(m, p): Access.PUBLIC for p in public for m in ("GET", "HEAD")},
+        **{(m, p): Access.READ for p in reads for m in ("GET", "HEAD")},
+        ("POST", "/api/routes/{route}/rings/{ring}/{action}"): Access.ACT,
+        ("POST", "/api/reload"): Access.ADMIN,
+    }
+
+
+async def test_errors_answer_with_their_status_from_the_exception_tree(
+    admin: Proxy, stable: Upstream, canary: Upstream, tmp_path: Path
+) -> None:
+    # RolloutConflict maps to 409 in proxy/errors.py; the API answers with that status.
+    status, body = await call(admin, "POST", "/api/routes/api/rings/canary/approve", ADMIN)
+    assert status == RolloutConflict.status == 409 and "cannot approve" in body["error"]
+    # Every ApiError answers {"error": ...} with its own status.
+    status, body = await call(admin, "POST", "/api/routes", ADMIN)
+    assert status == 405 and body["error"] == "POST is not allowed on /api/routes"
+    status, body = await call(admin, "POST", "/api/routes/api/rings/canary/pause", ADMIN,
+                              ["not", "an", "object"])
+    assert status == 400 and body["error"] == "the body must be a JSON object"
+    status, body = await call(admin, "POST", "/api/routes/api/rings/canary/pause", ADMIN,
+                              {"reason": 7})
+    assert status == 400 and body["error"] == "reason must be a string"
+    # A proxy started from a config text has no file to reload: 409 from an ApiError.
+    proxy = Proxy(parse_config(config_text(stable, canary, tmp_path), environ=TOKENS))
+    await proxy.start()
+    try:
+        status, body = await call(proxy, "POST", "/api/reload", ADMIN)
+        assert status == 409 and body["error"] == (
+            "this proxy was not started from a config file; nothing to reload")
     finally:
         await proxy.stop()
 
