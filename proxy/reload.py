@@ -3,7 +3,8 @@
 Triggers: a change of the file on disk, SIGHUP, or a call to ``Reloader.reload()`` (what
 the admin API's ``POST /api/reload`` calls).  Reloads are serialised.  A file that fails
 validation changes nothing: the last good config keeps serving, each error is logged on
-its own line, and the failure is counted.
+its own line, and the failure is counted.  So does a valid file whose ``apply`` fails
+(a new access log that cannot be opened, say): logged with its traceback, counted.
 
 The watcher polls ``os.stat`` of the path (following symlinks) plus its resolved real path
 every ``interval``; that sees in-place writes, atomic renames over the file, and the
@@ -79,7 +80,6 @@ class Reloader:
         self.settle = settle
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
-        self.last: ReloadResult | None = None
         # What the file looked like when ``current`` was loaded (about now): a change made
         # before the watcher's first poll is still seen.
         self._seen = _fingerprint(self.path)
@@ -112,7 +112,14 @@ class Reloader:
             return self._done(False, False, trigger, started, errors)
         if config.revision == self.current.revision:
             return self._done(True, False, trigger, started)
-        await self._apply(config)
+        try:
+            await self._apply(config)
+        except Exception as exc:  # whatever apply met, the running config keeps serving
+            log.exception("config reload (%s): applying revision %s failed; still serving "
+                          "revision %s", trigger, config.revision, self.current.revision)
+            error = (f"{self.path}: revision {config.revision} is valid but applying it "
+                     f"failed: {type(exc).__name__}: {exc}")
+            return self._done(False, False, trigger, started, (error,))
         old, self.current = self.current.revision, config
         log.info("config reloaded (%s): revision %s -> %s in %.1f ms", trigger, old,
                  config.revision, (time.monotonic() - started) * 1000)
@@ -124,7 +131,6 @@ class Reloader:
     ) -> ReloadResult:
         result = ReloadResult(ok, changed, self.current.revision, trigger,
                               time.monotonic() - started, errors)
-        self.last = result
         if self._on_result is not None:
             self._on_result(result)
         return result

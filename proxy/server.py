@@ -18,6 +18,7 @@ from aiohttp import web
 
 from proxy.admin.api import admin_app
 from proxy.config import Config
+from proxy.config.changes import Applies, ReloadPlan, reload_plan
 from proxy.config.rollout import WINDOW_HORIZON
 from proxy.config.values import Listen
 from proxy.control.controller import Controller
@@ -66,33 +67,65 @@ class Proxy:
     async def apply(self, config: Config) -> None:
         """Serve ``config`` from now on: build, start, then swap one reference.
 
-        Requests in flight finish on the runtime they started with; pools the new config
-        no longer uses are closed once their last request is done.
+        What changes live and what waits for a restart is ``reload_plan``'s decision; each
+        key that waits is logged as a warning.  Requests in flight finish on the runtime
+        they started with; pools the new config no longer uses are closed once their last
+        request is done.  If anything fails, the running config is left as it was (what
+        was built for the new one is closed) and the error is raised.
         """
-        # Building tables for hundreds of routes takes tens of ms of pure computation: in a
-        # worker thread too (it only reads the current runtime; reloads are serialised).
-        runtime = await asyncio.to_thread(Runtime, config, self.runtime)
-        await runtime.start()
-        self.metrics.attach(runtime)
-        self.controller.configure(runtime)  # live weights and rollbacks, before the swap
-        for key in ("listen", "admin", "shutdown_grace"):
-            if getattr(config, key) != getattr(self.config, key):
-                log.warning("config reload: %s changed; it takes effect at the next restart", key)
-        if config.access_log != self.config.access_log:
-            old_log = self.access_log
-            enabled = config.access_log.enabled
-            self.access_log = AccessLog(config.access_log.path) if enabled else None
-            self.handler.access_log = self.access_log
+        plan = reload_plan(self.config, config)
+        runtime, access_log = await self._prepare(config, plan)
+        try:
+            self.metrics.attach(runtime)
+            self.controller.configure(runtime)  # live weights and rollbacks, before the swap
+        except BaseException:
+            # Hand the running runtime back what the new one took, then let go of the new.
+            self.metrics.attach(self.runtime)
+            self.controller.configure(self.runtime)
+            await self._discard(runtime, access_log)
+            raise
+        if plan.changed("access_log"):
+            old_log, self.access_log = self.access_log, access_log
+            self.handler.access_log = access_log
             if old_log is not None:
                 old_log.close()
         self.handler.runtime = runtime  # the swap: the next request sees the new config
         self.runtime, self.config = runtime, config
+        for change in plan.changes:
+            log.log(logging.INFO if change.applies is Applies.LIVE else logging.WARNING,
+                    "%s", change.message)
         if self.freeze_gc:
             gc.freeze()  # the new config is long-lived: keep it out of collections
         for pool in runtime.retired:
             task = asyncio.ensure_future(_drain(pool))
             self._draining.add(task)
             task.add_done_callback(self._draining.discard)
+
+    async def _prepare(self, config: Config, plan: ReloadPlan) -> tuple[Runtime, AccessLog | None]:
+        """What ``config`` needs that can fail (new pools started, a new access log opened),
+        done before anything the running config uses is touched."""
+        # Building tables for hundreds of routes takes tens of ms of pure computation: in a
+        # worker thread (it only reads the current runtime; reloads are serialised).
+        runtime = await asyncio.to_thread(Runtime, config, self.runtime)
+        access_log = self.access_log
+        try:
+            await runtime.start()
+            if plan.changed("access_log"):
+                enabled = config.access_log.enabled
+                access_log = AccessLog(config.access_log.path) if enabled else None
+        except BaseException:
+            await self._discard(runtime, access_log)
+            raise
+        return runtime, access_log
+
+    async def _discard(self, runtime: Runtime, access_log: AccessLog | None) -> None:
+        """Close what a failed apply built: its new pools and access log, not the running ones."""
+        if access_log is not None and access_log is not self.access_log:
+            access_log.close()
+        running = set(map(id, self.runtime.pools.values()))
+        for pool in runtime.pools.values():
+            if id(pool) not in running:
+                await pool.close()
 
     def _reloaded(self, result: ReloadResult) -> None:
         if result.ok:

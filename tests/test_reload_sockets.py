@@ -257,3 +257,108 @@ async def test_sighup_reloads_a_running_process(
             assert r.headers["X-Upstream"] == "canary"
     code, _, err = await proc.finish(signal.SIGTERM)
     assert code == 0, err
+
+
+async def test_a_config_that_fails_to_apply_leaves_the_old_one_serving_and_is_counted(
+    reloadable, stable: Upstream, canary: Upstream, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    proxy = await reloadable(config_text(stable.url, canary.url, "a"))
+    revision = proxy.config.revision
+    path = tmp_path / "ringproxy.yaml"
+    # Valid, but its access log sits in a directory that does not exist: only applying it
+    # finds that out.  It also moves the route to pool b and adds a ring.
+    log_path = tmp_path / "logs" / "access.log"
+    new = config_text(stable.url, canary.url, "b").replace(
+        "access_log: {enabled: false}", f"access_log: {{enabled: true, path: {log_path}}}"
+    ).replace("      - name: main\n", "      - {name: beta, pool: a, rules: "
+              "[{attr: 'header:X-Beta', exists: true}]}\n      - name: main\n")
+    path.write_text(new)
+    result = await proxy.reloader.reload("test")
+    assert (result.ok, result.changed, result.revision) == (False, False, revision)
+    (error,) = result.errors
+    assert str(path) in error and "FileNotFoundError" in error and str(log_path) in error
+    failed = [r for r in caplog.records if "applying revision" in r.getMessage()]
+    assert failed and failed[0].exc_info is not None  # logged with its traceback
+    assert proxy.config.revision == proxy.reloader.current.revision == revision
+    async with aiohttp.ClientSession() as client:
+        async with client.get(proxy.url + "/", headers={"X-Beta": "1"}) as r:
+            assert r.status == 200 and r.headers["X-Upstream"] == "stable"
+        async with client.get(proxy.admin_url + "/api/routes") as r:
+            assert r.status == 200  # the controller still agrees with the serving config
+            (route,) = (await r.json())["routes"]
+            assert [ring["name"] for ring in route["rings"]] == ["main"]
+        async with client.get(proxy.admin_url + "/metrics") as r:
+            text = await r.text()
+        assert 'ringproxy_config_reloads_total{result="failure"} 1.0' in text
+        assert "ringproxy_config_last_reload_success 0.0" in text
+        assert f'ringproxy_config_info{{revision="{revision}"}} 1.0' in text
+
+        log_path.parent.mkdir()  # the operator fixes it; the same file now applies
+        fixed = await proxy.reloader.reload("test")
+        assert fixed.ok and fixed.changed and fixed.revision != revision
+        async with client.get(proxy.url + "/", headers={"X-Beta": "1"}) as r:
+            assert r.headers["X-Upstream"] == "stable"  # ring beta, pool a
+        async with client.get(proxy.url + "/") as r:
+            assert r.headers["X-Upstream"] == "canary"  # ring main, now on pool b
+        async with client.get(proxy.admin_url + "/metrics") as r:
+            assert "ringproxy_config_last_reload_success 1.0" in await r.text()
+    proxy.access_log.flush()
+    assert log_path.read_text().count("\n") == 2
+
+
+async def test_keys_that_need_a_restart_are_named_in_a_warning_and_the_rest_applies(
+    reloadable, stable: Upstream, canary: Upstream, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    proxy = await reloadable(config_text(stable.url, canary.url, "a"))
+    url, admin_url = proxy.url, proxy.admin_url
+    text = config_text(stable.url, canary.url, "b").replace(
+        "\nlisten: 127.0.0.1:0", "\nlisten: 127.0.0.1:1", 1
+    ).replace("shutdown_grace: 2s", "shutdown_grace: 3s\nstate: {path: elsewhere.json}")
+    (tmp_path / "ringproxy.yaml").write_text(text)
+    caplog.set_level("INFO", logger="ringproxy")
+    assert (await proxy.reloader.reload("test")).changed
+    warnings = sorted(r.getMessage() for r in caplog.records
+                      if r.levelname == "WARNING" and r.name == "ringproxy")
+    assert warnings == [
+        "config reload: listen changed from 127.0.0.1:0 to 127.0.0.1:1; "
+        "it takes effect at the next restart",
+        "config reload: shutdown_grace changed from 2s to 3s; "
+        "it takes effect at the next restart",
+        "config reload: state.path changed from 'ringproxy-state.json' to 'elsewhere.json'; "
+        "it takes effect at the next restart",
+    ]
+    assert "config reload: routes changed; applied now" in caplog.messages
+    assert (proxy.url, proxy.admin_url) == (url, admin_url)
+    async with aiohttp.ClientSession() as client, client.get(url + "/") as r:
+        assert r.headers["X-Upstream"] == "canary"  # the live part applied
+
+
+async def test_metrics_enabled_applies_live(
+    reloadable, stable: Upstream, canary: Upstream, tmp_path: Path
+) -> None:
+    on = config_text(stable.url, canary.url, "a")
+    proxy = await reloadable(on)
+    path = tmp_path / "ringproxy.yaml"
+    async with aiohttp.ClientSession() as client:
+
+        async def scrape() -> str:
+            async with client.get(proxy.url + "/") as r:
+                assert r.status == 200
+            async with client.get(proxy.admin_url + "/metrics") as r:
+                return await r.text()
+
+        def ok_requests(text: str) -> list[str]:
+            return [line for line in text.splitlines()
+                    if line.startswith("ringproxy_requests_total{") and 'ring="main"' in line
+                    and 'code_class="2xx"' in line]
+
+        assert [line.rsplit(" ", 1)[1] for line in ok_requests(await scrape())] == ["1.0"]
+        path.write_text(on.replace("shutdown_grace", "metrics: {enabled: false}\nshutdown_grace"))
+        assert (await proxy.reloader.reload("test")).changed
+        assert 'ring="' not in await scrape()  # no per-ring series at all
+        path.write_text(on + "\n# on again\n")
+        assert (await proxy.reloader.reload("test")).changed
+        # Counting again, from zero.
+        assert [line.rsplit(" ", 1)[1] for line in ok_requests(await scrape())] == ["1.0"]
