@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
-from proxy.config.rollout import Step
+from proxy.config.rollout import Analysis, Progression, Step
 from proxy.control.statefile import append_audit, load_state, read_audit, save_state
 from proxy.errors import RolloutConflict, StateError
 from proxy.rollout.judge import Outcome, Verdict
 from proxy.rollout.machine import (
+    ANALYSIS_TRIGGERS,
+    EFFECTS,
     TRANSITIONS,
     Phase,
     RingPlan,
@@ -21,6 +24,7 @@ from proxy.rollout.machine import (
     initial_state,
     on_verdicts,
     restore,
+    target,
 )
 
 PASS = Verdict(Outcome.PASS)
@@ -34,17 +38,15 @@ def plan(approval_at: int | None = None, previous: bool = False, limit: int = 2)
     return RoutePlan(
         route="api",
         rings=(
-            RingPlan("canary", "v2", 100, steps, min_step_duration=60, fingerprint="c1"),
+            RingPlan("canary", "v2", 100, Progression(steps, 60), fingerprint="c1"),
             RingPlan("qa", "v2", None, pinned=True, fingerprint="q1"),
             RingPlan("beta", "v2", 1000, fingerprint="b1"),
             RingPlan("other", "v3", 500, fingerprint="o1"),
             RingPlan("stable", "v1", None, fingerprint="s1"),
         ),
         baseline="stable",
-        failure_limit=limit,
-        rollback_to_previous=previous,
-        interval=1,
-        window=30,
+        analysis=Analysis(interval=1, window=30, failure_limit=limit,
+                          rollback_to_previous=previous),
     )
 
 
@@ -196,9 +198,101 @@ def test_analysis_triggers_are_not_operator_actions() -> None:
         act(p, fresh(p), "canary", Trigger.FAILED, 1)
 
 
-def test_every_transition_in_the_table_is_reachable_and_named() -> None:
-    assert {t for _, t in TRANSITIONS} == set(Trigger)
-    assert all(callable(h) for h in TRANSITIONS.values())
+R, P, A = Phase.ROLLED_BACK, Phase.PAUSED, Phase.AWAITING_APPROVAL
+G, C = Phase.PROGRESSING, Phase.COMPLETED
+# Where each trigger takes the canary (at its second step; the third needs approval) from
+# each phase; None: refused (a 409 for an operator, nothing at all for analysis).  Written
+# out by hand, independently of the table it checks.
+EXPECTED: dict[Phase, dict[Trigger, Phase | None]] = {
+    #                 FAILED STEP_DUE PROMOTE APPROVE PAUSE  RESUME ROLLBACK SET_WEIGHT
+    Phase.STEADY:      dict(zip(Trigger, (R, None, None, None, P, None, R, P), strict=True)),
+    Phase.PROGRESSING: dict(zip(Trigger, (R, A, G, None, P, None, R, P), strict=True)),
+    Phase.AWAITING_APPROVAL: dict(zip(Trigger, (R, None, G, G, P, None, R, P), strict=True)),
+    Phase.PAUSED:      dict(zip(Trigger, (R, None, G, None, None, G, R, P), strict=True)),
+    Phase.COMPLETED:   dict(zip(Trigger, (R, None, None, None, P, None, R, P), strict=True)),
+    Phase.ROLLED_BACK: dict(zip(Trigger, (None, None, None, None, None, G, None, P),
+                                strict=True)),
+}
+
+
+def in_phase(p: RoutePlan, phase: Phase) -> dict[str, RingState]:
+    states = fresh(p)
+    states["canary"] = RingState(phase, 0 if phase is R else 500, 1, 0.0,
+                                 resume_to=G if phase is P else None, fingerprint="c1")
+    return states
+
+
+def fire(p: RoutePlan, states: dict[str, RingState], trigger: Trigger):
+    """The trigger through the public entry point that produces it."""
+    if trigger is Trigger.FAILED:
+        return on_verdicts(p, states, {"canary": FAIL}, 1000)
+    if trigger is Trigger.STEP_DUE:
+        return on_verdicts(p, states, {"canary": PASS}, 1000)  # 1000 s into a 60 s step
+    weight = 1000 if trigger is Trigger.SET_WEIGHT else None
+    return act(p, states, "canary", trigger, 1000, weight=weight)
+
+
+@pytest.mark.parametrize("phase", list(Phase))
+@pytest.mark.parametrize("trigger", list(Trigger))
+def test_every_phase_and_trigger_does_what_the_table_says(phase: Phase, trigger: Trigger) -> None:
+    p = plan(approval_at=2, limit=1)
+    states = in_phase(p, phase)
+    expected = EXPECTED[phase][trigger]
+    assert ((phase, trigger) in TRANSITIONS) is (expected is not None)
+    weight = 1000 if trigger is Trigger.SET_WEIGHT else None
+    if expected is None:
+        with pytest.raises(RolloutConflict, match=f"it is {phase.value}"):
+            target(p, states, "canary", trigger, weight)
+        if trigger in ANALYSIS_TRIGGERS:
+            new, events = fire(p, states, trigger)
+            assert new["canary"] == states["canary"] and events == []
+        else:
+            verb = trigger.value.replace("_", " ")
+            with pytest.raises(RolloutConflict,
+                               match=f"cannot {verb} ring 'canary': it is {phase.value}"):
+                fire(p, states, trigger)
+        return
+    assert target(p, states, "canary", trigger, weight) is expected
+    new, events = fire(p, states, trigger)
+    assert new["canary"].phase is expected
+    (event,) = [e for e in events if e.ring == "canary"]
+    assert (event.from_phase, event.phase) == (phase.value, expected.value)
+
+
+def test_the_table_has_a_rule_for_every_trigger_and_an_effect_for_each() -> None:
+    assert list(Trigger) == [Trigger.FAILED, Trigger.STEP_DUE, Trigger.PROMOTE, Trigger.APPROVE,
+                             Trigger.PAUSE, Trigger.RESUME, Trigger.ROLLBACK, Trigger.SET_WEIGHT]
+    assert {t for _, t in TRANSITIONS} == set(Trigger) == set(EFFECTS)
+    assert {(ph, t) for ph, row in EXPECTED.items() for t, to in row.items() if to} == set(
+        TRANSITIONS)
+
+
+@pytest.mark.parametrize(
+    ("ring", "phase", "trigger", "message"),
+    [
+        ("stable", Phase.STEADY, Trigger.ROLLBACK, "'stable' is the baseline; it cannot be "
+                                                    "rolled back"),
+        ("stable", Phase.STEADY, Trigger.PAUSE, "'stable' is the baseline; it cannot be paused"),
+        ("beta", Phase.PAUSED, Trigger.PROMOTE, "'beta' has no progression steps to promote"),
+        ("qa", Phase.PAUSED, Trigger.SET_WEIGHT, "'qa' has rules only, no weight to set"),
+    ],
+)
+def test_a_guard_that_does_not_hold_is_a_conflict_in_a_phase_the_table_allows(
+    ring: str, phase: Phase, trigger: Trigger, message: str
+) -> None:
+    p = plan()
+    states = fresh(p)
+    states[ring] = replace(states[ring], phase=phase, resume_to=Phase.STEADY)
+    assert (phase, trigger) in TRANSITIONS
+    with pytest.raises(RolloutConflict, match=message):
+        act(p, states, ring, trigger, 1, weight=100)
+
+
+def test_a_route_without_analysis_ignores_verdicts() -> None:
+    p = replace(plan(limit=1), analysis=None)
+    states = fresh(p)
+    assert on_verdicts(p, states, {"canary": FAIL}, 1) == (states, [])
+    assert p.window == Analysis().window and not p.rollback_to_previous
 
 
 def test_restore_keeps_state_unless_the_ring_changed() -> None:
@@ -206,9 +300,8 @@ def test_restore_keeps_state_unless_the_ring_changed() -> None:
     states, _ = act(p, fresh(p), "canary", Trigger.ROLLBACK, 1)
     kept = restore(p, states, 2)
     assert kept["canary"].phase is Phase.ROLLED_BACK
-    changed = RoutePlan("api", tuple(
-        RingPlan(r.name, r.pool, r.weight, r.steps, r.min_step_duration, r.pinned,
-                 "c2" if r.name == "canary" else r.fingerprint) for r in p.rings), "stable")
+    changed = replace(p, rings=tuple(
+        replace(r, fingerprint="c2") if r.name == "canary" else r for r in p.rings))
     reset = restore(changed, states, 3)
     assert reset["canary"].phase is Phase.PROGRESSING and reset["canary"].weight == 100
 
@@ -231,6 +324,25 @@ def test_a_corrupt_state_file_is_an_error(tmp_path, content: str) -> None:
     path = tmp_path / "rp.json"
     path.write_text(content)
     with pytest.raises(StateError, match="corrupt"):
+        load_state(path)
+
+
+@pytest.mark.parametrize(
+    ("ring", "message"),
+    [
+        ({"phase": "steady", "weight": 12.5}, "routes.api.c.weight: expected a whole number"),
+        ({"phase": "steady", "failures": "2"}, "routes.api.c.failures: expected a whole number"),
+        ({"phase": "steady", "step_since": None}, "routes.api.c.step_since: expected a number"),
+        ({"phase": "steady", "resume_to": "later"}, "routes.api.c.resume_to: 'later' is not one"),
+        ({"phase": "steady", "fingerprint": 7}, "routes.api.c.fingerprint: expected a string"),
+        ({"weight": 1}, "routes.api.c.phase: None is not one of steady, progressing"),
+        ("steady", "routes.api.c: expected an object, got 'steady'"),
+    ],
+)
+def test_a_state_of_the_wrong_type_names_its_field(tmp_path, ring: object, message: str) -> None:
+    path = tmp_path / "rp.json"
+    path.write_text(json.dumps({"format": 1, "routes": {"api": {"c": ring}}}))
+    with pytest.raises(StateError, match=f"the state file is corrupt \\({message}"):
         load_state(path)
 
 

@@ -35,6 +35,15 @@ class Thresholds:
 
 
 @dataclass(frozen=True, slots=True)
+class FastRollback:
+    """Roll back at once when a ring's error rate over ``window`` is above this."""
+
+    max_error_rate: float  # fraction
+    min_requests: int = 20
+    window: float = 5.0  # seconds
+
+
+@dataclass(frozen=True, slots=True)
 class Analysis:
     interval: float = 10.0
     window: float = 60.0
@@ -42,7 +51,7 @@ class Analysis:
     failure_limit: int = 3
     rollback_to_previous: bool = False
     thresholds: Thresholds = field(default_factory=Thresholds)
-    fast: tuple[float, int, float] | None = None  # (max error rate, min requests, window)
+    fast: FastRollback | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,32 +81,31 @@ def _percent(ctx: Ctx, sec: Section, key: str) -> float | None:
     return None if bp < 0 else bp / 10_000
 
 
+# The defaults, read off the settings classes (the one place they are written).
+_ANALYSIS = Analysis()
+_THRESHOLDS = Thresholds()
+_PROGRESSION = Progression(())
+_WEBHOOK = Webhook("")
+
+
 def read_analysis(ctx: Ctx, data: object, path: str) -> Analysis | None:
     if data is None:
         return None
     sec = Section(ctx, data, path)
-    interval = sec.duration("interval", 10.0, minimum=0.1)
-    window = sec.duration("window", 60.0, minimum=1.0)
+    interval = sec.duration("interval", _ANALYSIS.interval, minimum=0.1)
+    window = sec.duration("window", _ANALYSIS.window, minimum=1.0)
     if window > WINDOW_HORIZON:
         ctx.err(sec.sub("window"), f"{window:g}s is longer than the {WINDOW_HORIZON:g}s of "
                 "history kept per ring")
-        window = 60.0
+        window = _ANALYSIS.window
     if window < interval:
         ctx.err(sec.sub("window"), f"{window:g}s is shorter than the interval {interval:g}s")
-    thresholds = Thresholds(
-        min_requests=sec.integer("min_requests", 50, 1, 100_000_000),
-        max_error_rate=_percent(ctx, sec, "max_error_rate"),
-        max_p95=sec.duration("max_p95", 0.0, minimum=0.0) or None,
-        max_p99=sec.duration("max_p99", 0.0, minimum=0.0) or None,
-        max_error_rate_increase=_percent(ctx, sec, "max_error_rate_increase"),
-        max_latency_ratio=_ratio(ctx, sec, "max_latency_ratio"),
-        latency_floor=sec.duration("latency_floor", 0.020, minimum=0.0),
-        significance=_significance(ctx, sec),
-    )
+    thresholds = _read_thresholds(ctx, sec)
     baseline = sec.text("baseline", "") or None
-    limit = sec.integer("failure_limit", 3, 1, 1000)
+    limit = sec.integer("failure_limit", _ANALYSIS.failure_limit, 1, 1000)
     fast = _read_fast(ctx, sec.raw("fast_rollback", None), sec.sub("fast_rollback"))
-    result = Analysis(interval, window, baseline, limit, False, thresholds, fast)
+    result = Analysis(interval=interval, window=window, baseline=baseline, failure_limit=limit,
+                      thresholds=thresholds, fast=fast)
     sec.close()
     if not any((thresholds.max_error_rate, thresholds.max_p95, thresholds.max_p99,
                 thresholds.max_error_rate_increase, thresholds.max_latency_ratio)):
@@ -106,7 +114,20 @@ def read_analysis(ctx: Ctx, data: object, path: str) -> Analysis | None:
     return result
 
 
-def _read_fast(ctx: Ctx, data: object, path: str) -> tuple[float, int, float] | None:
+def _read_thresholds(ctx: Ctx, sec: Section) -> Thresholds:
+    return Thresholds(
+        min_requests=sec.integer("min_requests", _THRESHOLDS.min_requests, 1, 100_000_000),
+        max_error_rate=_percent(ctx, sec, "max_error_rate"),
+        max_p95=sec.duration("max_p95", 0.0, minimum=0.0) or None,
+        max_p99=sec.duration("max_p99", 0.0, minimum=0.0) or None,
+        max_error_rate_increase=_percent(ctx, sec, "max_error_rate_increase"),
+        max_latency_ratio=_ratio(ctx, sec, "max_latency_ratio"),
+        latency_floor=sec.duration("latency_floor", _THRESHOLDS.latency_floor, minimum=0.0),
+        significance=_significance(ctx, sec),
+    )
+
+
+def _read_fast(ctx: Ctx, data: object, path: str) -> FastRollback | None:
     """``fast_rollback: {max_error_rate: 50, min_requests: 20, window: 5s}``."""
     if data is None:
         return None
@@ -114,12 +135,13 @@ def _read_fast(ctx: Ctx, data: object, path: str) -> tuple[float, int, float] | 
     rate = _percent(ctx, sec, "max_error_rate")
     if rate is None and sec.ok:
         ctx.err(sec.sub("max_error_rate"), "is required")
-    minimum = sec.integer("min_requests", 20, 1, 100_000_000)
-    window = sec.duration("window", 5.0, minimum=1.0)
+    base = FastRollback(0.0)
+    minimum = sec.integer("min_requests", base.min_requests, 1, 100_000_000)
+    window = sec.duration("window", base.window, minimum=1.0)
     if window > WINDOW_HORIZON:
         ctx.err(sec.sub("window"), f"{window:g}s is longer than {WINDOW_HORIZON:g}s")
     sec.close()
-    return None if rate is None else (rate, minimum, min(window, WINDOW_HORIZON))
+    return None if rate is None else FastRollback(rate, minimum, min(window, WINDOW_HORIZON))
 
 
 def _ratio(ctx: Ctx, sec: Section, key: str) -> float | None:
@@ -133,10 +155,10 @@ def _ratio(ctx: Ctx, sec: Section, key: str) -> float | None:
 
 
 def _significance(ctx: Ctx, sec: Section) -> float:
-    value = sec.raw("significance", 0.05)
+    value = sec.raw("significance", _THRESHOLDS.significance)
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
         ctx.err(sec.sub("significance"), f"expected a p-value between 0 and 1, got {value!r}")
-        return 0.05
+        return _THRESHOLDS.significance
     return float(value)
 
 
@@ -182,7 +204,7 @@ def read_progression(ctx: Ctx, data: object, path: str) -> Progression | None:
             ctx.err(where, f"{weight / 100:g} is not above the previous step "
                     f"{steps[-1].weight / 100:g}")
         steps.append(Step(weight, approval))
-    duration = sec.duration("min_step_duration", 300.0, minimum=0.0)
+    duration = sec.duration("min_step_duration", _PROGRESSION.min_step_duration, minimum=0.0)
     sec.close()
     return Progression(tuple(steps), duration)
 
@@ -212,6 +234,7 @@ def read_webhooks(ctx: Ctx, data: object, path: str) -> tuple[Webhook, ...]:
         parts = urlsplit(url)
         if url and (parts.scheme not in ("http", "https") or not parts.hostname):
             ctx.err(sec.sub("url"), f"{url!r} is not an http(s) URL")
-        hooks.append(Webhook(url, sec.duration("timeout", 5.0), sec.integer("retries", 3, 0, 20)))
+        hooks.append(Webhook(url, sec.duration("timeout", _WEBHOOK.timeout),
+                             sec.integer("retries", _WEBHOOK.retries, 0, 20)))
         sec.close()
     return tuple(hooks)

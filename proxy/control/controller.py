@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from proxy.config import Config
+from proxy.config.rollout import FastRollback
 from proxy.control.statefile import (
     append_audit,
     load_state,
@@ -27,18 +28,9 @@ from proxy.control.statefile import (
 from proxy.control.webhooks import WebhookSender
 from proxy.errors import RolloutConflict, StateError
 from proxy.rollout.judge import Verdict, judge, judge_fast
-from proxy.rollout.machine import (
-    Event,
-    Phase,
-    RingState,
-    RoutePlan,
-    Trigger,
-    act,
-    on_fast_failure,
-    on_verdicts,
-    restore,
-)
-from proxy.rollout.plan import build_plan
+from proxy.rollout.machine import Trigger, act, on_fast_failure, on_verdicts, restore
+from proxy.rollout.plan import RoutePlan, build_plan
+from proxy.rollout.state import Event, Phase, RingState
 from proxy.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
@@ -163,34 +155,35 @@ class Controller:
         due: dict[str, float] = {}
         while True:
             now = self.mono()
-            for name, plan in list(self.plans.items()):
-                if plan.interval <= 0:
-                    continue
-                when = due.setdefault(name, now + plan.interval)
+            analysed = {name: p.analysis for name, p in self.plans.items()
+                        if p.analysis is not None}
+            for name, analysis in analysed.items():
+                when = due.setdefault(name, now + analysis.interval)
                 if now >= when:
-                    due[name] = now + plan.interval
+                    due[name] = now + analysis.interval
                     try:
                         await self.evaluate(name)
                     except Exception:  # one bad round must not stop the loop
                         log.exception("analysis of route %s failed", name)
-            fast = [name for name, p in self.plans.items() if p.fast is not None]
+            fast = [name for name, a in analysed.items() if a.fast is not None]
             for name in fast:
                 try:
                     await self.check_fast(name)
                 except Exception:
                     log.exception("fast rollback check of route %s failed", name)
-            intervals = [p.interval / 4 for p in self.plans.values() if p.interval > 0]
+            ticks = [a.interval / 4 for a in analysed.values()]
             if fast:
-                intervals.append(FAST_TICK)
-            await asyncio.sleep(min(intervals) if intervals else 1.0)
+                ticks.append(FAST_TICK)
+            await asyncio.sleep(min(ticks) if ticks else 1.0)
 
     async def check_fast(self, route: str) -> list[Event]:
         """The fast path: a ring far above the hard error limit is rolled back at once."""
         async with self._lock:
             plan = self.plans.get(route)
-            if plan is None or plan.fast is None or not self._has_windows(route):
+            fast = plan.analysis.fast if plan and plan.analysis else None
+            if plan is None or fast is None or not self._has_windows(route):
                 return []
-            found = self._fast_failure(route, plan, plan.fast)
+            found = self._fast_failure(route, plan, fast)
             if found is None:
                 return []
             ring, verdict = found
@@ -199,14 +192,13 @@ class Controller:
                 plan, lambda p, s: on_fast_failure(p, s, ring, verdict, now)))
 
     def _fast_failure(
-        self, route: str, plan: RoutePlan, fast: tuple[float, int, float]
+        self, route: str, plan: RoutePlan, fast: FastRollback
     ) -> tuple[str, Verdict] | None:
-        limit, minimum, seconds = fast
         now = self.mono()
         for ring in plan.analysed:
             if self.states[route][ring.name].enabled:
-                summary = self.metrics.window(route, ring.name, now, seconds)
-                verdict = judge_fast(summary, limit, minimum)
+                summary = self.metrics.window(route, ring.name, now, fast.window)
+                verdict = judge_fast(summary, fast.max_error_rate, fast.min_requests)
                 if verdict is not None:
                     return ring.name, verdict
         return None
@@ -215,17 +207,18 @@ class Controller:
         """One analysis round for ``route``: verdicts, then whatever they decide."""
         async with self._lock:
             plan = self.plans.get(route)
-            if plan is None or self._runtime is None:
-                return []
+            analysis = plan.analysis if plan is not None else None
+            if plan is None or analysis is None or self._runtime is None:
+                return []  # a route without analysis is never analysed
             if not self._has_windows(route):
                 return []
             now_mono = self.mono()
-            baseline = self.metrics.window(route, plan.baseline, now_mono, plan.window)
+            baseline = self.metrics.window(route, plan.baseline, now_mono, analysis.window)
             verdicts = {}
             for ring in plan.analysed:
                 if self.states[route][ring.name].enabled:
-                    summary = self.metrics.window(route, ring.name, now_mono, plan.window)
-                    verdicts[ring.name] = judge(summary, baseline, plan.thresholds)
+                    summary = self.metrics.window(route, ring.name, now_mono, analysis.window)
+                    verdicts[ring.name] = judge(summary, baseline, analysis.thresholds)
             self.verdicts[route] = verdicts
             now = self.wall()
             return await self._commit(route, _judged(

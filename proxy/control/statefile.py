@@ -18,10 +18,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from proxy.errors import StateError
-from proxy.rollout.machine import Event, RingState
+from proxy.rollout.state import Event, RingState
 
 FORMAT = 1
-
 
 
 def load_state(path: Path) -> dict[str, dict[str, RingState]]:
@@ -36,15 +35,26 @@ def load_state(path: Path) -> dict[str, dict[str, RingState]]:
         data = json.loads(text)
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f"expected a JSON object with format {FORMAT}")
-        routes = data["routes"]
+        routes = data.get("routes")
         if not isinstance(routes, dict):
             raise ValueError("'routes' is not an object")
-        return {
-            route: {ring: RingState.from_dict(state) for ring, state in rings.items()}
-            for route, rings in routes.items()
-        }
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        return {route: _route_states(route, rings) for route, rings in routes.items()}
+    except ValueError as exc:
         raise StateError(f"{path}: the state file is corrupt ({exc})") from exc
+
+
+def _route_states(route: str, rings: object) -> dict[str, RingState]:
+    if not isinstance(rings, dict):
+        raise ValueError(f"routes.{route}: expected an object of rings, got {rings!r}")
+    states = {}
+    for ring, state in rings.items():
+        if not isinstance(state, dict):
+            raise ValueError(f"routes.{route}.{ring}: expected an object, got {state!r}")
+        try:
+            states[ring] = RingState.from_dict(state)
+        except ValueError as exc:
+            raise ValueError(f"routes.{route}.{ring}.{exc}") from None
+    return states
 
 
 def save_state(path: Path, states: Mapping[str, Mapping[str, RingState]]) -> None:

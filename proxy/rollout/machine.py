@@ -3,7 +3,9 @@
 Pure: no asyncio, no I/O, no clock (``now`` is wall-clock seconds passed in).  The control
 loop feeds it and applies what it returns; incidents can be replayed through it.
 
-Phases of a ring (the whole machine is the ``TRANSITIONS`` table below):
+Phases of a ring (the whole machine is the ``TRANSITIONS`` table below: (phase, trigger)
+-> target phase and the guards that must hold; ``act``, ``on_verdicts`` and
+``on_fast_failure`` only produce triggers and read the table):
 
     steady             no progression steps: analysed, can be rolled back
     progressing        at a step, advancing after ``min_step_duration`` of passing verdicts
@@ -20,24 +22,14 @@ and never rolls back.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-from proxy.config.rollout import Step, Thresholds
 from proxy.errors import RolloutConflict
 from proxy.rollout.judge import Outcome, Verdict
-
-
-class Phase(StrEnum):
-    STEADY = "steady"
-    PROGRESSING = "progressing"
-    AWAITING_APPROVAL = "awaiting_approval"
-    PAUSED = "paused"
-    COMPLETED = "completed"
-    ROLLED_BACK = "rolled_back"
+from proxy.rollout.plan import RingPlan, RoutePlan
+from proxy.rollout.state import Event, Phase, RingState, percent_text
 
 
 class Trigger(StrEnum):
@@ -51,136 +43,7 @@ class Trigger(StrEnum):
     SET_WEIGHT = "set_weight"
 
 
-
-@dataclass(frozen=True, slots=True)
-class RingPlan:
-    """What the config says about one ring's rollout."""
-
-    name: str
-    pool: str
-    weight: int | None  # configured basis points; None: rule-only ring
-    steps: tuple[Step, ...] = ()
-    min_step_duration: float = 300.0
-    pinned: bool = False
-    fingerprint: str = ""  # changes when pool, servers, rules, weight or steps change
-
-
-@dataclass(frozen=True, slots=True)
-class RoutePlan:
-    route: str
-    rings: tuple[RingPlan, ...]
-    baseline: str  # the ring others are compared with (never rolled back)
-    thresholds: Thresholds = field(default_factory=Thresholds)
-    failure_limit: int = 3
-    rollback_to_previous: bool = False
-    interval: float = 10.0
-    window: float = 60.0
-    # Fast path: (max error rate, min requests, window seconds), checked every few 100 ms.
-    fast: tuple[float, int, float] | None = None
-
-    def ring(self, name: str) -> RingPlan:
-        for r in self.rings:
-            if r.name == name:
-                return r
-        raise KeyError(name)
-
-    @property
-    def analysed(self) -> tuple[RingPlan, ...]:
-        return tuple(r for r in self.rings if r.name != self.baseline)
-
-
-@dataclass(frozen=True, slots=True)
-class RingState:
-    phase: Phase
-    weight: int | None  # live basis points (None: rule-only ring)
-    step: int | None = None  # index into the plan's steps
-    step_since: float = 0.0  # wall-clock start of the current step
-    failures: int = 0  # consecutive failing verdicts
-    resume_to: Phase | None = None  # the phase a pause returns to
-    fingerprint: str = ""
-
-    @property
-    def enabled(self) -> bool:
-        return self.phase is not Phase.ROLLED_BACK
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "phase": self.phase.value,
-            "weight": self.weight,
-            "step": self.step,
-            "step_since": self.step_since,
-            "failures": self.failures,
-            "resume_to": self.resume_to.value if self.resume_to else None,
-            "fingerprint": self.fingerprint,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, object]) -> RingState:
-        resume = data.get("resume_to")
-        weight = data.get("weight")
-        step = data.get("step")
-        return cls(
-            phase=Phase(str(data["phase"])),
-            weight=int(weight) if isinstance(weight, int) else None,
-            step=int(step) if isinstance(step, int) else None,
-            step_since=float(data.get("step_since", 0.0)),  # type: ignore[arg-type]
-            failures=int(data.get("failures", 0)),  # type: ignore[call-overload]
-            resume_to=Phase(str(resume)) if resume else None,
-            fingerprint=str(data.get("fingerprint", "")),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    time: float
-    route: str
-    ring: str
-    # rollback | advance | awaiting_approval | completed | pause | resume | set_weight
-    kind: str
-    from_weight: int | None
-    to_weight: int | None
-    from_phase: str
-    phase: str
-    reason: str
-    label: str = "manual"  # bounded reason for metrics: a threshold name or "manual"
-    numbers: Mapping[str, object] = field(default_factory=dict)
-    actor: str = "analysis"
-
-    def as_dict(self) -> dict[str, object]:
-        def pct(bp: int | None) -> float | None:
-            return None if bp is None else bp / 100
-
-        return {
-            "time": self.time,
-            "route": self.route,
-            "ring": self.ring,
-            "kind": self.kind,
-            "from_weight": pct(self.from_weight),
-            "to_weight": pct(self.to_weight),
-            "from_phase": self.from_phase,
-            "phase": self.phase,
-            "reason": self.reason,
-            "actor": self.actor,
-            "numbers": dict(self.numbers),
-        }
-
-    @property
-    def text(self) -> str:
-        """One human sentence, for chat webhooks."""
-        moved = ""
-        if self.from_weight != self.to_weight:
-            moved = f" {_pct(self.from_weight)} -> {_pct(self.to_weight)}"
-        why = f": {self.reason}" if self.reason else ""
-        return f"ringproxy {self.route}/{self.ring} {self.kind}{moved} ({self.phase}){why}"
-
-
-def _pct(bp: int | None) -> str:
-    return "-" if bp is None else f"{bp / 100:g}%"
-
-
-def fingerprint(*parts: object) -> str:
-    text = json.dumps(parts, sort_keys=True, default=repr)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+ANALYSIS_TRIGGERS = frozenset({Trigger.FAILED, Trigger.STEP_DUE})
 
 
 def initial_state(plan: RingPlan, now: float) -> RingState:
@@ -202,17 +65,124 @@ def restore(plan: RoutePlan, saved: Mapping[str, RingState], now: float) -> dict
     return states
 
 
-# --------------------------------------------------------------------------- transitions
+
+
+# --------------------------------------------------------------------------- the table
+
+
+class Goal(StrEnum):
+    """A target the table cannot name as one phase: it follows from the ring's schedule."""
+
+    NEXT_STEP = "next_step"  # progressing at the next step; completed at the last one
+    NEXT_STEP_GATED = "next_step_gated"  # the same, but awaiting approval first if it needs it
+    PAUSED_FROM = "paused_from"  # the phase the pause interrupted
+    FIRST_STEP = "first_step"  # the rollout over: its first step, or steady without steps
+
+
+class Guard(StrEnum):
+    """What must also hold for a transition; when it does not, a conflict says which."""
+
+    NOT_BASELINE = "not_baseline"
+    HAS_STEPS = "has_steps"
+    HAS_WEIGHT = "has_weight"
+    WEIGHTS_FIT = "weights_fit"  # the new weight and the others' add up to at most 100 %
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    target: Phase | Goal
+    guards: tuple[Guard, ...] = ()
+
+
+_ANALYSED = (Phase.STEADY, Phase.PROGRESSING, Phase.AWAITING_APPROVAL, Phase.PAUSED,
+             Phase.COMPLETED)
+_ROLL_BACK = Transition(Phase.ROLLED_BACK, (Guard.NOT_BASELINE,))
+_PROMOTE = Transition(Goal.NEXT_STEP, (Guard.HAS_STEPS,))
+_PAUSE = Transition(Phase.PAUSED, (Guard.NOT_BASELINE,))
+_SET_WEIGHT = Transition(Phase.PAUSED, (Guard.HAS_WEIGHT, Guard.WEIGHTS_FIT))
+
+# (phase, trigger) -> transition: the whole machine.  A pair not in the table is a conflict
+# (409) for an operator action and nothing at all for analysis.
+TRANSITIONS: dict[tuple[Phase, Trigger], Transition] = {
+    **{(p, Trigger.FAILED): _ROLL_BACK for p in _ANALYSED},
+    **{(p, Trigger.ROLLBACK): _ROLL_BACK for p in _ANALYSED},
+    (Phase.PROGRESSING, Trigger.STEP_DUE): Transition(Goal.NEXT_STEP_GATED),
+    (Phase.PROGRESSING, Trigger.PROMOTE): _PROMOTE,
+    (Phase.AWAITING_APPROVAL, Trigger.PROMOTE): _PROMOTE,
+    (Phase.PAUSED, Trigger.PROMOTE): _PROMOTE,
+    (Phase.AWAITING_APPROVAL, Trigger.APPROVE): Transition(Goal.NEXT_STEP),
+    **{(p, Trigger.PAUSE): _PAUSE for p in (Phase.STEADY, Phase.PROGRESSING,
+                                            Phase.AWAITING_APPROVAL, Phase.COMPLETED)},
+    (Phase.PAUSED, Trigger.RESUME): Transition(Goal.PAUSED_FROM),
+    (Phase.ROLLED_BACK, Trigger.RESUME): Transition(Goal.FIRST_STEP),
+    **{(p, Trigger.SET_WEIGHT): _SET_WEIGHT for p in (*_ANALYSED, Phase.ROLLED_BACK)},
+}
+
+_PARTICIPLE = {Trigger.ROLLBACK: "rolled back", Trigger.PAUSE: "paused",
+               Trigger.FAILED: "rolled back"}
+
+
+def _guard_problem(
+    guard: Guard, plan: RoutePlan, states: Mapping[str, RingState], ring: RingPlan,
+    trigger: Trigger, weight: int | None,
+) -> str | None:
+    """Why ``guard`` does not hold (a 409 message), or None when it does."""
+    name = ring.name
+    if guard is Guard.NOT_BASELINE and name == plan.baseline:
+        return f"ring {name!r} is the baseline; it cannot be {_PARTICIPLE[trigger]}"
+    if guard is Guard.HAS_STEPS and not ring.steps:
+        return f"ring {name!r} has no progression steps to promote along"
+    if guard is Guard.HAS_WEIGHT and ring.weight is None and not ring.steps:
+        return f"ring {name!r} has rules only, no weight to set"
+    if guard is Guard.WEIGHTS_FIT:
+        total = sum(s.weight or 0 for n, s in states.items() if n != name) + (weight or 0)
+        if total > 10_000:
+            return f"weights would add up to {total / 100:g} %, above 100 %"
+    return None
+
+
+def _next_step(ring: RingPlan, state: RingState, gated: bool) -> Phase:
+    nxt = (state.step or 0) + 1
+    if nxt >= len(ring.steps):
+        return Phase.COMPLETED  # already at the last step
+    if gated and ring.steps[nxt].approval:
+        return Phase.AWAITING_APPROVAL
+    return Phase.COMPLETED if nxt == len(ring.steps) - 1 else Phase.PROGRESSING
+
+
+def target(
+    plan: RoutePlan, states: Mapping[str, RingState], ring: str, trigger: Trigger,
+    weight: int | None = None,
+) -> Phase:
+    """The phase ``trigger`` takes ``ring`` to, read off the table; RolloutConflict if none."""
+    ring_plan, state = plan.ring(ring), states[ring]
+    rule = TRANSITIONS.get((state.phase, trigger))
+    if rule is None:
+        raise RolloutConflict(f"cannot {trigger.value.replace('_', ' ')} ring {ring!r}: "
+                              f"it is {state.phase.value}")
+    for guard in rule.guards:
+        problem = _guard_problem(guard, plan, states, ring_plan, trigger, weight)
+        if problem is not None:
+            raise RolloutConflict(problem)
+    goal = rule.target
+    if isinstance(goal, Phase):
+        return goal
+    if goal is Goal.PAUSED_FROM:
+        return state.resume_to or Phase.PROGRESSING
+    if goal is Goal.FIRST_STEP:
+        return initial_state(ring_plan, 0.0).phase
+    return _next_step(ring_plan, state, gated=goal is Goal.NEXT_STEP_GATED)
+
+
+# --------------------------------------------------------------------------- effects
 
 States = dict[str, RingState]
-Handler = Callable[["_Ctx"], None]
 
 
 @dataclass(slots=True)
 class _Ctx:
     plan: RoutePlan
     states: States
-    ring: RingPlan
     now: float
     reason: str = ""
     label: str = "manual"
@@ -220,10 +190,6 @@ class _Ctx:
     actor: str = "analysis"
     weight: int | None = None
     events: list[Event] = field(default_factory=list)
-
-    @property
-    def state(self) -> RingState:
-        return self.states[self.ring.name]
 
     def change(self, ring: str, kind: str, new: RingState) -> None:
         old = self.states[ring]
@@ -233,147 +199,120 @@ class _Ctx:
                                  self.numbers, self.actor))
 
 
-def _roll_back(ctx: _Ctx) -> None:
-    """The ring, and (for analysis) every other non-pinned ring on the same pool."""
-    targets = [ctx.ring]
-    if ctx.actor == "analysis":
-        targets += [r for r in ctx.plan.rings
-                    if r is not ctx.ring and r.pool == ctx.ring.pool and not r.pinned
-                    and r.name != ctx.plan.baseline]
-    for plan in targets:
-        state = ctx.states[plan.name]
-        if state.phase is Phase.ROLLED_BACK:
-            continue
-        weight: int | None = 0 if state.weight is not None else None
-        step = state.step
-        if ctx.plan.rollback_to_previous and state.step:
-            step = state.step - 1
-            weight = plan.steps[step].weight
-        ctx.change(plan.name, "rollback", replace(
-            state, phase=Phase.ROLLED_BACK, weight=weight, step=step, failures=0,
-            step_since=ctx.now, resume_to=None))
+Effect = Callable[[_Ctx, RingPlan, RingState, Phase], tuple[str, RingState]]
 
 
-def _advance(ctx: _Ctx) -> None:
-    """Move to the next step; wait for approval first if that step needs it."""
-    state, steps = ctx.state, ctx.ring.steps
+def _rolled_back(ctx: _Ctx, ring: RingPlan, state: RingState, to: Phase) -> tuple[str, RingState]:
+    weight: int | None = 0 if state.weight is not None else None
+    step = state.step
+    if ctx.plan.rollback_to_previous and state.step:
+        step = state.step - 1
+        weight = ring.steps[step].weight
+    return "rollback", replace(state, phase=to, weight=weight, step=step, failures=0,
+                               step_since=ctx.now, resume_to=None)
+
+
+def _advanced(ctx: _Ctx, ring: RingPlan, state: RingState, to: Phase) -> tuple[str, RingState]:
     nxt = (state.step or 0) + 1
-    if nxt >= len(steps):
-        ctx.change(ctx.ring.name, "completed",
-                   replace(state, phase=Phase.COMPLETED, resume_to=None))
-        return
-    waiting = state.phase is Phase.AWAITING_APPROVAL
-    if steps[nxt].approval and not waiting and ctx.actor == "analysis":
-        ctx.change(ctx.ring.name, "awaiting_approval",
-                   replace(state, phase=Phase.AWAITING_APPROVAL))
-        return
-    phase = Phase.COMPLETED if nxt == len(steps) - 1 else Phase.PROGRESSING
-    ctx.change(ctx.ring.name, "advance", replace(
-        state, phase=phase, weight=steps[nxt].weight, step=nxt, step_since=ctx.now,
-        failures=0, resume_to=None))
+    if nxt >= len(ring.steps):
+        return "completed", replace(state, phase=to, resume_to=None)
+    if to is Phase.AWAITING_APPROVAL:
+        return "awaiting_approval", replace(state, phase=to)
+    return "advance", replace(state, phase=to, weight=ring.steps[nxt].weight, step=nxt,
+                              step_since=ctx.now, failures=0, resume_to=None)
 
 
-def _promote(ctx: _Ctx) -> None:
-    if not ctx.ring.steps:
-        raise RolloutConflict(f"ring {ctx.ring.name!r} has no progression steps to promote along")
-    _advance(ctx)
+def _paused(ctx: _Ctx, ring: RingPlan, state: RingState, to: Phase) -> tuple[str, RingState]:
+    return "pause", replace(state, phase=to, resume_to=state.phase)
 
 
-def _pause(ctx: _Ctx) -> None:
-    state = ctx.state
-    ctx.change(ctx.ring.name, "pause", replace(state, phase=Phase.PAUSED, resume_to=state.phase))
+def _resumed(ctx: _Ctx, ring: RingPlan, state: RingState, to: Phase) -> tuple[str, RingState]:
+    if state.phase is Phase.ROLLED_BACK:
+        # The rollout starts over: its first step, or back to the configured weight.
+        return "resume", initial_state(ring, ctx.now)
+    return "resume", replace(state, phase=to, resume_to=None, step_since=ctx.now)
 
 
-def _resume(ctx: _Ctx) -> None:
-    state = ctx.state
+def _weight_set(ctx: _Ctx, ring: RingPlan, state: RingState, to: Phase) -> tuple[str, RingState]:
     if state.phase is Phase.PAUSED:
-        ctx.change(ctx.ring.name, "resume", replace(
-            state, phase=state.resume_to or Phase.PROGRESSING, resume_to=None,
-            step_since=ctx.now))
-        return
-    # From rolled_back: start the rollout over (first step), or back to the configured weight.
-    fresh = initial_state(ctx.ring, ctx.now)
-    ctx.change(ctx.ring.name, "resume", fresh)
+        resume_to = state.resume_to
+    else:
+        resume_to = state.phase if state.phase is not Phase.ROLLED_BACK else Phase.STEADY
+    return "set_weight", replace(state, phase=to, weight=ctx.weight, step_since=ctx.now,
+                                 resume_to=resume_to)
 
 
-def _set_weight(ctx: _Ctx) -> None:
-    if ctx.ring.weight is None and not ctx.ring.steps:
-        raise RolloutConflict(f"ring {ctx.ring.name!r} has rules only, no weight to set")
-    assert ctx.weight is not None
-    others = sum(s.weight or 0 for name, s in ctx.states.items() if name != ctx.ring.name)
-    if others + ctx.weight > 10_000:
-        raise RolloutConflict(
-            f"weights would add up to {(others + ctx.weight) / 100:g} %, above 100 %")
-    state = ctx.state
-    ctx.change(ctx.ring.name, "set_weight", replace(
-        state, weight=ctx.weight, step_since=ctx.now,
-        phase=Phase.PAUSED if state.phase is not Phase.PAUSED else state.phase,
-        resume_to=state.resume_to if state.phase is Phase.PAUSED else (
-            state.phase if state.phase is not Phase.ROLLED_BACK else Phase.STEADY)))
-
-
-_ANALYSED = (Phase.STEADY, Phase.PROGRESSING, Phase.AWAITING_APPROVAL, Phase.PAUSED,
-             Phase.COMPLETED)
-
-# (phase, trigger) -> handler.  A pair not in the table is a conflict (409) for an operator
-# action and nothing for analysis.
-TRANSITIONS: dict[tuple[Phase, Trigger], Handler] = {
-    **{(p, Trigger.FAILED): _roll_back for p in _ANALYSED},
-    **{(p, Trigger.ROLLBACK): _roll_back for p in _ANALYSED},
-    (Phase.PROGRESSING, Trigger.STEP_DUE): _advance,
-    (Phase.PROGRESSING, Trigger.PROMOTE): _promote,
-    (Phase.AWAITING_APPROVAL, Trigger.PROMOTE): _promote,
-    (Phase.PAUSED, Trigger.PROMOTE): _promote,
-    (Phase.AWAITING_APPROVAL, Trigger.APPROVE): _advance,
-    **{(p, Trigger.PAUSE): _pause for p in (Phase.STEADY, Phase.PROGRESSING,
-                                             Phase.AWAITING_APPROVAL, Phase.COMPLETED)},
-    (Phase.PAUSED, Trigger.RESUME): _resume,
-    (Phase.ROLLED_BACK, Trigger.RESUME): _resume,
-    **{(p, Trigger.SET_WEIGHT): _set_weight for p in (*_ANALYSED, Phase.ROLLED_BACK)},
+# What each trigger does to the ring's state; the phase it ends in is the table's.
+EFFECTS: dict[Trigger, Effect] = {
+    Trigger.FAILED: _rolled_back,
+    Trigger.ROLLBACK: _rolled_back,
+    Trigger.STEP_DUE: _advanced,
+    Trigger.PROMOTE: _advanced,
+    Trigger.APPROVE: _advanced,
+    Trigger.PAUSE: _paused,
+    Trigger.RESUME: _resumed,
+    Trigger.SET_WEIGHT: _weight_set,
 }
 
 
-def _fire(ctx: _Ctx, trigger: Trigger, strict: bool) -> None:
-    handler = TRANSITIONS.get((ctx.state.phase, trigger))
-    if handler is None:
+def _fire(ctx: _Ctx, ring: str, trigger: Trigger, strict: bool) -> None:
+    """Apply ``trigger`` to ``ring`` as the table says; a conflict raises only if ``strict``."""
+    try:
+        to = target(ctx.plan, ctx.states, ring, trigger, ctx.weight)
+    except RolloutConflict:
         if strict:
-            raise RolloutConflict(
-                f"cannot {trigger.value.replace('_', ' ')} ring {ctx.ring.name!r}: "
-                f"it is {ctx.state.phase.value}")
+            raise
         return
-    handler(ctx)
+    kind, new = EFFECTS[trigger](ctx, ctx.plan.ring(ring), ctx.states[ring], to)
+    ctx.change(ring, kind, new)
+    if trigger is Trigger.FAILED:
+        # The failing ring's pool is suspect: every other non-pinned ring sending to it
+        # goes back too (those the table refuses, the baseline and the rolled back, stay).
+        pool = ctx.plan.ring(ring).pool
+        for other in ctx.plan.rings:
+            if other.name != ring and other.pool == pool and not other.pinned:
+                _fire(ctx, other.name, Trigger.ROLLBACK, strict=False)
+
+
+# --------------------------------------------------------------------------- entry points
 
 
 def on_verdicts(
     plan: RoutePlan, states: Mapping[str, RingState], verdicts: Mapping[str, Verdict], now: float
 ) -> tuple[States, list[Event]]:
-    """One analysis round for a route."""
+    """One analysis round for a route (a route without analysis has none)."""
     new: States = dict(states)
-    events: list[Event] = []
+    if plan.analysis is None:
+        return new, []
+    limit = plan.analysis.failure_limit
+    ctx = _Ctx(plan, new, now)
     for ring in plan.analysed:
         verdict = verdicts.get(ring.name)
         state = new[ring.name]
         if verdict is None or not state.enabled:
             continue
-        ctx = _Ctx(plan, new, ring, now, verdict.reason, (verdict.broken or ("manual",))[0],
-                   verdict.numbers)
+        ctx.reason, ctx.numbers = verdict.reason, verdict.numbers
+        ctx.label = (verdict.broken or ("manual",))[0]
         if verdict.outcome is Outcome.FAIL:
-            state = replace(state, failures=state.failures + 1)
-            new[ring.name] = state
-            if state.failures >= plan.failure_limit:
-                ctx.reason = (f"{state.failures} failing verdicts in a row: {verdict.reason}")
-                _fire(ctx, Trigger.FAILED, strict=False)
+            new[ring.name] = state = replace(state, failures=state.failures + 1)
+            if state.failures >= limit:
+                ctx.reason = f"{state.failures} failing verdicts in a row: {verdict.reason}"
+                _fire(ctx, ring.name, Trigger.FAILED, strict=False)
         elif verdict.outcome is Outcome.PASS:
             if state.failures:
                 new[ring.name] = state = replace(state, failures=0)
-            due = now - state.step_since >= ring.min_step_duration
-            if state.phase is Phase.PROGRESSING and due:
+            due = now - state.step_since >= _min_step_duration(ring)
+            if due and (state.phase, Trigger.STEP_DUE) in TRANSITIONS:
                 ctx.reason = (f"passing for {now - state.step_since:.0f}s at "
-                              f"{_pct(state.weight)}")
+                              f"{percent_text(state.weight)}")
                 ctx.label = "progression"
-                _fire(ctx, Trigger.STEP_DUE, strict=False)
-        events += ctx.events
-    return new, events
+                _fire(ctx, ring.name, Trigger.STEP_DUE, strict=False)
+    return new, ctx.events
+
+
+def _min_step_duration(ring: RingPlan) -> float:
+    # A ring without a schedule never has a step due (the table has no STEP_DUE for it).
+    return ring.progression.min_step_duration if ring.progression else float("inf")
 
 
 def on_fast_failure(
@@ -381,10 +320,9 @@ def on_fast_failure(
 ) -> tuple[States, list[Event]]:
     """The fast path: roll back at once, without waiting for failure_limit verdicts."""
     new: States = dict(states)
-    ctx = _Ctx(plan, new, plan.ring(ring), now, f"fast rollback: {verdict.reason}",
+    ctx = _Ctx(plan, new, now, f"fast rollback: {verdict.reason}",
                (verdict.broken or ("fast_error_rate",))[0], verdict.numbers)
-    if new[ring].enabled:
-        _fire(ctx, Trigger.FAILED, strict=False)
+    _fire(ctx, ring, Trigger.FAILED, strict=False)
     return new, ctx.events
 
 
@@ -399,18 +337,36 @@ def act(
     actor: str = "operator",
 ) -> tuple[States, list[Event]]:
     """An operator's action on one ring; RolloutConflict when it does not apply."""
-    if trigger in (Trigger.FAILED, Trigger.STEP_DUE):
+    if trigger in ANALYSIS_TRIGGERS:
         raise ValueError(f"{trigger.value} comes from analysis, not an operator")
-    try:
-        ring_plan = plan.ring(ring)
-    except KeyError:
-        raise RolloutConflict(f"route {plan.route!r} has no ring {ring!r}") from None
-    if ring == plan.baseline and trigger in (Trigger.ROLLBACK, Trigger.PAUSE):
-        raise RolloutConflict(f"ring {ring!r} is the baseline; it cannot be {trigger.value}ed")
+    if ring not in states or not any(r.name == ring for r in plan.rings):
+        raise RolloutConflict(f"route {plan.route!r} has no ring {ring!r}")
     if trigger is Trigger.SET_WEIGHT and (weight is None or not 0 <= weight <= 10_000):
         raise RolloutConflict(f"weight {weight!r} is not a percentage from 0 to 100")
     new: States = dict(states)
-    ctx = _Ctx(plan, new, ring_plan, now, reason or f"{trigger.value} by {actor}", "manual",
-               {}, actor, weight)
-    _fire(ctx, trigger, strict=True)
+    ctx = _Ctx(plan, new, now, reason or f"{trigger.value} by {actor}", "manual", {}, actor,
+               weight)
+    _fire(ctx, ring, trigger, strict=True)
     return new, ctx.events
+
+
+__all__ = [
+    "ANALYSIS_TRIGGERS",
+    "EFFECTS",
+    "TRANSITIONS",
+    "Event",
+    "Goal",
+    "Guard",
+    "Phase",
+    "RingPlan",
+    "RingState",
+    "RoutePlan",
+    "Transition",
+    "Trigger",
+    "act",
+    "initial_state",
+    "on_fast_failure",
+    "on_verdicts",
+    "restore",
+    "target",
+]

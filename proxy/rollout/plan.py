@@ -1,10 +1,65 @@
-"""A route's rollout plan, read off the config: what the state machine needs of it.  Pure."""
+"""A route's rollout plan, read off the config: what the state machine needs of it.  Pure.
+
+The plan holds the config's own settings objects (``Analysis``, ``Progression``), never
+copies of their fields, so every default is written once, on the settings class.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import dataclass
+
 from proxy.config import Config, Route
-from proxy.config.rollout import Thresholds
-from proxy.rollout.machine import RingPlan, RoutePlan, fingerprint
+from proxy.config.rollout import Analysis, Progression, Step
+
+
+@dataclass(frozen=True, slots=True)
+class RingPlan:
+    """What the config says about one ring's rollout."""
+
+    name: str
+    pool: str
+    weight: int | None  # configured basis points; None: rule-only ring
+    progression: Progression | None = None
+    pinned: bool = False
+    fingerprint: str = ""  # changes when pool, servers, rules, weight or steps change
+
+    @property
+    def steps(self) -> tuple[Step, ...]:
+        return self.progression.steps if self.progression is not None else ()
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePlan:
+    route: str
+    rings: tuple[RingPlan, ...]
+    baseline: str  # the ring others are compared with (never rolled back)
+    analysis: Analysis | None = None  # None: the route is never analysed
+
+    def ring(self, name: str) -> RingPlan:
+        for r in self.rings:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    @property
+    def analysed(self) -> tuple[RingPlan, ...]:
+        return tuple(r for r in self.rings if r.name != self.baseline)
+
+    @property
+    def rollback_to_previous(self) -> bool:
+        return self.analysis is not None and self.analysis.rollback_to_previous
+
+    @property
+    def window(self) -> float:
+        """Seconds of traffic a ring is judged (and shown) over."""
+        return (self.analysis or Analysis()).window
+
+
+def fingerprint(*parts: object) -> str:
+    text = json.dumps(parts, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def build_plan(config: Config, route: Route) -> RoutePlan:
@@ -17,8 +72,7 @@ def build_plan(config: Config, route: Route) -> RoutePlan:
             name=ring.name,
             pool=ring.pool,
             weight=ring.weight,
-            steps=steps,
-            min_step_duration=ring.progression.min_step_duration if ring.progression else 0.0,
+            progression=ring.progression,
             pinned=ring.pinned,
             # A new pool, new servers (a new version), new rules or a new schedule start
             # the ring's rollout over; anything else keeps its live state.
@@ -27,14 +81,4 @@ def build_plan(config: Config, route: Route) -> RoutePlan:
         ))
     analysis = route.analysis
     baseline = (analysis.baseline if analysis and analysis.baseline else route.rings[-1].name)
-    return RoutePlan(
-        route=route.name,
-        rings=tuple(rings),
-        baseline=baseline,
-        thresholds=analysis.thresholds if analysis else Thresholds(),
-        failure_limit=analysis.failure_limit if analysis else 3,
-        rollback_to_previous=analysis.rollback_to_previous if analysis else False,
-        interval=analysis.interval if analysis else 0.0,
-        window=analysis.window if analysis else 60.0,
-        fast=analysis.fast if analysis else None,
-    )
+    return RoutePlan(route.name, tuple(rings), baseline, analysis)
