@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 
 from proxy.config import load_config
+from proxy.runtime import Runtime
 from proxy.server import Proxy
 from tests.conftest import Upstream
 
@@ -362,3 +363,35 @@ async def test_metrics_enabled_applies_live(
         assert (await proxy.reloader.reload("test")).changed
         # Counting again, from zero.
         assert [line.rsplit(" ", 1)[1] for line in ok_requests(await scrape())] == ["1.0"]
+
+
+async def test_a_failure_after_the_new_runtime_is_attached_puts_the_old_one_back(
+    reloadable, stable: Upstream, canary: Upstream, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    proxy = await reloadable(config_text(stable.url, canary.url, "a"))
+    serving = proxy.runtime
+    configure = proxy.controller.configure
+
+    def fail_for_new(runtime: Runtime) -> None:  # fault injection: the real one, but failing
+        configure(runtime)
+        if runtime is not serving:
+            raise RuntimeError("injected: configure failed")
+
+    monkeypatch.setattr(proxy.controller, "configure", fail_for_new)
+    extra = f'c: {{servers: ["{canary.url}"]}}'
+    (tmp_path / "ringproxy.yaml").write_text(
+        config_text(stable.url, canary.url, "c", extra_pool=extra))
+    result = await proxy.reloader.reload("test")
+    assert not result.ok and "RuntimeError: injected: configure failed" in result.errors[0]
+    assert proxy.runtime is serving and proxy.handler.runtime is serving
+    async with aiohttp.ClientSession() as client:
+        async with client.get(proxy.url + "/") as r:
+            assert r.headers["X-Upstream"] == "stable"
+        async with client.get(proxy.admin_url + "/api/routes") as r:
+            (route,) = (await r.json())["routes"]
+            assert [(ring["name"], ring["pool"]) for ring in route["rings"]] == [("main", "a")]
+        async with client.get(proxy.admin_url + "/metrics") as r:
+            text = await r.text()
+        assert any(line.startswith("ringproxy_requests_total{") and 'pool="a"' in line
+                   and line.endswith(" 1.0") for line in text.splitlines())
