@@ -16,6 +16,7 @@ from proxy.config.values import parse_duration
 from proxy.errors import ConfigIssue
 
 T = TypeVar("T")
+D = TypeVar("D", int, int | None)  # an integer's default: a number, or None for "no limit"
 
 
 
@@ -99,10 +100,10 @@ class Section:
             return default
         return value
 
-    def integer(self, key: str, default: Any, lo: int, hi: int) -> Any:
+    def integer(self, key: str, default: D, lo: int, hi: int) -> int | D:
         value = self.raw(key, default)
         if key not in self.data:
-            return value
+            return default
         if isinstance(value, bool) or not isinstance(value, int):
             self.ctx.err(self.sub(key), f"expected a whole number, got {value!r}")
             return default
