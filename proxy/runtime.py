@@ -10,6 +10,7 @@ from typing import Protocol
 
 from proxy.config import Config, Ring, Route
 from proxy.dataplane.pool import UpstreamPool
+from proxy.rollout.state import Phase
 from proxy.routing.table import RoutingTable
 
 
@@ -42,11 +43,13 @@ class RingRuntime:
         "route",
         "settings",
         "strip_headers",
+        "table",
         "timeout",
-        "weight",
     )
 
-    def __init__(self, route: Route, ring: Ring, pool: UpstreamPool) -> None:
+    def __init__(
+        self, route: Route, ring: Ring, pool: UpstreamPool, table: RoutingTable
+    ) -> None:
         self.route = route.name
         self.ring = ring
         # What, besides the ring itself, shapes this object; a reload that changes none of
@@ -63,20 +66,25 @@ class RingRuntime:
         self.timeout = ring.policy.timeout
         self.extra_headers = ring.policy.add_headers
         self.reason_header = route.decision.reason_upstream
-        self.phase: object = None  # the rollout phase, set by the control loop
+        # The rollout phase: the control loop's copy of its state (None until it runs).
+        self.phase: Phase | None = None
         # The override secret is for the proxy alone: never forwarded upstream.
         override = route.override
         self.strip_headers: tuple[str, ...] = (
             (override.secret_header,) if override and override.secret_header else ()
         )
-        # The ring's share of sticky buckets in percent (the default ring: what is left);
-        # None for a ring that only has rules.  The rollout loop changes it at run time.
-        self.weight: float | None = None
-        if ring.weight is not None:
-            self.weight = ring.weight / 100
-        elif ring is route.rings[-1]:
-            self.weight = (10_000 - sum(r.weight or 0 for r in route.rings)) / 100
+        # Where ``weight`` is read from: the table this ring is served from.
+        self.table = table
         self.idle_timeout = ring.policy.idle_timeout  # longest silence in a body
+
+    @property
+    def weight(self) -> float | None:
+        """The ring's share of sticky buckets now, in percent; None for a rules-only ring.
+
+        Read off the live bucket layout (which the rollout loop replaces), never copied.
+        """
+        share = self.table.routes[self.route].share_of(self.name)
+        return None if share is None else share / 100
 
     def __repr__(self) -> str:
         limit = self.limit if self.limit is not None else "-"
@@ -111,7 +119,7 @@ class Runtime:
             built = []
             for ring in route.rings:
                 live = self.pools[ring.pool]
-                fresh = RingRuntime(route, ring, live)
+                fresh = RingRuntime(route, ring, live, self.table)
                 old_ring = old_rings.get((route.name, ring.name))
                 keep = (
                     old_ring is not None
@@ -121,6 +129,16 @@ class Runtime:
                 )
                 built.append(old_ring if keep and old_ring is not None else fresh)
             self.rings[route.name] = tuple(built)
+
+    def take_over(self) -> None:
+        """Rings carried over from the previous runtime read this one's table from now on.
+
+        Call at the swap (the control loop does, once it has put the live weights in this
+        table): until then they belong to the runtime that is still serving, and read its.
+        """
+        for rings in self.rings.values():
+            for ring in rings:
+                ring.table = self.table
 
     async def start(self) -> None:
         """Start the pools that are not running yet (carried-over ones already are)."""

@@ -186,6 +186,16 @@ def test_rollback_to_zero_with_live_weights() -> None:
         route.with_weights([0, 1, 2])
 
 
+def test_shares_are_read_off_the_layout_and_the_default_ring_takes_the_rest() -> None:
+    route = compiled(5, 20, 10.25)
+    assert [route.share_of(r) for r in ("canary", "early", "beta", "stable")] == [
+        500, 2000, 1025, 6475]
+    rolled = route.with_weights([0, 2000, None, 123], blocked=["canary"])  # 123: not read
+    assert [rolled.share_of(r) for r in ("canary", "early", "beta", "stable")] == [
+        0, 2000, None, 8000]
+    assert rolled.range_of("stable") is None  # the rest is no range of its own
+
+
 def test_two_salts_pick_independent_user_sets() -> None:
     a, b = compiled(w0=10, w1=0, w2=0, salt="checkout"), compiled(w0=10, w1=0, w2=0, salt="search")
     sample = keys(100_000, seed=13)

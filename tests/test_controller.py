@@ -169,3 +169,26 @@ async def test_an_analysis_round_overtaken_by_a_reload_of_its_route_is_dropped(
     assert await round_ == []
     assert h.controller.states["api"]["canary"].failures == 0  # the failing verdict dropped
     assert load_state(tmp_path / "state.json") == h.controller.states
+
+
+async def test_ring_weights_are_read_off_the_live_layout_and_follow_it(tmp_path: Path) -> None:
+    h = Harness(parse_config(config_text(tmp_path)))
+    canary, stable = h.runtime.rings["api"]
+    assert (canary.weight, stable.weight) == (50.0, 50.0)
+    assert (canary.phase, stable.phase) == (Phase.STEADY, Phase.STEADY)
+    await h.controller.act("api", "canary", Trigger.SET_WEIGHT, weight=1250)
+    assert (canary.weight, stable.weight) == (12.5, 87.5)
+    assert canary.phase is Phase.PAUSED
+    await h.controller.act("api", "canary", Trigger.ROLLBACK)
+    assert (canary.weight, stable.weight) == (0.0, 100.0)
+    assert h.runtime.table.routes["api"].share_of("stable") == 10_000
+    # A reload that adds a ring: the carried-over default ring reads the old table (still
+    # serving) until the controller has put the live layout in the new one.
+    text = config_text(tmp_path, extra_ring="- {name: beta, pool: canary, weight: 10}")
+    old = h.runtime
+    new = Runtime(parse_config(text), old)
+    kept = new.rings["api"][-1]
+    assert kept is stable and stable.weight == 100.0
+    h.metrics.attach(new)
+    h.controller.configure(new)
+    assert [r.weight for r in new.rings["api"]] == [10.0, 0.0, 90.0]

@@ -118,26 +118,24 @@ class Controller:
         self._runtime = runtime
         for name in plans:
             self._apply(name)
+        runtime.take_over()
 
     def _apply(self, route: str) -> None:
-        """Put the route's live weights and rolled-back rings into the routing table."""
+        """Put the route's live weights and rolled-back rings into the routing table.
+
+        The table's bucket layout is then the one truth of the weights (rings read their
+        share off it); the phase is copied to the ring for metrics and the admin API.
+        """
         runtime = self._runtime
         if runtime is None:
             return
         states = self.states[route]
         compiled = runtime.table.routes[route]
-        rings = compiled.route.rings
-        weights = [states[r.name].weight for r in rings[:-1]] + [None]
-        blocked = [r.name for r in rings if not states[r.name].enabled]
+        weights = [states[r.name].weight for r in compiled.route.rings]
+        blocked = [name for name, state in states.items() if not state.enabled]
         runtime.table.set_route(compiled.with_weights(weights, blocked))
-        rest = 10_000 - sum(w or 0 for w in weights)
         for ring_rt in runtime.rings[route]:
-            state = states[ring_rt.name]
-            ring_rt.phase = state.phase
-            if ring_rt.ring is rings[-1]:
-                ring_rt.weight = rest / 100
-            elif state.weight is not None:
-                ring_rt.weight = state.weight / 100
+            ring_rt.phase = states[ring_rt.name].phase
 
     # ------------------------------------------------------------------ the loop
 

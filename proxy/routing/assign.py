@@ -14,16 +14,20 @@ For a request on a route, first hit wins:
 4. the default (last) ring.
 
 Bucket layout: ring ranges are laid out from bucket 0 in ring order, each as long as its
-weight.  Raising a ring's weight therefore only moves users toward earlier rings; lowering
-it releases that ring's most recently added users (the top of its range).  Rings *after*
-it shift down by the same amount: their shares stay exact, and the same number of their
-users move one ring later (see README, "Bucket layout").
+weight; the default (last) ring owns no range and takes the rest (``share_of``).  The
+compiled route's layout is the one live truth of who owns how much: the rollout loop
+replaces it, and everything else (metrics, the admin API) reads shares off it.
+
+Raising a ring's weight only moves users toward earlier rings; lowering it releases that
+ring's most recently added users (the top of its range).  Rings *after* it shift down by
+the same amount: their shares stay exact, and the same number of their users move one ring
+later (see README, "Bucket layout").
 """
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
@@ -110,7 +114,8 @@ class CompiledRoute:
     def with_weights(
         self, weights: Iterable[int | None], blocked: Iterable[str] = ()
     ) -> CompiledRoute:
-        """The same route with live weights (basis points) and rolled-back rings."""
+        """The same route with live weights (basis points, one per ring; the default ring's
+        is not read: it takes the rest) and rolled-back rings."""
         weights = tuple(weights)
         if len(weights) != len(self.route.rings):
             raise ValueError(f"{len(weights)} weights for {len(self.route.rings)} rings")
@@ -125,11 +130,24 @@ class CompiledRoute:
                 return (r.lo, r.hi)
         return None
 
+    def share_of(self, ring: str) -> int | None:
+        """Buckets ``ring`` owns now; None for a ring with rules only (no weight)."""
+        index = self.ring_index[ring]
+        if index == len(self.route.rings) - 1:
+            # The default ring takes the rest: every bucket no percentage ring owns.
+            return BUCKETS - sum(r.hi - r.lo for r in self.ranges)
+        if self.weights[index] is None:
+            return None
+        span = self.range_of(ring)
+        return 0 if span is None else span[1] - span[0]
+
 
 def _layout(route: Route, weights: tuple[int | None, ...]) -> tuple[_Range, ...]:
     ranges = []
     start = 0
-    for index, (ring, weight) in enumerate(zip(route.rings, weights, strict=True)):
+    # The default (last) ring gets no range: whatever no range covers is its.
+    pairs = zip(route.rings[:-1], weights[:-1], strict=True)
+    for index, (ring, weight) in enumerate(pairs):
         if weight is None or weight <= 0:
             continue
         end = min(BUCKETS, start + weight)
@@ -265,8 +283,19 @@ class StaticRequest:
     method: str = "GET"
 
     @classmethod
-    def build(cls, headers: Iterable[tuple[str, str]] = (), **kw: object) -> StaticRequest:
-        return cls(headers={k.lower(): v for k, v in headers}, **kw)  # type: ignore[arg-type]
+    def build(
+        cls,
+        headers: Iterable[tuple[str, str]] = (),
+        *,
+        cookies: Mapping[str, str] | None = None,
+        query: Mapping[str, str] | None = None,
+        remote: str | None = None,
+        path: str = "/",
+        method: str = "GET",
+    ) -> StaticRequest:
+        """Header names in any case; the rest as the request would carry them."""
+        return cls({k.lower(): v for k, v in headers}, dict(cookies or {}), dict(query or {}),
+                   remote, path, method)
 
 
 __all__ = [
