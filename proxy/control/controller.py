@@ -34,10 +34,12 @@ from proxy.rollout.state import Event, Phase, RingState
 from proxy.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
+    from proxy.config.rollout import Webhook
     from proxy.metrics import Metrics
     from proxy.runtime import Runtime
 
 log = logging.getLogger("ringproxy.rollout")
+WEBHOOK_DRAIN = 10.0  # seconds a replaced webhook sender gets to post what it has queued
 
 States = Mapping[str, RingState]
 Decision = tuple[dict[str, RingState], list[Event]]
@@ -75,6 +77,7 @@ class Controller:
         self._lock = asyncio.Lock()
         self._generation = 0  # bumped by every configure()
         self._task: asyncio.Task[None] | None = None
+        self._retired: dict[WebhookSender, asyncio.Task[None]] = {}  # senders draining
 
     # ------------------------------------------------------------------ configuration
 
@@ -148,6 +151,25 @@ class Controller:
         await cancel_and_wait(self._task)
         self._task = None
         await self.webhooks.stop()
+        for sender, draining in list(self._retired.items()):
+            await cancel_and_wait(draining)
+            await sender.stop()
+
+    async def set_webhooks(self, hooks: tuple[Webhook, ...]) -> None:
+        """Post events to ``hooks`` from now on (a reload changed them).
+
+        The next event goes to the new hooks.  The old sender keeps posting what it has
+        queued, in the background so a reload never waits on a slow receiver, for up to
+        ``WEBHOOK_DRAIN`` seconds; what is left then is dropped with a warning.
+        """
+        if hooks == self.webhooks.hooks:
+            return
+        old, self.webhooks = self.webhooks, WebhookSender(hooks)
+        if self._task is not None:  # started: so is the new sender
+            self.webhooks.start()
+        draining = asyncio.ensure_future(old.close(WEBHOOK_DRAIN))
+        self._retired[old] = draining
+        draining.add_done_callback(lambda _: self._retired.pop(old, None))
 
     async def _run(self) -> None:
         due: dict[str, float] = {}
