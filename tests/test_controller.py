@@ -192,3 +192,103 @@ async def test_ring_weights_are_read_off_the_live_layout_and_follow_it(tmp_path:
     h.metrics.attach(new)
     h.controller.configure(new)
     assert [r.weight for r in new.rings["api"]] == [10.0, 0.0, 90.0]
+
+
+async def rounds(h: Harness, count: int, canary_errors: int = 0, step: float = 10.0) -> list:
+    """``count`` analysis rounds ``step`` seconds apart, 100 requests per ring before each."""
+    events = []
+    for _ in range(count):
+        h.clock.now += step
+        h.feed("stable", 100)
+        h.feed("canary", 100, errors=canary_errors)
+        events += await h.controller.evaluate("api")
+    return events
+
+
+async def test_failing_rounds_roll_back_counted_audited_and_served(tmp_path: Path) -> None:
+    h = Harness(parse_config(config_text(tmp_path)))
+    assert await rounds(h, 1, canary_errors=30) == []  # one failing verdict of two
+    assert h.controller.states["api"]["canary"].failures == 1
+    (event,) = await rounds(h, 1, canary_errors=30)
+    assert (event.ring, event.kind, event.label, event.to_weight) == (
+        "canary", "rollback", "error_rate", 0)
+    assert event.time == h.clock.now and "2 failing verdicts in a row" in event.reason
+    canary, stable = h.runtime.rings["api"]
+    assert (canary.weight, stable.weight, canary.phase) == (0.0, 100.0, Phase.ROLLED_BACK)
+    body, _ = h.metrics.exposition()
+    assert (b'ringproxy_rollbacks_total{reason="error_rate",ring="canary",route="api"} 1.0'
+            in body)
+    assert (tmp_path / "audit.jsonl").read_text().count('"kind": "rollback"') == 1
+    assert load_state(tmp_path / "state.json") == h.controller.states
+    # a rolled-back ring is no longer judged, and stays down
+    assert await rounds(h, 3, canary_errors=30) == []
+    assert "canary" not in h.controller.verdicts["api"]
+
+
+async def test_a_healthy_canary_advances_after_each_min_step_duration(tmp_path: Path) -> None:
+    ring = "progression: {steps: [10, 20, 50], min_step_duration: 30s}"
+    h = Harness(parse_config(config_text(tmp_path, ring=ring)))
+    start = h.clock.now
+    events = await rounds(h, 8)
+    assert [(e.kind, e.to_weight, e.time - start) for e in events] == [
+        ("advance", 2000, 30.0), ("advance", 5000, 60.0)]
+    assert h.controller.states["api"]["canary"].phase is Phase.COMPLETED
+    assert h.runtime.rings["api"][0].weight == 50.0
+
+
+async def test_too_little_traffic_holds(tmp_path: Path) -> None:
+    ring = "progression: {steps: [10, 50], min_step_duration: 10s}"
+    h = Harness(parse_config(config_text(tmp_path, ring=ring)))
+    for _ in range(5):
+        h.clock.now += 10
+        h.feed("stable", 3)
+        h.feed("canary", 3, errors=3)  # awful, but 15 requests in the window are too few
+        assert await h.controller.evaluate("api") == []
+    assert h.controller.verdicts["api"]["canary"].outcome.value == "no_data"
+
+
+async def test_an_approval_step_waits_for_approve_and_still_rolls_back(tmp_path: Path) -> None:
+    ring = "progression: {steps: [10, {weight: 50, approval: required}], min_step_duration: 20s}"
+    h = Harness(parse_config(config_text(tmp_path, ring=ring)))
+    events = await rounds(h, 5)
+    assert [(e.kind, e.to_weight) for e in events] == [("awaiting_approval", 1000)]
+    (approved,) = await h.controller.act("api", "canary", Trigger.APPROVE, actor="alice")
+    assert (approved.kind, approved.to_weight, approved.actor) == ("advance", 5000, "alice")
+    assert h.controller.states["api"]["canary"].phase is Phase.COMPLETED
+
+    again = Harness(parse_config(config_text(tmp_path / "b", ring=ring)))
+    await rounds(again, 3)
+    assert again.controller.states["api"]["canary"].phase is Phase.AWAITING_APPROVAL
+    events = await rounds(again, 2, canary_errors=40)
+    assert [e.kind for e in events] == ["rollback"]
+
+
+async def test_the_fast_path_rolls_back_without_an_analysis_round(tmp_path: Path) -> None:
+    fast = "fast_rollback: {max_error_rate: 50, min_requests: 10, window: 5s}"
+    h = Harness(parse_config(config_text(tmp_path, analysis=fast)))
+    h.feed("canary", 9, errors=9)
+    assert await h.controller.check_fast("api") == []  # too few requests
+    h.feed("canary", 1, errors=1)
+    (event,) = await h.controller.check_fast("api")
+    assert event.label == "fast_error_rate" and event.reason.startswith("fast rollback: ")
+    assert h.controller.states["api"]["canary"].phase is Phase.ROLLED_BACK
+    assert await h.controller.check_fast("api") == []  # rolled back: not checked again
+
+
+async def test_operator_actions_and_conflicts(tmp_path: Path) -> None:
+    h = Harness(parse_config(config_text(tmp_path)))
+    act = h.controller.act
+    with pytest.raises(RolloutConflict, match="cannot promote ring 'canary': it is steady"):
+        await act("api", "canary", Trigger.PROMOTE)
+    with pytest.raises(RolloutConflict, match="no route 'nope'"):
+        await act("nope", "canary", Trigger.PAUSE)
+    with pytest.raises(RolloutConflict, match="'stable' is the baseline; it cannot be paused"):
+        await act("api", "stable", Trigger.PAUSE)
+    kinds = []
+    for trigger in (Trigger.PAUSE, Trigger.RESUME, Trigger.ROLLBACK, Trigger.RESUME):
+        kinds += [(e.kind, e.phase, e.actor) for e in await act("api", "canary", trigger,
+                                                                   actor="bob")]
+    assert kinds == [("pause", "paused", "bob"), ("resume", "steady", "bob"),
+                     ("rollback", "rolled_back", "bob"), ("resume", "steady", "bob")]
+    assert [e["kind"] for e in h.controller.history] == ["pause", "resume", "rollback", "resume"]
+    assert repr(h.controller) == "<Controller routes=1 {'steady': 2}>"
