@@ -99,6 +99,8 @@ class Controller:
 
         Call before the runtime serves a request (at start, and on reload before the swap),
         so a rolled-back ring is never served at its configured weight, not even once.
+        Synchronous and lock-free on purpose: a reload never waits on a state save or an
+        analysis round; a commit whose save it overtakes decides again (see ``_commit``).
         """
         now = self.wall()
         config = runtime.config
