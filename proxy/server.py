@@ -78,10 +78,13 @@ class Proxy:
         try:
             self.metrics.attach(runtime)
             self.controller.configure(runtime)  # live weights and rollbacks, before the swap
+            if plan.changed("webhooks"):
+                await self.controller.set_webhooks(config.webhooks)
         except BaseException:
             # Hand the running runtime back what the new one took, then let go of the new.
             self.metrics.attach(self.runtime)
             self.controller.configure(self.runtime)
+            await self.controller.set_webhooks(self.config.webhooks)  # no-op if unchanged
             await self._discard(runtime, access_log)
             raise
         if plan.changed("access_log"):

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from proxy.config import load_config
+from proxy.rollout.machine import Trigger
 from proxy.runtime import Runtime
 from proxy.server import Proxy
 from tests.conftest import Upstream
@@ -395,3 +397,56 @@ async def test_a_failure_after_the_new_runtime_is_attached_puts_the_old_one_back
             text = await r.text()
         assert any(line.startswith("ringproxy_requests_total{") and 'pool="a"' in line
                    and line.endswith(" 1.0") for line in text.splitlines())
+
+
+async def test_changed_webhooks_get_the_next_event(
+    reloadable, stable: Upstream, canary: Upstream, tmp_path: Path
+) -> None:
+    received: list[tuple[str, str]] = []  # (which hook, event kind)
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append((request.match_info["name"], (await request.json())["kind"]))
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/{name}", hook)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    text = textwrap.dedent(f"""
+        listen: 127.0.0.1:0
+        admin: {{listen: 127.0.0.1:0}}
+        access_log: {{enabled: false}}
+        state: {{path: "{tmp_path / 'state.json'}", audit: "{tmp_path / 'audit.jsonl'}"}}
+        webhooks: [{{url: "http://127.0.0.1:{port}/first"}}]
+        pools:
+          a: {{servers: ["{stable.url}"]}}
+          b: {{servers: ["{canary.url}"]}}
+        routes:
+          - name: api
+            sticky: {{key: ["header:X-User-Id"]}}
+            analysis: {{interval: 5m, window: 5m, max_error_rate: 5}}
+            rings:
+              - {{name: canary, pool: b, weight: 10}}
+              - {{name: main, pool: a}}
+    """)
+    try:
+        proxy = await reloadable(text)
+
+        async def received_kinds(count: int) -> list[tuple[str, str]]:
+            for _ in range(100):
+                if len(received) >= count:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.1)  # and nothing more comes
+            return list(received)
+
+        await proxy.controller.act("api", "canary", Trigger.PAUSE, "test")
+        assert await received_kinds(1) == [("first", "pause")]
+        (tmp_path / "ringproxy.yaml").write_text(text.replace("/first", "/second"))
+        assert (await proxy.reloader.reload("test")).changed
+        await proxy.controller.act("api", "canary", Trigger.RESUME, "test")
+        assert await received_kinds(2) == [("first", "pause"), ("second", "resume")]
+    finally:
+        await runner.cleanup()
