@@ -2,7 +2,7 @@
 
 The one module that imports prometheus_client.  Per request the handler calls
 ``RingRecorder.record`` (through ``RingRuntime.recorder``), which adds to plain integers
-and a :class:`~proxy.window.RingWindow`: no label lookup, no lock, no prometheus_client
+and a :class:`~proxy.rollout.window.RingWindow`: no label lookup, no lock, no prometheus_client
 call.  Everything runs on the event loop thread, so a scrape (also on that thread) reads
 a consistent snapshot.  At scrape time :meth:`Metrics.collect` turns the recorders, and
 the live runtime state (in-flight, weights, phases), into metric families; a ring that
@@ -16,7 +16,6 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections.abc import Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -29,18 +28,20 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.process_collector import ProcessCollector
 
+from proxy.dataplane.handler import INTERNAL
 from proxy.rollout.window import LATENCY_BUCKETS, RingWindow, Summary
 from proxy.runtime import RingRuntime, Runtime
 
 # code_class: the status class sent to the client; "error" when the proxy answered
 # itself because the upstream failed (502/504) or the ring was full (503); "client_closed"
-# when the client went away before any response was sent.
-CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "error", "client_closed")
+# when the client went away before any response was sent; "internal" when a defect of the
+# proxy failed the request (a 500 or a cut response, logged with its traceback).
+CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "error", "client_closed", "internal")
 ERROR_KINDS = ("connect", "timeout", "reset", "bad_response", "overload")
 DIRECTIONS = ("sent", "received")  # request body bytes sent upstream / response body received
 RELOAD_RESULTS = ("success", "failure")
 
-_5XX, _ERROR, _CLIENT_CLOSED = 4, 5, 6
+_5XX, _ERROR, _CLIENT_CLOSED, _INTERNAL = 4, 5, 6, 7
 # status // 100 -> index into CODE_CLASSES.  0 (nothing sent) is an error; the
 # non-standard 600-999 that aiohttp's parser accepts count as 5xx.
 _CLASS_OF = (_ERROR, 0, 1, 2, 3, 4, 4, 4, 4, 4)
@@ -97,6 +98,13 @@ class RingRecorder:
                 # upstream failure after the upstream's headers went out keeps the
                 # upstream's status class (the client saw that status line).
                 cls = _ERROR if status in _LOCAL_STATUS else _CLASS_OF[status // 100]
+            elif error == INTERNAL:
+                # A defect of the proxy says nothing about the ring's version: counted to
+                # be seen, kept out of the latencies and of the window the judge reads.
+                self.requests[_INTERNAL] += 1
+                self.sent += bytes_in
+                self.received += bytes_out
+                return
             elif status == 0 and error == "client_closed":
                 cls = _CLIENT_CLOSED
             else:
@@ -216,12 +224,17 @@ class Metrics:
         return encode(self.registry), content_type
 
     def collect(self) -> Iterator[Metric]:
-        recorders = tuple(self._recorders.values())
+        yield from self._traffic()
+        yield from self._rings_now()
+        yield from self._config_and_rollbacks()
 
+    def _traffic(self) -> Iterator[Metric]:
+        """What the rings' recorders counted."""
         requests = CounterMetricFamily(
             "ringproxy_requests", "Finished requests by ring and status class sent to the "
             "client (error: the proxy answered 502/503/504 itself; client_closed: the client "
-            "left before a response).", labels=(*RING_LABELS, "code_class"))
+            "left before a response; internal: a defect of the proxy failed it).",
+            labels=(*RING_LABELS, "code_class"))
         errors = CounterMetricFamily(
             "ringproxy_upstream_errors", "Upstream failures by kind, including those after the "
             "response started (overload: the ring's max_concurrency was full).",
@@ -232,7 +245,7 @@ class Metrics:
         sent_received = CounterMetricFamily(
             "ringproxy_upstream_bytes", "Body bytes sent to (request) and received from "
             "(response) the ring's upstreams.", labels=("route", "ring", "direction"))
-        for rec in recorders:
+        for rec in self._recorders.values():
             for cls, n in zip(CODE_CLASSES, rec.requests, strict=True):
                 requests.add_metric((*rec.labels, cls), n)
             for kind, n in zip(ERROR_KINDS, rec.upstream_errors, strict=True):
@@ -249,6 +262,8 @@ class Metrics:
         yield errors
         yield sent_received
 
+    def _rings_now(self) -> Iterator[Metric]:
+        """The live state of each ring: in flight, weight, phase."""
         inflight = GaugeMetricFamily(
             "ringproxy_inflight_requests", "Requests (and open WebSockets) in flight on the "
             "ring.", labels=("route", "ring"))
@@ -260,24 +275,23 @@ class Metrics:
             labels=("route", "ring", "phase"))
         for ring in self._rings:
             inflight.add_metric((ring.route, ring.name), ring.inflight)
-            # Filled in by the assignment and rollout issues; rings without them are skipped.
-            w: Any = getattr(ring, "weight", None)
-            if w is not None:
-                weight.add_metric((ring.route, ring.name), float(w))
-            p: Any = getattr(ring, "phase", None)
-            if p is not None:
-                phase.add_metric((ring.route, ring.name, str(getattr(p, "value", p))), 1.0)
+            # A ring with only rules has no weight; one the rollout loop does not run
+            # has no phase.
+            if ring.weight is not None:
+                weight.add_metric((ring.route, ring.name), float(ring.weight))
+            if ring.phase is not None:
+                phase.add_metric((ring.route, ring.name, str(ring.phase)), 1.0)
         yield inflight
         yield weight
         yield phase
 
+    def _config_and_rollbacks(self) -> Iterator[Metric]:
         rollbacks = CounterMetricFamily(
             "ringproxy_rollbacks", "Rings moved back by analysis or an operator, by reason.",
             labels=("route", "ring", "reason"))
         for (route, ring_name, reason), n in self._rollbacks.items():
             rollbacks.add_metric((route, ring_name, reason), n)
         yield rollbacks
-
         if self._revision:
             yield InfoMetricFamily(
                 "ringproxy_config", "The config revision being served.",

@@ -16,7 +16,8 @@ from aiohttp import web
 from proxy.config import parse_config
 from proxy.config.values import parse_upstream
 from proxy.dataplane import pool
-from proxy.dataplane.handler import Deadlines, Exchange
+from proxy.dataplane.deadlines import Deadlines
+from proxy.dataplane.handler import Exchange
 from proxy.dataplane.headers import new_request_id
 from proxy.dataplane.pool import Server
 from proxy.routing.table import _HOSTS_MAX, RoutingTable, normalize_host

@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import parse_config
 from proxy.metrics import CODE_CLASSES, ERROR_KINDS, Metrics, RingRecorder
+from proxy.rollout.machine import Phase
 from proxy.rollout.window import RingWindow
 from proxy.runtime import Runtime
 
@@ -93,7 +94,7 @@ def recorder() -> RingRecorder:
         # The client went away: never an upstream error.
         (0, "client_closed", "client_closed", None, False),
         (200, "client_closed", "2xx", None, False),
-        (0, "", "error", None, True),  # nothing sent and no reason: a proxy bug
+        (0, "", "error", None, True),  # nothing sent and no reason
     ],
 )
 def test_each_outcome_is_counted_once_in_one_class(
@@ -109,6 +110,19 @@ def test_each_outcome_is_counted_once_in_one_class(
     timed = status != 101
     assert sum(rec.buckets) == summary.observed == int(timed)
     assert rec.duration_sum == (0.003 if timed else 0.0)
+
+
+@pytest.mark.parametrize("status", [500, 200, 0])
+def test_a_defect_of_the_proxy_is_counted_but_never_judged(status: int) -> None:
+    # The handler's 500 (or, after the upstream's headers went out, the upstream's status).
+    rec = recorder()
+    rec.record(status, "internal", 0.003, 10, 20, now=5.0)
+    assert rec.requests == [int(c == "internal") for c in CODE_CLASSES]
+    assert rec.upstream_errors == [0] * len(ERROR_KINDS)
+    assert (rec.sent, rec.received) == (10, 20)
+    assert sum(rec.buckets) == 0 and rec.duration_sum == 0
+    summary = rec.window.summary(5.0, 1)
+    assert (summary.requests, summary.errors, summary.observed) == (0, 0, 0)
 
 
 def test_durations_fill_inclusive_buckets() -> None:
@@ -224,12 +238,9 @@ def test_reload_failure_keeps_the_revision_and_counts() -> None:
 
 
 def test_phase_and_weight_come_from_whatever_the_runtime_rings_carry() -> None:
-    # The rollout issue adds ``phase``; duck-typed rings stand in for it here.
-    class Phase:
-        value = "rolled_back"
-
+    # Rings as values: what the control loop sets on them is all collect reads.
     ring: Any = SimpleNamespace(
-        route="api", name="canary", inflight=2, weight=12.5, phase=Phase(),
+        route="api", name="canary", inflight=2, weight=12.5, phase=Phase.ROLLED_BACK,
         pool=SimpleNamespace(config=SimpleNamespace(name="b")), recorder=None,
     )
     runtime: Any = SimpleNamespace(

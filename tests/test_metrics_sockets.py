@@ -172,7 +172,8 @@ async def test_every_request_is_counted_once_in_the_right_ring_exactly(
     main = proxy.runtime.rings["api"][2]
     recorder = main.recorder
     assert isinstance(recorder, RingRecorder)
-    await wait_for(lambda: recorder.requests[-1] == 1, "the client_closed request")
+    closed = CODE_CLASSES.index("client_closed")
+    await wait_for(lambda: recorder.requests[closed] == 1, "the client_closed request")
     assert main.inflight == 0
 
     s = samples(await scrape(client, proxy))

@@ -139,10 +139,16 @@ def upstream_request_headers(
 
 
 def downstream_response_headers(
-    incoming: CIMultiDictProxy[str], request_id: str
+    incoming: CIMultiDictProxy[str], request_id: str, out: CIMultiDict[str] | None = None
 ) -> CIMultiDict[str]:
-    """The upstream response's headers (as aiohttp parsed them) as the client should see them."""
-    out = CIMultiDict(incoming)
+    """The upstream response's headers (as aiohttp parsed them) as the client should see them.
+
+    Written into ``out`` when given (an empty response's own headers: no copy to hand over).
+    """
+    if out is None:
+        out = CIMultiDict(incoming)
+    else:
+        out.extend(incoming)
     via = VIA
     special = incoming.keys() & _RESPONSE_SPECIAL
     if special:
@@ -172,3 +178,13 @@ def _appended(
         return own
     prior = incoming.getall(name, ())
     return ", ".join([*prior, own]) if prior else own
+
+
+def is_websocket_upgrade(method: str, headers: CIMultiDictProxy[str]) -> bool:
+    """A WebSocket handshake (RFC 6455 §4.1): GET with Upgrade: websocket and a Connection
+    header that lists upgrade."""
+    return (
+        method == "GET"
+        and headers.get("Upgrade", "").lower() == "websocket"
+        and "upgrade" in headers.get("Connection", "").lower()
+    )

@@ -1,19 +1,22 @@
 """Upstream pools: one pooled, keep-alive aiohttp client per pool, and server selection.
 
-This is the boundary where aiohttp's client exceptions are translated into ringproxy's
-(see ``translate``).  Server URLs were parsed at config load; per request only the path
-and query are put together.
+The pool is the one boundary to upstreams: ``request``, ``ws_connect``, ``body_now`` and
+``body_chunks`` are the only calls into aiohttp's client, and the only place its
+exceptions are translated into ringproxy's (``UPSTREAM_FAILURES`` and ``translate``).
+Anything else raised on the way is a defect of the proxy and goes up as it is.  Server
+URLs were parsed at config load; per request only the path and query are put together.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 
 import aiohttp
 from aiohttp import hdrs
-from multidict import CIMultiDict, CIMultiDictProxy, istr
+from aiohttp.typedefs import LooseHeaders
+from multidict import CIMultiDict, istr
 from yarl import URL
 
 from proxy.config import Balance, Pool
@@ -31,7 +34,8 @@ from proxy.errors import (
 # aiohttp's own.
 SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "Content-Type", "User-Agent")
 _SKIP = frozenset(map(istr, SKIP_AUTO_HEADERS))
-_SKIPPED = CIMultiDictProxy(CIMultiDict((name, None) for name in sorted(_SKIP)))
+# aiohttp only reads the skip list (checked by a test): one instance serves every request.
+_SKIPPED: CIMultiDict[None] = CIMultiDict((name, None) for name in sorted(_SKIP))
 # Every header aiohttp would add on its own is skipped (checked, not assumed: a later
 # aiohttp with more default headers turns the shortcut below off).
 _SKIPS_ALL = {istr(h) for h in aiohttp.ClientRequest.DEFAULT_HEADERS} | {hdrs.USER_AGENT} <= _SKIP
@@ -40,19 +44,33 @@ _SKIPS_ALL = {istr(h) for h in aiohttp.ClientRequest.DEFAULT_HEADERS} | {hdrs.US
 class _UpstreamRequest(aiohttp.ClientRequest):
     """aiohttp's request, minus per-request work whose result is known in advance.
 
+    The headers to send are taken over instead of copied one by one (``update_headers``).
+
     With every automatic header skipped, ``update_auto_headers`` adds nothing; all it
     leaves behind is the skip list (which a POST consults before adding a Content-Type).
     aiohttp rebuilds that list for every request (sorted, into a new multidict, plus a copy
     of the headers): a noticeable share of a small request's cost.  Here it is built once.
     """
 
+    def update_headers(self, headers: LooseHeaders | None) -> None:
+        # The headers the pool sends were made for this request alone (by the handler, or
+        # by ws_connect's own copy), the client's Host or the server's among them: taken as
+        # they are, where aiohttp would copy them one by one in a Python loop.  (A client
+        # without Host, HTTP/1.0, gets aiohttp's Host from the URL.)
+        if type(headers) is CIMultiDict and hdrs.HOST in headers:
+            self.headers = headers
+            return
+        super().update_headers(headers)
+
     def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
         if _SKIPS_ALL and skip_auto_headers == _SKIP:
-            self._skip_auto_headers = _SKIPPED  # type: ignore[assignment]  # read-only
+            self._skip_auto_headers = _SKIPPED
             return
         super().update_auto_headers(skip_auto_headers)
 
 
+# A relayed WebSocket waits for messages as long as they take; a close handshake does not.
+_WS_TIMEOUT = aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0)
 
 # Server.url() remembers the URLs it made: paths repeat, and a URL object that aiohttp has
 # seen before also has its derived parts (host:port, path and query) already computed.
@@ -147,6 +165,55 @@ class UpstreamPool:
             await self.session.close()
             self.session = None
 
+    async def request(
+        self,
+        method: str,
+        url: URL,
+        headers: CIMultiDict[str],
+        data: AsyncIterator[bytes] | None,
+    ) -> aiohttp.ClientResponse:
+        """Send one request; returns once the response headers are in (release it after).
+
+        No sock_read timer runs while the headers are awaited (the caller's ring timeout
+        covers that); ``start_idle_timeout`` starts one if the body has to be waited for.
+        """
+        session = self.session
+        if session is None:
+            raise RuntimeError(f"pool {self.config.name!r} is not started")
+        try:
+            return await session.request(
+                method, url, headers=headers, data=data, allow_redirects=False
+            )
+        except UPSTREAM_FAILURES as exc:
+            raise translate(exc) from exc
+
+    async def ws_connect(
+        self,
+        url: URL,
+        headers: CIMultiDict[str],
+        protocols: Sequence[str],
+        handshake_timeout: float,
+        max_msg_size: int,
+    ) -> aiohttp.ClientWebSocketResponse:
+        """A WebSocket handshake within ``handshake_timeout`` seconds, for a relay: closes are not
+        answered on their own (the relay passes them on), pings are."""
+        session = self.session
+        if session is None:
+            raise RuntimeError(f"pool {self.config.name!r} is not started")
+        try:
+            async with asyncio.timeout(handshake_timeout):
+                return await session.ws_connect(
+                    url,
+                    headers=headers,
+                    protocols=protocols,
+                    autoclose=False,
+                    autoping=True,
+                    max_msg_size=max_msg_size,
+                    timeout=_WS_TIMEOUT,
+                )
+        except UPSTREAM_FAILURES as exc:  # a refused upgrade is a ClientResponseError
+            raise translate(exc) from exc
+
     def pick(self) -> Server:
         return self._pick_least() if self._least else next(self._rr)
 
@@ -164,20 +231,63 @@ class UpstreamPool:
                 f"servers={len(self.servers)}>")
 
 
-def translate(exc: BaseException) -> UpstreamError:
-    """aiohttp/OS exception -> ringproxy's; callers ``raise translate(e) from e``."""
-    if isinstance(exc, UpstreamError):
-        return exc
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return UpstreamConnectTimeout(str(exc) or "connect timed out")
-    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
-        return UpstreamTimeout("no response within the ring timeout")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamConnectError(f"cannot connect to {exc.host}:{exc.port}: {exc.strerror}")
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return UpstreamResetError("upstream closed the connection without a response")
-    if isinstance(exc, aiohttp.ClientOSError | ConnectionError):
-        return UpstreamResetError(f"connection error: {exc}")
-    if isinstance(exc, aiohttp.ClientResponseError):
-        return UpstreamBadResponse(f"malformed response: {exc.message}")
-    return UpstreamBadResponse(f"{type(exc).__name__}: {exc}")
+def body_now(upstream: aiohttp.ClientResponse) -> bytes:
+    """What arrived of the body so far: all of it once ``upstream.content.is_eof()``."""
+    try:
+        return upstream.content.read_nowait()
+    except UPSTREAM_FAILURES as exc:
+        raise translate(exc) from exc
+
+
+async def body_chunks(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """The response body as it arrives, with back-pressure (aiohttp pauses reading from
+    the socket while its buffer is full)."""
+    try:
+        async for chunk in upstream.content.iter_any():
+            yield chunk
+    except UPSTREAM_FAILURES as exc:
+        raise translate(exc) from exc
+
+
+def start_idle_timeout(upstream: aiohttp.ClientResponse, idle: float | None) -> None:
+    """Time out silences of more than ``idle`` seconds in the rest of the response body.
+
+    This is aiohttp's own sock_read timer (restarted by every read, stopped at the end of
+    the body and while reading is paused for back-pressure), switched on only now: most
+    responses are complete when their headers arrive and never need the timer.
+    """
+    conn = upstream.connection
+    if not idle or conn is None or conn.protocol is None:
+        return  # no limit, or the body is complete and the connection released
+    protocol = conn.protocol
+    protocol.read_timeout = idle
+    transport = conn.transport
+    if transport is not None and transport.is_reading():
+        protocol.start_timeout()
+    # While paused (back-pressure) aiohttp starts the timer itself on resuming.
+
+
+# Foreign exception -> ringproxy's, first match wins (a subclass before its base).  This is
+# every failure an upstream can cause on the way: what is not listed is not the upstream's
+# doing and must not be judged as such (httpx's transport mapping is the model).
+_TRANSLATIONS: tuple[tuple[type[Exception], type[UpstreamError]], ...] = (
+    (aiohttp.ConnectionTimeoutError, UpstreamConnectTimeout),  # a TimeoutError too
+    (TimeoutError, UpstreamTimeout),  # asyncio's, and aiohttp's sock_read timeout
+    (aiohttp.ClientConnectorError, UpstreamConnectError),  # refused, unreachable, DNS, TLS
+    (aiohttp.ServerDisconnectedError, UpstreamResetError),
+    (aiohttp.ClientOSError, UpstreamResetError),
+    (ConnectionError, UpstreamResetError),
+    (OSError, UpstreamResetError),
+    (aiohttp.ClientResponseError, UpstreamBadResponse),  # a malformed status line or headers
+    (aiohttp.ClientError, UpstreamBadResponse),  # a broken body, a connection closed mid-way
+)
+UPSTREAM_FAILURES: tuple[type[Exception], ...] = tuple(foreign for foreign, _ in _TRANSLATIONS)
+
+
+def translate(exc: Exception) -> UpstreamError:
+    """The ringproxy error for one of ``UPSTREAM_FAILURES``; used as
+    ``except UPSTREAM_FAILURES as exc: raise translate(exc) from exc``."""
+    for foreign, ours in _TRANSLATIONS:
+        if isinstance(exc, foreign):
+            return ours(str(exc))
+    raise TypeError(f"{type(exc).__name__} is not an upstream failure") from exc

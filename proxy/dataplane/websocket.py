@@ -14,54 +14,26 @@ import contextlib
 import aiohttp
 from aiohttp import WSMsgType, web
 from multidict import CIMultiDict
+from yarl import URL
 
-from proxy.dataplane.pool import Server, translate
-from proxy.errors import UpstreamBadResponse
-from proxy.runtime import RingRuntime
+from proxy.dataplane.pool import UpstreamPool
 
 MAX_MESSAGE = 16 * 1024 * 1024  # bytes; a larger message closes the socket with 1009
 _CLOSE_TYPES = (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.ERROR)
 
 
-def is_websocket_upgrade(request: web.BaseRequest) -> bool:
-    return (
-        request.method == "GET"
-        and request.headers.get("Upgrade", "").lower() == "websocket"
-        and "upgrade" in request.headers.get("Connection", "").lower()
-    )
-
-
 async def proxy_websocket(
     request: web.BaseRequest,
-    ring: RingRuntime,
-    server: Server,
+    pool: UpstreamPool,
+    url: URL,
     headers: CIMultiDict[str],
+    handshake_timeout: float,
 ) -> web.WebSocketResponse:
-    session = ring.pool.session
-    assert session is not None, "pool not started"
+    """Relay one WebSocket session; a failed upstream handshake raises UpstreamError."""
     protocols = [
         p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()
     ]
-    rel = request.rel_url
-    url = server.url(rel.raw_path, rel.raw_query_string, websocket=True)
-    try:
-        async with asyncio.timeout(ring.timeout):
-            upstream = await session.ws_connect(
-                url,
-                headers=headers,
-                protocols=protocols,
-                autoclose=False,
-                autoping=True,
-                max_msg_size=MAX_MESSAGE,
-                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
-            )
-    except aiohttp.WSServerHandshakeError as exc:
-        raise UpstreamBadResponse(
-            f"upstream refused the WebSocket upgrade with status {exc.status}"
-        ) from exc
-    except Exception as exc:
-        raise translate(exc) from exc
-
+    upstream = await pool.ws_connect(url, headers, protocols, handshake_timeout, MAX_MESSAGE)
     downstream = web.WebSocketResponse(
         protocols=(upstream.protocol,) if upstream.protocol else (),
         autoclose=False,
