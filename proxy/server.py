@@ -76,10 +76,12 @@ class Proxy:
         plan = reload_plan(self.config, config)
         runtime, access_log = await self._prepare(config, plan)
         try:
-            self.metrics.attach(runtime)
-            self.controller.configure(runtime)  # live weights and rollbacks, before the swap
             if plan.changed("webhooks"):
                 await self.controller.set_webhooks(config.webhooks)
+            self.metrics.attach(runtime)
+            # Live weights and rollbacks, before the swap; carried-over rings read the new
+            # table from here on, so nothing below awaits until the swap is done.
+            self.controller.configure(runtime)
         except BaseException:
             # Hand the running runtime back what the new one took, then let go of the new.
             self.metrics.attach(self.runtime)
