@@ -12,7 +12,10 @@ import asyncio
 import json
 import sys
 import time
-from typing import IO, Any
+from typing import IO
+
+# One field's value: the access log writes flat objects of JSON scalars.
+Field = str | int | float | None
 
 _FLUSH_EVERY = 0.2
 _FLUSH_LINES = 256
@@ -34,7 +37,8 @@ class AccessLog:
         self._timer: asyncio.TimerHandle | None = None
         self._dumps = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
 
-    def log(self, fields: dict[str, Any]) -> None:
+    def log(self, fields: dict[str, Field]) -> None:
+        """Queue one line; ``fields["time"]`` is set here (put it first to print it first)."""
         fields["time"] = _iso(time.time())
         self._buffer.append(self._dumps(fields) + "\n")
         if len(self._buffer) >= _FLUSH_LINES:

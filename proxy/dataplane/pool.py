@@ -287,6 +287,8 @@ UPSTREAM_FAILURES: tuple[type[Exception], ...] = tuple(foreign for foreign, _ in
 def translate(exc: Exception) -> UpstreamError:
     """The ringproxy error for one of ``UPSTREAM_FAILURES``; used as
     ``except UPSTREAM_FAILURES as exc: raise translate(exc) from exc``."""
+    if isinstance(exc, UpstreamError):
+        return exc  # already ours (UpstreamTimeout is a TimeoutError too)
     for foreign, ours in _TRANSLATIONS:
         if isinstance(exc, foreign):
             return ours(str(exc))

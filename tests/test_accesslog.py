@@ -1,0 +1,116 @@
+"""The access log: one JSON object per line, buffered, written at least every 200 ms.
+
+Real files in a temporary folder, and the real standard output (captured by pytest).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import io
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from proxy.dataplane import accesslog
+from proxy.dataplane.accesslog import AccessLog
+
+
+def _entry(i: int) -> dict[str, accesslog.Field]:
+    return {"time": "", "request_id": f"r{i}", "status": 200, "duration_ms": 1.5,
+            "ring": None, "path": "/caf\u00e9"}
+
+
+def _lines(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+async def test_lines_are_buffered_then_written_within_200_ms(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    log = AccessLog(str(path))
+    try:
+        log.log(_entry(1))
+        log.log(_entry(2))
+        assert path.read_text() == ""  # the request path never waits on a write
+        assert repr(log) == f"<AccessLog {path} buffered=2>"
+        # The loop runs timers in deadline order: the flush (due at 200 ms) comes first.
+        await asyncio.sleep(0.25)
+        entries = _lines(path)
+        assert [e["request_id"] for e in entries] == ["r1", "r2"]
+        assert repr(log) == f"<AccessLog {path} buffered=0>"
+    finally:
+        log.close()
+
+
+async def test_each_line_is_one_json_object_with_the_time_first(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    log = AccessLog(str(path))
+    before = time.time()
+    log.log(_entry(1))
+    log.close()
+    raw = path.read_text(encoding="utf-8")
+    assert raw.endswith("\n") and raw.count("\n") == 1
+    assert raw.isascii()  # non-ASCII is escaped: one encoding-proof line per request
+    (entry,) = _lines(path)
+    assert list(entry)[:2] == ["time", "request_id"]
+    assert entry == {**entry, "status": 200, "duration_ms": 1.5, "ring": None, "path": "/caf\u00e9"}
+    stamp = str(entry["time"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", stamp)
+    logged = calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S"))  # UTC
+    assert before - 1 <= logged <= time.time() + 1
+
+
+async def test_a_full_buffer_is_written_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    log = AccessLog(str(path))
+    try:
+        for i in range(accesslog._FLUSH_LINES - 1):
+            log.log(_entry(i))
+        assert path.read_text() == ""
+        log.log(_entry(999))  # the 256th line: written now, not at the timer
+        assert len(_lines(path)) == accesslog._FLUSH_LINES
+    finally:
+        log.close()
+
+
+async def test_the_file_is_appended_to_and_close_writes_what_is_left(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    path.write_text('{"earlier":true}\n')
+    log = AccessLog(str(path))
+    log.log(_entry(1))
+    log.close()  # no wait for the timer
+    assert [e.get("request_id") for e in _lines(path)] == [None, "r1"]
+    assert log._stream.closed
+    await asyncio.sleep(0.3)  # the timer was cancelled: nothing fires on a closed file
+    log.log(_entry(2))  # a line after close is dropped, never raised to the request
+    log.flush()
+    assert len(_lines(path)) == 2
+
+
+async def test_dash_is_standard_output_which_close_leaves_open(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    log = AccessLog("-")
+    assert log._stream is sys.stdout
+    log.log(_entry(7))
+    log.close()
+    out = capsys.readouterr().out
+    assert json.loads(out)["request_id"] == "r7"
+    assert not sys.stdout.closed
+
+
+async def test_a_closed_standard_output_does_not_fail_requests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    closed = io.StringIO()
+    closed.close()
+    monkeypatch.setattr(sys, "stdout", closed)
+    log = AccessLog("-")
+    log.log(_entry(1))
+    log.flush()  # ValueError from the closed stream is swallowed
+    log.close()
+    assert repr(log) == "<AccessLog - buffered=0>"
