@@ -1,9 +1,9 @@
 """A defect in the proxy itself is a 500 with a logged traceback, and never judged.
 
 The rollout judge reads each ring's window: a fault of ours counted there as an upstream
-failure would roll back a healthy version.  The faults are injected into one function of
-the proxy on the upstream path (there is no input that triggers a real one); everything
-around it is the real proxy, over real sockets, with a real upstream.
+failure would roll back a healthy version.  Most faults are injected into one function of
+the proxy on the upstream path (no input triggers a real one); everything around it is
+the real proxy, over real sockets, with a real upstream.
 """
 
 from __future__ import annotations
@@ -12,16 +12,16 @@ import json
 import logging
 import textwrap
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from proxy.dataplane import pool
+from proxy.dataplane import handler, pool
 from proxy.metrics import CODE_CLASSES, ERROR_KINDS
 from proxy.server import Proxy
-from tests.conftest import ProxyFactory, Upstream
+from tests.conftest import ProxyFactory, Upstream, raw_exchange
 
 
 def _config(upstream: str, access_log: Path) -> str:
@@ -114,3 +114,61 @@ async def test_a_defect_on_the_upstream_path_is_a_500_logged_and_never_judged(
     monkeypatch.undo()  # the ring serves on
     async with client.get(proxy.url + "/after") as r:
         assert r.status == 200
+
+
+async def test_a_defect_after_the_response_started_cuts_it_and_is_never_judged(
+    make_proxy: ProxyFactory,
+    stable: Upstream,
+    client: aiohttp.ClientSession,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    log_path = tmp_path / "access.log"
+    proxy = await make_proxy(_config(stable.url, log_path))
+
+    async def broken(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        async for chunk in upstream.content.iter_any():
+            yield chunk
+            raise InjectedDefect("a bug while relaying the body")
+
+    # The status line and the first chunk are out when the fault strikes.
+    monkeypatch.setattr(handler, "body_chunks", broken)
+    with caplog.at_level(logging.ERROR):
+        async with client.get(proxy.url + "/bytes/500000") as r:
+            assert r.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await r.read()  # cut: never a complete-looking body
+    (logged,) = _tracebacks(caplog.records)
+    assert "/bytes/500000" in logged.getMessage()
+
+    assert proxy.access_log is not None
+    proxy.access_log.flush()
+    (entry,) = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert (entry["status"], entry["error"]) == (200, "internal")
+    assert 0 < entry["bytes_out"] < 500000
+    classes, kinds, requests, errors = _outcomes(proxy)
+    assert classes["internal"] == 1 and sum(classes.values()) == 1
+    assert not any(kinds.values())
+    assert (requests, errors) == (0, 0)
+
+
+async def test_a_clients_broken_websocket_handshake_is_its_400_and_never_judged(
+    make_proxy: ProxyFactory, stable: Upstream, tmp_path: Path
+) -> None:
+    # A real trigger, no fault injected: Upgrade and Connection but no Sec-WebSocket-Key.
+    # The upstream handshake (made by the proxy's own client) succeeds; accepting the
+    # client's then fails.  That used to be recorded as "nothing sent", an error of the
+    # ring's version, though the client got a 400.
+    proxy = await make_proxy(_config(stable.url, tmp_path / "access.log"))
+    raw = await raw_exchange(
+        proxy.url,
+        b"GET /ws HTTP/1.1\r\nHost: h.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n",
+        wait=1.0,
+    )
+    assert raw.startswith(b"HTTP/1.1 400 ")
+    classes, kinds, requests, errors = _outcomes(proxy)
+    assert classes["4xx"] == 1 and sum(classes.values()) == 1
+    assert not any(kinds.values())
+    assert (requests, errors) == (1, 0)
