@@ -247,3 +247,26 @@ def test_server_urls_are_remembered_within_bounds() -> None:
     assert server.host_header == "127.0.0.1:9"
     assert Server(parse_upstream("http://[::1]:80")).host_header == "[::1]"
     assert Server(parse_upstream("https://h.test:443")).host_header == "h.test"
+
+
+async def test_the_upstream_headers_are_taken_over_and_a_missing_host_still_gets_one(
+    proxy: Proxy, stable: Upstream
+) -> None:
+    skipped = list(pool._SKIPPED.items())
+    raw = await raw_exchange(
+        proxy.url,
+        b"POST /seen HTTP/1.1\r\nX-First: 1\r\nhost: h.test\r\nX-Dup: a\r\nX-Dup: b\r\n"
+        b"Content-Length: 3\r\nConnection: close\r\n\r\nx=1",
+    )
+    assert raw.startswith(b"HTTP/1.1 200")
+    sent = stable.requests[-1]["headers"]
+    # Exactly what the proxy built: the client's headers in their order, then its own.
+    assert sent[:4] == [["X-First", "1"], ["Host", "h.test"], ["X-Dup", "a"], ["X-Dup", "b"]]
+    assert [k.lower() for k, _ in sent].count("host") == 1
+    assert headers_of(stable.requests[-1])["x-dup"] == "a, b"
+    # An HTTP/1.0 client without Host: aiohttp's own Host (the server's) is sent.
+    raw = await raw_exchange(proxy.url, b"GET /seen HTTP/1.0\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 200") or raw.startswith(b"HTTP/1.0 200")
+    assert headers_of(stable.requests[-1])["host"] == stable.url.removeprefix("http://")
+    # aiohttp only reads the skip list all requests share.
+    assert list(pool._SKIPPED.items()) == skipped
