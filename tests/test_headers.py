@@ -111,3 +111,13 @@ def test_header_names_in_any_case_are_recognised() -> None:
     back = downstream_response_headers(proxy_of(("connection", "x-up"), ("x-up", "1"),
                                                 ("KEEP-ALIVE", "5"), ("via", "1.1 app")), "r")
     assert [k.lower() for k, _ in back.items()] == ["via", "x-request-id"]
+
+
+def test_response_headers_written_into_a_given_multidict_are_the_same() -> None:
+    raw = proxy_of(("Content-Type", "a/b"), ("Connection", "X-Up"), ("X-Up", "1"),
+                   ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("Via", "1.0 up"))
+    target: CIMultiDict[str] = CIMultiDict()
+    out = downstream_response_headers(raw, "rid-1", target)
+    assert out is target
+    assert list(out.items()) == list(downstream_response_headers(raw, "rid-1").items())
+    assert out.getall("Set-Cookie") == ["a=1", "b=2"] and "X-Up" not in out
