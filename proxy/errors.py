@@ -16,8 +16,11 @@
         └── Overloaded                 503  ring max_concurrency full, or no server
 
 Every UpstreamError carries the HTTP status it maps to and a `kind` from a fixed set
-(the label value metrics use).  Foreign exceptions (aiohttp, OSError) are translated
-once, at the pool boundary, with ``raise ... from exc``.
+(the label value metrics use).  Foreign exceptions (aiohttp, OSError, timeouts) are
+translated once, at the pool boundary, from one table, with ``raise ... from exc``.
+Anything else on the upstream path is a defect of the proxy, not of the upstream: a 500
+(or a cut response), logged with its traceback, counted as ``internal`` and never judged
+against the ring's version.
 """
 
 from __future__ import annotations

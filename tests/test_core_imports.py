@@ -16,7 +16,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "proxy"
 PURE_PACKAGES = ["config", "routing", "rollout"]
 PURE_MODULES = ["errors.py", "dataplane/headers.py"]
 SHELL = ["proxy.dataplane.handler", "proxy.dataplane.pool", "proxy.dataplane.websocket",
-         "proxy.dataplane.accesslog", "proxy.control", "proxy.admin", "proxy.demo",
+         "proxy.dataplane.accesslog", "proxy.dataplane.decide", "proxy.dataplane.deadlines",
+         "proxy.control", "proxy.admin", "proxy.demo",
          "proxy.server", "proxy.runtime", "proxy.metrics", "proxy.reload", "proxy.cli",
          "proxy.tasks"]
 FORBIDDEN = {"asyncio", "aiohttp", "prometheus_client", "time", "uvloop", "socket",
