@@ -21,7 +21,7 @@ from proxy.config import Config
 from proxy.config.changes import Applies, ReloadPlan, reload_plan
 from proxy.config.rollout import WINDOW_HORIZON
 from proxy.config.values import Listen
-from proxy.control.controller import Controller
+from proxy.control.controller import Checkpoint, Controller
 from proxy.dataplane.accesslog import AccessLog
 from proxy.dataplane.handler import ProxyHandler
 from proxy.dataplane.pool import UpstreamPool
@@ -75,17 +75,21 @@ class Proxy:
         """
         plan = reload_plan(self.config, config)
         runtime, access_log = await self._prepare(config, plan)
+        checkpoint: Checkpoint | None = None
         try:
             if plan.changed("webhooks"):
                 await self.controller.set_webhooks(config.webhooks)
             self.metrics.attach(runtime)
             # Live weights and rollbacks, before the swap; carried-over rings read the new
             # table from here on, so nothing below awaits until the swap is done.
+            checkpoint = self.controller.checkpoint()
             self.controller.configure(runtime)
         except BaseException:
-            # Hand the running runtime back what the new one took, then let go of the new.
+            # Hand the running runtime back what the new one took (the rollout states as they
+            # were, not re-derived), then let go of the new.
+            if checkpoint is not None:
+                self.controller.back_to(checkpoint)
             self.metrics.attach(self.runtime)
-            self.controller.configure(self.runtime)
             await self.controller.set_webhooks(self.config.webhooks)  # no-op if unchanged
             await self._discard(runtime, access_log)
             raise

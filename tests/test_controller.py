@@ -122,8 +122,8 @@ async def test_a_reload_during_a_slow_state_save_keeps_the_new_ring(tmp_path: Pa
     states = h.controller.states["api"]
     assert set(states) == {"beta", "canary", "stable"}
     assert states["canary"].phase is Phase.ROLLED_BACK
-    shown = h.controller.status()["api"]
-    assert isinstance(shown, dict) and set(shown) == {"beta", "canary", "stable"}
+    assert {r.name: r.phase for r in runtime.rings["api"]} == {
+        "beta": Phase.STEADY, "canary": Phase.ROLLED_BACK, "stable": Phase.STEADY}
     # Served as decided, and saved as decided: the new ring is on disk, the rollback too.
     compiled = runtime.table.routes["api"]
     assert compiled.range_of("canary") is None and compiled.range_of("beta") == (0, 1000)
@@ -292,3 +292,37 @@ async def test_operator_actions_and_conflicts(tmp_path: Path) -> None:
                      ("rollback", "rolled_back", "bob"), ("resume", "steady", "bob")]
     assert [e["kind"] for e in h.controller.history] == ["pause", "resume", "rollback", "resume"]
     assert repr(h.controller) == "<Controller routes=1 {'steady': 2}>"
+
+
+async def test_a_failed_reload_puts_the_rollout_states_back_as_they_were(
+    tmp_path: Path,
+) -> None:
+    # The canary is rolled back; a reload that gives it new servers (a new version: its
+    # rollout would start over at 50 %) fails after the controller took it.  Going back must
+    # restore the states as they were, not re-derive them from the failed config's.
+    h = Harness(parse_config(config_text(tmp_path)))
+    await h.controller.act("api", "canary", Trigger.ROLLBACK, "bad deploy")
+    old_runtime = h.runtime
+    changed = config_text(tmp_path).replace("http://127.0.0.1:10", "http://127.0.0.1:11")
+    checkpoint = h.controller.checkpoint()
+    new_runtime = Runtime(parse_config(changed), old_runtime)
+    h.controller.configure(new_runtime)
+    assert h.controller.states["api"]["canary"].phase is Phase.STEADY  # the new version
+    h.controller.back_to(checkpoint)
+    assert h.controller.states["api"]["canary"].phase is Phase.ROLLED_BACK
+    (canary,) = [r for r in old_runtime.rings["api"] if r.name == "canary"]
+    assert canary.phase is Phase.ROLLED_BACK and canary.weight == 0
+    assert old_runtime.table.routes["api"].range_of("canary") is None
+    # and what is saved next is the rollback, not the failed config's fresh start
+    await h.controller.act("api", "canary", Trigger.RESUME, "fixed")
+    assert load_state(tmp_path / "state.json")["api"]["canary"].phase is Phase.STEADY
+
+
+async def test_a_route_removed_and_added_back_keeps_its_rollback(tmp_path: Path) -> None:
+    h = Harness(parse_config(config_text(tmp_path)))
+    await h.controller.act("api", "canary", Trigger.ROLLBACK, "bad deploy")
+    h.reload(parse_config(config_text(tmp_path).replace("name: api", "name: web")))
+    assert set(h.controller.states) == {"web"}
+    runtime = h.reload(parse_config(config_text(tmp_path)))
+    assert h.controller.states["api"]["canary"].phase is Phase.ROLLED_BACK
+    assert runtime.table.routes["api"].range_of("canary") is None

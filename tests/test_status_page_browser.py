@@ -634,7 +634,7 @@ async def make_screenshot(out: Path) -> None:
                 while not (proxy.controller.states["api"]["canary"].step == 2 and proxy
                            .controller.states["checkout"]["canary"].phase.value == "rolled_back"):
                     assert time.monotonic() < deadline, (
-                        f"the scenario did not unfold: {proxy.controller.status()}")
+                        f"the scenario did not unfold: {proxy.controller.states}")
                     await asyncio.sleep(0.1)
                 await asyncio.sleep(1.5)
                 before = await tab.eval("document.querySelector('[data-field=updated]')"

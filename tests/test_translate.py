@@ -43,7 +43,6 @@ def _connector_error(exc: OSError) -> aiohttp.ClientConnectorError:
         (aiohttp.ClientOSError(errno.ECONNRESET, "reset"), UpstreamResetError, 502, "reset"),
         (ConnectionResetError(errno.ECONNRESET, "reset"), UpstreamResetError, 502, "reset"),
         (BrokenPipeError(errno.EPIPE, "pipe"), UpstreamResetError, 502, "reset"),
-        (OSError(errno.EHOSTUNREACH, "unreachable"), UpstreamResetError, 502, "reset"),
         (aiohttp.ClientResponseError(_INFO, (), status=400, message="bad status line"),
          UpstreamBadResponse, 502, "bad_response"),
         (aiohttp.WSServerHandshakeError(_INFO, (), status=403, message="refused upgrade"),
@@ -73,6 +72,10 @@ def test_each_upstream_failure_maps_to_one_error(
         UnicodeEncodeError("utf-8", "\udcff", 0, 1, "surrogates not allowed"),
         RuntimeError("pool not started"),
         AssertionError(),
+        # An OSError that is not a connection's (a file of ours, a permission): not the
+        # upstream's doing.  aiohttp wraps socket errors as ClientOSError, listed above.
+        PermissionError(errno.EACCES, "permission denied"),
+        FileNotFoundError(errno.ENOENT, "no such file"),
     ],
     ids=lambda e: type(e).__name__,
 )

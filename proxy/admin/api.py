@@ -167,11 +167,15 @@ def _route_view(proxy: Proxy, name: str) -> RouteView:
                       proxy.metrics, time.monotonic(), time.time())
 
 
-def _ring_view(proxy: Proxy, route: str, ring: str) -> RingView:
+def _ring_view(proxy: Proxy, route: str, ring: str) -> RingView | None:
+    """The ring as it is now; None when a reload removed it meanwhile (the action stands)."""
     runtime = proxy.runtime
-    views = ring_views(runtime.table.routes[route], runtime.rings[route], proxy.controller,
+    compiled = runtime.table.routes.get(route)
+    if compiled is None:
+        return None
+    views = ring_views(compiled, runtime.rings[route], proxy.controller,
                        proxy.metrics, time.monotonic(), time.time())
-    return next(r for r in views if r["name"] == ring)
+    return next((r for r in views if r["name"] == ring), None)
 
 
 async def routes(request: web.Request, caller: Caller) -> web.Response:

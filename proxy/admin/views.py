@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, TypedDict
 
+from proxy.config.rollout import Analysis
+
 if TYPE_CHECKING:
     from proxy.control.controller import Controller
     from proxy.metrics import Metrics
@@ -102,7 +104,7 @@ def ring_views(
     plan = controller.plans.get(route)
     states = controller.states.get(route, {})
     verdicts = controller.verdicts.get(route, {})
-    window = plan.window if plan else 60.0
+    window = plan.window if plan else Analysis().window
     plans = {r.name: r for r in plan.rings} if plan else {}
     rings: list[RingView] = []
     for ring_rt, ring in zip(ring_runtimes, compiled.route.rings, strict=True):

@@ -1,6 +1,6 @@
 """The assignment settings of a route: stickiness key, anonymous cookie, override, headers.
 
-Models and their validation; ``proxy.assign`` compiles them.  Pure: no I/O.
+Models and their validation; ``proxy.routing.assign`` compiles them.  Pure: no I/O.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Config for automatic rollback and progression: analysis, steps, rollback, state, webhooks.
 
-Models and their validation; ``proxy.control`` turns them into ``rollout.RoutePlan``s.
+Models and their validation; ``proxy.rollout.plan.build_plan`` turns them into ``RoutePlan``s.
 Pure: no I/O.
 """
 

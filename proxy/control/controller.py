@@ -1,6 +1,6 @@
 """The control loop: judge every analysed ring on a timer and apply what the rollout decides.
 
-The shell around the pure ``judge`` and ``rollout`` modules: it reads the metrics windows,
+The shell around the pure ``rollout.judge`` and ``rollout.machine``: it reads the metrics windows,
 keeps the ring states, persists them (state file, then audit file) before it applies a
 change to the routing table, counts rollbacks, and hands events to the webhook sender.
 Operator actions (the admin API) come in through ``act``.
@@ -13,6 +13,7 @@ import collections
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,6 +49,16 @@ Decide = Callable[[RoutePlan | None, States], Decision]
 FAST_TICK = 0.2  # seconds between fast-path checks, when a route has one
 
 
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """What ``configure`` replaces, kept so a reload that fails later can put it back."""
+
+    plans: dict[str, RoutePlan]
+    states: dict[str, dict[str, RingState]]
+    verdicts: dict[str, dict[str, Verdict]]
+    runtime: Runtime | None
+
+
 class Controller:
     """Ring states for every route of the current config, and the loop that moves them."""
 
@@ -72,7 +83,9 @@ class Controller:
         # ones of earlier runs read back from the audit file at start.
         self.history: collections.deque[dict[str, object]] = collections.deque(maxlen=1000)
         self.webhooks = WebhookSender(config.webhooks)
-        self._saved: dict[str, dict[str, RingState]] = {}
+        # The last states of every route seen: read from the state file at start, and kept
+        # for a route a reload removes, so re-adding it never forgets a rollback.
+        self._known: dict[str, dict[str, RingState]] = {}
         self._runtime: Runtime | None = None
         self._lock = asyncio.Lock()
         self._generation = 0  # bumped by every configure()
@@ -85,14 +98,14 @@ class Controller:
         """Read the state file; with ``fresh`` an unusable one is set aside, loudly."""
         self.history.extend(read_audit(self.audit_path))
         try:
-            self._saved = load_state(self.state_path)
+            self._known = load_state(self.state_path)
         except StateError as exc:
             if not fresh:
                 raise
             aside = set_aside(self.state_path)
             log.warning("%s; STARTING WITH FRESH ROLLOUT STATE (--fresh-state); the old file "
                         "is kept as %s", exc, aside)
-            self._saved = {}
+            self._known = {}
 
     def configure(self, runtime: Runtime) -> None:
         """Plans and states for ``runtime``'s config, applied to its routing table.
@@ -104,14 +117,14 @@ class Controller:
         """
         now = self.wall()
         config = runtime.config
+        self._known.update(self.states)
         plans, states = {}, {}
         for route in config.routes:
             plan = build_plan(config, route)
-            known = self.states.get(route.name) or self._saved.get(route.name) or {}
             plans[route.name] = plan
-            states[route.name] = restore(plan, known, now)
+            states[route.name] = restore(plan, self._known.get(route.name, {}), now)
         for name, rings in states.items():
-            old = self.states.get(name) or self._saved.get(name) or {}
+            old = self._known.get(name, {})
             for ring, state in rings.items():
                 before = old.get(ring)
                 if before is not None and before.fingerprint != state.fingerprint:
@@ -124,6 +137,27 @@ class Controller:
         for name in plans:
             self._apply(name)
         runtime.take_over()
+
+    def checkpoint(self) -> Checkpoint:
+        """What the next ``configure`` would replace (take it before a reload's apply)."""
+        return Checkpoint(dict(self.plans), dict(self.states), dict(self.verdicts),
+                          self._runtime)
+
+    def back_to(self, checkpoint: Checkpoint) -> None:
+        """Undo a ``configure`` whose reload failed: the states as they were, not re-derived.
+
+        Re-deriving them from the new config's states would start over every ring the failed
+        config changed (a rolled-back ring back at its configured weight).  Call it with no
+        await since the checkpoint was taken, so no commit can have come in between.
+        """
+        self.plans, self.states = dict(checkpoint.plans), dict(checkpoint.states)
+        self.verdicts = dict(checkpoint.verdicts)
+        self._generation += 1  # a commit whose save spans this call decides again
+        self._runtime = checkpoint.runtime
+        if checkpoint.runtime is not None:
+            for name in self.plans:
+                self._apply(name)
+            checkpoint.runtime.take_over()
 
     def _apply(self, route: str) -> None:
         """Put the route's live weights and rolled-back rings into the routing table.
@@ -329,28 +363,6 @@ class Controller:
         await asyncio.to_thread(append_audit, self.audit_path, events)
         for event in events:
             self.webhooks.send(event)
-
-    def status(self) -> dict[str, object]:
-        """Every route's rings: phase, weight, step, failures, last verdict (admin API)."""
-        out: dict[str, object] = {}
-        for route, plan in self.plans.items():
-            rings = {}
-            for ring in plan.rings:
-                state = self.states[route][ring.name]
-                verdict = self.verdicts.get(route, {}).get(ring.name)
-                rings[ring.name] = {
-                    **state.as_dict(),
-                    "weight": None if state.weight is None else state.weight / 100,
-                    "baseline": ring.name == plan.baseline,
-                    "pinned": ring.pinned,
-                    "steps": [s.weight / 100 for s in ring.steps],
-                    "verdict": None if verdict is None else {
-                        "outcome": verdict.outcome.value, "reason": verdict.reason,
-                        "numbers": verdict.numbers,
-                    },
-                }
-            out[route] = rings
-        return out
 
     def __repr__(self) -> str:
         phases = collections.Counter(

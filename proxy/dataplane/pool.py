@@ -277,7 +277,6 @@ _TRANSLATIONS: tuple[tuple[type[Exception], type[UpstreamError]], ...] = (
     (aiohttp.ServerDisconnectedError, UpstreamResetError),
     (aiohttp.ClientOSError, UpstreamResetError),
     (ConnectionError, UpstreamResetError),
-    (OSError, UpstreamResetError),
     (aiohttp.ClientResponseError, UpstreamBadResponse),  # a malformed status line or headers
     (aiohttp.ClientError, UpstreamBadResponse),  # a broken body, a connection closed mid-way
 )
