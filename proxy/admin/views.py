@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, TypedDict
 
-from proxy.config.rollout import Analysis
 
 if TYPE_CHECKING:
     from proxy.control.controller import Controller
@@ -18,6 +17,8 @@ if TYPE_CHECKING:
     from proxy.routing.assign import CompiledRoute
     from proxy.runtime import RingRuntime
 
+
+TRAFFIC_WINDOW = 60.0  # seconds of recent traffic a ring view shows
 
 class TrafficView(TypedDict):
     window_seconds: float
@@ -60,7 +61,7 @@ class AnalysisView(TypedDict):
     interval: float
     window: float
     baseline: str | None
-    failure_limit: int
+    alpha: float
 
 
 class RouteView(TypedDict):
@@ -104,7 +105,7 @@ def ring_views(
     plan = controller.plans.get(route)
     states = controller.states.get(route, {})
     verdicts = controller.verdicts.get(route, {})
-    window = plan.window if plan else Analysis().window
+    window = TRAFFIC_WINDOW
     plans = {r.name: r for r in plan.rings} if plan else {}
     rings: list[RingView] = []
     for ring_rt, ring in zip(ring_runtimes, compiled.route.rings, strict=True):
@@ -153,9 +154,9 @@ def route_view(
         "path_prefix": route.path_prefix,
         "analysis": None if route.analysis is None else {
             "interval": route.analysis.interval,
-            "window": route.analysis.window,
+            "window": TRAFFIC_WINDOW,
             "baseline": plan.baseline if plan else None,
-            "failure_limit": route.analysis.failure_limit,
+            "alpha": route.analysis.criteria.alpha,
         },
         "rings": ring_views(compiled, ring_runtimes, controller, metrics, now, wall),
     }

@@ -35,8 +35,8 @@ from proxy.config.model import (
     Route,
 )
 from proxy.config.reader import Ctx, Section, kind
+from proxy.config.analysis import read_analysis
 from proxy.config.rollout import (
-    read_analysis,
     read_progression,
     read_rollback,
     read_state_files,

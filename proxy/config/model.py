@@ -12,7 +12,8 @@ from enum import StrEnum
 
 from proxy.config.admin import Admin
 from proxy.config.assignment import DecisionHeaders, Override, Sticky
-from proxy.config.rollout import Analysis, Progression, StateFiles, Webhook
+from proxy.config.analysis import Analysis
+from proxy.config.rollout import Progression, StateFiles, Webhook
 from proxy.config.rules import Rule
 from proxy.config.values import Listen, Upstream
 

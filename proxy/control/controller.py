@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from proxy.config import Config
-from proxy.config.rollout import FastRollback
+from proxy.config.analysis import FastRollback
 from proxy.control.statefile import (
     append_audit,
     load_state,

@@ -1,162 +1,362 @@
-"""The judge: one ring's window of metrics against thresholds and a baseline -> a verdict.
+"""The judge: a ring's evidence since its step began, against its baseline's -> a verdict.
 
 Pure: no asyncio, no clock, no I/O.  Incidents can be replayed through it.
 
-* **no data** when the ring has fewer than ``min_requests`` in the window: never a reason
-  to advance or to roll back.
-* **fail** when any threshold breaks; the verdict names each one with its numbers.
-* **pass** otherwise.
+Every check is a sequential test with an anytime-valid guarantee (``proxy.rollout.sequential``):
+the evidence accumulates over the step, the judge may look as often as it likes, and the
+probability that a ring within its tolerances is ever rolled back during the step is at
+most ``alpha``.  The route's ``alpha`` is split evenly over its checks (a union bound).
 
-Absolute thresholds: ``max_error_rate``, ``max_p95``, ``max_p99``.  Relative to the
-baseline ring (only when the baseline itself has ``min_requests``):
-``max_error_rate_increase`` (percentage points, and the increase must be statistically
-significant: a one-sided two-proportion z-test, or Fisher's exact test when the counts are
-small, at ``significance``), and ``max_latency_ratio`` on p95, ignored while the absolute
-increase stays under ``latency_floor`` (5 ms -> 10 ms is not a failure).
+* **Error rate increase.** H0: p_ring <= p_baseline + tolerance (errors among judged
+  requests on each side; ``sequential.compare``).
+* **Latency against the baseline**, per quantile q with its ``ratio``.  The limit is
+  t = max(ratio x Q_base(q), Q_base(q) + latency_floor) and H0 is "Q_ring(q) <= t", that is
+  "at most a share 1 - q of the ring's requests are slower than t": a rate, tested like the
+  errors.  Q_base is unknown, so it is bounded first: U, the smallest sketch edge where the
+  baseline's share of slower requests is surely (upper bound) at most 1 - q, has
+  Q_base <= U; the ring is then tested against the sketch edge at or above
+  max(ratio x U, U + floor), which is at least t.  Both tests pick their edge from the data,
+  so each runs at alpha / (2 x number of edges): then every edge's sequence holds at once
+  with the check's probability, whichever edges are picked (a union bound over the
+  sketch's edges).  Health is the mirror image: L, a sure lower bound of Q_base, gives a
+  limit below t, and the ring's share slower than it must be surely under 1 - q.
+* **Absolute limits**: ``max_error_rate`` (H0: p_ring <= limit) and ``max_pXX`` (H0: at
+  most a share 1 - q slower than the limit), one-sample tests with fixed limits.
+
+A check is *worse* (H0 rejected: roll back), *within* (its confidence bound is inside the
+tolerance) or *undecided*.  The verdict rolls back when any check is worse, and is healthy
+when every check is within and the ring has at least ``min_requests`` judged requests.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from proxy.config.rollout import Thresholds
-from proxy.rollout.window import Summary
+from proxy.config.analysis import AbsoluteLatency, Criteria, FastRollback, LatencyLimit
+from proxy.rollout.evidence import Evidence
+from proxy.rollout.sequential import (
+    Counts,
+    compare,
+    lower_bound,
+    p_above,
+    rate_bounds,
+    upper_bound,
+)
+from proxy.rollout.sketch import SIZE, index_of, upper_edge
+
+Numbers = Mapping[str, float | int | str | None]
 
 
 class Outcome(StrEnum):
-    PASS = "pass"
-    FAIL = "fail"
-    NO_DATA = "no_data"
+    ROLLBACK = "rollback"
+    HEALTHY = "healthy"
+    UNDECIDED = "undecided"
+
+
+class Finding(StrEnum):
+    WORSE = "worse"
+    WITHIN = "within"
+    UNDECIDED = "undecided"
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One test of a verdict, with its evidence.
+
+    ``estimate``, ``lower`` and ``upper`` are on the tested quantity (a rate difference for
+    ``error_rate_increase``, a rate for ``error_rate``, the share of requests slower than
+    the limit for latency checks) and ``limit`` is its tolerance.  ``p_value`` is the
+    anytime-valid p-value of "within tolerance"; the check rolls back at ``alpha``.
+    """
+
+    name: str
+    finding: Finding
+    estimate: float | None
+    lower: float
+    upper: float
+    limit: float
+    p_value: float
+    alpha: float
+    detail: str
+    numbers: Numbers = field(default_factory=dict)
+
+    @property
+    def progress(self) -> float:
+        """How far the evidence is toward a rollback: 0 none, 1 there (log scale)."""
+        if self.p_value >= 1.0:
+            return 0.0
+        if self.p_value <= 0.0:
+            return 1.0
+        return min(1.0, math.log(1 / self.p_value) / math.log(1 / self.alpha))
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name, "finding": self.finding.value, "estimate": self.estimate,
+            "lower": self.lower, "upper": self.upper, "limit": self.limit,
+            "p_value": self.p_value, "alpha": self.alpha, "progress": round(self.progress, 4),
+            "detail": self.detail, "numbers": dict(self.numbers),
+        }
 
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
     outcome: Outcome
-    reasons: tuple[str, ...] = ()  # human text, one per broken threshold (or why no data)
-    # machine names: error_rate, p95, p99, error_rate_increase, latency_ratio
-    broken: tuple[str, ...] = ()
-    numbers: dict[str, float | int | None] = field(default_factory=dict)
+    checks: tuple[Check, ...] = ()
+    requests: int = 0
+    baseline_requests: int = 0
+    note: str = ""  # why undecided, when no check says
+
+    @property
+    def broken(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.checks if c.finding is Finding.WORSE)
 
     @property
     def reason(self) -> str:
-        return "; ".join(self.reasons)
+        worse = [c.detail for c in self.checks if c.finding is Finding.WORSE]
+        if worse:
+            return "; ".join(worse)
+        if self.outcome is Outcome.HEALTHY:
+            return f"within every tolerance over {self.requests} requests"
+        waiting = [c.name for c in self.checks if c.finding is Finding.UNDECIDED]
+        why = [self.note] if self.note else []
+        if waiting:
+            why.append("not yet sure of " + ", ".join(waiting))
+        return "; ".join(why) or "undecided"
+
+    @property
+    def numbers(self) -> dict[str, object]:
+        """The evidence, flat enough for an event or a log line."""
+        out: dict[str, object] = {"requests": self.requests,
+                                  "baseline_requests": self.baseline_requests}
+        for c in self.checks:
+            out[c.name] = {"finding": c.finding.value, "estimate": c.estimate,
+                           "lower": c.lower, "upper": c.upper, "limit": c.limit,
+                           "p_value": c.p_value, **c.numbers}
+        return out
 
 
-def _pct(x: float) -> str:
-    return f"{x * 100:.2f}%"
+def check_count(c: Criteria) -> int:
+    """How many checks share the route's alpha (fixed by the config, never by the data)."""
+    return ((c.max_error_rate_increase is not None) + (c.max_error_rate is not None)
+            + len(c.latency) + len(c.max_latency))
 
 
-def _ms(x: float) -> str:
-    return f"{x * 1000:.1f}ms"
+def judge(ring: Evidence, baseline: Evidence, c: Criteria) -> Verdict:
+    """The verdict on ``ring``'s evidence against ``baseline``'s over the same time."""
+    k = check_count(c)
+    if k == 0:
+        return Verdict(Outcome.UNDECIDED, (), ring.requests, baseline.requests,
+                       "no checks configured")
+    a = c.alpha / k
+    checks: list[Check] = []
+    if c.max_error_rate_increase is not None:
+        checks.append(_error_increase(ring, baseline, c.max_error_rate_increase, a))
+    if c.max_error_rate is not None:
+        checks.append(_error_rate(ring, c.max_error_rate, a))
+    if c.latency or c.max_latency:
+        tails = (_Tail(ring), _Tail(baseline))
+        checks += [_relative_latency(ring, baseline, limit, c.latency_floor, a, tails)
+                   for limit in c.latency]
+        checks += [_absolute_latency(ring, limit, a, tails[0]) for limit in c.max_latency]
+    done = tuple(checks)
+    if any(ch.finding is Finding.WORSE for ch in done):
+        return Verdict(Outcome.ROLLBACK, done, ring.requests, baseline.requests)
+    if ring.requests < c.min_requests:
+        return Verdict(Outcome.UNDECIDED, done, ring.requests, baseline.requests,
+                       f"{ring.requests} of the {c.min_requests} requests a step needs")
+    if all(ch.finding is Finding.WITHIN for ch in done):
+        return Verdict(Outcome.HEALTHY, done, ring.requests, baseline.requests)
+    return Verdict(Outcome.UNDECIDED, done, ring.requests, baseline.requests)
 
 
-def judge(ring: Summary, baseline: Summary | None, t: Thresholds) -> Verdict:
-    numbers: dict[str, float | int | None] = {
-        "requests": ring.requests,
-        "errors": ring.errors,
-        "error_rate": ring.error_rate,
-        "p95": ring.p95,
-        "p99": ring.p99,
-        "baseline_requests": baseline.requests if baseline else None,
-        "baseline_errors": baseline.errors if baseline else None,
-        "baseline_error_rate": baseline.error_rate if baseline else None,
-        "baseline_p95": baseline.p95 if baseline else None,
-    }
-    if ring.requests < t.min_requests:
-        return Verdict(Outcome.NO_DATA,
-                       (f"{ring.requests} requests in the window, fewer than {t.min_requests}",),
-                       (), numbers)
-    reasons: list[str] = []
-    broken: list[str] = []
-    if t.max_error_rate is not None and ring.error_rate > t.max_error_rate:
-        broken.append("error_rate")
-        reasons.append(f"error rate {_pct(ring.error_rate)} ({ring.errors}/{ring.requests}) "
-                       f"above {_pct(t.max_error_rate)}")
-    for name, value, limit in (("p95", ring.p95, t.max_p95), ("p99", ring.p99, t.max_p99)):
-        if limit is not None and value is not None and value > limit:
-            broken.append(name)
-            reasons.append(f"{name} {_ms(value)} above {_ms(limit)}")
-    if baseline is not None and baseline.requests >= t.min_requests:
-        if t.max_error_rate_increase is not None:
-            increase = ring.error_rate - baseline.error_rate
-            p_value = increase_p_value(ring.errors, ring.requests,
-                                       baseline.errors, baseline.requests)
-            numbers["error_rate_increase"] = increase
-            numbers["p_value"] = p_value
-            if increase > t.max_error_rate_increase and p_value < t.significance:
-                broken.append("error_rate_increase")
-                reasons.append(
-                    f"error rate {_pct(ring.error_rate)} is {increase * 100:.2f} points above "
-                    f"the baseline's {_pct(baseline.error_rate)} (limit "
-                    f"{t.max_error_rate_increase * 100:.2f}, p={p_value:.3g})"
-                )
-        if t.max_latency_ratio is not None and ring.p95 is not None and baseline.p95:
-            ratio = ring.p95 / baseline.p95
-            numbers["latency_ratio"] = ratio
-            if ratio > t.max_latency_ratio and ring.p95 - baseline.p95 > t.latency_floor:
-                broken.append("latency_ratio")
-                reasons.append(
-                    f"p95 {_ms(ring.p95)} is {ratio:.2f}x the baseline's {_ms(baseline.p95)} "
-                    f"(limit {t.max_latency_ratio:g}x, floor {_ms(t.latency_floor)})"
-                )
-    if broken:
-        return Verdict(Outcome.FAIL, tuple(reasons), tuple(broken), numbers)
-    return Verdict(Outcome.PASS, (), (), numbers)
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x * 100:.2f}%"
 
 
-def judge_fast(ring: Summary, max_error_rate: float, min_requests: int) -> Verdict | None:
-    """The fast path: a FAIL when the error rate is above a hard limit, else None."""
-    if ring.requests < min_requests or ring.error_rate <= max_error_rate:
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x * 1000:.1f}ms"
+
+
+def _finding(worse: bool, within: bool) -> Finding:
+    return Finding.WORSE if worse else Finding.WITHIN if within else Finding.UNDECIDED
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _error_increase(ring: Evidence, base: Evidence, tolerance: float, a: float) -> Check:
+    r, b = Counts(ring.errors, ring.requests), Counts(base.errors, base.requests)
+    cmp = compare(r, b, tolerance, a)
+    detail = (f"error rate {_pct(r.rate)} ({r.events}/{r.trials}) against the baseline's "
+              f"{_pct(b.rate)} ({b.events}/{b.trials}): {_points(cmp.lower)} to "
+              f"{_points(cmp.upper)} points, {tolerance * 100:g} allowed (p={cmp.p_value:.3g})")
+    return Check("error_rate_increase", _finding(cmp.worse, cmp.within), cmp.estimate,
+                 cmp.lower, cmp.upper, tolerance, cmp.p_value, a, detail,
+                 {"errors": r.events, "requests": r.trials, "baseline_errors": b.events,
+                  "baseline_requests": b.trials})
+
+
+def _points(x: float) -> str:
+    return f"{x * 100:+.2f}"
+
+
+def _error_rate(ring: Evidence, limit: float, a: float) -> Check:
+    r = Counts(ring.errors, ring.requests)
+    lo, hi = rate_bounds(r, a)
+    p = p_above(r, limit)
+    detail = (f"error rate {_pct(r.rate)} ({r.events}/{r.trials}), surely "
+              f"{_pct(lo)} to {_pct(hi)}, limit {_pct(limit)} (p={p:.3g})")
+    return Check("error_rate", _finding(lo > limit, r.trials > 0 and hi <= limit), r.rate,
+                 lo, hi, limit, p, a, detail, {"errors": r.events, "requests": r.trials})
+
+
+# --------------------------------------------------------------------------- latency
+
+
+def _first_index(ok: Callable[[int], bool]) -> int | None:
+    """The smallest index in [0, SIZE) where the monotone ``ok`` holds (None: nowhere)."""
+    if not ok(SIZE - 1):
         return None
-    return Verdict(
-        Outcome.FAIL,
-        (f"error rate {_pct(ring.error_rate)} ({ring.errors}/{ring.requests}) above the "
-         f"fast-rollback limit {_pct(max_error_rate)}",),
-        ("fast_error_rate",),
-        {"requests": ring.requests, "errors": ring.errors, "error_rate": ring.error_rate,
-         "p95": ring.p95},
-    )
+    lo, hi = 0, SIZE - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
-# --------------------------------------------------------------------------- statistics
+class _Tail:
+    """How many of a side's timed requests were slower than each sketch edge."""
+
+    __slots__ = ("above", "timed")
+
+    def __init__(self, ev: Evidence) -> None:
+        above = [0] * SIZE
+        running = 0
+        for i in range(SIZE - 1, -1, -1):
+            above[i] = running  # slower than edge i: the buckets after it
+            running += ev.latency[i]
+        self.above, self.timed = above, running
+
+    def share(self, index: int) -> Counts:
+        """Requests slower than bucket ``index``'s upper edge (index -1: all of them)."""
+        return Counts(self.above[index] if index >= 0 else self.timed, self.timed)
 
 
-def increase_p_value(e1: int, n1: int, e2: int, n2: int) -> float:
-    """One-sided p-value that ring 1's error rate is above ring 2's only by chance.
+def _limit(value: float, ratio: float, floor: float) -> float:
+    return max(ratio * value, value + floor)
 
-    Fisher's exact test when any expected cell count is below 5, the two-proportion z-test
-    (pooled) otherwise.  1.0 when either side has no requests.
+
+def _rejects(ring: _Tail, base: _Tail, q: float, ratio: float, floor: float,
+             a: float) -> bool:
+    """Whether the relative latency test rejects "Q_ring(q) <= t" at level ``a``."""
+    edge_a = a / (2 * SIZE)
+    # U: the first edge the baseline's share of slower requests is surely <= 1 - q at.
+    upper = _first_index(lambda j: upper_bound(base.share(j), edge_a) <= 1 - q)
+    if upper is None:
+        return False  # no edge is surely above the baseline's quantile yet
+    limit = index_of(_limit(upper_edge(upper), ratio, floor))
+    return lower_bound(ring.share(limit), edge_a) > 1 - q
+
+
+def _within(ring: _Tail, base: _Tail, q: float, ratio: float, floor: float,
+            a: float) -> bool:
+    """Whether the ring's q-quantile is surely under the limit (health), at level ``a``."""
+    edge_a = a / (2 * SIZE)
+    # L: the last edge the baseline's share of slower requests is surely > 1 - q at
+    # (so its quantile is above it); 0 when there is none.
+    first_unsure = _first_index(lambda j: lower_bound(base.share(j), edge_a) <= 1 - q)
+    if first_unsure is None:
+        below = upper_edge(SIZE - 1)
+    else:
+        below = upper_edge(first_unsure - 1) if first_unsure > 0 else 0.0
+    limit = _limit(below, ratio, floor)
+    index = index_of(limit)
+    if upper_edge(index) > limit:
+        index -= 1  # the last edge at or below the limit
+    if ring.timed == 0:
+        return False
+    return upper_bound(ring.share(index), edge_a) <= 1 - q
+
+
+def _latency_p_value(ring: _Tail, base: _Tail, q: float, ratio: float, floor: float) -> float:
+    """The smallest level at which ``_rejects`` holds (rejection grows with the level)."""
+    top = 1.0 - 1e-9
+    if not _rejects(ring, base, q, ratio, floor, top):
+        return 1.0
+    lo, hi = math.log(1e-300), math.log(top)
+    if _rejects(ring, base, q, ratio, floor, math.exp(lo)):
+        return 0.0
+    for _ in range(24):  # to ~4 % of the p-value: plenty for a display and a decision
+        mid = (lo + hi) / 2
+        if _rejects(ring, base, q, ratio, floor, math.exp(mid)):
+            hi = mid
+        else:
+            lo = mid
+    return math.exp(hi)
+
+
+def _relative_latency(ring: Evidence, base: Evidence, limit: LatencyLimit, floor: float,
+                      a: float, tails: tuple[_Tail, _Tail]) -> Check:
+    q, ratio = limit.quantile, limit.ratio
+    ring_q, base_q = ring.quantile(q), base.quantile(q)
+    ring_tail, base_tail = tails
+    worse = _rejects(ring_tail, base_tail, q, ratio, floor, a)
+    within = not worse and _within(ring_tail, base_tail, q, ratio, floor, a)
+    p = _latency_p_value(ring_tail, base_tail, q, ratio, floor)
+    estimate = None
+    lo, hi = 0.0, 1.0
+    if base_q is not None and ring.timed:
+        point = index_of(_limit(base_q, ratio, floor))
+        shares = ring_tail.share(point)
+        estimate = shares.events / shares.trials
+        lo, hi = rate_bounds(shares, a / (2 * SIZE))
+    t = None if base_q is None else _limit(base_q, ratio, floor)
+    detail = (f"{limit.name} {_ms(ring_q)} against the baseline's {_ms(base_q)}: "
+              f"{_pct(estimate)} of requests slower than {_ms(t)} "
+              f"({ratio:g}x, floor {_ms(floor)}), {_pct(1 - q)} allowed (p={p:.3g})")
+    return Check(limit.name, _finding(worse, within), estimate, lo, hi, 1 - q, p, a, detail,
+                 {"quantile": ring_q, "baseline_quantile": base_q, "limit_seconds": t,
+                  "timed": ring.timed, "baseline_timed": base.timed})
+
+
+def _absolute_latency(ring: Evidence, limit: AbsoluteLatency, a: float, tail: _Tail) -> Check:
+    q, seconds = limit.quantile, limit.seconds
+    index = index_of(seconds)
+    surely_slower = tail.share(index)  # above an edge at or over the limit: undercounts
+    maybe_slower = tail.share(index - 1)  # above an edge under the limit: overcounts
+    lo = lower_bound(surely_slower, a)
+    hi = upper_bound(maybe_slower, a)
+    p = p_above(surely_slower, 1 - q)
+    ring_q = ring.quantile(q)
+    estimate = None if not ring.timed else surely_slower.events / ring.timed
+    detail = (f"{limit.name[4:]} {_ms(ring_q)}: {_pct(estimate)} of requests slower than "
+              f"{_ms(seconds)}, {_pct(1 - q)} allowed (p={p:.3g})")
+    return Check(limit.name, _finding(lo > 1 - q, ring.timed > 0 and hi <= 1 - q), estimate,
+                 lo, hi, 1 - q, p, a, detail, {"quantile": ring_q, "limit_seconds": seconds})
+
+
+# --------------------------------------------------------------------------- fast path
+
+
+def judge_fast(requests: int, errors: int, fast: FastRollback) -> Verdict | None:
+    """The fast path: a rollback when the recent error rate is above a hard limit, else None.
+
+    Not a statistical test: a hard limit on the last ``fast.window`` seconds, for a ring
+    that breaks in the middle of a long step (its evidence since the step began would
+    move only slowly).
     """
-    if n1 <= 0 or n2 <= 0:
-        return 1.0
-    total_errors = e1 + e2
-    n = n1 + n2
-    expected = min(n1 * total_errors / n, n2 * total_errors / n,
-                   n1 * (n - total_errors) / n, n2 * (n - total_errors) / n)
-    if expected < 5:
-        return fisher_greater(e1, n1, e2, n2)
-    p1, p2 = e1 / n1, e2 / n2
-    pooled = total_errors / n
-    se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
-    if se == 0:
-        return 1.0
-    z = (p1 - p2) / se
-    return 0.5 * math.erfc(z / math.sqrt(2))
-
-
-def fisher_greater(e1: int, n1: int, e2: int, n2: int) -> float:
-    """P(X >= e1) for X hypergeometric: errors among n1 draws from n1+n2 with e1+e2 errors."""
-    k = e1 + e2
-    n = n1 + n2
-    lo, hi = max(0, k - n2), min(k, n1)
-    denominator = _log_comb(n, k)
-    tail = 0.0
-    for x in range(max(e1, lo), hi + 1):
-        tail += math.exp(_log_comb(n1, x) + _log_comb(n2, k - x) - denominator)
-    return min(1.0, tail)
-
-
-def _log_comb(n: int, k: int) -> float:
-    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+    if requests < fast.min_requests or errors / requests <= fast.max_error_rate:
+        return None
+    rate = errors / requests
+    check = Check(
+        "fast_error_rate", Finding.WORSE, rate, rate, rate, fast.max_error_rate, 0.0, 1.0,
+        f"error rate {_pct(rate)} ({errors}/{requests}) over the last {fast.window:g}s, "
+        f"above the fast-rollback limit {_pct(fast.max_error_rate)}",
+        {"errors": errors, "requests": requests, "window": fast.window})
+    return Verdict(Outcome.ROLLBACK, (check,), requests)

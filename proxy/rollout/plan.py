@@ -11,7 +11,8 @@ import json
 from dataclasses import dataclass
 
 from proxy.config import Config, Route
-from proxy.config.rollout import Analysis, Progression, Step
+from proxy.config.analysis import Analysis
+from proxy.config.rollout import Progression, Step
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,11 +51,6 @@ class RoutePlan:
     @property
     def rollback_to_previous(self) -> bool:
         return self.analysis is not None and self.analysis.rollback_to_previous
-
-    @property
-    def window(self) -> float:
-        """Seconds of traffic a ring is judged (and shown) over."""
-        return (self.analysis or Analysis()).window
 
 
 def fingerprint(*parts: object) -> str:

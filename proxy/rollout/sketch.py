@@ -15,7 +15,7 @@ recording is one logarithm and an increment, merging adds counts (for several pr
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 GAMMA = 1.04
 LOW = 1e-5  # 10 microseconds: below anything a proxied request takes
@@ -41,6 +41,27 @@ def representative(index: int) -> float:
     return 2 * upper_edge(index) / (1 + GAMMA)
 
 
+def slower_than(counts: Sequence[int], index: int) -> int:
+    """How many values of a bucket list lie above bucket ``index``'s upper edge."""
+    return sum(counts[max(0, index + 1):])
+
+
+def quantile_index(counts: Sequence[int], q: float) -> int | None:
+    """The bucket of the q-quantile: the first bucket where the count reaches ceil(q n)."""
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"quantile {q!r} must be between 0 and 1")
+    total = sum(counts)
+    if total == 0:
+        return None
+    rank = max(1, math.ceil(q * total))
+    seen = 0
+    for i, c in enumerate(counts):
+        seen += c
+        if seen >= rank:
+            return i
+    return len(counts) - 1  # pragma: no cover - the counts add up to total
+
+
 class LatencySketch:
     """Counts of latencies per log-linear bucket; ``count`` of them in all."""
 
@@ -64,21 +85,11 @@ class LatencySketch:
 
     def slower_than(self, index: int) -> int:
         """How many values lie above bucket ``index``'s upper edge."""
-        return sum(self.counts[index + 1:])
+        return slower_than(self.counts, index)
 
     def quantile_index(self, q: float) -> int | None:
         """The bucket of the q-quantile (the smallest bucket holding a share >= q)."""
-        if not 0.0 <= q <= 1.0:
-            raise ValueError(f"quantile {q!r} must be between 0 and 1")
-        if self.count == 0:
-            return None
-        rank = max(1, math.ceil(q * self.count))
-        seen = 0
-        for i, c in enumerate(self.counts):
-            seen += c
-            if seen >= rank:
-                return i
-        return SIZE - 1  # pragma: no cover - the counts add up to count
+        return quantile_index(self.counts, q)
 
     def quantile(self, q: float) -> float | None:
         """The q-quantile within ``RELATIVE_ERROR`` of an exact one (None when empty)."""
