@@ -426,7 +426,7 @@ async def test_changed_webhooks_get_the_next_event(
         routes:
           - name: api
             sticky: {{key: ["header:X-User-Id"]}}
-            analysis: {{interval: 5m, window: 5m, max_error_rate: 5}}
+            analysis: {{interval: 5m, max_error_rate: 5}}
             rings:
               - {{name: canary, pool: b, weight: 10}}
               - {{name: main, pool: a}}
