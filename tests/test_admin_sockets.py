@@ -48,7 +48,7 @@ def config_text(stable: Upstream, canary: Upstream, tmp_path: Path, tokens: bool
         routes:
           - name: api
             sticky: {{key: ["header:X-User-Id"]}}
-            analysis: {{interval: 10s, window: 30s, max_error_rate: 5}}
+            analysis: {{interval: 10s, max_error_rate: 5}}
             rings:
               - name: canary
                 pool: canary

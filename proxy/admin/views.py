@@ -2,14 +2,22 @@
 
 Built from typed sources only (the routing table, the ring runtimes, the controller's plans,
 states and verdicts, the metrics windows), so every field has one precise type; the CLI
-reads the same shapes back (``proxy.admin.client``).
+and the status page read the same shapes back (``proxy.admin.client``, ``status.html``).
+
+A ring's ``verdict`` carries the judge's evidence as it decided: per check the finding,
+the estimate and its anytime-valid bounds, the tolerance, the p-value against the check's
+share of ``alpha``, the progress toward a rollback (0..1) and the counts.  Floats that are
+not finite are written as null (JSON has no infinity).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, TypedDict
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Literal, TypedDict
 
+from proxy.config.analysis import Analysis, quantile_name
+from proxy.rollout.judge import Check, Finding, Outcome, Verdict
 
 if TYPE_CHECKING:
     from proxy.control.controller import Controller
@@ -19,6 +27,18 @@ if TYPE_CHECKING:
 
 
 TRAFFIC_WINDOW = 60.0  # seconds of recent traffic a ring view shows
+
+# The checks whose counts are the ring's errors among its judged requests since its step
+# began (the fast path's counts are of its last seconds only).
+_ERROR_CHECKS = ("error_rate_increase", "error_rate")
+FAST_CHECK = "fast_error_rate"  # judge_fast's one check
+
+Scalar = float | int | str | None
+FindingName = Literal["worse", "within", "undecided"]
+OutcomeName = Literal["rollback", "healthy", "undecided"]
+_FINDINGS: dict[Finding, FindingName] = {
+    Finding.WORSE: "worse", Finding.WITHIN: "within", Finding.UNDECIDED: "undecided"}
+
 
 class TrafficView(TypedDict):
     window_seconds: float
@@ -31,10 +51,39 @@ class TrafficView(TypedDict):
     p99: float | None
 
 
+class CheckView(TypedDict):
+    """One check of a verdict: ``Check.as_dict()``, with non-finite floats as null."""
+
+    name: str
+    finding: FindingName
+    estimate: float | None
+    lower: float | None
+    upper: float | None
+    limit: float | None
+    p_value: float | None
+    alpha: float | None
+    progress: float  # 0 no evidence against the ring .. 1 rolled back
+    detail: str
+    numbers: dict[str, Scalar]
+
+
 class VerdictView(TypedDict):
-    outcome: str
+    outcome: OutcomeName
     reason: str
-    numbers: dict[str, float | int | None]
+    note: str
+    requests: int
+    baseline_requests: int
+    checks: list[CheckView]
+
+
+class EvidenceView(TypedDict):
+    """The counts the verdict judged: the ring's since its step began, and its baseline's
+    over the same time (errors: None when no error check counted them)."""
+
+    requests: int
+    errors: int | None
+    baseline_requests: int
+    baseline_errors: int | None
 
 
 class RingView(TypedDict):
@@ -52,16 +101,39 @@ class RingView(TypedDict):
     failures: int | None
     baseline: bool
     pinned: bool
+    starved: bool  # undecided for the route's max_blind: an analysis_starved alarm
     verdict: VerdictView | None
+    evidence: EvidenceView | None
     inflight: int
     traffic: TrafficView | None
 
 
+class ConfiguredCheck(TypedDict):
+    """A check the route's analysis runs, as configured."""
+
+    name: str
+    kind: Literal["error_rate_increase", "error_rate", "latency", "max_latency"]
+    quantile: float | None
+    limit: float  # points as a fraction, a rate, a ratio, or seconds (by kind)
+    text: str
+
+
+class FastView(TypedDict):
+    max_error_rate: float
+    min_requests: int
+    window: float
+
+
 class AnalysisView(TypedDict):
     interval: float
-    window: float
     baseline: str | None
     alpha: float
+    max_blind: float
+    min_requests: int
+    latency_floor: float
+    error_statuses: str
+    checks: list[ConfiguredCheck]
+    fast_rollback: FastView | None
 
 
 class RouteView(TypedDict):
@@ -70,6 +142,123 @@ class RouteView(TypedDict):
     path_prefix: str
     analysis: AnalysisView | None
     rings: list[RingView]
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is None or math.isfinite(x) else None
+
+
+def _scalar(x: Scalar) -> Scalar:
+    return _finite(x) if isinstance(x, float) else x
+
+
+def check_view(check: Check) -> CheckView:
+    """``check.as_dict()``, typed (the same keys and values, non-finite floats as null)."""
+    return {
+        "name": check.name,
+        "finding": _FINDINGS[check.finding],
+        "estimate": _finite(check.estimate),
+        "lower": _finite(check.lower),
+        "upper": _finite(check.upper),
+        "limit": _finite(check.limit),
+        "p_value": _finite(check.p_value),
+        "alpha": _finite(check.alpha),
+        "progress": round(check.progress, 4),
+        "detail": check.detail,
+        "numbers": {k: _scalar(v) for k, v in check.numbers.items()},
+    }
+
+
+_OUTCOMES: dict[Outcome, OutcomeName] = {
+    Outcome.ROLLBACK: "rollback", Outcome.HEALTHY: "healthy", Outcome.UNDECIDED: "undecided"}
+
+
+def verdict_view(verdict: Verdict) -> VerdictView:
+    return {
+        "outcome": _OUTCOMES[verdict.outcome],
+        "reason": verdict.reason,
+        "note": verdict.note,
+        "requests": verdict.requests,
+        "baseline_requests": verdict.baseline_requests,
+        "checks": [check_view(c) for c in verdict.checks],
+    }
+
+
+def _count(numbers: Mapping[str, Scalar], key: str) -> int | None:
+    value = numbers.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def evidence_view(verdict: Verdict) -> EvidenceView | None:
+    """The counts since the step began; None for a fast-path verdict (its counts are of its
+    last seconds only) or one without checks."""
+    if not any(c.name != FAST_CHECK for c in verdict.checks):
+        return None
+    errors = base_errors = None
+    for check in verdict.checks:
+        if check.name in _ERROR_CHECKS and _count(check.numbers, "requests") == verdict.requests:
+            if errors is None:
+                errors = _count(check.numbers, "errors")
+            if base_errors is None:
+                base_errors = _count(check.numbers, "baseline_errors")
+    return {"requests": verdict.requests, "errors": errors,
+            "baseline_requests": verdict.baseline_requests, "baseline_errors": base_errors}
+
+
+def error_statuses_text(codes: frozenset[int]) -> str:
+    """``frozenset(500..599) | {429}`` -> ``"5xx, 429"``: whole classes, then single codes."""
+    classes = [c for c in (4, 5) if set(range(c * 100, c * 100 + 100)) <= codes]
+    covered = {code for c in classes for code in range(c * 100, c * 100 + 100)}
+    singles = sorted(codes - covered)
+    return ", ".join([f"{c}xx" for c in reversed(classes)] + [str(s) for s in singles]) \
+        or "none"
+
+
+def _points(x: float) -> str:
+    return f"{x * 100:g}"
+
+
+def configured_checks(analysis: Analysis) -> list[ConfiguredCheck]:
+    """The checks the judge runs for this analysis, in the judge's order."""
+    c = analysis.criteria
+    out: list[ConfiguredCheck] = []
+    if c.max_error_rate_increase is not None:
+        out.append({"name": "error_rate_increase", "kind": "error_rate_increase",
+                    "quantile": None, "limit": c.max_error_rate_increase,
+                    "text": f"error rate at most {_points(c.max_error_rate_increase)} "
+                            "points above the baseline's"})
+    if c.max_error_rate is not None:
+        out.append({"name": "error_rate", "kind": "error_rate", "quantile": None,
+                    "limit": c.max_error_rate,
+                    "text": f"error rate at most {_points(c.max_error_rate)}%"})
+    for limit in c.latency:
+        out.append({"name": limit.name, "kind": "latency", "quantile": limit.quantile,
+                    "limit": limit.ratio,
+                    "text": f"{limit.name} at most {limit.ratio:g}x the baseline's "
+                            f"(and {c.latency_floor * 1000:g} ms above it)"})
+    for absolute in c.max_latency:
+        out.append({"name": absolute.name, "kind": "max_latency",
+                    "quantile": absolute.quantile, "limit": absolute.seconds,
+                    "text": f"{quantile_name(absolute.quantile)} at most "
+                            f"{absolute.seconds * 1000:g} ms"})
+    return out
+
+
+def analysis_view(analysis: Analysis, baseline: str | None) -> AnalysisView:
+    fast = analysis.fast
+    return {
+        "interval": analysis.interval,
+        "baseline": baseline,
+        "alpha": analysis.criteria.alpha,
+        "max_blind": analysis.max_blind,
+        "min_requests": analysis.criteria.min_requests,
+        "latency_floor": analysis.criteria.latency_floor,
+        "error_statuses": error_statuses_text(analysis.error_statuses),
+        "checks": configured_checks(analysis),
+        "fast_rollback": None if fast is None else {
+            "max_error_rate": fast.max_error_rate, "min_requests": fast.min_requests,
+            "window": fast.window},
+    }
 
 
 def traffic_view(metrics: Metrics, route: str, ring: str, now: float,
@@ -99,8 +288,9 @@ def ring_views(
     now: float,
     wall: float,
 ) -> list[RingView]:
-    """Every ring of a route: config, live weight and range, rollout state, last verdict,
-    traffic.  ``now`` is on the metrics' clock (monotonic), ``wall`` the Unix time."""
+    """Every ring of a route: config, live weight and range, rollout state, last verdict
+    with its evidence, traffic.  ``now`` is on the metrics' clock (monotonic), ``wall``
+    the Unix time."""
     route = compiled.route.name
     plan = controller.plans.get(route)
     states = controller.states.get(route, {})
@@ -112,6 +302,7 @@ def ring_views(
         state = states.get(ring.name)
         ring_plan = plans.get(ring.name)
         verdict = verdicts.get(ring.name)
+        starved = getattr(state, "starved", False)
         rings.append({
             "name": ring.name,
             "pool": ring.pool,
@@ -128,10 +319,9 @@ def ring_views(
             "baseline": plan is not None and ring_plan is not None
             and ring.name == plan.baseline,
             "pinned": ring.pinned,
-            "verdict": None if verdict is None else {
-                "outcome": verdict.outcome.value, "reason": verdict.reason,
-                "numbers": verdict.numbers,
-            },
+            "starved": starved is True,
+            "verdict": None if verdict is None else verdict_view(verdict),
+            "evidence": None if verdict is None else evidence_view(verdict),
             "inflight": ring_rt.inflight,
             "traffic": traffic_view(metrics, route, ring.name, now, window),
         })
@@ -152,11 +342,7 @@ def route_view(
         "name": route.name,
         "hosts": list(route.hosts),
         "path_prefix": route.path_prefix,
-        "analysis": None if route.analysis is None else {
-            "interval": route.analysis.interval,
-            "window": TRAFFIC_WINDOW,
-            "baseline": plan.baseline if plan else None,
-            "alpha": route.analysis.criteria.alpha,
-        },
+        "analysis": None if route.analysis is None else analysis_view(
+            route.analysis, plan.baseline if plan else None),
         "rings": ring_views(compiled, ring_runtimes, controller, metrics, now, wall),
     }
