@@ -16,6 +16,9 @@ from proxy.admin.api import REQUIREMENTS_KEY, admin_app
 from proxy.admin.auth import Access
 from proxy.config import load_config, parse_config
 from proxy.errors import RolloutConflict
+from proxy.rollout.evidence import Evidence, Tally
+from proxy.rollout.judge import Finding, Outcome, judge
+from proxy.routing.assign import bucket_of
 from proxy.server import Proxy
 from tests.conftest import RINGPROXY, ROOT, Upstream
 
@@ -123,6 +126,134 @@ async def test_routes_view(admin: Proxy, client: aiohttp.ClientSession) -> None:
     assert total == 20
     status, one = await call(admin, "GET", "/api/routes/api")
     assert status == 200 and [r["name"] for r in one["rings"]] == list(rings)
+
+
+def evidence(requests: int, errors: int, delays: list[float]) -> Evidence:
+    tally = Tally()
+    for i in range(requests):
+        tally.record(i < errors, delays[i % len(delays)])
+    return tally.evidence()
+
+
+async def test_routes_view_carries_the_verdicts_evidence(admin: Proxy) -> None:
+    # A verdict of the judge on known evidence, as the controller keeps it: the API answers
+    # each check as its as_dict(), the counts since the step began, and the settings.
+    analysis = admin.config.routes[0].analysis
+    assert analysis is not None
+    ring = evidence(400, 24, [0.030, 0.032, 0.035, 0.090])
+    base = evidence(4000, 40, [0.020, 0.021, 0.022, 0.025])
+    verdict = judge(ring, base, analysis.criteria)
+    assert verdict.outcome is Outcome.ROLLBACK  # the p-values and progress are worth showing
+    assert {c.finding for c in verdict.checks} >= {Finding.WORSE, Finding.UNDECIDED}
+    for _ in range(3):  # a controller round in between replaces it: put it back, ask again
+        admin.controller.verdicts["api"] = {"canary": verdict}
+        status, body = await call(admin, "GET", "/api/routes/api")
+        if admin.controller.verdicts["api"].get("canary") is verdict:
+            break
+    assert status == 200
+    rings = {r["name"]: r for r in body["rings"]}
+    shown = rings["canary"]["verdict"]
+    assert shown["outcome"] == "rollback" and shown["reason"] == verdict.reason
+    assert (shown["requests"], shown["baseline_requests"]) == (400, 4000)
+    assert [c["name"] for c in shown["checks"]] == [
+        "error_rate_increase", "error_rate", "p50", "p95", "p99"]
+    # JSON's round trip of each check is exactly the judge's own dict
+    assert shown["checks"] == json.loads(json.dumps([c.as_dict() for c in verdict.checks]))
+    by_name = {c["name"]: c for c in shown["checks"]}
+    assert by_name["error_rate_increase"]["numbers"] == {
+        "errors": 24, "requests": 400, "baseline_errors": 40, "baseline_requests": 4000}
+    for check in shown["checks"]:
+        assert 0 <= check["progress"] <= 1
+        assert (check["progress"] == 1) == (check["finding"] == "worse"), check
+        assert check["alpha"] == pytest.approx(analysis.criteria.alpha / 5)
+    assert rings["canary"]["evidence"] == {
+        "requests": 400, "errors": 24, "baseline_requests": 4000, "baseline_errors": 40}
+    assert rings["canary"]["starved"] is False
+    assert rings["beta"]["verdict"] is None and rings["beta"]["evidence"] is None
+    assert body["analysis"] == {
+        "interval": 10.0, "baseline": "stable", "alpha": 0.01, "max_blind": 600.0,
+        "min_requests": 100, "latency_floor": 0.02, "error_statuses": "5xx",
+        "checks": [
+            {"name": "error_rate_increase", "kind": "error_rate_increase", "quantile": None,
+             "limit": 0.01, "text": "error rate at most 1 points above the baseline's"},
+            {"name": "error_rate", "kind": "error_rate", "quantile": None, "limit": 0.05,
+             "text": "error rate at most 5%"},
+            {"name": "p50", "kind": "latency", "quantile": 0.5, "limit": 1.5,
+             "text": "p50 at most 1.5x the baseline's (and 20 ms above it)"},
+            {"name": "p95", "kind": "latency", "quantile": 0.95, "limit": 1.5,
+             "text": "p95 at most 1.5x the baseline's (and 20 ms above it)"},
+            {"name": "p99", "kind": "latency", "quantile": 0.99, "limit": 2.0,
+             "text": "p99 at most 2x the baseline's (and 20 ms above it)"},
+        ],
+        "fast_rollback": None,
+    }
+
+
+def judged_config(stable: Upstream, canary: Upstream, tmp_path: Path) -> str:
+    return textwrap.dedent(f"""\
+        listen: 127.0.0.1:0
+        admin: {{listen: 127.0.0.1:0}}
+        access_log: {{enabled: false}}
+        state: {{path: "{tmp_path / 'state.json'}"}}
+        pools:
+          stable: {{servers: ["{stable.url}"]}}
+          canary: {{servers: ["{canary.url}"]}}
+        routes:
+          - name: api
+            sticky: {{key: ["header:X-User-Id"]}}
+            analysis:
+              interval: 100ms
+              alpha: 0.01
+              max_error_rate_increase: 2
+              max_error_rate: 30
+              latency: off
+              min_requests: 20
+              error_statuses: [5xx, 429]
+            rings:
+              - {{name: canary, pool: canary, weight: 50}}
+              - {{name: stable, pool: stable}}
+        """)
+
+
+async def test_live_verdict_numbers_are_the_judges_on_the_counts_shown(
+    stable: Upstream, canary: Upstream, tmp_path: Path, client: aiohttp.ClientSession
+) -> None:
+    # Real traffic, the controller judging on its own: the verdict /api/routes shows is the
+    # judge's on the counts it shows (latency off: the counts are all the evidence).
+    proxy = Proxy(parse_config(judged_config(stable, canary, tmp_path)))
+    await proxy.start()
+    try:
+        canary.error_every = 7
+        users = (f"user-{i}" for i in range(100_000))
+        to_canary = [u for u in users if bucket_of("api", u) < 5000][:140]
+        to_stable = [u for u in (f"other-{i}" for i in range(100_000))
+                     if bucket_of("api", u) >= 5000][:140]
+        for user in to_canary + to_stable:
+            async with client.get(proxy.url + "/app", headers={"X-User-Id": user}) as r:
+                await r.read()
+        assert (canary.app_hits, stable.app_hits) == (140, 140)
+        ring: dict = {}
+        for _ in range(100):  # until a round has judged all of it
+            status, body = await call(proxy, "GET", "/api/routes", token=None)
+            ring = {r["name"]: r for r in body["routes"][0]["rings"]}["canary"]
+            if ring["evidence"] and ring["evidence"]["baseline_requests"] == 140 \
+                    and ring["evidence"]["requests"] == 140:
+                break
+            await asyncio.sleep(0.05)
+        assert ring["evidence"] == {"requests": 140, "errors": 20, "baseline_requests": 140,
+                                    "baseline_errors": 0}, ring
+        analysis = proxy.config.routes[0].analysis
+        assert analysis is not None
+        again = judge(Evidence(140, 20), Evidence(140, 0), analysis.criteria)
+        assert ring["verdict"]["checks"] == json.loads(
+            json.dumps([c.as_dict() for c in again.checks]))
+        assert ring["verdict"]["outcome"] == again.outcome.value == "undecided"
+        assert ring["verdict"]["reason"] == again.reason
+        increase = ring["verdict"]["checks"][0]
+        assert increase["name"] == "error_rate_increase" and 0 < increase["progress"] < 1
+        assert body["routes"][0]["analysis"]["error_statuses"] == "5xx, 429"
+    finally:
+        await proxy.stop()
 
 
 async def test_explain_endpoint(admin: Proxy) -> None:
@@ -330,7 +461,7 @@ async def test_cli_remote_commands(admin: Proxy) -> None:
     lines = out.splitlines()
     assert lines[0] == f"revision {admin.config.revision}"
     assert lines[1].split() == ["ROUTE", "RING", "POOL", "WEIGHT", "PHASE", "STEP", "REQ/S",
-                                "ERR", "P95", "VERDICT"]
+                                "ERR", "P95", "VERDICT", "EVIDENCE"]
     assert lines[2].split()[:6] == ["api", "canary", "canary", "5%", "progressing", "1/3"]
     code, out, err = await acli("status", "--json", env=env)
     assert json.loads(out)["routes"][0]["name"] == "api"
@@ -356,6 +487,30 @@ async def test_cli_remote_commands(admin: Proxy) -> None:
     assert code == 1 and "cannot reach the admin API at http://127.0.0.1:1" in err
     code, out, err = await acli("weight", "api", "beta", "lots", env=env)
     assert code == 2
+
+
+async def test_cli_status_shows_the_verdict_and_its_lead_check(admin: Proxy) -> None:
+    analysis = admin.config.routes[0].analysis
+    assert analysis is not None
+    base = evidence(4000, 40, [0.020, 0.021])
+    undecided = judge(evidence(300, 9, [0.020, 0.021]), base, analysis.criteria)
+    lead = max(undecided.checks, key=lambda c: c.progress)
+    assert undecided.outcome is Outcome.UNDECIDED and 0 < lead.progress < 1
+    worse = judge(evidence(400, 60, [0.020, 0.021]), base, analysis.criteria)
+    assert worse.outcome is Outcome.ROLLBACK
+    env = {"RINGPROXY_ADMIN_URL": admin.admin_url, "RINGPROXY_ADMIN_TOKEN": VIEW}
+    for verdict, expected in [
+        (undecided, ["undecided", lead.name, f"{lead.progress * 100:.0f}%", "to", "rollback"]),
+        (worse, ["rollback", worse.checks[0].name, "worse"]),
+    ]:
+        for _ in range(3):  # a controller round in between replaces it: put it back
+            admin.controller.verdicts["api"] = {"canary": verdict}
+            code, out, err = await acli("status", env=env)
+            if admin.controller.verdicts["api"].get("canary") is verdict:
+                break
+        assert code == 0, err
+        canary_line = next(line for line in out.splitlines() if line.startswith("api  "))
+        assert canary_line.split()[-len(expected):] == expected, canary_line
 
 
 def test_cli_module_runs_without_an_event_loop() -> None:

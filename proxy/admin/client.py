@@ -111,9 +111,37 @@ def _weights(event: Answer) -> str:
             f"{_num(event.get('to_weight'), 'g', suffix='%')}")
 
 
+def _progress(check: Answer) -> float:
+    value = check.get("progress")
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
+def verdict_text(ring: Answer) -> str:
+    """The verdict's outcome, and ``starved`` when the analysis has been blind too long."""
+    verdict = _object(ring.get("verdict"))
+    outcome = str(verdict.get("outcome", "-"))
+    return f"{outcome}, starved" if ring.get("starved") is True else outcome
+
+
+def lead_check(verdict: Answer) -> str:
+    """The check furthest toward a rollback: ``p95 37%`` (a worse one first, then the one
+    with the most progress; ``within`` when every check is within tolerance)."""
+    checks = _objects(verdict.get("checks"))
+    if not checks:
+        return "-"
+    worse = [c for c in checks if c.get("finding") == "worse"]
+    if worse:
+        return f"{worse[0].get('name')} worse"
+    lead = max(checks, key=_progress)  # the first of equals: the judge's order
+    if _progress(lead) == 0 and all(c.get("finding") == "within" for c in checks):
+        return "all within"
+    finding = "within" if lead.get("finding") == "within" else "to rollback"
+    return f"{lead.get('name')} {_progress(lead) * 100:.0f}% {finding}"
+
+
 def format_status(data: Answer) -> str:
     rows = [["ROUTE", "RING", "POOL", "WEIGHT", "PHASE", "STEP", "REQ/S", "ERR", "P95",
-             "VERDICT"]]
+             "VERDICT", "EVIDENCE"]]
     for route in _objects(data.get("routes")):
         for ring in _objects(route.get("rings")):
             traffic = _object(ring.get("traffic"))
@@ -129,7 +157,7 @@ def format_status(data: Answer) -> str:
                 and isinstance(step, int) else "-",
                 _num(traffic.get("rps"), ".1f"), _num(traffic.get("error_rate"), ".2f", 100, "%"),
                 _num(traffic.get("p95"), ".1f", 1000, "ms"),
-                str(verdict.get("outcome", "-")),
+                verdict_text(ring), lead_check(verdict),
             ])
     return f"revision {data.get('revision', '?')}\n" + _table(rows)
 

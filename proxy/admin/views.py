@@ -98,7 +98,6 @@ class RingView(TypedDict):
     step: int | None
     steps: list[float]
     seconds_in_step: float | None
-    failures: int | None
     baseline: bool
     pinned: bool
     starved: bool  # undecided for the route's max_blind: an analysis_starved alarm
@@ -302,7 +301,6 @@ def ring_views(
         state = states.get(ring.name)
         ring_plan = plans.get(ring.name)
         verdict = verdicts.get(ring.name)
-        starved = getattr(state, "starved", False)
         rings.append({
             "name": ring.name,
             "pool": ring.pool,
@@ -315,11 +313,10 @@ def ring_views(
             "step": state.step if state else None,
             "steps": [s.weight / 100 for s in ring_plan.steps] if ring_plan else [],
             "seconds_in_step": round(wall - state.step_since, 1) if state else None,
-            "failures": state.failures if state else None,
             "baseline": plan is not None and ring_plan is not None
             and ring.name == plan.baseline,
             "pinned": ring.pinned,
-            "starved": starved is True,
+            "starved": state.starved if state else False,
             "verdict": None if verdict is None else verdict_view(verdict),
             "evidence": None if verdict is None else evidence_view(verdict),
             "inflight": ring_rt.inflight,
