@@ -493,7 +493,7 @@ async def test_cli_status_shows_the_verdict_and_its_lead_check(admin: Proxy) -> 
     analysis = admin.config.routes[0].analysis
     assert analysis is not None
     base = evidence(4000, 40, [0.020, 0.021])
-    undecided = judge(evidence(300, 9, [0.020, 0.021]), base, analysis.criteria)
+    undecided = judge(evidence(300, 21, [0.020, 0.021]), base, analysis.criteria)
     lead = max(undecided.checks, key=lambda c: c.progress)
     assert undecided.outcome is Outcome.UNDECIDED and 0 < lead.progress < 1
     worse = judge(evidence(400, 60, [0.020, 0.021]), base, analysis.criteria)
