@@ -235,6 +235,7 @@ async def test_live_verdict_numbers_are_the_judges_on_the_counts_shown(
         ring: dict = {}
         for _ in range(100):  # until a round has judged all of it
             status, body = await call(proxy, "GET", "/api/routes", token=None)
+            assert status == 200
             ring = {r["name"]: r for r in body["routes"][0]["rings"]}["canary"]
             if ring["evidence"] and ring["evidence"]["baseline_requests"] == 140 \
                     and ring["evidence"]["requests"] == 140:

@@ -33,9 +33,10 @@ import aiohttp
 import pytest
 
 from proxy.config import parse_config
+from proxy.routing.assign import bucket_of
 from proxy.server import Proxy
 from tests.conftest import Upstream
-from tests.test_rollback_sockets import Load, rollout_config
+from tests.test_rollback_sockets import Load
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(
@@ -308,11 +309,13 @@ async def running(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[tuple
     loads: list[Load] = []
 
     async def start(text: str, per_second: float = 200, workers: int = 4) -> tuple[Proxy, Load]:
+        """``workers=0``: no background load (the test sends what it counts)."""
         proxy = Proxy(parse_config(text, source=str(tmp_path / "c.yaml")))
         await proxy.start()
         proxies.append(proxy)
-        load = Load(proxy.url, per_second / workers)
-        load.start(limit=40, workers=workers)
+        load = Load(proxy.url, per_second / max(workers, 1))
+        if workers:
+            load.start(limit=40, workers=workers)
         loads.append(load)
         return proxy, load
 
@@ -332,6 +335,106 @@ async def api(proxy: Proxy, path: str, token: str | None = None) -> Any:
             client.get(proxy.admin_url + path, headers=headers) as r:
         assert r.status == 200, await r.text()
         return await r.json()
+
+
+def page_config(
+    stable: Upstream, canary: Upstream, tmp_path: Path, *, ring: str = "weight: 50",
+    analysis: str = "",
+) -> str:
+    """Staff (pinned, by rule), a canary and the stable baseline; the judge's settings."""
+    return textwrap.dedent(f"""
+        listen: 127.0.0.1:0
+        admin: {{listen: 127.0.0.1:0}}
+        access_log: {{enabled: false}}
+        state: {{path: "{tmp_path / 'state.json'}", audit: "{tmp_path / 'audit.jsonl'}"}}
+        pools:
+          stable: {{servers: ["{stable.url}"]}}
+          canary: {{servers: ["{canary.url}"]}}
+        routes:
+          - name: api
+            sticky: {{key: ["header:X-User-Id"]}}
+            analysis:
+              interval: 500ms
+              alpha: 0.01
+              min_requests: 20
+              max_error_rate: 5
+              max_error_rate_increase: 2
+              latency: {{p95: 2}}
+              latency_floor: 20ms
+              {analysis}
+            rings:
+              - name: staff
+                pool: canary
+                pinned: true
+                rules: [{{attr: "header:X-Staff", exists: true}}]
+              - name: canary
+                pool: canary
+                {ring}
+              - name: stable
+                pool: stable
+    """)
+
+
+async def send(url: str, users: list[str], workers: int = 4) -> None:
+    """One request per user, ``workers`` at a time; every answer is read."""
+    queue = list(reversed(users))
+
+    async def work(client: aiohttp.ClientSession) -> None:
+        while queue:
+            user = queue.pop()
+            async with client.get(url + "/app", headers={"X-User-Id": user}) as r:
+                await r.read()
+
+    async with aiohttp.ClientSession() as client:
+        await asyncio.gather(*(work(client) for _ in range(workers)))
+
+
+def users_in(route: str, lo: int, hi: int, n: int, prefix: str) -> list[str]:
+    """``n`` user ids whose buckets on ``route`` are in [lo, hi)."""
+    found = (f"{prefix}-{i}" for i in range(1_000_000))
+    return [u for u in found if lo <= bucket_of(route, u) < hi][:n]
+
+
+# What the page shows under each judged ring: the starved warning, counts and check gauges.
+EVIDENCE = r"""(() => Object.fromEntries([...document.querySelectorAll('tr[data-evidence]')].map(
+  (tr) => {
+    const counts = tr.querySelector('[data-field=evidence]');
+    const starved = tr.querySelector('[data-field=starved]');
+    return [tr.dataset.evidence, {
+      ringRowAbove: tr.previousElementSibling && tr.previousElementSibling.dataset.ring,
+      counts: counts && {text: counts.innerText.trim(), requests: counts.dataset.requests,
+                         errors: counts.dataset.errors},
+      starved: starved && {text: starved.innerText.trim(),
+                           visible: starved.getBoundingClientRect().height > 0},
+      checks: [...tr.querySelectorAll('[data-check]')].map((c) => {
+        const gauge = c.querySelector('.gauge');
+        const fill = gauge.firstElementChild;
+        return {name: c.dataset.check, finding: c.dataset.finding,
+                progress: Number(c.dataset.progress), title: c.title,
+                text: c.querySelector('.check-text').innerText.trim(),
+                pct: c.querySelector('.check-pct').innerText.trim(),
+                meter: Number(gauge.getAttribute('aria-valuenow')),
+                shown: fill.getBoundingClientRect().width / gauge.getBoundingClientRect().width,
+                fill: getComputedStyle(fill).backgroundColor};
+      }),
+    }];
+  })))()"""
+
+
+async def settled(tab: Tab) -> None:
+    """Let the gauges' width transitions finish (0.4 s)."""
+    await tab.wait("document.getAnimations().length === 0", 3)
+
+
+def check_words(check: dict[str, Any]) -> str:
+    """What the page must say under a check's gauge."""
+    pct = round(check["progress"] * 100)
+    if check["finding"] == "worse":
+        return "beyond tolerance: rollback"
+    if check["finding"] == "within":
+        return f"within tolerance (evidence {pct} % toward rollback)" if pct else \
+            "within tolerance"
+    return f"evidence {pct} % of the way to rollback" if pct else "undecided"
 
 
 def close(shown: float, actual: float, rel: float, absolute: float) -> bool:
@@ -356,7 +459,7 @@ async def test_the_page_shows_every_ring_with_the_numbers_of_the_api(
 ) -> None:
     stable.error_every = canary.error_every = 40  # 2.5 % errors: numbers worth comparing
     ring = "progression: {steps: [10, 25, 50], min_step_duration: 10m}"
-    text = with_second_route(rollout_config(stable, canary, tmp_path, ring=ring, window="10s"))
+    text = with_second_route(page_config(stable, canary, tmp_path, ring=ring))
     proxy, _ = await running(text, per_second=120)
     await asyncio.sleep(1.5)  # some traffic in the window first
     tab = await browser()
@@ -413,6 +516,15 @@ async def test_the_page_shows_every_ring_with_the_numbers_of_the_api(
         assert int(api_page["stable"]["rps"]["requests"]) > 50
         assert page["routes"]["static"]["rings"]["everyone"]["rps"]["requests"] == "0"
         assert page["routes"]["api"]["events"] == []
+        # Every judged ring has its check gauges, in the judge's order, under its row.
+        gauges = await tab.eval(EVIDENCE)
+        judged = {r["name"]: r for r in truth["routes"][0]["rings"] if r["verdict"]}
+        assert set(gauges) <= {"canary", "staff"} and "canary" in judged
+        for name, ring_ in judged.items():
+            assert [c["name"] for c in gauges[name]["checks"]] == [
+                c["name"] for c in ring_["verdict"]["checks"]] == ["error_rate_increase",
+                                                                 "error_rate", "p95"]
+            assert gauges[name]["ringRowAbove"] == name
         if round_ == 0:  # then wait for the page's own refresh: the same document, new data
             before = page["updated"]
             waited = await tab.wait(f"document.body.dataset.state === 'ok' && Number("
@@ -426,7 +538,7 @@ async def test_the_page_shows_every_ring_with_the_numbers_of_the_api(
 async def test_the_page_shows_a_rollback_within_its_refresh_period(
     browser, running, stable: Upstream, canary: Upstream, tmp_path: Path
 ) -> None:
-    text = rollout_config(stable, canary, tmp_path, ring="weight: 20")
+    text = page_config(stable, canary, tmp_path, ring="weight: 20")
     proxy, load = await running(text)
     tab = await browser()
     await tab.goto(proxy.admin_url + "/")
@@ -455,6 +567,11 @@ async def test_the_page_shows_a_rollback_within_its_refresh_period(
     page = await tab.snapshot()
     rings = page["routes"]["api"]["rings"]
     assert rings["canary"]["phase"]["text"] == "rolled back"
+    # The verdict cell says why: the rollback's reason (the evidence of the worse check).
+    reason = f"{canary_row}.querySelector('[data-field=verdict]')"
+    await tab.wait(f"{reason}.title === {json.dumps(rollback.reason)}", REFRESH + 1.5)
+    assert (await tab.snapshot())["routes"]["api"]["rings"]["canary"]["verdict"]["sub"][
+        "verdict_reason"]["text"] == rollback.reason
     assert rings["canary"]["weight"]["text"] == "0%"
     assert float(rings["stable"]["weight"]["value"]) == 100.0
     assert rings["staff"]["phase"]["value"] == "steady"  # pinned: kept
@@ -483,12 +600,120 @@ async def test_the_page_shows_a_rollback_within_its_refresh_period(
     assert tab.problems() == []
 
 
+async def test_the_check_gauges_show_the_judges_progress_from_the_api(
+    browser, running, stable: Upstream, canary: Upstream, tmp_path: Path
+) -> None:
+    # Known traffic, then none: the evidence stands still, so the page and the API must
+    # show the very same numbers.  The canary's errors are 7.7 % against the baseline's 1 %
+    # with 1 point allowed: evidence part of the way to a rollback, not all of it.
+    stable.error_every, canary.error_every = 100, 13
+    text = page_config(stable, canary, tmp_path, ring="weight: 50").replace(
+        "max_error_rate_increase: 2", "max_error_rate_increase: 1").replace(
+        "latency_floor: 20ms", "latency_floor: 300ms")  # the latency check stays quiet
+    proxy, _ = await running(text, workers=0)
+    tab = await browser()
+    await tab.goto(proxy.admin_url + "/")
+    await tab.wait("document.body.dataset.state === 'ok'", 5)
+    await send(proxy.url, users_in("api", 0, 5000, 300, "c") + users_in("api", 5000, 10000,
+                                                                          1000, "s"))
+    assert (canary.app_hits, stable.app_hits) == (300, 1000)
+    ring: dict[str, Any] = {}
+    deadline = time.monotonic() + 10
+    while not ((ring.get("evidence") or {}).get("requests") == 300
+               and ring["evidence"]["baseline_requests"] == 1000):
+        assert time.monotonic() < deadline, f"no verdict on all of it: {ring}"
+        await asyncio.sleep(0.1)
+        ring = (await api(proxy, "/api/routes"))["routes"][0]["rings"][1]
+    await tab.eval("window.canaryRow = document.querySelector('[data-route=api] "
+                   "tr[data-ring=canary]')")
+    before = await tab.eval("document.querySelector('[data-field=updated]').dataset.value")
+    await tab.eval("document.querySelector('[data-action=refresh]').click()")
+    await tab.wait("document.querySelector('[data-field=updated]').dataset.value !== "
+                   f"{json.dumps(before)}", 5)
+    await settled(tab)
+    truth = (await api(proxy, "/api/routes"))["routes"][0]["rings"][1]
+    assert truth["name"] == "canary" and truth["evidence"] == {
+        "requests": 300, "errors": 23, "baseline_requests": 1000, "baseline_errors": 10}
+    assert truth["evidence"] == ring["evidence"]
+    verdict = truth["verdict"]
+    assert verdict == ring["verdict"], "the evidence stood still, so did the verdict"
+    increase = verdict["checks"][0]
+    assert increase["name"] == "error_rate_increase" and increase["finding"] == "undecided"
+    assert 0.1 < increase["progress"] < 0.9, increase  # part of the way
+
+    shown = (await tab.eval(EVIDENCE))["canary"]
+    assert shown["ringRowAbove"] == "canary"
+    assert [c["name"] for c in shown["checks"]] == [c["name"] for c in verdict["checks"]]
+    for got, want in zip(shown["checks"], verdict["checks"], strict=True):
+        pct = round(want["progress"] * 100)
+        assert got["progress"] == want["progress"] and got["finding"] == want["finding"], got
+        assert got["title"] == want["detail"]  # the numbers on hover
+        assert got["text"] == check_words(want)
+        assert got["pct"] == f"{pct} %" and got["meter"] == pct
+        assert abs(got["shown"] - want["progress"]) <= 0.015, (got, want)  # the bar itself
+    assert shown["checks"][0]["text"] == f"evidence {round(increase['progress'] * 100)} % " \
+        "of the way to rollback"
+    assert shown["counts"]["requests"] == str(truth["evidence"]["requests"])
+    assert shown["counts"]["errors"] == str(truth["evidence"]["errors"])
+    assert f"{truth['evidence']['requests']:,} requests" in shown["counts"]["text"]
+    assert shown["starved"] is None
+    page = (await tab.snapshot())["routes"]["api"]["rings"]
+    assert page["canary"]["verdict"]["value"] == verdict["outcome"] == "undecided"
+    assert page["canary"]["verdict"]["sub"]["verdict_lead"]["text"] == \
+        f"error_rate_increase: {round(increase['progress'] * 100)} % to rollback"
+    assert "stable" not in await tab.eval(EVIDENCE), "the baseline is not judged"
+
+    # The next refresh changes the page in place: the same row, no rebuilt table.
+    before = await tab.eval("document.querySelector('[data-field=updated]').dataset.value")
+    await tab.eval("document.querySelector('[data-action=refresh]').click()")
+    await tab.wait("document.querySelector('[data-field=updated]').dataset.value !== "
+                   f"{json.dumps(before)}", 5)
+    assert await tab.eval("window.canaryRow === document.querySelector('[data-route=api] "
+                          "tr[data-ring=canary]') && window.canaryRow.isConnected") is True
+    assert tab.problems() == []
+
+
+async def test_the_page_warns_of_a_starved_ring(
+    browser, running, stable: Upstream, canary: Upstream, tmp_path: Path
+) -> None:
+    # A canary that gets no traffic cannot be judged: after max_blind it is starved, and
+    # the page says so (and it does not advance).
+    ring = "progression: {steps: [5, 50], min_step_duration: 1s}"
+    text = page_config(stable, canary, tmp_path, ring=ring, analysis="max_blind: 1s")
+    proxy, _ = await running(text, workers=0)
+    tab = await browser()
+    await tab.goto(proxy.admin_url + "/")
+    deadline = time.monotonic() + 10
+    ring_view: dict[str, Any] = {}
+    while not ring_view.get("starved"):
+        assert time.monotonic() < deadline, f"not starved: {ring_view}"
+        await asyncio.sleep(0.1)
+        ring_view = (await api(proxy, "/api/routes"))["routes"][0]["rings"][1]
+    assert ring_view["name"] == "canary" and ring_view["phase"] == "progressing"
+    assert ring_view["step"] == 0, "a starved ring does not advance"
+    await tab.eval("document.querySelector('[data-action=refresh]').click()")
+    await tab.wait("document.querySelector('tr[data-evidence=canary] [data-field=starved]')",
+                   REFRESH + 1.5)
+    shown = (await tab.eval(EVIDENCE))["canary"]
+    assert shown["starved"]["visible"]
+    assert shown["starved"]["text"].startswith("⚠ analysis starved: undecided for ")
+    assert "not advancing" in shown["starved"]["text"]
+    assert "the alarm is at 1 s" in shown["starved"]["text"]
+    await tab.wait("[...document.querySelectorAll('[data-route=api] tr[data-event]')]"
+                   ".some((tr) => tr.dataset.event === 'analysis_starved')", REFRESH + 1.5)
+    page = (await tab.snapshot())["routes"]["api"]
+    assert "starved" in page["rings"]["canary"]["verdict"]["text"]
+    event = next(e for e in page["events"] if e["kind"]["value"] == "analysis_starved")
+    assert event["ring"]["value"] == "canary" and event["kind"]["text"] == "analysis starved"
+    assert tab.problems() == []
+
+
 async def test_the_page_asks_for_a_token_and_shows_data_after_it_is_given(
     browser, running, monkeypatch: pytest.MonkeyPatch, stable: Upstream, canary: Upstream,
     tmp_path: Path
 ) -> None:
     monkeypatch.setenv("RP_PAGE_VIEWER", VIEW_TOKEN)
-    text = rollout_config(stable, canary, tmp_path).replace(
+    text = page_config(stable, canary, tmp_path).replace(
         "admin: {listen: 127.0.0.1:0}",
         "admin: {listen: 127.0.0.1:0, tokens: [{env: RP_PAGE_VIEWER, role: viewer}]}")
     proxy, _ = await running(text, per_second=40, workers=2)
