@@ -514,6 +514,39 @@ async def test_cli_status_shows_the_verdict_and_its_lead_check(admin: Proxy) -> 
         assert canary_line.split()[-len(expected):] == expected, canary_line
 
 
+async def test_a_starved_ring_in_the_api_the_events_and_the_cli(
+    stable: Upstream, canary: Upstream, tmp_path: Path
+) -> None:
+    # No traffic: the canary cannot be judged; after max_blind it is starved (an event, the
+    # flag in its view, the CLI says so) and it does not advance.
+    text = judged_config(stable, canary, tmp_path).replace(
+        "{name: canary, pool: canary, weight: 50}",
+        "{name: canary, pool: canary, progression: {steps: [5, 50], min_step_duration: 1s}}",
+    ).replace("min_requests: 20", "min_requests: 20\n      max_blind: 1s")
+    proxy = Proxy(parse_config(text))
+    await proxy.start()
+    try:
+        ring: dict = {}
+        for _ in range(100):
+            status, body = await call(proxy, "GET", "/api/routes", token=None)
+            assert status == 200
+            ring = body["routes"][0]["rings"][0]
+            if ring["starved"]:
+                break
+            await asyncio.sleep(0.1)
+        assert (ring["name"], ring["starved"], ring["phase"], ring["step"]) == (
+            "canary", True, "progressing", 0), ring
+        status, body = await call(proxy, "GET", "/api/events", token=None)
+        starved = [e for e in body["events"] if e["kind"] == "analysis_starved"]
+        assert [(e["ring"], e["to_weight"]) for e in starved] == [("canary", 5.0)]
+        code, out, err = await acli("status", env={"RINGPROXY_ADMIN_URL": proxy.admin_url})
+        assert code == 0, err
+        line = next(line for line in out.splitlines() if line.startswith("api  "))
+        assert "starved" in line.split(), line  # VERDICT: "undecided, starved"
+    finally:
+        await proxy.stop()
+
+
 def test_cli_module_runs_without_an_event_loop() -> None:
     # The remote commands use urllib only; importing them pulls in no server code.
     import subprocess

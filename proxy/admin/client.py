@@ -118,9 +118,11 @@ def _progress(check: Answer) -> float:
 
 def verdict_text(ring: Answer) -> str:
     """The verdict's outcome, and ``starved`` when the analysis has been blind too long."""
-    verdict = _object(ring.get("verdict"))
-    outcome = str(verdict.get("outcome", "-"))
-    return f"{outcome}, starved" if ring.get("starved") is True else outcome
+    outcome = _object(ring.get("verdict")).get("outcome")
+    shown = [str(outcome)] if outcome else []
+    if ring.get("starved") is True:
+        shown.append("starved")
+    return ", ".join(shown) or "-"
 
 
 def lead_check(verdict: Answer) -> str:
