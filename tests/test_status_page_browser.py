@@ -779,13 +779,11 @@ def screenshot_config(ups: dict[str, Upstream], tmp: Path) -> str:
             sticky: {{key: ["header:X-User-Id"]}}
             analysis:
               interval: 500ms
-              window: 20s
               min_requests: 30
               max_error_rate: 5
               max_error_rate_increase: 2
-              max_latency_ratio: 2
+              latency: {{p50: 1.5, p95: 2}}
               latency_floor: 20ms
-              failure_limit: 3
             rings:
               - name: staff
                 pool: api-v42
@@ -794,7 +792,7 @@ def screenshot_config(ups: dict[str, Upstream], tmp: Path) -> str:
               - name: canary
                 pool: api-v42
                 progression:
-                  steps: [5, 10, 25, 50, {{weight: 75, approval: required}}]
+                  steps: [10, 25, 50, {{weight: 75, approval: required}}]
                   min_step_duration: 4s
               - name: stable
                 pool: api-v41
@@ -803,11 +801,10 @@ def screenshot_config(ups: dict[str, Upstream], tmp: Path) -> str:
             sticky: {{key: ["header:X-User-Id"]}}
             analysis:
               interval: 500ms
-              window: 20s
               min_requests: 30
               max_error_rate: 5
               max_error_rate_increase: 2
-              failure_limit: 3
+              error_statuses: [5xx, 429]
             rings:
               - name: beta
                 pool: checkout-v18
@@ -856,8 +853,14 @@ async def make_screenshot(out: Path) -> None:
                 await asyncio.sleep(5)
                 ups["checkout-v18"].error_every = 4  # the checkout canary goes bad
                 deadline = time.monotonic() + 40
-                while not (proxy.controller.states["api"]["canary"].step == 2 and proxy
-                           .controller.states["checkout"]["canary"].phase.value == "rolled_back"):
+                def unfolded() -> bool:  # the checkout canary is rolled back, the api
+                    # canary judged on enough of its own traffic to show its evidence
+                    api_verdict = proxy.controller.verdicts.get("api", {}).get("canary")
+                    return (proxy.controller.states["checkout"]["canary"].phase.value
+                            == "rolled_back" and api_verdict is not None
+                            and api_verdict.requests >= 200)
+
+                while not unfolded():
                     assert time.monotonic() < deadline, (
                         f"the scenario did not unfold: {proxy.controller.states}")
                     await asyncio.sleep(0.1)
