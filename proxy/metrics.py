@@ -1,12 +1,22 @@
-"""Per-ring metrics: Prometheus exposition and the in-process sliding windows.
+"""Per-ring metrics: Prometheus exposition, the judge's tallies, the recent windows.
 
 The one module that imports prometheus_client.  Per request the handler calls
-``RingRecorder.record`` (through ``RingRuntime.recorder``), which adds to plain integers
-and a :class:`~proxy.rollout.window.RingWindow`: no label lookup, no lock, no prometheus_client
-call.  Everything runs on the event loop thread, so a scrape (also on that thread) reads
-a consistent snapshot.  At scrape time :meth:`Metrics.collect` turns the recorders, and
-the live runtime state (in-flight, weights, phases), into metric families; a ring that
-left the config is simply no longer collected, so its series disappear.
+``RingRecorder.record`` (through ``RingRuntime.recorder``), which adds to plain integers,
+the ring's :class:`~proxy.rollout.evidence.Tally` (what the judge reads) and a
+:class:`~proxy.rollout.window.RingWindow` (recent traffic for people): no label lookup, no
+lock, no prometheus_client call.
+
+Only what the ring's upstream did is judged (recorded into the tally and the window): an
+answer, an error when its status is one of the route's ``error_statuses``, or the upstream
+failing to give one (connect, reset, timeout, bad_response).  The proxy's own refusals
+(``refused``: a full max_concurrency), clients that went away (``client_closed``), clients
+whose request the proxy refused (``bad_request``) and defects of the proxy (``internal``)
+are counted in Prometheus only, each in its own code class or kind.
+
+Everything runs on the event loop thread, so a scrape (also on that thread) reads a
+consistent snapshot.  At scrape time :meth:`Metrics.collect` turns the recorders, and the
+live runtime state (in-flight, weights, phases, the last verdicts), into metric families;
+a ring that left the config is simply no longer collected, so its series disappear.
 
 Label values come only from config names (route, ring, pool) and the fixed sets below.
 """
@@ -28,20 +38,26 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.process_collector import ProcessCollector
 
+from proxy.config.analysis import SERVER_ERRORS
 from proxy.dataplane.handler import INTERNAL
+from proxy.rollout.evidence import Tally
 from proxy.rollout.window import LATENCY_BUCKETS, RingWindow, Summary
 from proxy.runtime import RingRuntime, Runtime
 
 # code_class: the status class sent to the client; "error" when the proxy answered
-# itself because the upstream failed (502/504) or the ring was full (503); "client_closed"
-# when the client went away before any response was sent; "internal" when a defect of the
-# proxy failed the request (a 500 or a cut response, logged with its traceback).
-CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "error", "client_closed", "internal")
+# itself because the upstream failed (502/504); "client_closed" when the client went away
+# before any response was sent; "internal" when a defect of the proxy failed the request
+# (a 500 or a cut response, logged with its traceback); "refused" when the proxy answered
+# 503 itself because the ring's max_concurrency was full.
+CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "error", "client_closed", "internal",
+                "refused")
 ERROR_KINDS = ("connect", "timeout", "reset", "bad_response", "overload")
 DIRECTIONS = ("sent", "received")  # request body bytes sent upstream / response body received
 RELOAD_RESULTS = ("success", "failure")
 
-_5XX, _ERROR, _CLIENT_CLOSED, _INTERNAL = 4, 5, 6, 7
+_ERROR, _CLIENT_CLOSED, _INTERNAL, _REFUSED = 5, 6, 7, 8
+NONSTANDARD = frozenset(range(600, 1000))  # statuses that are errors whatever the route says
+_OVERLOAD = ERROR_KINDS.index("overload")
 # status // 100 -> index into CODE_CLASSES.  0 (nothing sent) is an error; the
 # non-standard 600-999 that aiohttp's parser accepts count as 5xx.
 _CLASS_OF = (_ERROR, 0, 1, 2, 3, 4, 4, 4, 4, 4)
@@ -53,22 +69,30 @@ RING_LABELS = ("route", "ring", "pool")
 
 
 class RingRecorder:
-    """One ring's counters and window.  ``RingRuntime.recorder`` points here."""
+    """One ring's counters, tally and window.  ``RingRuntime.recorder`` points here.
+
+    ``error_statuses`` are the upstream statuses the ring's route counts as errors (the
+    metrics layer updates them when a reload changes them); the non-standard 600-999
+    that aiohttp's parser accepts are always errors.
+    """
 
     __slots__ = (
         "buckets",
         "duration_sum",
+        "error_statuses",
         "labels",
         "received",
         "requests",
         "ring",
         "route",
         "sent",
+        "tally",
         "upstream_errors",
         "window",
     )
 
-    def __init__(self, route: str, ring: str, pool: str, window: RingWindow) -> None:
+    def __init__(self, route: str, ring: str, pool: str, window: RingWindow,
+                 error_statuses: frozenset[int] = SERVER_ERRORS) -> None:
         self.route = route
         self.ring = ring
         self.labels = (route, ring, pool)
@@ -79,6 +103,8 @@ class RingRecorder:
         self.sent = 0
         self.received = 0
         self.window = window
+        self.tally = Tally()
+        self.error_statuses = error_statuses | NONSTANDARD
 
     def record(
         self,
@@ -90,38 +116,60 @@ class RingRecorder:
         now: float,
     ) -> None:
         """Count one finished request (called by the handler, once per request)."""
-        if error:
-            kind = _KIND_INDEX.get(error)
-            if kind is not None:
-                self.upstream_errors[kind] += 1
-                # The proxy's own 502/503/504 (status 0: nothing could be sent).  An
-                # upstream failure after the upstream's headers went out keeps the
-                # upstream's status class (the client saw that status line).
-                cls = _ERROR if status in _LOCAL_STATUS else _CLASS_OF[status // 100]
-            elif error == INTERNAL:
-                # A defect of the proxy says nothing about the ring's version: counted to
-                # be seen, kept out of the latencies and of the window the judge reads.
-                self.requests[_INTERNAL] += 1
-                self.sent += bytes_in
-                self.received += bytes_out
-                return
-            elif status == 0 and error == "client_closed":
-                cls = _CLIENT_CLOSED
-            else:
-                cls = _CLASS_OF[status // 100]
-        else:
-            cls = _CLASS_OF[status // 100]
-        self.requests[cls] += 1
         self.sent += bytes_in
         self.received += bytes_out
-        failed = cls in (_5XX, _ERROR)
+        if error or status < 100:
+            self._unusual(status, error, duration, now)
+            return
+        # The upstream's answer: counted, judged, and timed unless it is a WebSocket's
+        # 101 (the session ends when it ends: not a latency).
+        self.requests[_CLASS_OF[status // 100]] += 1
+        failed = status in self.error_statuses
         if status == 101:
-            # An upgraded WebSocket finishes when the session ends: not a latency.
+            self.tally.record(failed, None)
             self.window.record(now, None, failed)
             return
-        self.buckets[bisect_left(LATENCY_BUCKETS, duration)] += 1
+        bucket = bisect_left(LATENCY_BUCKETS, duration)
+        self.buckets[bucket] += 1
         self.duration_sum += duration
-        self.window.record(now, duration, failed)
+        self.tally.record(failed, duration)
+        self.window.add(now, bucket, failed)
+
+    def _unusual(self, status: int, error: str, duration: float, now: float) -> None:
+        """Everything but a plain upstream answer: failures, refusals, clients, defects."""
+        if error == INTERNAL:
+            # A defect of the proxy says nothing about the ring's version: counted to be
+            # seen, kept out of the latencies and of what is judged.
+            self.requests[_INTERNAL] += 1
+            return
+        kind = _KIND_INDEX.get(error)
+        judged = False
+        if kind == _OVERLOAD:
+            # The proxy's own 503: the ring's max_concurrency was full (clients filled
+            # it; the upstream did nothing wrong).
+            self.upstream_errors[kind] += 1
+            cls = _REFUSED
+        elif kind is not None:
+            # The upstream gave no usable answer: the proxy's own 502/504 (an upstream
+            # failure after its headers went out keeps the status class the client saw).
+            self.upstream_errors[kind] += 1
+            cls = _ERROR if status in _LOCAL_STATUS else _CLASS_OF[status // 100]
+            judged = True
+        elif status == 0:
+            # The client left before any response (client_closed), or nothing was sent
+            # for no known reason (judged: the old, cautious reading).
+            cls = _CLIENT_CLOSED if error else _ERROR
+            judged = not error
+        else:
+            # The client left mid-response, or its request was refused (bad_request).
+            cls = _CLASS_OF[status // 100]
+        self.requests[cls] += 1
+        bucket = bisect_left(LATENCY_BUCKETS, duration)
+        self.buckets[bucket] += 1
+        self.duration_sum += duration
+        if judged:
+            self.tally.record(True, duration)
+            self.window.add(now, bucket, True)
 
     def __repr__(self) -> str:
         return (f"<RingRecorder {self.route}/{self.ring} pool={self.labels[2]} "
@@ -133,9 +181,10 @@ class Metrics:
 
     ``attach(runtime)`` after building a Runtime (at start and on every reload, before the
     handler sees it): rings whose (route, ring, pool) survive keep their recorder, so
-    counters and windows carry on; the others start at zero; rings that left stop being
-    collected.  With ``metrics.enabled: false`` no recorder is attached and no per-ring
-    series are exported.
+    counters, tallies and windows carry on (with the route's error statuses as the new
+    config says); the others start at zero; rings that left stop being collected.  With
+    ``metrics.enabled: false`` no recorder is attached, no per-ring series are exported
+    and nothing is analysed.
     """
 
     def __init__(
@@ -171,6 +220,8 @@ class Metrics:
             self._recorders, self._by_ring, self._rings = {}, {}, ()
             self._rollbacks.clear()
             return
+        statuses = {route.name: route.analysis.error_statuses if route.analysis else
+                    SERVER_ERRORS for route in runtime.config.routes}
         recorders: dict[tuple[str, str, str], RingRecorder] = {}
         for ring in rings:
             key = (ring.route, ring.name, ring.pool.config.name)
@@ -178,6 +229,7 @@ class Metrics:
             if recorder is None:
                 window = RingWindow(self.window_horizon, self.window_resolution)
                 recorder = RingRecorder(*key, window)
+            recorder.error_statuses = statuses.get(ring.route, SERVER_ERRORS) | NONSTANDARD
             recorders[key] = recorder
             ring.recorder = recorder
         self._recorders = recorders
@@ -187,12 +239,19 @@ class Metrics:
 
     def window(self, route: str, ring: str, now: float, seconds: float) -> Summary:
         """The ring's last ``seconds`` (``now`` on the handler's clock, time.monotonic())."""
+        return self._recorder(route, ring).window.summary(now, seconds)
+
+    def tally(self, route: str, ring: str) -> Tally:
+        """The ring's running totals of judged requests (the same object while its
+        recorder lives: a new one, from zero, when the ring's pool changes)."""
+        return self._recorder(route, ring).tally
+
+    def _recorder(self, route: str, ring: str) -> RingRecorder:
         try:
-            recorder = self._by_ring[route, ring]
+            return self._by_ring[route, ring]
         except KeyError:
             known = ", ".join(f"{a}/{b}" for a, b in self._by_ring) or "none"
             raise KeyError(f"no metrics for ring {route}/{ring} (rings: {known})") from None
-        return recorder.window.summary(now, seconds)
 
     # ------------------------------------------------------------------ events
 
@@ -232,8 +291,10 @@ class Metrics:
         """What the rings' recorders counted."""
         requests = CounterMetricFamily(
             "ringproxy_requests", "Finished requests by ring and status class sent to the "
-            "client (error: the proxy answered 502/503/504 itself; client_closed: the client "
-            "left before a response; internal: a defect of the proxy failed it).",
+            "client (error: the proxy answered 502/504 itself, the upstream failed; refused: "
+            "the proxy answered 503 itself, the ring's max_concurrency was full; "
+            "client_closed: the client left before a response; internal: a defect of the "
+            "proxy failed it).",
             labels=(*RING_LABELS, "code_class"))
         errors = CounterMetricFamily(
             "ringproxy_upstream_errors", "Upstream failures by kind, including those after the "
@@ -263,7 +324,7 @@ class Metrics:
         yield sent_received
 
     def _rings_now(self) -> Iterator[Metric]:
-        """The live state of each ring: in flight, weight, phase."""
+        """The live state of each ring: in flight, weight, phase, its analysis."""
         inflight = GaugeMetricFamily(
             "ringproxy_inflight_requests", "Requests (and open WebSockets) in flight on the "
             "ring.", labels=("route", "ring"))
@@ -273,6 +334,15 @@ class Metrics:
         phase = GaugeMetricFamily(
             "ringproxy_ring_phase", "1 for the ring's current rollout phase.",
             labels=("route", "ring", "phase"))
+        starved = GaugeMetricFamily(
+            "ringproxy_ring_analysis_starved", "1 when the ring's analysis stayed undecided "
+            "for the route's max_blind in the current step (it does not advance), else 0.",
+            labels=("route", "ring"))
+        progress = GaugeMetricFamily(
+            "ringproxy_ring_evidence_progress", "How far the evidence of the ring's last "
+            "verdict is toward a rollback, per check: 0 none, 1 rolled back (log scale of "
+            "the anytime-valid p-value against the check's alpha).",
+            labels=("route", "ring", "check"))
         for ring in self._rings:
             inflight.add_metric((ring.route, ring.name), ring.inflight)
             # A ring with only rules has no weight; one the rollout loop does not run
@@ -281,9 +351,15 @@ class Metrics:
                 weight.add_metric((ring.route, ring.name), float(ring.weight))
             if ring.phase is not None:
                 phase.add_metric((ring.route, ring.name, str(ring.phase)), 1.0)
+                starved.add_metric((ring.route, ring.name), float(ring.starved))
+            if ring.verdict is not None:
+                for check in ring.verdict.checks:  # names from the config: a bounded set
+                    progress.add_metric((ring.route, ring.name, check.name), check.progress)
         yield inflight
         yield weight
         yield phase
+        yield starved
+        yield progress
 
     def _config_and_rollbacks(self) -> Iterator[Metric]:
         rollbacks = CounterMetricFamily(

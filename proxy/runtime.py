@@ -10,6 +10,7 @@ from typing import Protocol
 
 from proxy.config import Config, Ring, Route
 from proxy.dataplane.pool import UpstreamPool
+from proxy.rollout.judge import Verdict
 from proxy.rollout.state import Phase
 from proxy.routing.table import RoutingTable
 
@@ -42,9 +43,11 @@ class RingRuntime:
         "ring",
         "route",
         "settings",
+        "starved",
         "strip_headers",
         "table",
         "timeout",
+        "verdict",
     )
 
     def __init__(
@@ -66,8 +69,11 @@ class RingRuntime:
         self.timeout = ring.policy.timeout
         self.extra_headers = ring.policy.add_headers
         self.reason_header = route.decision.reason_upstream
-        # The rollout phase: the control loop's copy of its state (None until it runs).
+        # The control loop's copies, for metrics: the rollout phase (None until it runs),
+        # whether its analysis is starved, and its last verdict (None: not judged yet).
         self.phase: Phase | None = None
+        self.starved = False
+        self.verdict: Verdict | None = None
         # The override secret is for the proxy alone: never forwarded upstream.
         override = route.override
         self.strip_headers: tuple[str, ...] = (

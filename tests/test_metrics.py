@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import textwrap
-from types import SimpleNamespace
-from typing import Any
 
 import pytest
 from prometheus_client.openmetrics.parser import (
@@ -13,7 +11,10 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import parse_config
+from proxy.config.analysis import Criteria, LatencyLimit
 from proxy.metrics import CODE_CLASSES, ERROR_KINDS, Metrics, RingRecorder
+from proxy.rollout.evidence import Tally
+from proxy.rollout.judge import Outcome, judge
 from proxy.rollout.machine import Phase
 from proxy.rollout.window import RingWindow
 from proxy.runtime import Runtime
@@ -68,37 +69,44 @@ def recorder() -> RingRecorder:
 
 # --------------------------------------------------------------------------- classification
 
+J, N = True, False  # judged (recorded into the tally and the window) or not
+
 
 @pytest.mark.parametrize(
-    ("status", "error", "code_class", "kind", "failed"),
+    ("status", "error", "code_class", "kind", "judged", "failed"),
     [
-        (200, "", "2xx", None, False),
-        (101, "", "1xx", None, False),
-        (302, "", "3xx", None, False),
-        (404, "", "4xx", None, False),
-        (500, "", "5xx", None, True),
-        (503, "", "5xx", None, True),  # the upstream's own 503
-        (599, "", "5xx", None, True),
-        (799, "", "5xx", None, True),  # non-standard, accepted by aiohttp's parser
-        (502, "connect", "error", "connect", True),
-        (504, "connect", "error", "connect", True),  # connect timeout
-        (504, "timeout", "error", "timeout", True),
-        (502, "reset", "error", "reset", True),
-        (502, "bad_response", "error", "bad_response", True),
-        (503, "overload", "error", "overload", True),
-        (0, "timeout", "error", "timeout", True),
-        # After the upstream's headers went out: the client saw that status line.
-        (200, "reset", "2xx", "reset", False),
-        (206, "timeout", "2xx", "timeout", False),
-        (404, "bad_response", "4xx", "bad_response", False),
-        # The client went away: never an upstream error.
-        (0, "client_closed", "client_closed", None, False),
-        (200, "client_closed", "2xx", None, False),
-        (0, "", "error", None, True),  # nothing sent and no reason
+        (200, "", "2xx", None, J, False),
+        (101, "", "1xx", None, J, False),
+        (302, "", "3xx", None, J, False),
+        (404, "", "4xx", None, J, False),
+        (429, "", "4xx", None, J, False),  # not an error unless the route says so
+        (500, "", "5xx", None, J, True),
+        (503, "", "5xx", None, J, True),  # the upstream's own 503
+        (599, "", "5xx", None, J, True),
+        (799, "", "5xx", None, J, True),  # non-standard, accepted by aiohttp's parser
+        (502, "connect", "error", "connect", J, True),
+        (504, "connect", "error", "connect", J, True),  # connect timeout
+        (504, "timeout", "error", "timeout", J, True),
+        (502, "reset", "error", "reset", J, True),
+        (502, "bad_response", "error", "bad_response", J, True),
+        (0, "timeout", "error", "timeout", J, True),
+        # After the upstream's headers went out: the client saw that status line, and the
+        # upstream still failed to give a whole answer.
+        (200, "reset", "2xx", "reset", J, True),
+        (206, "timeout", "2xx", "timeout", J, True),
+        (404, "bad_response", "4xx", "bad_response", J, True),
+        # The proxy's own 503 for a full max_concurrency: refused, never judged.
+        (503, "overload", "refused", "overload", N, False),
+        # The client went away, or the proxy refused its request: never judged.
+        (0, "client_closed", "client_closed", None, N, False),
+        (200, "client_closed", "2xx", None, N, False),
+        (500, "client_closed", "5xx", None, N, False),
+        (400, "bad_request", "4xx", None, N, False),
+        (0, "", "error", None, J, True),  # nothing sent and no reason
     ],
 )
 def test_each_outcome_is_counted_once_in_one_class(
-    status: int, error: str, code_class: str, kind: str | None, failed: bool
+    status: int, error: str, code_class: str, kind: str | None, judged: bool, failed: bool
 ) -> None:
     rec = recorder()
     rec.record(status, error, 0.003, 10, 20, now=5.0)
@@ -106,10 +114,38 @@ def test_each_outcome_is_counted_once_in_one_class(
     assert rec.upstream_errors == [int(k == kind) for k in ERROR_KINDS]
     assert (rec.sent, rec.received) == (10, 20)
     summary = rec.window.summary(5.0, 1)
-    assert (summary.requests, summary.errors) == (1, int(failed))
+    assert (summary.requests, summary.errors) == (int(judged), int(failed))
+    evidence = rec.tally.evidence()
+    assert (evidence.requests, evidence.errors) == (int(judged), int(failed))
     timed = status != 101
-    assert sum(rec.buckets) == summary.observed == int(timed)
+    assert sum(rec.buckets) == int(timed)  # Prometheus: every finished request but a 101
     assert rec.duration_sum == (0.003 if timed else 0.0)
+    assert summary.observed == evidence.timed == int(timed and judged)
+
+
+def test_the_routes_error_statuses_decide_what_is_an_error() -> None:
+    rec = RingRecorder("api", "main", "a", RingWindow(60), frozenset({404, 429, 503}))
+    for status in (200, 404, 429, 500, 503, 799):
+        rec.record(status, "", 0.003, 0, 0, now=5.0)
+    evidence = rec.tally.evidence()
+    assert (evidence.requests, evidence.errors) == (6, 4)  # 404, 429, 503 and the 799
+
+
+def test_a_recorder_kept_by_a_reload_takes_the_new_error_statuses() -> None:
+    text = config(RINGS)
+    metrics = Metrics(process_metrics=False)
+    metrics.attach(Runtime(parse_config(text)))
+    tally = metrics.tally("api", "main")
+    with_404 = text.replace("  - name: api\n", "  - name: api\n    analysis: "
+                            "{error_statuses: [5xx, 404]}\n")
+    runtime = Runtime(parse_config(with_404))
+    metrics.attach(runtime)
+    recorder = runtime.rings["api"][1].recorder
+    assert isinstance(recorder, RingRecorder) and metrics.tally("api", "main") is tally
+    recorder.record(404, "", 0.01, 0, 0, 1.0)
+    assert (tally.requests, tally.errors) == (1, 1)
+    with pytest.raises(KeyError, match="no metrics for ring api/nope"):
+        metrics.tally("api", "nope")
 
 
 @pytest.mark.parametrize("status", [500, 200, 0])
@@ -123,6 +159,7 @@ def test_a_defect_of_the_proxy_is_counted_but_never_judged(status: int) -> None:
     assert sum(rec.buckets) == 0 and rec.duration_sum == 0
     summary = rec.window.summary(5.0, 1)
     assert (summary.requests, summary.errors, summary.observed) == (0, 0, 0)
+    assert rec.tally.evidence().requests == 0
 
 
 def test_durations_fill_inclusive_buckets() -> None:
@@ -237,21 +274,34 @@ def test_reload_failure_keeps_the_revision_and_counts() -> None:
     assert repr(metrics) == "<Metrics rings=0 revision=abc>"
 
 
-def test_phase_and_weight_come_from_whatever_the_runtime_rings_carry() -> None:
-    # Rings as values: what the control loop sets on them is all collect reads.
-    ring: Any = SimpleNamespace(
-        route="api", name="canary", inflight=2, weight=12.5, phase=Phase.ROLLED_BACK,
-        pool=SimpleNamespace(config=SimpleNamespace(name="b")), recorder=None,
-    )
-    runtime: Any = SimpleNamespace(
-        rings={"api": (ring,)}, config=SimpleNamespace(metrics=SimpleNamespace(enabled=True))
-    )
+def test_phase_starved_and_evidence_come_from_what_the_runtime_rings_carry() -> None:
+    # What the control loop copies onto the rings is all collect reads.
+    runtime = Runtime(parse_config(config(RINGS)))
     metrics = Metrics(process_metrics=False)
     metrics.attach(runtime)
+    beta, main = runtime.rings["api"]
     s = scrape(metrics)
-    assert value(s, "ringproxy_ring_weight_percent", route="api", ring="canary") == 12.5
-    assert value(s, "ringproxy_ring_phase", route="api", ring="canary", phase="rolled_back") == 1
-    assert value(s, "ringproxy_inflight_requests", route="api", ring="canary") == 2
+    assert not [k for k in s if k[0] in ("ringproxy_ring_phase", "ringproxy_ring_analysis_starved",
+                                         "ringproxy_ring_evidence_progress")]
+    ring, base = Tally(), Tally()
+    for i in range(200):
+        base.record(False, 0.010)
+        ring.record(i % 2 == 0, 0.010)  # half errors: far worse than the baseline
+    verdict = judge(ring.evidence(), base.evidence(), Criteria(latency=(LatencyLimit(0.95, 2),)))
+    assert verdict.outcome is Outcome.ROLLBACK
+    beta.phase, beta.starved, beta.verdict = Phase.ROLLED_BACK, True, verdict
+    main.phase, main.inflight = Phase.STEADY, 2
+    s = scrape(metrics)
+    assert value(s, "ringproxy_ring_phase", route="api", ring="beta", phase="rolled_back") == 1
+    assert value(s, "ringproxy_ring_analysis_starved", route="api", ring="beta") == 1
+    assert value(s, "ringproxy_ring_analysis_starved", route="api", ring="main") == 0
+    assert value(s, "ringproxy_ring_evidence_progress", route="api", ring="beta",
+                 check="error_rate_increase") == 1
+    assert value(s, "ringproxy_ring_evidence_progress", route="api", ring="beta",
+                 check="p95") == 0
+    assert not [k for k in s if k[0] == "ringproxy_ring_evidence_progress"
+                and ("ring", "main") in k[1]]
+    assert value(s, "ringproxy_inflight_requests", route="api", ring="main") == 2
 
 
 def test_openmetrics_is_served_when_asked_and_parses() -> None:

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from proxy.rollout.window import LATENCY_BUCKETS, RingWindow, Summary, quantile, summarize
+from proxy.rollout.window import (
+    LATENCY_BUCKETS,
+    Recent,
+    RingWindow,
+    Summary,
+    quantile,
+    summarize,
+)
 
 B = (1.0, 2.0, 4.0)  # small bounds for hand-checked percentiles
 
@@ -220,6 +227,72 @@ def test_random_histories_match_a_brute_force_model() -> None:
                     hist[sum(1 for b in B if d > b)] += 1
             expected = summarize(seconds, len(inside), sum(e[2] for e in inside), hist, B)
             assert w.summary(at, seconds) == expected
+
+
+def test_add_with_the_bucket_found_is_record() -> None:
+    by_record, by_add = RingWindow(horizon=10, bounds=B), RingWindow(horizon=10, bounds=B)
+    history = [(1.0, 0.5, False), (1.2, 4.0, True), (2.5, None, False), (3.0, 9.0, True)]
+    for t, d, err in history:
+        by_record.record(t, d, err)
+        by_add.add(t, -1 if d is None else sum(1 for b in B if d > b), err)
+    assert by_record.summary(3.0, 10) == by_add.summary(3.0, 10)
+    assert by_add.summary(3.0, 10).histogram == (1, 0, 1, 1)  # le inclusive: 4.0 in (2, 4]
+
+
+# --------------------------------------------------------------------------- recent
+
+
+def test_recent_counts_what_a_running_total_added_over_the_last_seconds() -> None:
+    r = Recent(1.0)
+    assert r.look(10.0, 100, 7) == (0, 0)  # the history starts at the first look
+    assert r.look(10.1, 102, 7) == (2, 0)
+    assert r.look(10.5, 110, 9) == (10, 2)  # shorter than a second: since the first look
+    assert r.look(11.0, 120, 9) == (20, 2)  # exactly a second: 10.0 still counts
+    assert r.look(11.05, 121, 10) == (19, 3)  # now since 10.1, the oldest look in range
+    assert r.look(13.0, 122, 10) == (0, 0)  # nothing looked at in the last second
+    assert repr(r) == "<Recent 1s looks=1>"
+
+
+def test_recent_is_never_diluted_by_what_came_before_its_seconds() -> None:
+    # 20 requests/s, healthy, then only errors from t=50: looks every 0.1 s.
+    r = Recent(1.0)
+    total = errors = 0
+    shares = {}
+    for tick in range(0, 560, 1):  # tenths of a second from 0 to 56
+        t = tick / 10
+        total += 2
+        errors += 2 if t > 50 else 0
+        n, e = r.look(t, total, errors)
+        shares[tick] = e / n if n else 0.0
+    assert shares[499] == 0.0 and shares[500] == 0.0
+    assert shares[503] == 0.3  # 0.3 s after the onset: 6 of the last 20
+    assert shares[510] == 1.0  # a second after: nothing else
+
+
+def test_recent_rejects_time_going_back_and_a_bad_span() -> None:
+    r = Recent(2.0)
+    r.look(5.0, 1, 0)
+    with pytest.raises(ValueError, match=r"now=4\.0 is before the last look 5\.0"):
+        r.look(4.0, 1, 0)
+    for bad in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="is not a positive number"):
+            Recent(bad)
+
+
+def test_recent_matches_a_brute_force_model() -> None:
+    rng = random.Random(7)
+    for _ in range(30):
+        seconds = rng.choice([0.5, 1.0, 2.5])
+        r = Recent(seconds)
+        looks: list[tuple[float, int, int]] = []
+        now, total, errors = rng.uniform(0, 100), 0, 0
+        for _ in range(rng.randrange(1, 200)):
+            now += rng.choice([0.0, 0.05, 0.1, 0.1, 0.3, 1.7, 5.0])
+            added = rng.randrange(0, 6)
+            total, errors = total + added, errors + rng.randrange(0, added + 1)
+            looks.append((now, total, errors))
+            base = min((x for x in looks if x[0] >= now - seconds - 1e-9), key=lambda x: x[0])
+            assert r.look(now, total, errors) == (total - base[1], errors - base[2])
 
 
 # --------------------------------------------------------------------------- the core line

@@ -1,9 +1,14 @@
 """The control loop: judge every analysed ring on a timer and apply what the rollout decides.
 
-The shell around the pure ``rollout.judge`` and ``rollout.machine``: it reads the metrics windows,
-keeps the ring states, persists them (state file, then audit file) before it applies a
-change to the routing table, counts rollbacks, and hands events to the webhook sender.
-Operator actions (the admin API) come in through ``act``.
+The shell around the pure ``rollout.judge`` and ``rollout.machine``: it takes the evidence
+off the rings' tallies, keeps the ring states, persists them (state file, then audit file)
+before it applies a change to the routing table, counts rollbacks, and hands events to the
+webhook sender.  Operator actions (the admin API) come in through ``act``.
+
+Every ``analysis.interval`` the judge reads each ring's evidence since its step began
+against its baseline's over the same time (``proxy.control.looks``: evidence starts at
+the first look at a step, after a restart too); every ``FAST_TICK`` the fast path reads
+each ring's last ``fast.window`` seconds.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from proxy.config import Config
 from proxy.config.analysis import FastRollback
+from proxy.control.looks import Looks
 from proxy.control.statefile import (
     append_audit,
     load_state,
@@ -46,9 +52,7 @@ States = Mapping[str, RingState]
 Decision = tuple[dict[str, RingState], list[Event]]
 # Decides a route's new states from its current plan (None: the route left the config).
 Decide = Callable[[RoutePlan | None, States], Decision]
-FAST_TICK = 0.2  # seconds between fast-path checks, when a route has one
-
-
+FAST_TICK = 0.1  # seconds between fast-path checks, when a route has one
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
     """What ``configure`` replaces, kept so a reload that fails later can put it back."""
@@ -91,6 +95,7 @@ class Controller:
         self._generation = 0  # bumped by every configure()
         self._task: asyncio.Task[None] | None = None
         self._retired: dict[WebhookSender, asyncio.Task[None]] = {}  # senders draining
+        self.looks = Looks()  # per ring: where its evidence starts, its recent history
 
     # ------------------------------------------------------------------ configuration
 
@@ -133,6 +138,7 @@ class Controller:
         self.plans, self.states = plans, states
         self._generation += 1  # a commit whose save spans this call decides again
         self.verdicts = {k: v for k, v in self.verdicts.items() if k in plans}
+        self.looks.keep({(p.route, r.name) for p in plans.values() for r in p.analysed})
         self._runtime = runtime
         for name in plans:
             self._apply(name)
@@ -163,7 +169,7 @@ class Controller:
         """Put the route's live weights and rolled-back rings into the routing table.
 
         The table's bucket layout is then the one truth of the weights (rings read their
-        share off it); the phase is copied to the ring for metrics and the admin API.
+        share off it); the phase (and the analysis) is copied to the ring for metrics.
         """
         runtime = self._runtime
         if runtime is None:
@@ -173,8 +179,17 @@ class Controller:
         weights = [states[r.name].weight for r in compiled.route.rings]
         blocked = [name for name, state in states.items() if not state.enabled]
         runtime.table.set_route(compiled.with_weights(weights, blocked))
-        for ring_rt in runtime.rings[route]:
-            ring_rt.phase = states[ring_rt.name].phase
+        self._show(route)
+
+    def _show(self, route: str) -> None:
+        """Copy each ring's phase, starved flag and last verdict to its runtime (metrics)."""
+        if self._runtime is None:
+            return
+        states, verdicts = self.states[route], self.verdicts.get(route, {})
+        for ring_rt in self._runtime.rings[route]:
+            state = states[ring_rt.name]
+            ring_rt.phase, ring_rt.starved = state.phase, state.starved
+            ring_rt.verdict = verdicts.get(ring_rt.name)
 
     # ------------------------------------------------------------------ the loop
 
@@ -233,16 +248,17 @@ class Controller:
             await asyncio.sleep(min(ticks) if ticks else 1.0)
 
     async def check_fast(self, route: str) -> list[Event]:
-        """The fast path: a ring far above the hard error limit is rolled back at once."""
+        """The fast path: a ring above the hard error limit over its last seconds goes back."""
         async with self._lock:
             plan = self.plans.get(route)
             fast = plan.analysis.fast if plan and plan.analysis else None
-            if plan is None or fast is None or not self._has_windows(route):
+            if plan is None or fast is None:
                 return []
             found = self._fast_failure(route, plan, fast)
             if found is None:
                 return []
             ring, verdict = found
+            self.verdicts.setdefault(route, {})[ring] = verdict
             now = self.wall()
             return await self._commit(route, _judged(
                 plan, lambda p, s: on_fast_failure(p, s, ring, verdict, now)))
@@ -252,11 +268,18 @@ class Controller:
     ) -> tuple[str, Verdict] | None:
         now = self.mono()
         for ring in plan.analysed:
-            if self.states[route][ring.name].enabled:
-                summary = self.metrics.window(route, ring.name, now, fast.window)
-                verdict = judge_fast(summary, fast.max_error_rate, fast.min_requests)
-                if verdict is not None:
-                    return ring.name, verdict
+            state = self.states[route][ring.name]
+            if not state.enabled:
+                continue
+            try:
+                tally = self.metrics.tally(route, ring.name)
+            except KeyError:
+                return None  # metrics are off: nothing is analysed
+            requests, errors = self.looks.recent((route, ring.name), state, tally,
+                                                 fast.window, now)
+            verdict = judge_fast(requests, errors, fast)
+            if verdict is not None:
+                return ring.name, verdict
         return None
 
     async def evaluate(self, route: str) -> list[Event]:
@@ -266,26 +289,26 @@ class Controller:
             analysis = plan.analysis if plan is not None else None
             if plan is None or analysis is None or self._runtime is None:
                 return []  # a route without analysis is never analysed
-            if not self._has_windows(route):
-                return []
-            now_mono = self.mono()
-            baseline = self.metrics.window(route, plan.baseline, now_mono, analysis.window)
-            verdicts = {}
+            try:
+                baseline = self.metrics.tally(route, plan.baseline)
+            except KeyError:
+                return []  # metrics are off: nothing is analysed
+            baseline_now = baseline.evidence()
+            states = self.states[route]
+            # A rolled-back ring keeps the verdict that sent it back, for the admin views.
+            verdicts = {name: v for name, v in self.verdicts.get(route, {}).items()
+                        if name in states and not states[name].enabled}
             for ring in plan.analysed:
-                if self.states[route][ring.name].enabled:
-                    summary = self.metrics.window(route, ring.name, now_mono, analysis.window)
-                    verdicts[ring.name] = judge(summary, baseline, analysis.thresholds)
+                if states[ring.name].enabled:
+                    ring_ev, base_ev = self.looks.since_step(
+                        (route, ring.name), states[ring.name],
+                        self.metrics.tally(route, ring.name), baseline, baseline_now)
+                    verdicts[ring.name] = judge(ring_ev, base_ev, analysis.criteria)
             self.verdicts[route] = verdicts
+            self._show(route)
             now = self.wall()
             return await self._commit(route, _judged(
                 plan, lambda p, s: on_verdicts(p, s, verdicts, now)))
-
-    def _has_windows(self, route: str) -> bool:
-        try:
-            self.metrics.window(route, self.plans[route].baseline, self.mono(), 1.0)
-        except KeyError:
-            return False
-        return True
 
     # ------------------------------------------------------------------ operator actions
 

@@ -36,6 +36,7 @@ log = logging.getLogger("ringproxy.dataplane")
 _NO_BODY_STATUS = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 INTERNAL = "internal"  # the error of a request that failed on a defect of the proxy
+BAD_REQUEST = "bad_request"  # the error of a client's request the proxy refused
 
 
 class Exchange(Waiter):
@@ -93,6 +94,7 @@ class ProxyHandler:
             raise
         except web.HTTPException as exc:  # aiohttp refused the client (a bad WS handshake)
             ex.status = exc.status
+            ex.error = BAD_REQUEST  # the client's doing: never judged against the ring
             raise
         except Exception:
             _internal_error(request, ex)

@@ -8,16 +8,23 @@ Phases of a ring (the whole machine is the ``TRANSITIONS`` table below: (phase, 
 ``on_fast_failure`` only produce triggers and read the table):
 
     steady             no progression steps: analysed, can be rolled back
-    progressing        at a step, advancing after ``min_step_duration`` of passing verdicts
+    progressing        at a step, advancing after ``min_step_duration`` on evidence of health
     awaiting_approval  the next step needs an operator's approve; still analysed
     paused             an operator stopped progression; still analysed
     completed          at the last step; still analysed
     rolled_back        weight 0 (or the previous step) and its rules off; stays until an
                        operator resumes it or the ring's config changes
 
-``failure_limit`` consecutive failing verdicts roll back the ring and every other
-non-pinned ring of the route that sends to the same pool.  Not-enough-data never advances
-and never rolls back.
+What a verdict (the sequential judge's, on the evidence since the ring's step began) does:
+
+    rollback   FAILED at once: the ring, and every other non-pinned ring of the route that
+               sends to the same pool, goes back (one crossing of the anytime-valid bound
+               decides; its false rollback probability over the step is alpha)
+    healthy    STEP_DUE once ``min_step_duration`` is over: a step advances only on
+               evidence of health
+    undecided  nothing; but a ring still undecided ``max_blind`` after its step began gets
+               STARVED, once per step: an ``analysis_starved`` event and the state's
+               ``starved`` flag (the phase stays; a new step or a resume clears it)
 """
 
 from __future__ import annotations
@@ -33,8 +40,9 @@ from proxy.rollout.state import Event, Phase, RingState, percent_text
 
 
 class Trigger(StrEnum):
-    FAILED = "failed"  # failure_limit consecutive failing verdicts
-    STEP_DUE = "step_due"  # passing, and the step's minimum duration is over
+    FAILED = "failed"  # a verdict (or the fast path) says roll back
+    STEP_DUE = "step_due"  # healthy, and the step's minimum duration is over
+    STARVED = "starved"  # undecided for max_blind since the step began
     PROMOTE = "promote"
     APPROVE = "approve"
     PAUSE = "pause"
@@ -43,14 +51,14 @@ class Trigger(StrEnum):
     SET_WEIGHT = "set_weight"
 
 
-ANALYSIS_TRIGGERS = frozenset({Trigger.FAILED, Trigger.STEP_DUE})
+ANALYSIS_TRIGGERS = frozenset({Trigger.FAILED, Trigger.STEP_DUE, Trigger.STARVED})
 
 
 def initial_state(plan: RingPlan, now: float) -> RingState:
     if plan.steps:
-        return RingState(Phase.PROGRESSING, plan.steps[0].weight, 0, now, 0, None,
-                         plan.fingerprint)
-    return RingState(Phase.STEADY, plan.weight, None, now, 0, None, plan.fingerprint)
+        return RingState(Phase.PROGRESSING, plan.steps[0].weight, 0, now,
+                         fingerprint=plan.fingerprint)
+    return RingState(Phase.STEADY, plan.weight, None, now, fingerprint=plan.fingerprint)
 
 
 def restore(plan: RoutePlan, saved: Mapping[str, RingState], now: float) -> dict[str, RingState]:
@@ -65,8 +73,6 @@ def restore(plan: RoutePlan, saved: Mapping[str, RingState], now: float) -> dict
     return states
 
 
-
-
 # --------------------------------------------------------------------------- the table
 
 
@@ -77,6 +83,7 @@ class Goal(StrEnum):
     NEXT_STEP_GATED = "next_step_gated"  # the same, but awaiting approval first if it needs it
     PAUSED_FROM = "paused_from"  # the phase the pause interrupted
     FIRST_STEP = "first_step"  # the rollout over: its first step, or steady without steps
+    STAY = "stay"  # the phase it is in
 
 
 class Guard(StrEnum):
@@ -106,6 +113,7 @@ _SET_WEIGHT = Transition(Phase.PAUSED, (Guard.HAS_WEIGHT, Guard.WEIGHTS_FIT))
 TRANSITIONS: dict[tuple[Phase, Trigger], Transition] = {
     **{(p, Trigger.FAILED): _ROLL_BACK for p in _ANALYSED},
     **{(p, Trigger.ROLLBACK): _ROLL_BACK for p in _ANALYSED},
+    **{(p, Trigger.STARVED): Transition(Goal.STAY) for p in _ANALYSED},
     (Phase.PROGRESSING, Trigger.STEP_DUE): Transition(Goal.NEXT_STEP_GATED),
     (Phase.PROGRESSING, Trigger.PROMOTE): _PROMOTE,
     (Phase.AWAITING_APPROVAL, Trigger.PROMOTE): _PROMOTE,
@@ -167,6 +175,8 @@ def target(
     goal = rule.target
     if isinstance(goal, Phase):
         return goal
+    if goal is Goal.STAY:
+        return state.phase
     if goal is Goal.PAUSED_FROM:
         return state.resume_to or Phase.PROGRESSING
     if goal is Goal.FIRST_STEP:
@@ -208,8 +218,8 @@ def _rolled_back(ctx: _Ctx, ring: RingPlan, state: RingState, to: Phase) -> tupl
     if ctx.plan.rollback_to_previous and state.step:
         step = state.step - 1
         weight = ring.steps[step].weight
-    return "rollback", replace(state, phase=to, weight=weight, step=step, failures=0,
-                               step_since=ctx.now, resume_to=None)
+    return "rollback", replace(state, phase=to, weight=weight, step=step,
+                               step_since=ctx.now, resume_to=None, starved=False)
 
 
 def _advanced(ctx: _Ctx, ring: RingPlan, state: RingState, to: Phase) -> tuple[str, RingState]:
@@ -219,7 +229,7 @@ def _advanced(ctx: _Ctx, ring: RingPlan, state: RingState, to: Phase) -> tuple[s
     if to is Phase.AWAITING_APPROVAL:
         return "awaiting_approval", replace(state, phase=to)
     return "advance", replace(state, phase=to, weight=ring.steps[nxt].weight, step=nxt,
-                              step_since=ctx.now, failures=0, resume_to=None)
+                              step_since=ctx.now, resume_to=None, starved=False)
 
 
 def _paused(ctx: _Ctx, ring: RingPlan, state: RingState, to: Phase) -> tuple[str, RingState]:
@@ -230,7 +240,8 @@ def _resumed(ctx: _Ctx, ring: RingPlan, state: RingState, to: Phase) -> tuple[st
     if state.phase is Phase.ROLLED_BACK:
         # The rollout starts over: its first step, or back to the configured weight.
         return "resume", initial_state(ring, ctx.now)
-    return "resume", replace(state, phase=to, resume_to=None, step_since=ctx.now)
+    return "resume", replace(state, phase=to, resume_to=None, step_since=ctx.now,
+                             starved=False)
 
 
 def _weight_set(ctx: _Ctx, ring: RingPlan, state: RingState, to: Phase) -> tuple[str, RingState]:
@@ -239,7 +250,11 @@ def _weight_set(ctx: _Ctx, ring: RingPlan, state: RingState, to: Phase) -> tuple
     else:
         resume_to = state.phase if state.phase is not Phase.ROLLED_BACK else Phase.STEADY
     return "set_weight", replace(state, phase=to, weight=ctx.weight, step_since=ctx.now,
-                                 resume_to=resume_to)
+                                 resume_to=resume_to, starved=False)
+
+
+def _starved(ctx: _Ctx, ring: RingPlan, state: RingState, to: Phase) -> tuple[str, RingState]:
+    return "analysis_starved", replace(state, phase=to, starved=True)
 
 
 # What each trigger does to the ring's state; the phase it ends in is the table's.
@@ -247,6 +262,7 @@ EFFECTS: dict[Trigger, Effect] = {
     Trigger.FAILED: _rolled_back,
     Trigger.ROLLBACK: _rolled_back,
     Trigger.STEP_DUE: _advanced,
+    Trigger.STARVED: _starved,
     Trigger.PROMOTE: _advanced,
     Trigger.APPROVE: _advanced,
     Trigger.PAUSE: _paused,
@@ -284,30 +300,37 @@ def on_verdicts(
     new: States = dict(states)
     if plan.analysis is None:
         return new, []
-    limit = plan.analysis.failure_limit
     ctx = _Ctx(plan, new, now)
     for ring in plan.analysed:
         verdict = verdicts.get(ring.name)
         state = new[ring.name]
         if verdict is None or not state.enabled:
             continue
-        ctx.reason, ctx.numbers = verdict.reason, verdict.numbers
-        ctx.label = (verdict.broken or ("manual",))[0]
-        if verdict.outcome is Outcome.FAIL:
-            new[ring.name] = state = replace(state, failures=state.failures + 1)
-            if state.failures >= limit:
-                ctx.reason = f"{state.failures} failing verdicts in a row: {verdict.reason}"
-                _fire(ctx, ring.name, Trigger.FAILED, strict=False)
-        elif verdict.outcome is Outcome.PASS:
-            if state.failures:
-                new[ring.name] = state = replace(state, failures=0)
-            due = now - state.step_since >= _min_step_duration(ring)
-            if due and (state.phase, Trigger.STEP_DUE) in TRANSITIONS:
-                ctx.reason = (f"passing for {now - state.step_since:.0f}s at "
-                              f"{percent_text(state.weight)}")
-                ctx.label = "progression"
-                _fire(ctx, ring.name, Trigger.STEP_DUE, strict=False)
+        found = _trigger(plan.analysis.max_blind, ring, state, verdict, now)
+        if found is not None:
+            trigger, ctx.reason, ctx.label = found
+            ctx.numbers = verdict.numbers
+            _fire(ctx, ring.name, trigger, strict=False)
     return new, ctx.events
+
+
+def _trigger(
+    max_blind: float, ring: RingPlan, state: RingState, verdict: Verdict, now: float
+) -> tuple[Trigger, str, str] | None:
+    """What ``verdict`` fires on ``ring`` (with the event's reason and label), if anything."""
+    elapsed = now - state.step_since
+    at = percent_text(state.weight)
+    if verdict.outcome is Outcome.ROLLBACK:
+        return Trigger.FAILED, verdict.reason, (verdict.broken or ("manual",))[0]
+    if verdict.outcome is Outcome.HEALTHY:
+        if elapsed >= _min_step_duration(ring) and (state.phase, Trigger.STEP_DUE) in TRANSITIONS:
+            return (Trigger.STEP_DUE, f"healthy after {elapsed:.0f}s at {at}: {verdict.reason}",
+                    "progression")
+        return None
+    if elapsed >= max_blind and not state.starved:
+        return (Trigger.STARVED, f"undecided {elapsed:.0f}s into the step at {at} (max_blind "
+                f"{max_blind:g}s): {verdict.reason}", "analysis_starved")
+    return None
 
 
 def _min_step_duration(ring: RingPlan) -> float:
@@ -318,7 +341,7 @@ def _min_step_duration(ring: RingPlan) -> float:
 def on_fast_failure(
     plan: RoutePlan, states: Mapping[str, RingState], ring: str, verdict: Verdict, now: float
 ) -> tuple[States, list[Event]]:
-    """The fast path: roll back at once, without waiting for failure_limit verdicts."""
+    """The fast path: roll back at once, without waiting for the next analysis round."""
     new: States = dict(states)
     ctx = _Ctx(plan, new, now, f"fast rollback: {verdict.reason}",
                (verdict.broken or ("fast_error_rate",))[0], verdict.numbers)

@@ -1,7 +1,9 @@
 """Ring states and events: the values the rollout machine reads and writes.  Pure.
 
 A state's JSON form is what the state file keeps; ``RingState.from_dict`` checks every
-field's type (a state file is input), naming the field that is wrong.
+field's type (a state file is input), naming the field that is wrong.  Files of earlier
+versions load: their ``failures`` (a count of failing verdicts in a row, which the
+sequential judge no longer keeps) is read for its type and dropped.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ class RingState:
     weight: int | None  # live basis points (None: rule-only ring)
     step: int | None = None  # index into the plan's steps
     step_since: float = 0.0  # wall-clock start of the current step
-    failures: int = 0  # consecutive failing verdicts
     resume_to: Phase | None = None  # the phase a pause returns to
     fingerprint: str = ""
+    # The analysis stayed undecided for the route's max_blind in this step (its
+    # analysis_starved event is raised once per step); cleared by a new step or a resume.
+    starved: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -40,23 +44,24 @@ class RingState:
             "weight": self.weight,
             "step": self.step,
             "step_since": self.step_since,
-            "failures": self.failures,
             "resume_to": self.resume_to.value if self.resume_to else None,
             "fingerprint": self.fingerprint,
+            "starved": self.starved,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> RingState:
         """A saved state; ValueError naming the field whose value is not what it must be."""
         resume = data.get("resume_to")
+        _whole(data.get("failures", 0), "failures")  # an earlier version's field: dropped
         return cls(
             phase=_phase(data.get("phase"), "phase"),
             weight=_optional_whole(data.get("weight"), "weight"),
             step=_optional_whole(data.get("step"), "step"),
             step_since=_seconds(data.get("step_since", 0.0), "step_since"),
-            failures=_whole(data.get("failures", 0), "failures"),
             resume_to=None if resume is None else _phase(resume, "resume_to"),
             fingerprint=_text(data.get("fingerprint", ""), "fingerprint"),
+            starved=_flag(data.get("starved", False), "starved"),
         )
 
 
@@ -73,6 +78,12 @@ def _whole(value: object, name: str) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     raise ValueError(f"{name}: expected a whole number >= 0, got {value!r}")
+
+
+def _flag(value: object, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"{name}: expected true or false, got {value!r}")
 
 
 def _optional_whole(value: object, name: str) -> int | None:
@@ -96,14 +107,15 @@ class Event:
     time: float
     route: str
     ring: str
-    # rollback | advance | awaiting_approval | completed | pause | resume | set_weight
+    # rollback | advance | awaiting_approval | completed | pause | resume | set_weight |
+    # analysis_starved
     kind: str
     from_weight: int | None
     to_weight: int | None
     from_phase: str
     phase: str
     reason: str
-    label: str = "manual"  # bounded reason for metrics: a threshold name or "manual"
+    label: str = "manual"  # bounded reason for metrics: a check name or "manual"
     numbers: Mapping[str, object] = field(default_factory=dict)
     actor: str = "analysis"
 

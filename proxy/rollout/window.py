@@ -1,8 +1,19 @@
-"""Sliding windows of one ring's outcomes, for the analysis loop.
+"""Recent history of one ring's outcomes: what it did in the last seconds.
 
 Pure: no asyncio, no clock.  The caller passes ``now`` (seconds on one monotonic clock,
-e.g. ``time.monotonic()``) to both ``record`` and ``summary``, so tests and incident
-replays drive time by hand.
+e.g. ``time.monotonic()``) to every method, so tests and incident replays drive time by
+hand.
+
+Two views of the recent past, neither of them the judge's (the judge reads a ring's
+cumulative ``Evidence`` since its step began, ``proxy.rollout.evidence``):
+
+* ``RingWindow``: per-second counts and latency histograms over minutes, for people (the
+  admin API's traffic view).  The metrics layer records into it only what the ring's
+  upstream did, the outcomes the judge counts too (never the proxy's own refusals or
+  clients that left).
+* ``Recent``: the fast path's last second, taken from snapshots of a ring's running
+  totals that the control loop takes as often as it looks (every 0.1 s): nothing more
+  on the request path.
 
 A window is a ring buffer of ``ceil(horizon / resolution)`` buckets.  Bucket ``e`` holds
 the requests recorded with ``floor(now / resolution) == e``: a count, an error count and a
@@ -15,9 +26,11 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
+from math import floor
 
 # Upper bounds (seconds) of the latency buckets, ~1 ms to 10 s; one more bucket (+Inf)
 # holds everything slower.  Shared with ringproxy_request_duration_seconds.
@@ -147,21 +160,32 @@ class RingWindow:
 
     def record(self, now: float, duration: float | None, error: bool) -> None:
         """Count one finished request; ``duration`` None counts it without a latency."""
-        epoch = math.floor(now / self.resolution)
+        self.add(now, -1 if duration is None else bisect_left(self._bounds, duration), error)
+
+    def add(self, now: float, bucket: int, error: bool) -> None:
+        """``record`` with the latency bucket already found (the index ``bisect_left`` of
+        the bounds gives; -1: not timed).  The request path's way in: one search for the
+        Prometheus histogram and this one."""
+        epoch = floor(now / self.resolution)
         slot = epoch % self._n
-        held = self._epoch[slot]
-        if held != epoch:
-            if held > epoch:
-                return  # older than the horizon: its slot already holds a newer bucket
-            self._epoch[slot] = epoch
-            self._count[slot] = 0
-            self._errors[slot] = 0
-            self._hist[slot] = [0] * (len(self._bounds) + 1)
+        if self._epoch[slot] != epoch and not self._renew(slot, epoch):
+            return
         self._count[slot] += 1
         if error:
             self._errors[slot] += 1
-        if duration is not None:
-            self._hist[slot][bisect_left(self._bounds, duration)] += 1
+        if bucket >= 0:
+            self._hist[slot][bucket] += 1
+
+    def _renew(self, slot: int, epoch: int) -> bool:
+        """Give ``slot`` to ``epoch``; False when the slot holds a newer one already (the
+        request is older than the horizon)."""
+        if self._epoch[slot] > epoch:
+            return False
+        self._epoch[slot] = epoch
+        self._count[slot] = 0
+        self._errors[slot] = 0
+        self._hist[slot] = [0] * (len(self._bounds) + 1)
+        return True
 
     def summary(self, now: float, seconds: float) -> Summary:
         """The last ``seconds`` up to ``now``, in whole buckets, the current (partial) one included.
@@ -190,3 +214,37 @@ class RingWindow:
     def __repr__(self) -> str:
         return (f"<RingWindow horizon={self.horizon:g}s resolution={self.resolution:g}s "
                 f"buckets={self._n}>")
+
+
+class Recent:
+    """A running (requests, errors) count over the last ``seconds``, from snapshots.
+
+    ``look(now, requests, errors)`` keeps the totals seen at ``now`` and answers what was
+    added since the oldest snapshot at most ``seconds`` old: a span of at most ``seconds``
+    (and at least ``seconds`` less the time between two looks), so a ring that broke a
+    moment ago is not diluted by older, healthy traffic.  The history starts at the first
+    look: until ``seconds`` have passed the span is shorter.
+    """
+
+    __slots__ = ("_seen", "seconds")
+
+    def __init__(self, seconds: float) -> None:
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise ValueError(f"recent: seconds={seconds!r} is not a positive number")
+        self.seconds = seconds
+        self._seen: deque[tuple[float, int, int]] = deque()
+
+    def look(self, now: float, requests: int, errors: int) -> tuple[int, int]:
+        """(requests, errors) added over the last ``seconds`` up to ``now``."""
+        seen = self._seen
+        if seen and now < seen[-1][0]:
+            raise ValueError(f"recent: now={now!r} is before the last look {seen[-1][0]!r}")
+        seen.append((now, requests, errors))
+        oldest = now - self.seconds - _EPS
+        while seen[0][0] < oldest:
+            seen.popleft()
+        _, base_requests, base_errors = seen[0]
+        return requests - base_requests, errors - base_errors
+
+    def __repr__(self) -> str:
+        return f"<Recent {self.seconds:g}s looks={len(self._seen)}>"
