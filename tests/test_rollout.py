@@ -7,10 +7,11 @@ from dataclasses import replace
 
 import pytest
 
-from proxy.config.rollout import Analysis, Progression, Step
+from proxy.config.analysis import Analysis
+from proxy.config.rollout import Progression, Step
 from proxy.control.statefile import append_audit, load_state, read_audit, save_state
 from proxy.errors import RolloutConflict, StateError
-from proxy.rollout.judge import Outcome, Verdict
+from proxy.rollout.judge import Check, Finding, Outcome, Verdict
 from proxy.rollout.machine import (
     ANALYSIS_TRIGGERS,
     EFFECTS,
@@ -27,13 +28,16 @@ from proxy.rollout.machine import (
     target,
 )
 
-PASS = Verdict(Outcome.PASS)
-NO_DATA = Verdict(Outcome.NO_DATA, ("3 requests",))
-FAIL = Verdict(Outcome.FAIL, ("error rate 20.00% above 5.00%",), ("error_rate",),
-               {"requests": 100, "errors": 20})
+HEALTHY = Verdict(Outcome.HEALTHY, requests=500, baseline_requests=5000)
+UNDECIDED = Verdict(Outcome.UNDECIDED, requests=3, note="3 of the 100 requests a step needs")
+WORSE = Check("error_rate", Finding.WORSE, 0.2, 0.12, 0.3, 0.05, 1e-5, 0.01,
+              "error rate 20.00% (20/100), surely 12.00% to 30.00%, limit 5.00%",
+              {"errors": 20, "requests": 100})
+ROLLBACK = Verdict(Outcome.ROLLBACK, (WORSE,), 100, 1000)
+MAX_BLIND = 600.0
 
 
-def plan(approval_at: int | None = None, previous: bool = False, limit: int = 2) -> RoutePlan:
+def plan(approval_at: int | None = None, previous: bool = False) -> RoutePlan:
     steps = tuple(Step(w, i == approval_at) for i, w in enumerate((100, 500, 2500, 5000)))
     return RoutePlan(
         route="api",
@@ -45,8 +49,7 @@ def plan(approval_at: int | None = None, previous: bool = False, limit: int = 2)
             RingPlan("stable", "v1", None, fingerprint="s1"),
         ),
         baseline="stable",
-        analysis=Analysis(interval=1, window=30, failure_limit=limit,
-                          rollback_to_previous=previous),
+        analysis=Analysis(interval=1, max_blind=MAX_BLIND, rollback_to_previous=previous),
     )
 
 
@@ -70,37 +73,71 @@ def test_initial_states() -> None:
     assert (states["qa"].phase, states["qa"].weight) == (Phase.STEADY, None)
 
 
-def test_failure_limit_rolls_back_the_ring_and_its_pools_unpinned_rings() -> None:
-    p = plan(limit=3)
-    states, events = run(p, fresh(p), [(1, FAIL), (2, FAIL)])
-    assert events == [] and states["canary"].failures == 2
-    states, events = run(p, states, [(3, FAIL)])
+def test_a_rollback_verdict_rolls_back_at_once_the_ring_and_its_pools_unpinned_rings() -> None:
+    p = plan()
+    states, events = run(p, fresh(p), [(1, ROLLBACK)])
     assert [(e.ring, e.kind, e.from_weight, e.to_weight) for e in events] == [
         ("canary", "rollback", 100, 0), ("beta", "rollback", 1000, 0)]
-    assert "3 failing verdicts in a row: error rate 20.00% above 5.00%" in events[0].reason
-    assert events[0].label == "error_rate" and events[0].numbers["errors"] == 20
+    assert events[0].reason == WORSE.detail
+    assert events[0].label == "error_rate"
+    assert events[0].numbers["error_rate"] == {
+        "finding": "worse", "estimate": 0.2, "lower": 0.12, "upper": 0.3, "limit": 0.05,
+        "p_value": 1e-5, "errors": 20, "requests": 100}
     assert states["canary"].phase is Phase.ROLLED_BACK and not states["canary"].enabled
     assert states["qa"].phase is Phase.STEADY  # pinned keeps its pool
     assert states["other"].phase is Phase.STEADY  # another pool
     assert states["stable"].phase is Phase.STEADY  # the baseline never rolls back
     # a rolled-back ring gets no more verdicts and stays down
-    states, events = run(p, states, [(4, FAIL), (5, PASS), (500, PASS)])
+    states, events = run(p, states, [(4, ROLLBACK), (5, HEALTHY), (5000, UNDECIDED)])
     assert events == [] and states["canary"].phase is Phase.ROLLED_BACK
 
 
-def test_no_data_never_advances_nor_rolls_back_and_pass_resets_failures() -> None:
+def test_undecided_never_advances_nor_rolls_back() -> None:
     p = plan()
-    states, events = run(p, fresh(p), [(1, FAIL), (2, NO_DATA), (100, NO_DATA), (200, NO_DATA)])
-    assert events == []
-    assert states["canary"].failures == 1 and states["canary"].step == 0
-    states, events = run(p, states, [(201, PASS), (202, FAIL)])
-    assert states["canary"].failures == 1  # the pass reset the streak
-    assert [e.kind for e in events] == ["advance"]  # 201 - 0 >= 60 s: due
+    states, events = run(p, fresh(p), [(1, UNDECIDED), (100, UNDECIDED), (599, UNDECIDED)])
+    assert events == [] and states == fresh(p)
+    # healthy, but not yet min_step_duration (60 s) into the step: nothing either
+    states, events = run(p, fresh(p), [(59, HEALTHY)])
+    assert events == [] and states == fresh(p)
+    states, events = run(p, states, [(60, HEALTHY)])
+    assert [(e.kind, e.to_weight) for e in events] == [("advance", 500)]
+    assert events[0].label == "progression"
+    assert events[0].reason == ("healthy after 60s at 1%: within every tolerance over 500 "
+                                "requests")
+
+
+def test_a_ring_undecided_for_max_blind_starves_once_per_step_and_does_not_advance() -> None:
+    p = plan()
+    states, events = run(p, fresh(p), [(599, UNDECIDED), (600, UNDECIDED)])
+    assert [(e.ring, e.kind, e.from_phase, e.phase, e.from_weight, e.to_weight)
+            for e in events] == [("canary", "analysis_starved", "progressing", "progressing",
+                                  100, 100)]
+    assert events[0].reason == ("undecided 600s into the step at 1% (max_blind 600s): "
+                                "3 of the 100 requests a step needs")
+    assert events[0].label == "analysis_starved" and events[0].numbers["requests"] == 3
+    starved = states["canary"]
+    assert starved.starved and starved.step == 0 and starved.phase is Phase.PROGRESSING
+    # once per step: more blind rounds say nothing more
+    states, events = run(p, states, [(700, UNDECIDED), (3000, UNDECIDED)])
+    assert events == [] and states["canary"] == starved
+    # evidence of health still advances it, and the new step clears the flag
+    states, events = run(p, states, [(3001, HEALTHY)])
+    assert [e.kind for e in events] == ["advance"] and not states["canary"].starved
+    states, events = run(p, states, [(3001 + 599, UNDECIDED), (3001 + 600, UNDECIDED)])
+    assert [e.kind for e in events] == ["analysis_starved"]
+    # a pause keeps the flag, the resume (a new start for the step) clears it
+    states, _ = act(p, states, "canary", Trigger.PAUSE, 3700)
+    assert states["canary"].starved
+    states, _ = act(p, states, "canary", Trigger.RESUME, 3800)
+    assert not states["canary"].starved and states["canary"].step_since == 3800
+    # a steady ring starves too (it is exposed and the analysis cannot tell)
+    states, events = run(p, fresh(p), [(600, UNDECIDED)], ring="beta")
+    assert [(e.ring, e.kind) for e in events] == [("beta", "analysis_starved")]
 
 
 def test_progression_through_every_step_to_completed() -> None:
     p = plan()
-    states, events = run(p, fresh(p), [(t, PASS) for t in range(0, 400, 10)])
+    states, events = run(p, fresh(p), [(t, HEALTHY) for t in range(0, 400, 10)])
     assert [(e.kind, e.to_weight) for e in events] == [
         ("advance", 500), ("advance", 2500), ("advance", 5000)]
     assert [e.time for e in events] == [60, 120, 180]  # min_step_duration after each step
@@ -109,17 +146,17 @@ def test_progression_through_every_step_to_completed() -> None:
 
 def test_approval_step_waits_and_still_rolls_back() -> None:
     p = plan(approval_at=2)
-    states, events = run(p, fresh(p), [(t, PASS) for t in range(0, 300, 10)])
+    states, events = run(p, fresh(p), [(t, HEALTHY) for t in range(0, 300, 10)])
     assert [(e.kind, e.to_weight) for e in events] == [
         ("advance", 500), ("awaiting_approval", 500)]
     assert states["canary"].phase is Phase.AWAITING_APPROVAL
-    states, events = run(p, states, [(300, FAIL), (301, FAIL)])
+    states, events = run(p, states, [(300, ROLLBACK)])
     assert [e.kind for e in events if e.ring == "canary"] == ["rollback"]
 
 
 def test_approve_moves_to_the_step() -> None:
     p = plan(approval_at=2)
-    states, _ = run(p, fresh(p), [(t, PASS) for t in range(0, 300, 10)])
+    states, _ = run(p, fresh(p), [(t, HEALTHY) for t in range(0, 300, 10)])
     with pytest.raises(RolloutConflict, match="cannot approve ring 'beta': it is steady"):
         act(p, states, "beta", Trigger.APPROVE, 300)
     states, events = act(p, states, "canary", Trigger.APPROVE, 300, actor="alice")
@@ -129,9 +166,9 @@ def test_approve_moves_to_the_step() -> None:
 
 def test_rollback_to_previous_step() -> None:
     p = plan(previous=True)
-    states, _ = run(p, fresh(p), [(0, PASS), (60, PASS), (120, PASS)])
+    states, _ = run(p, fresh(p), [(0, HEALTHY), (60, HEALTHY), (120, HEALTHY)])
     assert states["canary"].weight == 2500
-    states, events = run(p, states, [(121, FAIL), (122, FAIL)])
+    states, events = run(p, states, [(121, ROLLBACK)])
     canary = next(e for e in events if e.ring == "canary")
     assert (canary.from_weight, canary.to_weight) == (2500, 500)
     assert states["canary"].phase is Phase.ROLLED_BACK and states["canary"].step == 1
@@ -199,19 +236,18 @@ def test_analysis_triggers_are_not_operator_actions() -> None:
 
 
 R, P, A = Phase.ROLLED_BACK, Phase.PAUSED, Phase.AWAITING_APPROVAL
-G, C = Phase.PROGRESSING, Phase.COMPLETED
+G, C, S = Phase.PROGRESSING, Phase.COMPLETED, Phase.STEADY
 # Where each trigger takes the canary (at its second step; the third needs approval) from
 # each phase; None: refused (a 409 for an operator, nothing at all for analysis).  Written
 # out by hand, independently of the table it checks.
 EXPECTED: dict[Phase, dict[Trigger, Phase | None]] = {
-    #                 FAILED STEP_DUE PROMOTE APPROVE PAUSE  RESUME ROLLBACK SET_WEIGHT
-    Phase.STEADY:      dict(zip(Trigger, (R, None, None, None, P, None, R, P), strict=True)),
-    Phase.PROGRESSING: dict(zip(Trigger, (R, A, G, None, P, None, R, P), strict=True)),
-    Phase.AWAITING_APPROVAL: dict(zip(Trigger, (R, None, G, G, P, None, R, P), strict=True)),
-    Phase.PAUSED:      dict(zip(Trigger, (R, None, G, None, None, G, R, P), strict=True)),
-    Phase.COMPLETED:   dict(zip(Trigger, (R, None, None, None, P, None, R, P), strict=True)),
-    Phase.ROLLED_BACK: dict(zip(Trigger, (None, None, None, None, None, G, None, P),
-                                strict=True)),
+    #            FAILED STEP_DUE STARVED PROMOTE APPROVE PAUSE RESUME ROLLBACK SET_WEIGHT
+    S: dict(zip(Trigger, (R, None, S, None, None, P, None, R, P), strict=True)),
+    G: dict(zip(Trigger, (R, A, G, G, None, P, None, R, P), strict=True)),
+    A: dict(zip(Trigger, (R, None, A, G, G, P, None, R, P), strict=True)),
+    P: dict(zip(Trigger, (R, None, P, G, None, None, G, R, P), strict=True)),
+    C: dict(zip(Trigger, (R, None, C, None, None, P, None, R, P), strict=True)),
+    R: dict(zip(Trigger, (None, None, None, None, None, None, G, None, P), strict=True)),
 }
 
 
@@ -225,9 +261,11 @@ def in_phase(p: RoutePlan, phase: Phase) -> dict[str, RingState]:
 def fire(p: RoutePlan, states: dict[str, RingState], trigger: Trigger):
     """The trigger through the public entry point that produces it."""
     if trigger is Trigger.FAILED:
-        return on_verdicts(p, states, {"canary": FAIL}, 1000)
+        return on_verdicts(p, states, {"canary": ROLLBACK}, 1000)
     if trigger is Trigger.STEP_DUE:
-        return on_verdicts(p, states, {"canary": PASS}, 1000)  # 1000 s into a 60 s step
+        return on_verdicts(p, states, {"canary": HEALTHY}, 1000)  # 1000 s into a 60 s step
+    if trigger is Trigger.STARVED:
+        return on_verdicts(p, states, {"canary": UNDECIDED}, 1000)  # past max_blind
     weight = 1000 if trigger is Trigger.SET_WEIGHT else None
     return act(p, states, "canary", trigger, 1000, weight=weight)
 
@@ -235,7 +273,7 @@ def fire(p: RoutePlan, states: dict[str, RingState], trigger: Trigger):
 @pytest.mark.parametrize("phase", list(Phase))
 @pytest.mark.parametrize("trigger", list(Trigger))
 def test_every_phase_and_trigger_does_what_the_table_says(phase: Phase, trigger: Trigger) -> None:
-    p = plan(approval_at=2, limit=1)
+    p = plan(approval_at=2)
     states = in_phase(p, phase)
     expected = EXPECTED[phase][trigger]
     assert ((phase, trigger) in TRANSITIONS) is (expected is not None)
@@ -260,8 +298,9 @@ def test_every_phase_and_trigger_does_what_the_table_says(phase: Phase, trigger:
 
 
 def test_the_table_has_a_rule_for_every_trigger_and_an_effect_for_each() -> None:
-    assert list(Trigger) == [Trigger.FAILED, Trigger.STEP_DUE, Trigger.PROMOTE, Trigger.APPROVE,
-                             Trigger.PAUSE, Trigger.RESUME, Trigger.ROLLBACK, Trigger.SET_WEIGHT]
+    assert list(Trigger) == [Trigger.FAILED, Trigger.STEP_DUE, Trigger.STARVED, Trigger.PROMOTE,
+                             Trigger.APPROVE, Trigger.PAUSE, Trigger.RESUME, Trigger.ROLLBACK,
+                             Trigger.SET_WEIGHT]
     assert {t for _, t in TRANSITIONS} == set(Trigger) == set(EFFECTS)
     assert {(ph, t) for ph, row in EXPECTED.items() for t, to in row.items() if to} == set(
         TRANSITIONS)
@@ -289,10 +328,11 @@ def test_a_guard_that_does_not_hold_is_a_conflict_in_a_phase_the_table_allows(
 
 
 def test_a_route_without_analysis_ignores_verdicts() -> None:
-    p = replace(plan(limit=1), analysis=None)
+    p = replace(plan(), analysis=None)
     states = fresh(p)
-    assert on_verdicts(p, states, {"canary": FAIL}, 1) == (states, [])
-    assert p.window == Analysis().window and not p.rollback_to_previous
+    assert on_verdicts(p, states, {"canary": ROLLBACK}, 1) == (states, [])
+    assert on_verdicts(p, states, {"canary": UNDECIDED}, 10_000) == (states, [])
+    assert not p.rollback_to_previous
 
 
 def test_restore_keeps_state_unless_the_ring_changed() -> None:
@@ -318,6 +358,22 @@ def test_state_file_round_trip_and_atomic_replace(tmp_path) -> None:
     assert load_state(tmp_path / "missing.json") == {}
 
 
+def test_a_starved_state_round_trips_and_an_earlier_versions_file_loads(tmp_path) -> None:
+    p = plan()
+    states, _ = run(p, fresh(p), [(600, UNDECIDED)])
+    path = tmp_path / "rp.json"
+    save_state(path, {"api": states})
+    assert load_state(path)["api"]["canary"].starved
+    assert '"failures"' not in path.read_text()
+    # a file written before the sequential judge: it counted failing verdicts
+    old = {"format": 1, "routes": {"api": {"canary": {
+        "phase": "progressing", "weight": 500, "step": 1, "step_since": 12.5, "failures": 2,
+        "resume_to": None, "fingerprint": "c1"}}}}
+    path.write_text(json.dumps(old))
+    assert load_state(path)["api"]["canary"] == RingState(Phase.PROGRESSING, 500, 1, 12.5,
+                                                         fingerprint="c1")
+
+
 @pytest.mark.parametrize("content", ["{not json", "[]", '{"format": 99, "routes": {}}',
                                      '{"format": 1, "routes": {"api": {"c": {"phase": "x"}}}}'])
 def test_a_corrupt_state_file_is_an_error(tmp_path, content: str) -> None:
@@ -332,6 +388,7 @@ def test_a_corrupt_state_file_is_an_error(tmp_path, content: str) -> None:
     [
         ({"phase": "steady", "weight": 12.5}, "routes.api.c.weight: expected a whole number"),
         ({"phase": "steady", "failures": "2"}, "routes.api.c.failures: expected a whole number"),
+        ({"phase": "steady", "starved": 1}, "routes.api.c.starved: expected true or false"),
         ({"phase": "steady", "step_since": None}, "routes.api.c.step_since: expected a number"),
         ({"phase": "steady", "resume_to": "later"}, "routes.api.c.resume_to: 'later' is not one"),
         ({"phase": "steady", "fingerprint": 7}, "routes.api.c.fingerprint: expected a string"),
@@ -348,7 +405,7 @@ def test_a_state_of_the_wrong_type_names_its_field(tmp_path, ring: object, messa
 
 def test_audit_file_appends_one_line_per_event(tmp_path) -> None:
     p = plan()
-    _, events = run(p, fresh(p), [(1, FAIL), (2, FAIL)])
+    _, events = run(p, fresh(p), [(1, ROLLBACK)])
     path = tmp_path / "audit.jsonl"
     append_audit(path, events)
     append_audit(path, [])
