@@ -5,6 +5,8 @@ whole rollout runs in milliseconds."""
 from __future__ import annotations
 
 import asyncio
+import math
+import random
 import textwrap
 import threading
 from collections.abc import Callable, Mapping
@@ -17,12 +19,14 @@ from proxy.control.controller import Controller
 from proxy.control.statefile import load_state, save_state
 from proxy.errors import RolloutConflict
 from proxy.metrics import Metrics
+from proxy.rollout.judge import Outcome
 from proxy.rollout.machine import Phase, RingState, Trigger
-from proxy.runtime import Runtime
+from proxy.rollout.state import Event
+from proxy.runtime import RingRuntime, Runtime
 
 
 def config_text(tmp_path: Path, ring: str = "weight: 50", extra_ring: str = "",
-                analysis: str = "") -> str:
+                analysis: str = "", max_blind: str = "60s") -> str:
     return textwrap.dedent(f"""
         state: {{path: "{tmp_path / 'state.json'}", audit: "{tmp_path / 'audit.jsonl'}"}}
         pools:
@@ -32,11 +36,9 @@ def config_text(tmp_path: Path, ring: str = "weight: 50", extra_ring: str = "",
           - name: api
             sticky: {{key: ["header:X-User-Id"]}}
             analysis:
-              interval: 10s
-              window: 60s
-              min_requests: 20
-              max_error_rate: 5
-              failure_limit: 2
+              interval: 1s
+              min_requests: 100
+              max_blind: {max_blind}
               {analysis}
             rings:
               {extra_ring}
@@ -58,6 +60,14 @@ class Clock:
         return self.now
 
 
+Latency = Callable[[random.Random], float]
+
+
+def jitter(rng: random.Random) -> float:
+    """A healthy upstream: about 10 ms, a few ms either way."""
+    return rng.lognormvariate(math.log(0.010), 0.25)
+
+
 class Harness:
     """A controller wired as the proxy wires it, minus the listeners."""
 
@@ -73,20 +83,57 @@ class Harness:
                                      save=save)
         self.controller.load()
         self.controller.configure(self.runtime)
+        self.rng = random.Random(12)
 
-    def feed(self, ring: str, requests: int, errors: int = 0, latency: float = 0.010) -> None:
-        """``requests`` finished on ``ring`` at the clock's now, the first ``errors`` 500s."""
-        (ring_rt,) = [r for r in self.runtime.rings["api"] if r.name == ring]
-        assert ring_rt.recorder is not None
+    def ring(self, name: str) -> RingRuntime:
+        (ring_rt,) = [r for r in self.runtime.rings["api"] if r.name == name]
+        return ring_rt
+
+    def feed(self, ring: str, requests: int, errors: int = 0, latency: float = 0.010,
+             status: int = 500, error: str = "") -> None:
+        """``requests`` finished on ``ring`` at the clock's now, the first ``errors`` of
+        them with ``status`` (and ``error``)."""
+        recorder = self.ring(ring).recorder
+        assert recorder is not None
         for i in range(requests):
-            status = 500 if i < errors else 200
-            ring_rt.recorder.record(status, "", latency, 0, 0, self.clock.now)
+            if i < errors:
+                recorder.record(status, error, latency, 0, 0, self.clock.now)
+            else:
+                recorder.record(200, "", latency, 0, 0, self.clock.now)
+
+    def traffic(self, ring: str, requests: int, error_rate: float,
+                latency: Latency = jitter) -> None:
+        """``requests`` on ``ring``, each an error with ``error_rate``, timed by ``latency``."""
+        recorder = self.ring(ring).recorder
+        assert recorder is not None
+        for _ in range(requests):
+            status = 500 if self.rng.random() < error_rate else 200
+            recorder.record(status, "", latency(self.rng), 0, 0, self.clock.now)
 
     def reload(self, config: Config) -> Runtime:
         self.runtime = Runtime(config, self.runtime)
         self.metrics.attach(self.runtime)
         self.controller.configure(self.runtime)
         return self.runtime
+
+    def phase(self, ring: str = "canary") -> Phase:
+        return self.controller.states["api"][ring].phase
+
+    async def run(self, seconds: float, rps: float = 200, canary_errors: float = 0.0,
+                  stable_errors: float = 0.01, canary_latency: Latency = jitter,
+                  until_rollback: bool = True) -> list[Event]:
+        """``rps`` requests a second split by the canary's live weight, one analysis round a
+        second, for ``seconds`` (or until the canary is rolled back)."""
+        events: list[Event] = []
+        for _ in range(int(seconds)):
+            self.clock.now += 1
+            share = (self.ring("canary").weight or 0) / 100
+            self.traffic("canary", round(rps * share), canary_errors, canary_latency)
+            self.traffic("stable", round(rps * (1 - share)), stable_errors)
+            events += await self.controller.evaluate("api")
+            if until_rollback and self.phase() is Phase.ROLLED_BACK:
+                break
+        return events
 
 
 class SlowSave:
@@ -158,16 +205,17 @@ async def test_an_analysis_round_overtaken_by_a_reload_of_its_route_is_dropped(
 ) -> None:
     slow = SlowSave()
     h = Harness(parse_config(config_text(tmp_path)), save=slow)
+    assert await h.controller.evaluate("api") == []  # the first look: evidence starts here
     h.feed("stable", 100)
     h.feed("canary", 100, errors=50)
     round_ = asyncio.ensure_future(h.controller.evaluate("api"))
     assert await asyncio.to_thread(slow.started.wait, 5)
-    # new thresholds: the verdict was judged under the old ones
-    h.reload(parse_config(config_text(tmp_path).replace("max_error_rate: 5",
-                                                        "max_error_rate: 60")))
+    # new criteria: the verdict was judged under the old ones
+    h.reload(parse_config(config_text(tmp_path).replace("min_requests: 100",
+                                                        "min_requests: 200")))
     slow.release.set()
     assert await round_ == []
-    assert h.controller.states["api"]["canary"].failures == 0  # the failing verdict dropped
+    assert h.phase() is Phase.STEADY  # the rollback verdict was dropped
     assert load_state(tmp_path / "state.json") == h.controller.states
 
 
@@ -194,84 +242,202 @@ async def test_ring_weights_are_read_off_the_live_layout_and_follow_it(tmp_path:
     assert [r.weight for r in new.rings["api"]] == [10.0, 0.0, 90.0]
 
 
-async def rounds(h: Harness, count: int, canary_errors: int = 0, step: float = 10.0) -> list:
-    """``count`` analysis rounds ``step`` seconds apart, 100 requests per ring before each."""
-    events = []
-    for _ in range(count):
-        h.clock.now += step
-        h.feed("stable", 100)
-        h.feed("canary", 100, errors=canary_errors)
-        events += await h.controller.evaluate("api")
-    return events
-
-
-async def test_failing_rounds_roll_back_counted_audited_and_served(tmp_path: Path) -> None:
-    h = Harness(parse_config(config_text(tmp_path)))
-    assert await rounds(h, 1, canary_errors=30) == []  # one failing verdict of two
-    assert h.controller.states["api"]["canary"].failures == 1
-    (event,) = await rounds(h, 1, canary_errors=30)
+async def test_a_canary_with_20_percent_errors_is_rolled_back_counted_audited_and_served(
+    tmp_path: Path,
+) -> None:
+    h = Harness(parse_config(config_text(tmp_path, ring="weight: 10")))
+    events = await h.run(30, canary_errors=0.20)
+    (event,) = events
+    took = event.time - 1000.0
+    assert took <= 5, took  # 20 canary requests a second
     assert (event.ring, event.kind, event.label, event.to_weight) == (
-        "canary", "rollback", "error_rate", 0)
-    assert event.time == h.clock.now and "2 failing verdicts in a row" in event.reason
+        "canary", "rollback", "error_rate_increase", 0)
+    increase = event.numbers["error_rate_increase"]
+    assert isinstance(increase, dict) and increase["finding"] == "worse"
+    assert increase["p_value"] <= 0.01 / 4  # alpha split over four checks
+    assert event.reason.startswith("error rate ") and "points" in event.reason
     canary, stable = h.runtime.rings["api"]
     assert (canary.weight, stable.weight, canary.phase) == (0.0, 100.0, Phase.ROLLED_BACK)
     body, _ = h.metrics.exposition()
-    assert (b'ringproxy_rollbacks_total{reason="error_rate",ring="canary",route="api"} 1.0'
-            in body)
+    assert (b'ringproxy_rollbacks_total{reason="error_rate_increase",ring="canary",'
+            b'route="api"} 1.0' in body)
+    assert (b'ringproxy_ring_evidence_progress{check="error_rate_increase",ring="canary",'
+            b'route="api"} 1.0' in body)
     assert (tmp_path / "audit.jsonl").read_text().count('"kind": "rollback"') == 1
     assert load_state(tmp_path / "state.json") == h.controller.states
-    # a rolled-back ring is no longer judged, and stays down
-    assert await rounds(h, 3, canary_errors=30) == []
-    assert "canary" not in h.controller.verdicts["api"]
+    # a rolled-back ring is no longer judged (its last verdict stays to explain it)
+    assert await h.run(3, canary_errors=0.2, until_rollback=False) == []
+    assert h.controller.verdicts["api"]["canary"].outcome is Outcome.ROLLBACK
 
 
-async def test_a_healthy_canary_advances_after_each_min_step_duration(tmp_path: Path) -> None:
-    ring = "progression: {steps: [10, 20, 50], min_step_duration: 30s}"
-    h = Harness(parse_config(config_text(tmp_path, ring=ring)))
-    start = h.clock.now
-    events = await rounds(h, 8)
-    assert [(e.kind, e.to_weight, e.time - start) for e in events] == [
-        ("advance", 2000, 30.0), ("advance", 5000, 60.0)]
-    assert h.controller.states["api"]["canary"].phase is Phase.COMPLETED
-    assert h.runtime.rings["api"][0].weight == 50.0
+@pytest.mark.parametrize(("stable_per_second", "most"), [(200, 3), (2, 4)])
+async def test_a_canary_answering_only_errors_is_rolled_back_after_a_handful_of_requests(
+    tmp_path: Path, stable_per_second: int, most: int
+) -> None:
+    # One canary request every 10 s (0.1 req/s), every one a 500, from its step's start; a
+    # quiet baseline (2 req/s) is known less surely, so it takes one request more.
+    h = Harness(parse_config(config_text(tmp_path, ring="weight: 5")))
+    sent = 0
+    for second in range(1, 120):
+        h.clock.now += 1
+        h.traffic("stable", stable_per_second, 0.01)
+        if second % 10 == 0:
+            h.feed("canary", 1, errors=1)
+            sent += 1
+        if await h.controller.evaluate("api"):
+            break
+    assert h.phase() is Phase.ROLLED_BACK
+    assert sent <= most, sent
+    print(f"\n100 % errors at 0.1 req/s (baseline {stable_per_second} req/s): rolled back "
+          f"after {sent} of its requests")
 
 
-async def test_too_little_traffic_holds(tmp_path: Path) -> None:
+async def test_a_tail_latency_canary_is_rolled_back(tmp_path: Path) -> None:
+    # 3 % of the canary's requests take 300 ms more: its p50 and p95 are the baseline's.
+    def tail(rng: random.Random) -> float:
+        return jitter(rng) + (0.300 if rng.random() < 0.03 else 0.0)
+
+    h = Harness(parse_config(config_text(tmp_path, ring="weight: 10")))
+    events = await h.run(600, canary_latency=tail)
+    (event,) = [e for e in events if e.kind == "rollback"]
+    assert event.label == "p99"
+    assert event.time - 1000 <= 300, event.time - 1000
+    assert "p99" in event.reason and "slower than" in event.reason
+    print(f"\n3 % +300 ms: rolled back after {event.time - 1000:.0f}s")
+
+
+async def test_a_healthy_a_a_canary_progresses_through_every_step_and_is_never_rolled_back(
+    tmp_path: Path,
+) -> None:
+    ring = "progression: {steps: [10, 25, 50], min_step_duration: 30s}"
+    h = Harness(parse_config(config_text(tmp_path, ring=ring, max_blind="10m")))
+    # Both pools: 1 % errors and the same latencies.
+    events = await h.run(900, canary_errors=0.01)
+    advances = [(e.kind, e.to_weight, e.time - 1000) for e in events]
+    assert [kind for kind, *_ in advances] == ["advance", "advance"], advances
+    assert h.phase() is Phase.COMPLETED and h.ring("canary").weight == 50
+    assert all(t >= 30 for *_, t in advances)  # never before min_step_duration
+    assert h.controller.verdicts["api"]["canary"].outcome is Outcome.HEALTHY
+    print(f"\nA/A at 200 req/s: {advances}")
+    # and it keeps being judged, healthy, at its last step
+    assert await h.run(300, canary_errors=0.01) == []
+
+
+async def test_the_proxys_own_503s_and_clients_that_left_never_roll_back(tmp_path: Path) -> None:
+    ring = "progression: {steps: [10, 50], min_step_duration: 30s}"
+    h = Harness(parse_config(config_text(tmp_path, ring=ring, max_blind="10m")))
+    events: list[Event] = []
+    for _ in range(400):
+        h.clock.now += 1
+        h.traffic("stable", 180, 0.01)
+        h.traffic("canary", 20, 0.01)  # the upstream itself is as healthy as the stable one
+        # A client fills the ring's max_concurrency, others leave: far more of these.
+        h.feed("canary", 60, errors=60, status=503, error="overload")
+        h.feed("canary", 30, errors=30, status=0, error="client_closed")
+        h.feed("canary", 10, errors=10, status=500, error="client_closed")
+        events += await h.controller.evaluate("api")
+    assert [e.kind for e in events] == ["advance"]
+    assert h.phase() is Phase.COMPLETED
+    tally = h.metrics.tally("api", "canary")
+    assert tally.requests == 400 * 20  # only the upstream's answers are judged
+    body, _ = h.metrics.exposition()
+    assert (b'ringproxy_requests_total{code_class="refused",pool="canary",ring="canary",'
+            b'route="api"} 24000.0' in body)
+
+
+async def test_a_blind_ring_raises_analysis_starved_once_and_does_not_advance(
+    tmp_path: Path,
+) -> None:
     ring = "progression: {steps: [10, 50], min_step_duration: 10s}"
     h = Harness(parse_config(config_text(tmp_path, ring=ring)))
-    for _ in range(5):
-        h.clock.now += 10
-        h.feed("stable", 3)
-        h.feed("canary", 3, errors=3)  # awful, but 15 requests in the window are too few
-        assert await h.controller.evaluate("api") == []
-    assert h.controller.verdicts["api"]["canary"].outcome.value == "no_data"
+    events = []
+    for second in range(1, 200):
+        h.clock.now += 1
+        h.traffic("stable", 20, 0.0)
+        if second % 10 == 0:
+            h.feed("canary", 1)  # healthy, but far too little to tell
+        events += await h.controller.evaluate("api")
+    (event,) = events
+    assert (event.kind, event.time - 1000, event.phase) == ("analysis_starved", 60,
+                                                           "progressing")
+    assert "max_blind 60s" in event.reason
+    state = h.controller.states["api"]["canary"]
+    assert state.starved and state.weight == 1000 and state.step == 0
+    assert load_state(tmp_path / "state.json")["api"]["canary"].starved
+    body, _ = h.metrics.exposition()
+    assert b'ringproxy_ring_analysis_starved{ring="canary",route="api"} 1.0' in body
+    # a resume starts the step over: the flag clears (and the metric with it)
+    await h.controller.act("api", "canary", Trigger.PAUSE)
+    await h.controller.act("api", "canary", Trigger.RESUME)
+    assert not h.controller.states["api"]["canary"].starved
+    body, _ = h.metrics.exposition()
+    assert b'ringproxy_ring_analysis_starved{ring="canary",route="api"} 0.0' in body
+
+
+async def test_evidence_starts_with_each_step(tmp_path: Path) -> None:
+    ring = "progression: {steps: [10, 50], min_step_duration: 10s}"
+    h = Harness(parse_config(config_text(tmp_path, ring=ring)))
+    first = h.controller.looks.starts["api", "canary"]  # taken when configured
+    assert first.ring_at.requests == 0
+    h.feed("canary", 7)
+    await h.run(6)
+    assert h.controller.looks.starts["api", "canary"] is first
+    verdict = h.controller.verdicts["api"]["canary"]
+    assert (verdict.requests, verdict.baseline_requests) == (7 + 6 * 20, 6 * 180)
+    await h.controller.act("api", "canary", Trigger.PROMOTE)  # a new step: a new start
+    start = h.controller.looks.starts["api", "canary"]
+    assert start is not first and start.ring_at.requests == 7 + 6 * 20
+    await h.run(2)
+    verdict = h.controller.verdicts["api"]["canary"]
+    assert (verdict.requests, verdict.baseline_requests) == (2 * 100, 2 * 100)
 
 
 async def test_an_approval_step_waits_for_approve_and_still_rolls_back(tmp_path: Path) -> None:
     ring = "progression: {steps: [10, {weight: 50, approval: required}], min_step_duration: 20s}"
-    h = Harness(parse_config(config_text(tmp_path, ring=ring)))
-    events = await rounds(h, 5)
+    h = Harness(parse_config(config_text(tmp_path, ring=ring, max_blind="10m")))
+    events = await h.run(400, canary_errors=0.01, until_rollback=False)
     assert [(e.kind, e.to_weight) for e in events] == [("awaiting_approval", 1000)]
     (approved,) = await h.controller.act("api", "canary", Trigger.APPROVE, actor="alice")
     assert (approved.kind, approved.to_weight, approved.actor) == ("advance", 5000, "alice")
-    assert h.controller.states["api"]["canary"].phase is Phase.COMPLETED
+    assert h.phase() is Phase.COMPLETED
 
-    again = Harness(parse_config(config_text(tmp_path / "b", ring=ring)))
-    await rounds(again, 3)
-    assert again.controller.states["api"]["canary"].phase is Phase.AWAITING_APPROVAL
-    events = await rounds(again, 2, canary_errors=40)
+    again = Harness(parse_config(config_text(tmp_path / "b", ring=ring, max_blind="10m")))
+    await again.run(400, canary_errors=0.01, until_rollback=False)
+    assert again.phase() is Phase.AWAITING_APPROVAL
+    events = await again.run(30, canary_errors=0.5)
     assert [e.kind for e in events] == ["rollback"]
 
 
-async def test_the_fast_path_rolls_back_without_an_analysis_round(tmp_path: Path) -> None:
-    fast = "fast_rollback: {max_error_rate: 50, min_requests: 10, window: 5s}"
-    h = Harness(parse_config(config_text(tmp_path, analysis=fast)))
-    h.feed("canary", 9, errors=9)
-    assert await h.controller.check_fast("api") == []  # too few requests
-    h.feed("canary", 1, errors=1)
-    (event,) = await h.controller.check_fast("api")
+@pytest.mark.parametrize(
+    ("fast", "within"),
+    [
+        ("{max_error_rate: 50, min_requests: 5, window: 500ms}", 0.3),
+        ("{max_error_rate: 30, min_requests: 5, window: 1s}", 0.4),
+        ("{max_error_rate: 50, min_requests: 5, window: 1s}", 0.6),  # half the window
+    ],
+)
+async def test_the_fast_path_rolls_back_a_ring_that_turns_to_errors(
+    tmp_path: Path, fast: str, within: float
+) -> None:
+    # 200 requests a second, the canary at 10 %; the fast path looks every 0.1 s.
+    h = Harness(parse_config(config_text(tmp_path, ring="weight: 10",
+                                         analysis=f"fast_rollback: {fast}")))
+    onset = None
+    for tick in range(1, 200):
+        h.clock.now += 0.1
+        broken = tick > 100
+        if broken and onset is None:
+            onset = h.clock.now - 0.1
+        h.traffic("stable", 18, 0.01)
+        h.feed("canary", 2, errors=2 if broken else 0)
+        if await h.controller.check_fast("api"):
+            break
+    assert onset is not None and h.phase() is Phase.ROLLED_BACK
+    (event,) = h.controller.events
     assert event.label == "fast_error_rate" and event.reason.startswith("fast rollback: ")
-    assert h.controller.states["api"]["canary"].phase is Phase.ROLLED_BACK
+    took = event.time - onset
+    assert took == pytest.approx(within), took
+    assert h.controller.verdicts["api"]["canary"].checks[0].name == "fast_error_rate"
     assert await h.controller.check_fast("api") == []  # rolled back: not checked again
 
 

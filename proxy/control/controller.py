@@ -180,6 +180,22 @@ class Controller:
         blocked = [name for name, state in states.items() if not state.enabled]
         runtime.table.set_route(compiled.with_weights(weights, blocked))
         self._show(route)
+        self._look(route)
+
+    def _look(self, route: str) -> None:
+        """Start the evidence of every ring whose step began since the last look."""
+        plan = self.plans[route]
+        if plan.analysis is None:
+            return
+        try:
+            baseline = self.metrics.tally(route, plan.baseline)
+            for ring in plan.analysed:
+                state = self.states[route][ring.name]
+                if state.enabled:
+                    self.looks.start((route, ring.name), state,
+                                     self.metrics.tally(route, ring.name), baseline)
+        except KeyError:
+            return  # metrics are off: nothing is analysed
 
     def _show(self, route: str) -> None:
         """Copy each ring's phase, starved flag and last verdict to its runtime (metrics)."""

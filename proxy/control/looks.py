@@ -4,9 +4,10 @@ bookkeeping over the rings' tallies (``proxy.metrics`` keeps one ``Tally`` per r
 Evidence is per step.  For every analysed ring the controller keeps snapshots of the
 ring's tally and its baseline's, taken the first time it looks at the ring's current step
 (a step is (step, step_since, fingerprint): a new step, a resume, a new weight or a new
-version is a new one); the judge reads what both did since.  After a process restart the
-evidence starts again at the first look: counts are not persisted (the step's start time
-is).  A new tally on either side (a ring's pool changed, so its recorder is new) starts
+version is a new one): when it configures the ring and after every change of its state,
+else at the next analysis round.  The judge reads what both did since.  After a process
+restart the evidence starts again at the first look: counts are not persisted (the step's
+start time is).  A new tally on either side (a ring's pool changed, so its recorder is new) starts
 the ring's evidence over.
 
 No clock and no I/O: the caller passes ``now``.
@@ -60,17 +61,22 @@ class Looks:
         self.starts = {k: v for k, v in self.starts.items() if k in rings}
         self.fast = {k: v for k, v in self.fast.items() if k in rings}
 
-    def since_step(
-        self, key: Key, state: RingState, tally: Tally, baseline: Tally, baseline_now: Evidence
-    ) -> tuple[Evidence, Evidence]:
-        """The ring's evidence since its step began, and its baseline's over the same time."""
-        now = tally.evidence()
+    def start(self, key: Key, state: RingState, tally: Tally, baseline: Tally) -> StepStart:
+        """Where the ring's evidence in its current step starts (taken now if not yet)."""
         start = self.starts.get(key)
         step = step_of(state)
         if (start is None or start.step != step or start.ring is not tally
                 or start.baseline is not baseline):
-            start = self.starts[key] = StepStart(step, tally, baseline, now, baseline_now)
-        return now.since(start.ring_at), baseline_now.since(start.baseline_at)
+            start = self.starts[key] = StepStart(step, tally, baseline, tally.evidence(),
+                                                 baseline.evidence())
+        return start
+
+    def since_step(
+        self, key: Key, state: RingState, tally: Tally, baseline: Tally, baseline_now: Evidence
+    ) -> tuple[Evidence, Evidence]:
+        """The ring's evidence since its step began, and its baseline's over the same time."""
+        start = self.start(key, state, tally, baseline)
+        return tally.evidence().since(start.ring_at), baseline_now.since(start.baseline_at)
 
     def recent(
         self, key: Key, state: RingState, tally: Tally, seconds: float, now: float
