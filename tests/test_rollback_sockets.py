@@ -1,6 +1,8 @@
 """Automatic rollback and progression against real upstreams whose errors and latency the
 test controls, through the real proxy.  Intervals are a fraction of a second, so each
-scenario runs in seconds; every load loop is bounded and stops by itself."""
+scenario runs in seconds; every load loop is bounded and stops by itself.  Bounds are
+generous (a busy 2-core machine); the exact timings are the benchmark's (and
+test_controller's, on an injected clock)."""
 
 from __future__ import annotations
 
@@ -15,8 +17,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from proxy.config import parse_config
+from proxy.metrics import CODE_CLASSES
+from proxy.rollout.judge import Outcome
 from proxy.rollout.machine import Phase
 from proxy.server import Proxy
 from tests.conftest import Upstream
@@ -24,8 +29,9 @@ from tests.conftest import Upstream
 
 def rollout_config(
     stable: Upstream, canary: Upstream, tmp_path: Path, *, ring: str = "weight: 50",
-    interval: str = "500ms", window: str = "3s", min_requests: int = 20,
-    failure_limit: int = 2, listen: str = "127.0.0.1:0", latency_floor: str = "20ms",
+    interval: str = "200ms", min_requests: int = 20, listen: str = "127.0.0.1:0",
+    latency: str = "{p99: 2}", latency_floor: str = "20ms", increase: int = 1,
+    canary_policy: str = "{}", extra: str = "",
 ) -> str:
     return textwrap.dedent(f"""
         listen: {listen}
@@ -40,13 +46,11 @@ def rollout_config(
             sticky: {{key: ["header:X-User-Id"]}}
             analysis:
               interval: {interval}
-              window: {window}
               min_requests: {min_requests}
-              max_error_rate: 5
-              max_error_rate_increase: 2
-              max_latency_ratio: 2
+              max_error_rate_increase: {increase}
+              latency: {latency}
               latency_floor: {latency_floor}
-              failure_limit: {failure_limit}
+              {extra}
             rings:
               - name: staff
                 pool: canary
@@ -54,10 +58,26 @@ def rollout_config(
                 rules: [{{attr: "header:X-Staff", exists: true}}]
               - name: canary
                 pool: canary
+                policy: {canary_policy}
                 {ring}
               - name: stable
                 pool: stable
     """)
+
+
+class TailUpstream(Upstream):
+    """An upstream whose every ``tail_every``-th /app answer takes ``tail`` seconds more."""
+
+    def __init__(self, name: str, tail_every: int, tail: float) -> None:
+        super().__init__(name)
+        self.tail_every, self.tail = tail_every, tail
+        self.arrived = 0
+
+    async def app_endpoint(self, request: web.Request) -> web.Response:
+        self.arrived += 1
+        if self.arrived % self.tail_every == 0:
+            await asyncio.sleep(self.tail)
+        return await super().app_endpoint(request)
 
 
 class Load:
@@ -133,17 +153,15 @@ async def test_a_canary_with_20_percent_errors_is_rolled_back_and_gets_no_more_t
 ) -> None:
     canary.error_every = 5  # 20 % of its answers are 500s
     proxy, _ = await rollout(rollout_config(stable, canary, tmp_path))
-    await wait_for(lambda: events_of(proxy, "rollback"), 10)
+    await wait_for(lambda: events_of(proxy, "rollback"), 15)
     event = events_of(proxy, "rollback")[0]
-    hits_at_rollback = canary.app_hits
     assert canary.first_error_at is not None
     elapsed = event.time - canary.first_error_at
-    # failure_limit (2) + 1 intervals of 0.5 s, with room for a slow CI machine
-    assert elapsed <= 1.5 + 1.0, elapsed
-    assert event.label == "error_rate" and event.to_weight == 0
-    assert "failing verdicts in a row" in event.reason
-    print(f"\n20 % errors: rolled back {elapsed:.2f}s after the first bad response; "
-          f"{hits_at_rollback} requests reached the canary pool in all")
+    assert elapsed <= 10, elapsed  # about 1 s on an idle machine
+    assert event.label == "error_rate_increase" and event.to_weight == 0
+    assert event.reason.startswith("error rate ")
+    print(f"\n20 % errors: rolled back {elapsed:.2f}s after the first bad response, "
+          f"{canary.app_hits} requests reached the canary pool in all")
     # afterwards no request of a non-pinned ring reaches the canary pool...
     await asyncio.sleep(0.3)
     before = canary.app_hits
@@ -156,81 +174,93 @@ async def test_a_canary_with_20_percent_errors_is_rolled_back_and_gets_no_more_t
             assert r.headers["X-Upstream"] == "canary"
         async with client.get(proxy.admin_url + "/metrics") as r:
             text = await r.text()
-    assert 'ringproxy_rollbacks_total{reason="error_rate",ring="canary",route="api"} 1.0' in text
+    assert ('ringproxy_rollbacks_total{reason="error_rate_increase",ring="canary",route="api"} '
+            '1.0') in text
     assert 'ringproxy_ring_phase{phase="rolled_back",ring="canary",route="api"} 1.0' in text
     assert 'ringproxy_ring_weight_percent{ring="canary",route="api"} 0.0' in text
+    assert ('ringproxy_ring_evidence_progress{check="error_rate_increase",ring="canary",'
+            'route="api"} 1.0') in text
     audit = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert [(a["ring"], a["kind"]) for a in audit] == [("canary", "rollback")]
-    assert audit[0]["numbers"]["requests"] >= 20
+    increase = audit[0]["numbers"]["error_rate_increase"]
+    assert increase["finding"] == "worse" and increase["errors"] >= 3
 
 
-@pytest.mark.parametrize(("delay", "rolled_back"), [(0.3, True), (0.005, False)])
-async def test_latency_rolls_back_only_above_the_floor(
-    rollout, stable: Upstream, canary: Upstream, tmp_path: Path, delay: float, rolled_back: bool
+async def test_a_tail_latency_canary_is_rolled_back(
+    rollout, stable: Upstream, tmp_path: Path
 ) -> None:
-    canary.delay = delay
-    # Upstreams, proxy and load share this test's event loop: on a busy 2-core machine a
-    # 5 ms sleep can stretch for a moment, so the quiet case needs 3 failing verdicts in a
-    # row (over a 3 s window) before it would roll back.
-    text = rollout_config(stable, canary, tmp_path, window="3s", failure_limit=3)
-    proxy, _ = await rollout(text, per_second=120, workers=8)
-    if rolled_back:
-        await wait_for(lambda: events_of(proxy, "rollback"), 10)
-        assert events_of(proxy, "rollback")[0].label == "latency_ratio"
-    else:
-        await asyncio.sleep(4)  # 8 intervals
-        assert "canary" in proxy.controller.verdicts["api"]  # it was judged...
-        assert not events_of(proxy, "rollback")  # ...and never rolled back
+    # Every 5th canary answer takes 300 ms more: its median is the stable one's, its p95
+    # is not.  (A 3 % tail is test_controller's: the p99 needs thousands of requests.)
+    slow = TailUpstream("canary", tail_every=5, tail=0.3)
+    await slow.start()
+    try:
+        text = rollout_config(stable, slow, tmp_path, latency="{p50: 1.5, p95: 2}")
+        proxy, _ = await rollout(text, per_second=300, workers=12)
+        took = await wait_for(lambda: events_of(proxy, "rollback"), 30)
+        event = events_of(proxy, "rollback")[0]
+        assert event.label == "p95", event.reason
+        assert "slower than" in event.reason
+        assert proxy.controller.verdicts["api"]["canary"].checks[1].name == "p50"
+        print(f"\n20 % of answers +300 ms: rolled back after {took:.1f}s")
+    finally:
+        await slow.stop()
+
+
+async def test_a_client_filling_max_concurrency_never_rolls_back_the_canary(
+    rollout, stable: Upstream, canary: Upstream, tmp_path: Path
+) -> None:
+    # A slow client holds every slot of the canary ring: everyone else on it gets the
+    # proxy's own 503.  Those are refusals, not errors of the canary's version.
+    text = rollout_config(stable, canary, tmp_path, canary_policy="{max_concurrency: 2}")
+    proxy, load = await rollout(text)
+    async with aiohttp.ClientSession() as client:
+        users = []
+        for i in range(40):
+            async with client.get(proxy.url + "/app", headers={"X-User-Id": f"u{i}"}) as r:
+                if r.headers.get("X-Upstream") == "canary":
+                    users.append(f"u{i}")
+        assert len(users) >= 2
+        holds = [asyncio.ensure_future(client.get(proxy.url + "/hang",
+                                                  headers={"X-User-Id": u}))
+                 for u in users[:2]]
+        await wait_for(lambda: proxy.runtime.rings["api"][1].inflight == 2, 5)
+        recorder = proxy.metrics._recorders[("api", "canary", "canary")]
+        refused = CODE_CLASSES.index("refused")
+        await wait_for(lambda: recorder.requests[refused] >= 100, 10)
+        await asyncio.sleep(1)  # five more analysis rounds with the ring full
+        for hold in holds:
+            hold.cancel()
+        await asyncio.gather(*holds, return_exceptions=True)
+    await asyncio.sleep(1)  # and the canary serves again
+    await load.stop()
+    assert not events_of(proxy, "rollback"), events_of(proxy, "rollback")[0].reason
+    assert proxy.controller.states["api"]["canary"].phase is Phase.STEADY
+    verdict = proxy.controller.verdicts["api"]["canary"]
+    assert verdict.outcome is not Outcome.ROLLBACK
+    assert recorder.requests[refused] >= 100
+    assert recorder.tally.errors == 0  # none of them judged
 
 
 async def test_a_healthy_canary_advances_through_every_step(
     rollout, stable: Upstream, canary: Upstream, tmp_path: Path
 ) -> None:
     stable.error_every = canary.error_every = 200  # 0.5 % errors on both sides
-    ring = "progression: {steps: [10, 20, 30, 40, 50], min_step_duration: 1500ms}"
-    # Error rates are the subject here; a 2-core CI machine under load makes latency noisy,
-    # so the latency floor is wide and three failing verdicts are needed, not two.
-    text = rollout_config(stable, canary, tmp_path, ring=ring, interval="200ms", window="3s",
-                          min_requests=40, failure_limit=3, latency_floor="250ms")
-    started = time.monotonic()
+    ring = "progression: {steps: [20, 35, 50], min_step_duration: 1s}"
+    # Both pools share this test's event loop, so their latencies are alike; a 2-core CI
+    # machine under load makes them noisy, so the latency floor is wide.
+    text = rollout_config(stable, canary, tmp_path, ring=ring, latency="{p50: 1.5}",
+                          latency_floor="250ms", increase=5, min_requests=100)
     proxy, load = await rollout(text, per_second=250, workers=5)
-    await wait_for(lambda: proxy.controller.states["api"]["canary"].phase is Phase.COMPLETED,
-                   20)
-    assert time.monotonic() - started >= 30 * 0.2  # at least 30 intervals
+    took = await wait_for(
+        lambda: proxy.controller.states["api"]["canary"].phase is Phase.COMPLETED, 40)
     advances = events_of(proxy, "advance")
-    assert [e.to_weight for e in advances] == [2000, 3000, 4000, 5000]
+    assert [e.to_weight for e in advances] == [3500, 5000]
     assert not events_of(proxy, "rollback")
+    assert all("healthy after" in e.reason for e in advances)
+    print(f"\nA/A at 250 req/s: completed after {took:.1f}s")
     await load.stop()
     canary_share = sum(1 for *_, up in load.responses[-300:] if up == "canary") / 300
     assert 0.3 < canary_share < 0.7  # about 50 % at the last step
-
-
-async def test_too_little_traffic_holds(
-    rollout, stable: Upstream, canary: Upstream, tmp_path: Path
-) -> None:
-    canary.error_every = 2  # awful, but there is too little traffic to tell
-    ring = "progression: {steps: [10, 50], min_step_duration: 200ms}"
-    text = rollout_config(stable, canary, tmp_path, ring=ring, min_requests=200)
-    proxy, _ = await rollout(text, per_second=20, workers=1)
-    await asyncio.sleep(3)
-    assert list(proxy.controller.events) == []
-    assert proxy.controller.verdicts["api"]["canary"].outcome.value == "no_data"
-    assert proxy.controller.states["api"]["canary"].weight == 1000
-
-
-async def test_an_approval_step_waits_and_still_rolls_back(
-    rollout, stable: Upstream, canary: Upstream, tmp_path: Path
-) -> None:
-    ring = ("progression: {steps: [20, {weight: 50, approval: required}], "
-            "min_step_duration: 500ms}")
-    proxy, _ = await rollout(rollout_config(stable, canary, tmp_path, ring=ring))
-    await wait_for(lambda: proxy.controller.states["api"]["canary"].phase
-                   is Phase.AWAITING_APPROVAL, 10)
-    await asyncio.sleep(1)
-    assert proxy.controller.states["api"]["canary"].weight == 2000  # still waiting
-    canary.error_every = 3
-    await wait_for(lambda: events_of(proxy, "rollback"), 10)
-    assert proxy.controller.states["api"]["canary"].phase is Phase.ROLLED_BACK
 
 
 async def test_a_rollback_survives_kill_9(
@@ -287,7 +317,7 @@ async def test_operator_rollback_is_kept_across_unrelated_reloads_and_reset_by_a
     from proxy.rollout.machine import Trigger
 
     path = tmp_path / "c.yaml"
-    text = rollout_config(stable, canary, tmp_path, ring="weight: 50", interval="10s", window="20s")
+    text = rollout_config(stable, canary, tmp_path, ring="weight: 50", interval="10s")
     path.write_text(text)
     proxy = Proxy(load_config(path))
     await proxy.start()
@@ -338,7 +368,7 @@ async def test_events_are_posted_to_webhooks_with_retries(
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
-    text = rollout_config(stable, canary, tmp_path, interval="10s", window="20s") + (
+    text = rollout_config(stable, canary, tmp_path, interval="10s") + (
         f'webhooks:\n  - {{url: "http://127.0.0.1:{port}/hook", timeout: 2s, retries: 2}}\n')
     proxy = Proxy(parse_config(text))
     await proxy.start()
@@ -360,11 +390,10 @@ async def test_the_fast_path_rolls_back_without_waiting_for_the_interval(
     rollout, stable: Upstream, canary: Upstream, tmp_path: Path
 ) -> None:
     canary.error_every = 1  # every answer is a 500
-    text = rollout_config(stable, canary, tmp_path, interval="30s", window="60s").replace(
-        "failure_limit: 2",
-        "failure_limit: 2\n      fast_rollback: {max_error_rate: 50, min_requests: 10, window: 2s}")
+    fast = "fast_rollback: {max_error_rate: 50, min_requests: 5, window: 1s}"
+    text = rollout_config(stable, canary, tmp_path, interval="30s", extra=fast)
     proxy, _ = await rollout(text)
-    took = await wait_for(lambda: events_of(proxy, "rollback"), 5)
-    assert took < 3, took  # the analysis interval is 30 s
+    took = await wait_for(lambda: events_of(proxy, "rollback"), 10)
+    assert took < 5, took  # the analysis interval is 30 s
     event = events_of(proxy, "rollback")[0]
     assert event.label == "fast_error_rate" and event.reason.startswith("fast rollback: ")
