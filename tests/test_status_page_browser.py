@@ -692,7 +692,7 @@ async def test_the_page_warns_of_a_starved_ring(
     assert ring_view["name"] == "canary" and ring_view["phase"] == "progressing"
     assert ring_view["step"] == 0, "a starved ring does not advance"
     await tab.eval("document.querySelector('[data-action=refresh]').click()")
-    await tab.wait("document.querySelector('tr[data-evidence=canary] [data-field=starved]')",
+    await tab.wait("!!document.querySelector('tr[data-evidence=canary] [data-field=starved]')",
                    REFRESH + 1.5)
     shown = (await tab.eval(EVIDENCE))["canary"]
     assert shown["starved"]["visible"]
