@@ -1,6 +1,6 @@
 """A defect in the proxy itself is a 500 with a logged traceback, and never judged.
 
-The rollout judge reads each ring's window: a fault of ours counted there as an upstream
+The rollout judge reads each ring's tally: a fault of ours counted there as an upstream
 failure would roll back a healthy version.  Most faults are injected into one function of
 the proxy on the upstream path (no input triggers a real one); everything around it is
 the real proxy, over real sockets, with a real upstream.
@@ -53,11 +53,14 @@ def _tracebacks(records: Iterable[logging.LogRecord]) -> list[logging.LogRecord]
 
 
 def _outcomes(proxy: Proxy) -> tuple[dict[str, int], dict[str, int], int, int]:
-    """The ring's counters by class and kind, and its window's requests and errors."""
+    """The ring's counters by class and kind, and the judged requests and errors (its
+    window's, which are its tally's)."""
     ring = proxy.runtime.rings["r"][0]
     recorder = proxy.metrics._recorders[("r", "only", "p")]
     assert ring.recorder is recorder
     window = proxy.metrics.window("r", "only", time.monotonic(), 60)
+    tally = proxy.metrics.tally("r", "only")
+    assert (window.requests, window.errors) == (tally.requests, tally.errors)
     return (
         dict(zip(CODE_CLASSES, recorder.requests, strict=True)),
         dict(zip(ERROR_KINDS, recorder.upstream_errors, strict=True)),
@@ -159,7 +162,7 @@ async def test_a_clients_broken_websocket_handshake_is_its_400_and_never_judged(
     # A real trigger, no fault injected: Upgrade and Connection but no Sec-WebSocket-Key.
     # The upstream handshake (made by the proxy's own client) succeeds; accepting the
     # client's then fails.  That used to be recorded as "nothing sent", an error of the
-    # ring's version, though the client got a 400.
+    # ring's version, though the client got a 400; it is the access log's bad_request.
     proxy = await make_proxy(_config(stable.url, tmp_path / "access.log"))
     raw = await raw_exchange(
         proxy.url,
@@ -171,4 +174,9 @@ async def test_a_clients_broken_websocket_handshake_is_its_400_and_never_judged(
     classes, kinds, requests, errors = _outcomes(proxy)
     assert classes["4xx"] == 1 and sum(classes.values()) == 1
     assert not any(kinds.values())
-    assert (requests, errors) == (1, 0)
+    # The client's doing: never judged, whatever the route's error_statuses say.
+    assert (requests, errors) == (0, 0)
+    assert proxy.access_log is not None
+    proxy.access_log.flush()
+    (entry,) = [json.loads(line) for line in (tmp_path / "access.log").read_text().splitlines()]
+    assert (entry["status"], entry["error"]) == (400, "bad_request")

@@ -189,7 +189,8 @@ async def test_every_request_is_counted_once_in_the_right_ring_exactly(
         ("api", "main", "client_closed"): 1,
         ("api", "beta", "2xx"): n_beta,
         ("api", "beta", "5xx"): m_500,
-        ("api", "beta", "error"): k_timeout + 1,  # 504s and the 503 overload
+        ("api", "beta", "error"): k_timeout,  # the 504s
+        ("api", "beta", "refused"): 1,  # the proxy's 503: the ring was full
         ("api", "broken", "error"): j_refused,
         ("web", "main", "2xx"): 1,
     })
@@ -242,15 +243,21 @@ async def test_every_request_is_counted_once_in_the_right_ring_exactly(
         for rings in proxy.runtime.rings.values() for r in rings if r.weight is not None
     }
 
-    # The in-process windows hold the same numbers the analysis loop will judge.
+    # The in-process windows hold what the judge counts: the upstreams' outcomes only.
     now = time.monotonic()
     w = proxy.metrics.window("api", "beta", now, 120)
-    assert (w.requests, w.errors) == (n_beta + m_500 + k_timeout + 1, m_500 + k_timeout + 1)
-    assert w.observed == timed["api", "beta"]
+    # not the proxy's 503 (overload)
+    assert (w.requests, w.errors) == (n_beta + m_500 + k_timeout, m_500 + k_timeout)
+    assert w.observed == timed["api", "beta"] - 1
     assert w.p99 is not None and 0.25 < w.p99 <= 0.5
+    tally = proxy.metrics.tally("api", "beta")
+    assert (tally.requests, tally.errors) == (w.requests, w.errors)
     w = proxy.metrics.window("api", "main", now, 120)
-    assert (w.requests, w.errors) == (n_main + 3 + 3 + 1 + 1, 1)  # the upstream's 503
+    # Not the client that left; the upstream's 503 and /broken's cut are errors.
+    assert (w.requests, w.errors) == (n_main + 3 + 2 + 1 + 1, 2)
     assert w.observed == w.requests - 1  # the WebSocket is not timed
+    tally = proxy.metrics.tally("api", "main")
+    assert (tally.requests, tally.errors) == (w.requests, w.errors)
 
 
 async def test_promtool_check_metrics_passes_after_traffic_with_errors_and_timeouts(
