@@ -194,7 +194,7 @@ def judged_config(stable: Upstream, canary: Upstream, tmp_path: Path) -> str:
         listen: 127.0.0.1:0
         admin: {{listen: 127.0.0.1:0}}
         access_log: {{enabled: false}}
-        state: {{path: "{tmp_path / 'state.json'}"}}
+        state: {{path: "{tmp_path / 'state.json'}", audit: "{tmp_path / 'audit.jsonl'}"}}
         pools:
           stable: {{servers: ["{stable.url}"]}}
           canary: {{servers: ["{canary.url}"]}}
