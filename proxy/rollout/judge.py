@@ -15,11 +15,18 @@ most ``alpha``.  The route's ``alpha`` is split evenly over its checks (a union 
   errors.  Q_base is unknown, so it is bounded first: U, the smallest sketch edge where the
   baseline's share of slower requests is surely (upper bound) at most 1 - q, has
   Q_base <= U; the ring is then tested against the sketch edge at or above
-  max(ratio x U, U + floor), which is at least t.  Both tests pick their edge from the data,
-  so each runs at alpha / (2 x number of edges): then every edge's sequence holds at once
-  with the check's probability, whichever edges are picked (a union bound over the
-  sketch's edges).  Health is the mirror image: L, a sure lower bound of Q_base, gives a
-  limit below t, and the ring's share slower than it must be surely under 1 - q.
+  max(ratio x U, U + floor), which is at least t.  Health is the mirror image: L, a sure
+  lower bound of Q_base, gives a limit below t, and the ring's share slower than it must be
+  surely under 1 - q.
+
+  The edges are picked by the data, yet no union over them is needed: each side's test
+  runs at half the check's alpha.  The bounds grow with the count, and the count of
+  requests slower than an edge shrinks as the edge rises, so a wrong conclusion at a
+  picked edge implies the sequence failed at one *fixed* edge: for "Q_base <= U", the last
+  edge below the true Q_base; for a false rejection of the ring, the first edge at or
+  above its true quantile (H0 puts t, hence the picked edge, at or above it); and likewise
+  for health.  Each of those is one confidence sequence, failing with probability at most
+  its level over all time.
 * **Absolute limits**: ``max_error_rate`` (H0: p_ring <= limit) and ``max_pXX`` (H0: at
   most a share 1 - q slower than the limit), one-sample tests with fixed limits.
 
@@ -255,7 +262,7 @@ def _limit(value: float, ratio: float, floor: float) -> float:
 def _rejects(ring: _Tail, base: _Tail, q: float, ratio: float, floor: float,
              a: float) -> bool:
     """Whether the relative latency test rejects "Q_ring(q) <= t" at level ``a``."""
-    edge_a = a / (2 * SIZE)
+    edge_a = a / 2
     # U: the first edge the baseline's share of slower requests is surely <= 1 - q at.
     upper = _first_index(lambda j: upper_bound(base.share(j), edge_a) <= 1 - q)
     if upper is None:
@@ -267,7 +274,7 @@ def _rejects(ring: _Tail, base: _Tail, q: float, ratio: float, floor: float,
 def _within(ring: _Tail, base: _Tail, q: float, ratio: float, floor: float,
             a: float) -> bool:
     """Whether the ring's q-quantile is surely under the limit (health), at level ``a``."""
-    edge_a = a / (2 * SIZE)
+    edge_a = a / 2
     # L: the last edge the baseline's share of slower requests is surely > 1 - q at
     # (so its quantile is above it); 0 when there is none.
     first_unsure = _first_index(lambda j: lower_bound(base.share(j), edge_a) <= 1 - q)
@@ -315,7 +322,7 @@ def _relative_latency(ring: Evidence, base: Evidence, limit: LatencyLimit, floor
         point = index_of(_limit(base_q, ratio, floor))
         shares = ring_tail.share(point)
         estimate = shares.events / shares.trials
-        lo, hi = rate_bounds(shares, a / (2 * SIZE))
+        lo, hi = rate_bounds(shares, a / 2)
     t = None if base_q is None else _limit(base_q, ratio, floor)
     detail = (f"{limit.name} {_ms(ring_q)} against the baseline's {_ms(base_q)}: "
               f"{_pct(estimate)} of requests slower than {_ms(t)} "
