@@ -842,7 +842,7 @@ async def make_screenshot(out: Path) -> None:
         browser = Chromium(Path(tmp), lifetime=120)
         proxy = Proxy(parse_config(screenshot_config(ups, Path(tmp))))
         await proxy.start()
-        until = time.monotonic() + 60
+        until = time.monotonic() + 90
         load = [asyncio.ensure_future(_traffic(proxy.url, until)) for _ in range(6)]
         try:
             browser.start()
@@ -852,7 +852,7 @@ async def make_screenshot(out: Path) -> None:
                 await tab.goto(proxy.admin_url + "/")
                 await asyncio.sleep(5)
                 ups["checkout-v18"].error_every = 4  # the checkout canary goes bad
-                deadline = time.monotonic() + 40
+                deadline = time.monotonic() + 70
                 def unfolded() -> bool:  # the checkout canary is rolled back, the api
                     # canary judged on enough of its own traffic to show its evidence
                     api_verdict = proxy.controller.verdicts.get("api", {}).get("canary")
@@ -862,7 +862,8 @@ async def make_screenshot(out: Path) -> None:
 
                 while not unfolded():
                     assert time.monotonic() < deadline, (
-                        f"the scenario did not unfold: {proxy.controller.states}")
+                        f"the scenario did not unfold: {proxy.controller.states}, "
+                        f"{[e.text for e in proxy.controller.events]}")
                     await asyncio.sleep(0.1)
                 await asyncio.sleep(1.5)
                 before = await tab.eval("document.querySelector('[data-field=updated]')"
