@@ -72,7 +72,7 @@ class FastRollback:
     """Roll back at once when a ring's error rate over ``window`` is above this."""
 
     max_error_rate: float  # fraction
-    min_requests: int = 5
+    min_requests: int = 10  # a hard limit: enough requests that bad luck cannot reach it
     window: float = 1.0  # seconds
 
 
@@ -209,7 +209,7 @@ def _read_statuses(ctx: Ctx, sec: Section) -> frozenset[int]:
 
 
 def _read_fast(ctx: Ctx, data: object, path: str) -> FastRollback | None:
-    """``fast_rollback: {max_error_rate: 50, min_requests: 5, window: 1s}``."""
+    """``fast_rollback: {max_error_rate: 50, min_requests: 10, window: 1s}``."""
     if data is None:
         return None
     sec = Section(ctx, data, path)
