@@ -299,9 +299,9 @@ def test_latency_false_rollbacks_over_a_step_stay_under_alpha(q: float, ratio: f
 
 def test_a_a_rings_under_every_default_check_are_rarely_rolled_back() -> None:
     # The whole judge as configured by default (error increase, p50, p95, p99; alpha split
-    # over the four), A/A at 2 % errors with no error tolerance: 60 steps of 12 looks.
+    # over the four), A/A at 2 % errors with no error tolerance: 40 steps of 12 looks.
     rng = random.Random(5)
-    alpha, runs, rolled_back = 0.1, 60, 0
+    alpha, runs, rolled_back = 0.1, 40, 0
     c = Criteria(alpha=alpha, max_error_rate_increase=0.0)
     for _ in range(runs):
         ring_t, base_t = Tally(), Tally()
