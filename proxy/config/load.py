@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from proxy.config.admin import read_admin
+from proxy.config.analysis import read_analysis
 from proxy.config.assignment import (
     Sticky,
     read_decision_headers,
@@ -35,7 +36,6 @@ from proxy.config.model import (
     Route,
 )
 from proxy.config.reader import Ctx, Section, kind
-from proxy.config.analysis import read_analysis
 from proxy.config.rollout import (
     read_progression,
     read_rollback,

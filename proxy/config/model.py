@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from proxy.config.admin import Admin
-from proxy.config.assignment import DecisionHeaders, Override, Sticky
 from proxy.config.analysis import Analysis
+from proxy.config.assignment import DecisionHeaders, Override, Sticky
 from proxy.config.rollout import Progression, StateFiles, Webhook
 from proxy.config.rules import Rule
 from proxy.config.values import Listen, Upstream

@@ -6,7 +6,7 @@ Pure: no I/O.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from proxy.config.reader import Ctx, Section, kind
