@@ -259,24 +259,21 @@ def _limit(value: float, ratio: float, floor: float) -> float:
     return max(ratio * value, value + floor)
 
 
-def _rejects(ring: _Tail, base: _Tail, q: float, ratio: float, floor: float,
-             a: float) -> bool:
-    """Whether the relative latency test rejects "Q_ring(q) <= t" at level ``a``."""
-    edge_a = a / 2
-    # U: the first edge the baseline's share of slower requests is surely <= 1 - q at.
+def _rollback_edge(base: _Tail, q: float, ratio: float, floor: float,
+                   edge_a: float) -> int | None:
+    """The edge the ring is tested against for a rollback: at or above the limit built
+    from U, the first edge the baseline's share of slower requests is surely <= 1 - q at
+    (so its quantile is at most U); None while no edge is sure yet."""
     upper = _first_index(lambda j: upper_bound(base.share(j), edge_a) <= 1 - q)
     if upper is None:
-        return False  # no edge is surely above the baseline's quantile yet
-    limit = index_of(_limit(upper_edge(upper), ratio, floor))
-    return lower_bound(ring.share(limit), edge_a) > 1 - q
+        return None
+    return index_of(_limit(upper_edge(upper), ratio, floor))
 
 
-def _within(ring: _Tail, base: _Tail, q: float, ratio: float, floor: float,
-            a: float) -> bool:
-    """Whether the ring's q-quantile is surely under the limit (health), at level ``a``."""
-    edge_a = a / 2
-    # L: the last edge the baseline's share of slower requests is surely > 1 - q at
-    # (so its quantile is above it); 0 when there is none.
+def _health_edge(base: _Tail, q: float, ratio: float, floor: float, edge_a: float) -> int:
+    """The edge the ring is tested against for health: at or below the limit built from L,
+    the last edge the baseline's share of slower requests is surely > 1 - q at (its
+    quantile is above it; 0 when there is none).  -1: no edge is low enough."""
     first_unsure = _first_index(lambda j: lower_bound(base.share(j), edge_a) <= 1 - q)
     if first_unsure is None:
         below = upper_edge(SIZE - 1)
@@ -284,11 +281,14 @@ def _within(ring: _Tail, base: _Tail, q: float, ratio: float, floor: float,
         below = upper_edge(first_unsure - 1) if first_unsure > 0 else 0.0
     limit = _limit(below, ratio, floor)
     index = index_of(limit)
-    if upper_edge(index) > limit:
-        index -= 1  # the last edge at or below the limit
-    if ring.timed == 0:
-        return False
-    return upper_bound(ring.share(index), edge_a) <= 1 - q
+    return index - 1 if upper_edge(index) > limit else index
+
+
+def _rejects(ring: _Tail, base: _Tail, q: float, ratio: float, floor: float,
+             a: float) -> bool:
+    """Whether the relative latency test rejects "Q_ring(q) <= t" at level ``a``."""
+    edge = _rollback_edge(base, q, ratio, floor, a / 2)
+    return edge is not None and lower_bound(ring.share(edge), a / 2) > 1 - q
 
 
 def _latency_p_value(ring: _Tail, base: _Tail, q: float, ratio: float, floor: float) -> float:
@@ -299,7 +299,7 @@ def _latency_p_value(ring: _Tail, base: _Tail, q: float, ratio: float, floor: fl
     lo, hi = math.log(1e-300), math.log(top)
     if _rejects(ring, base, q, ratio, floor, math.exp(lo)):
         return 0.0
-    for _ in range(24):  # to ~4 % of the p-value: plenty for a display and a decision
+    for _ in range(24):  # to ~0.004 % of the p-value
         mid = (lo + hi) / 2
         if _rejects(ring, base, q, ratio, floor, math.exp(mid)):
             hi = mid
@@ -310,19 +310,26 @@ def _latency_p_value(ring: _Tail, base: _Tail, q: float, ratio: float, floor: fl
 
 def _relative_latency(ring: Evidence, base: Evidence, limit: LatencyLimit, floor: float,
                       a: float, tails: tuple[_Tail, _Tail]) -> Check:
+    """``lower`` is a sure share of the ring's requests slower than the rollback edge (at
+    or above the true limit), ``upper`` a sure most of them slower than the health edge
+    (at or below it): worse when lower > 1 - q, within when upper <= 1 - q."""
     q, ratio = limit.quantile, limit.ratio
     ring_q, base_q = ring.quantile(q), base.quantile(q)
     ring_tail, base_tail = tails
-    worse = _rejects(ring_tail, base_tail, q, ratio, floor, a)
-    within = not worse and _within(ring_tail, base_tail, q, ratio, floor, a)
+    edge_a = a / 2
+    rollback_edge = _rollback_edge(base_tail, q, ratio, floor, edge_a)
+    health_edge = _health_edge(base_tail, q, ratio, floor, edge_a)
+    lo = 0.0
+    if rollback_edge is not None and ring.timed:
+        lo = lower_bound(ring_tail.share(rollback_edge), edge_a)
+    hi = upper_bound(ring_tail.share(health_edge), edge_a) if ring.timed else 1.0
+    worse = lo > 1 - q
+    within = not worse and ring.timed > 0 and hi <= 1 - q
     p = _latency_p_value(ring_tail, base_tail, q, ratio, floor)
     estimate = None
-    lo, hi = 0.0, 1.0
     if base_q is not None and ring.timed:
-        point = index_of(_limit(base_q, ratio, floor))
-        shares = ring_tail.share(point)
+        shares = ring_tail.share(index_of(_limit(base_q, ratio, floor)))
         estimate = shares.events / shares.trials
-        lo, hi = rate_bounds(shares, a / 2)
     t = None if base_q is None else _limit(base_q, ratio, floor)
     detail = (f"{limit.name} {_ms(ring_q)} against the baseline's {_ms(base_q)}: "
               f"{_pct(estimate)} of requests slower than {_ms(t)} "
