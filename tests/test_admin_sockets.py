@@ -17,7 +17,7 @@ from proxy.admin.auth import Access
 from proxy.config import load_config, parse_config
 from proxy.errors import RolloutConflict
 from proxy.rollout.evidence import Evidence, Tally
-from proxy.rollout.judge import Finding, Outcome, judge
+from proxy.rollout.judge import Finding, Outcome, judge, judge_marks
 from proxy.routing.assign import bucket_of
 from proxy.server import Proxy
 from tests.conftest import RINGPROXY, ROOT, Upstream
@@ -245,7 +245,8 @@ async def test_live_verdict_numbers_are_the_judges_on_the_counts_shown(
                                     "baseline_errors": 0}, ring
         analysis = proxy.config.routes[0].analysis
         assert analysis is not None
-        again = judge(Evidence(140, 20), Evidence(140, 0), analysis.criteria)
+        # Within its first 5 minutes a step has one mark, its start (number 1).
+        again = judge_marks([(1, Evidence(140, 20), Evidence(140, 0))], analysis.criteria)
         assert ring["verdict"]["checks"] == json.loads(
             json.dumps([c.as_dict() for c in again.checks]))
         assert ring["verdict"]["outcome"] == again.outcome.value == "undecided"

@@ -492,3 +492,20 @@ async def test_a_route_removed_and_added_back_keeps_its_rollback(tmp_path: Path)
     runtime = h.reload(parse_config(config_text(tmp_path)))
     assert h.controller.states["api"]["canary"].phase is Phase.ROLLED_BACK
     assert runtime.table.routes["api"].range_of("canary") is None
+
+
+async def test_a_ring_that_breaks_after_a_long_healthy_stretch_is_judged_on_recent_marks(
+    tmp_path: Path,
+) -> None:
+    # 30 healthy minutes at 10 % (36,000 canary requests), then 20 % errors.  Judged on the
+    # whole step only, the new errors are diluted (about 150 s to roll back); the marks
+    # taken every 5 minutes judge what it did since a recent one.
+    h = Harness(parse_config(config_text(tmp_path, ring="weight: 10", max_blind="1h")))
+    assert await h.run(1800, canary_errors=0.01) == []
+    onset = h.clock.now
+    events = await h.run(120, canary_errors=0.20)
+    (event,) = events
+    took = event.time - onset
+    assert event.kind == "rollback" and event.label == "error_rate_increase"
+    assert took <= 40, took
+    print(f"\n20 % errors after 30 healthy minutes: rolled back after {took:.0f}s")

@@ -23,7 +23,16 @@ import pytest
 
 from proxy.config.analysis import AbsoluteLatency, Criteria, FastRollback, LatencyLimit
 from proxy.rollout.evidence import Evidence, Tally
-from proxy.rollout.judge import Check, Finding, Outcome, check_count, judge, judge_fast
+from proxy.rollout.judge import (
+    Check,
+    Finding,
+    Outcome,
+    check_count,
+    judge,
+    judge_fast,
+    judge_marks,
+    mark_alpha,
+)
 from proxy.rollout.sketch import GAMMA, LOW, SIZE
 
 # --------------------------------------------------------------------------- helpers
@@ -539,3 +548,37 @@ def test_judge_fast() -> None:
         "finding": "worse", "estimate": 0.6, "lower": 0.6, "upper": 0.6, "limit": 0.5,
         "p_value": 0.0, "errors": 6, "requests": 10, "window": 1.0}
     assert judge_fast(5, 5, fast) is not None  # exactly min_requests, all errors
+
+
+def _counts(requests: int, errors: int) -> Evidence:
+    tally = Tally()
+    for i in range(requests):
+        tally.record(i < errors, 0.010)
+    return tally.evidence()
+
+
+def test_mark_shares_of_alpha_add_up_to_alpha() -> None:
+    shares = [mark_alpha(0.01, j) for j in range(1, 100_001)]
+    assert shares[0] == pytest.approx(0.01 * 6 / math.pi ** 2)
+    assert sum(shares) <= 0.01
+    assert sum(shares) == pytest.approx(0.01, rel=1e-4)
+
+
+def test_judge_marks_rolls_back_on_any_mark_and_takes_health_from_the_step_start() -> None:
+    # The whole step: 10,000 healthy requests then 60 with 20 errors, diluted; since a
+    # recent mark (number 7): only the bad ones.
+    step = _counts(10_060, 120)
+    recent = _counts(60, 20)
+    base_step, base_recent = _counts(90_000, 900), _counts(540, 5)
+    c = Criteria(latency=())
+    assert judge(step, base_step, c).outcome is not Outcome.ROLLBACK
+    verdict = judge_marks([(1, step, base_step), (7, recent, base_recent)], c)
+    assert verdict.outcome is Outcome.ROLLBACK
+    (check,) = verdict.checks
+    assert check.alpha == pytest.approx(mark_alpha(0.01, 7))  # judged at its own share
+    # Nothing wrong since any mark: the step start's verdict (health needs the whole step).
+    healthy = judge_marks([(1, _counts(20_000, 200), base_step), (2, _counts(50, 0),
+                                                                 base_recent)], c)
+    assert healthy.outcome is Outcome.HEALTHY and healthy.requests == 20_000
+    with pytest.raises(ValueError, match="at least the step's start"):
+        judge_marks([], c)

@@ -34,7 +34,7 @@ from proxy.control.statefile import (
 )
 from proxy.control.webhooks import WebhookSender
 from proxy.errors import RolloutConflict, StateError
-from proxy.rollout.judge import Verdict, judge, judge_fast
+from proxy.rollout.judge import Verdict, judge_fast, judge_marks
 from proxy.rollout.machine import Trigger, act, on_fast_failure, on_verdicts, restore
 from proxy.rollout.plan import RoutePlan, build_plan
 from proxy.rollout.state import Event, Phase, RingState
@@ -316,10 +316,11 @@ class Controller:
                         if name in states and not states[name].enabled}
             for ring in plan.analysed:
                 if states[ring.name].enabled:
-                    ring_ev, base_ev = self.looks.since_step(
+                    marks = self.looks.since_marks(
                         (route, ring.name), states[ring.name],
-                        self.metrics.tally(route, ring.name), baseline, baseline_now)
-                    verdicts[ring.name] = judge(ring_ev, base_ev, analysis.criteria)
+                        self.metrics.tally(route, ring.name), baseline, baseline_now,
+                        self.mono())
+                    verdicts[ring.name] = judge_marks(marks, analysis.criteria)
             self.verdicts[route] = verdicts
             self._show(route)
             now = self.wall()

@@ -10,6 +10,11 @@ restart the evidence starts again at the first look: counts are not persisted (t
 start time is).  A new tally on either side (a ring's pool changed, so its recorder is new) starts
 the ring's evidence over.
 
+Besides the step's start, marks are taken on the controller's clock every ``MARK_EVERY``
+seconds of the step (never chosen by the data; the last ``MARKS_KEPT`` are kept), so that a
+ring turning bad after a long healthy stretch is judged on what it did since a recent mark
+(``proxy.rollout.judge.judge_marks``) instead of being diluted by its whole step.
+
 No clock and no I/O: the caller passes ``now``.
 """
 
@@ -23,6 +28,28 @@ from proxy.rollout.window import Recent
 
 Step = tuple[int | None, float, str]  # (step, step_since, fingerprint): one step of a ring
 Key = tuple[str, str]  # (route, ring)
+MARK_EVERY = 300.0  # seconds between evidence marks within a step
+MARKS_KEPT = 6  # the recent marks judged besides the step's start (the last half hour)
+Since = tuple[int, Evidence, Evidence]  # (mark number, ring since the mark, baseline since)
+
+
+class Marks:
+    """A step's evidence marks after its start: (number, ring then, baseline then)."""
+
+    __slots__ = ("kept", "next_at", "taken")
+
+    def __init__(self, now: float) -> None:
+        self.next_at = now + MARK_EVERY
+        self.taken = 1  # the step's start is mark 1
+        self.kept: list[Since] = []
+
+    def look(self, now: float, ring: Evidence, baseline: Evidence) -> None:
+        if now < self.next_at:
+            return
+        self.taken += 1
+        self.kept = [*self.kept[-(MARKS_KEPT - 1):], (self.taken, ring, baseline)]
+        while self.next_at <= now:
+            self.next_at += MARK_EVERY
 
 
 def step_of(state: RingState) -> Step:
@@ -54,11 +81,13 @@ class Looks:
 
     def __init__(self) -> None:
         self.starts: dict[Key, StepStart] = {}
+        self.marks: dict[Key, tuple[StepStart, Marks]] = {}
         self.fast: dict[Key, FastLooks] = {}
 
     def keep(self, rings: set[Key]) -> None:
         """Forget the rings that are no longer analysed (a reload removed them)."""
         self.starts = {k: v for k, v in self.starts.items() if k in rings}
+        self.marks = {k: v for k, v in self.marks.items() if k in rings}
         self.fast = {k: v for k, v in self.fast.items() if k in rings}
 
     def start(self, key: Key, state: RingState, tally: Tally, baseline: Tally) -> StepStart:
@@ -71,12 +100,20 @@ class Looks:
                                                  baseline.evidence())
         return start
 
-    def since_step(
-        self, key: Key, state: RingState, tally: Tally, baseline: Tally, baseline_now: Evidence
-    ) -> tuple[Evidence, Evidence]:
-        """The ring's evidence since its step began, and its baseline's over the same time."""
+    def since_marks(
+        self, key: Key, state: RingState, tally: Tally, baseline: Tally,
+        baseline_now: Evidence, now: float,
+    ) -> list[Since]:
+        """The evidence since the step began (mark 1) and since each kept mark after it."""
         start = self.start(key, state, tally, baseline)
-        return tally.evidence().since(start.ring_at), baseline_now.since(start.baseline_at)
+        held = self.marks.get(key)
+        if held is None or held[0] is not start:
+            held = self.marks[key] = (start, Marks(now))
+        ring_now = tally.evidence()
+        marks = held[1]
+        marks.look(now, ring_now, baseline_now)
+        return [(1, ring_now.since(start.ring_at), baseline_now.since(start.baseline_at)),
+                *((j, ring_now.since(r), baseline_now.since(b)) for j, r, b in marks.kept)]
 
     def recent(
         self, key: Key, state: RingState, tally: Tally, seconds: float, now: float

@@ -38,8 +38,8 @@ when every check is within and the ring has at least ``min_requests`` judged req
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from proxy.config.analysis import AbsoluteLatency, Criteria, FastRollback, LatencyLimit
@@ -374,3 +374,41 @@ def judge_fast(requests: int, errors: int, fast: FastRollback) -> Verdict | None
         f"above the fast-rollback limit {_pct(fast.max_error_rate)}",
         {"errors": errors, "requests": requests, "window": fast.window})
     return Verdict(Outcome.ROLLBACK, (check,), requests)
+
+
+# --------------------------------------------------------------------------- marks
+
+
+def mark_alpha(alpha: float, j: int) -> float:
+    """The share of ``alpha`` the j-th evidence mark (from 1) is judged at: alpha 6/(pi^2 j^2).
+
+    The shares add up to alpha (the sum of 1/j^2 is pi^2/6), so however many marks a step
+    has, the chance that any of them rolls back a ring within tolerance is at most alpha.
+    """
+    return alpha * 6 / (math.pi ** 2 * j * j)
+
+
+def judge_marks(
+    marks: Sequence[tuple[int, Evidence, Evidence]], c: Criteria
+) -> Verdict:
+    """The verdict over evidence since several marks: (j, ring since mark j, baseline since).
+
+    Mark 1 is the step's start; later marks are taken on a clock, never chosen by the data,
+    so a ring that turns bad after a long healthy stretch is judged on what it did since a
+    recent mark instead of being diluted by all of its step.  Each mark is judged at its
+    share of alpha (``mark_alpha``).  A rollback from any mark stands; otherwise the verdict
+    is mark 1's (health needs the whole step's evidence).  Dropping old marks keeps the
+    guarantee (fewer tests); their numbers j are never reused.
+    """
+    if not marks:
+        raise ValueError("judge_marks needs at least the step's start")
+    first: Verdict | None = None
+    for j, ring, baseline in marks:
+        verdict = judge(ring, baseline, replace(c, alpha=mark_alpha(c.alpha, j)))
+        if verdict.outcome is Outcome.ROLLBACK:
+            return verdict
+        if first is None:
+            first = verdict
+    if first is None:  # pragma: no cover - marks is not empty
+        raise ValueError("no marks")
+    return first
