@@ -509,3 +509,26 @@ async def test_a_ring_that_breaks_after_a_long_healthy_stretch_is_judged_on_rece
     assert event.kind == "rollback" and event.label == "error_rate_increase"
     assert took <= 40, took
     print(f"\n20 % errors after 30 healthy minutes: rolled back after {took:.0f}s")
+
+
+async def test_the_fast_path_leaves_trouble_both_rings_share_to_the_judge(
+    tmp_path: Path,
+) -> None:
+    # A shared incident: both rings answer 60 % errors for 30 s.  Above the fast path's
+    # hard limit, but the baseline errs as much over the same window: not the version's.
+    fast = "fast_rollback: {max_error_rate: 50, min_requests: 10, window: 1s}"
+    h = Harness(parse_config(config_text(tmp_path, ring="weight: 10", analysis=fast)))
+    for _ in range(300):
+        h.clock.now += 0.1
+        h.traffic("stable", 18, 0.60)
+        h.traffic("canary", 2, 0.60)
+        assert await h.controller.check_fast("api") == []
+    assert h.phase() is Phase.STEADY
+    # The same canary alone at 100 % errors is still caught at once.
+    for _ in range(20):
+        h.clock.now += 0.1
+        h.traffic("stable", 18, 0.01)
+        h.feed("canary", 2, errors=2)
+        if await h.controller.check_fast("api"):
+            break
+    assert h.phase() is Phase.ROLLED_BACK

@@ -582,3 +582,13 @@ def test_judge_marks_rolls_back_on_any_mark_and_takes_health_from_the_step_start
     assert healthy.outcome is Outcome.HEALTHY and healthy.requests == 20_000
     with pytest.raises(ValueError, match="at least the step's start"):
         judge_marks([], c)
+
+
+def test_judge_fast_leaves_errors_the_baseline_shares_alone() -> None:
+    fast = FastRollback(max_error_rate=0.5, min_requests=10, window=1.0)
+    # 10 of 10 errors against a 1 % baseline: far beyond it, rolled back.
+    assert judge_fast(10, 10, fast, 180, 2) is not None
+    # 7 of 10 against a baseline at 60 % over the same second: shared trouble.
+    assert judge_fast(10, 7, fast, 180, 108) is None
+    # ...but with no baseline traffic in the window the hard limit alone decides.
+    assert judge_fast(10, 7, fast) is not None

@@ -138,7 +138,7 @@ class Controller:
         self.plans, self.states = plans, states
         self._generation += 1  # a commit whose save spans this call decides again
         self.verdicts = {k: v for k, v in self.verdicts.items() if k in plans}
-        self.looks.keep({(p.route, r.name) for p in plans.values() for r in p.analysed})
+        self.looks.keep({(p.route, r.name) for p in plans.values() for r in p.rings})
         self._runtime = runtime
         for name in plans:
             self._apply(name)
@@ -283,17 +283,20 @@ class Controller:
         self, route: str, plan: RoutePlan, fast: FastRollback
     ) -> tuple[str, Verdict] | None:
         now = self.mono()
+        try:
+            baseline = self.looks.recent(
+                (route, plan.baseline), self.states[route][plan.baseline],
+                self.metrics.tally(route, plan.baseline), fast.window, now)
+        except KeyError:
+            return None  # metrics are off: nothing is analysed
         for ring in plan.analysed:
             state = self.states[route][ring.name]
             if not state.enabled:
                 continue
-            try:
-                tally = self.metrics.tally(route, ring.name)
-            except KeyError:
-                return None  # metrics are off: nothing is analysed
+            tally = self.metrics.tally(route, ring.name)
             requests, errors = self.looks.recent((route, ring.name), state, tally,
                                                  fast.window, now)
-            verdict = judge_fast(requests, errors, fast)
+            verdict = judge_fast(requests, errors, fast, *baseline)
             if verdict is not None:
                 return ring.name, verdict
         return None

@@ -358,14 +358,25 @@ def _absolute_latency(ring: Evidence, limit: AbsoluteLatency, a: float, tail: _T
 # --------------------------------------------------------------------------- fast path
 
 
-def judge_fast(requests: int, errors: int, fast: FastRollback) -> Verdict | None:
+FAST_LEVEL = 1e-6  # how sure the fast path must be that the ring errs more than its baseline
+
+
+def judge_fast(
+    requests: int, errors: int, fast: FastRollback,
+    baseline_requests: int = 0, baseline_errors: int = 0,
+) -> Verdict | None:
     """The fast path: a rollback when the recent error rate is above a hard limit, else None.
 
-    Not a statistical test: a hard limit on the last ``fast.window`` seconds, for a ring
-    that breaks in the middle of a long step (its evidence since the step began would
-    move only slowly).
+    A hard limit on the last ``fast.window`` seconds, for a ring that turns to errors all
+    at once.  Trouble both rings share (an incident of a common dependency) is not the
+    version's: when the baseline's error rate over the same window is at least a sure lower
+    bound of the ring's (at ``FAST_LEVEL``), nothing happens and the sequential judge
+    decides.
     """
     if requests < fast.min_requests or errors / requests <= fast.max_error_rate:
+        return None
+    if baseline_requests and lower_bound(Counts(errors, requests), FAST_LEVEL) \
+            <= baseline_errors / baseline_requests:
         return None
     rate = errors / requests
     check = Check(
