@@ -319,9 +319,9 @@ def aa_rollout(rng: random.Random, cell: AACell, levels: Sequence[float], args: 
             if 600 <= look < 660:  # a shared dependency's incident: both rings suffer
                 shift, error = shift + 18, 0.2  # x2 latency, 20 % errors
         n, e = ring.serve(rng, args.rps, dt, shift, error)
-        base.serve(rng, args.rps, dt, shift, error)
-        for key, fast in FAST.items():
-            if key not in rolled and judge_fast(n, e, fast) is not None:
+        bn, be = base.serve(rng, args.rps, dt, shift, error)
+        for key, fast in FAST.items():  # with the baseline's same second, as the proxy does
+            if key not in rolled and judge_fast(n, e, fast, bn, be) is not None:
                 rolled[key] = (look * dt, ("fast_error_rate",))
         if not pending:
             continue
@@ -419,7 +419,7 @@ def bad_rollout(rng: random.Random, s: Bad, args: Namespace, screen: Screen) -> 
     rps = s.rps or args.rps
     ring = Pool(s.weight, s.base_error, base_lat)
     base = Pool(1.0 - s.weight, s.base_error, base_lat)
-    recent: deque[tuple[int, int]] = deque()
+    recent: deque[tuple[int, int, int, int]] = deque()  # ring and baseline per slot
     slots = round(s.fast.window / s.interval) if s.fast else 0
     served = errors = 0
     steps = round((s.onset + s.cap) / s.interval)
@@ -429,15 +429,15 @@ def bad_rollout(rng: random.Random, s: Bad, args: Namespace, screen: Screen) -> 
         if not broken and t > s.onset + 1e-9:
             broken, ring.error, ring.latency = True, s.error, s.latency
         n, e = ring.serve(rng, rps, s.interval)
-        base.serve(rng, rps, s.interval)
+        bn, be = base.serve(rng, rps, s.interval)
         if broken:
             served, errors = served + n, errors + e
         if s.fast:
-            recent.append((n, e))
+            recent.append((n, e, bn, be))
             if len(recent) > slots:
                 recent.popleft()
-            v: Verdict | None = judge_fast(sum(x for x, _ in recent),
-                                           sum(y for _, y in recent), s.fast)
+            sums = [sum(slot[i] for slot in recent) for i in range(4)]
+            v: Verdict | None = judge_fast(sums[0], sums[1], s.fast, sums[2], sums[3])
             if v is not None:
                 return Caught(t - s.onset, served, errors, v.broken) if broken else \
                     Caught(-1, 0, 0, v.broken)
