@@ -8,7 +8,14 @@ import random
 
 import pytest
 
-from proxy.rollout.sequential import Counts, compare, exceeds, log_mixture, rate_bounds
+from proxy.rollout.sequential import (
+    Counts,
+    compare,
+    log_mixture,
+    lower_bound,
+    p_above,
+    rate_bounds,
+)
 
 
 @pytest.mark.parametrize(("s", "n", "p"), [
@@ -135,5 +142,8 @@ def test_health_needs_enough_traffic_to_bound_the_difference() -> None:
 
 def test_exceeds_a_fixed_limit() -> None:
     # 40 slow answers of 200 against "at most 1 % slower" (a p99 limit): rejected.
-    assert exceeds(Counts(40, 200), 0.01, 0.01)
-    assert not exceeds(Counts(3, 200), 0.01, 0.01)
+    assert lower_bound(Counts(40, 200), 0.01) > 0.01
+    assert not lower_bound(Counts(3, 200), 0.01) > 0.01
+    # and p_above is the level where that flips
+    p = p_above(Counts(40, 200), 0.01)
+    assert lower_bound(Counts(40, 200), p * 1.02) > 0.01 >= lower_bound(Counts(40, 200), p * 0.98)

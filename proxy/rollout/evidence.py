@@ -48,8 +48,6 @@ class Evidence:
         return f"<Evidence requests={self.requests} errors={self.errors} p95={shown}>"
 
 
-NONE = Evidence()
-
 
 class Tally:
     """A ring's running totals; ``record`` is on the request path (a few increments)."""

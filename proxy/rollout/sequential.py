@@ -196,16 +196,12 @@ def _p_value(
     return min(1.0, 2.0 * math.exp(-evidence))
 
 
-def exceeds(c: Counts, limit: float, alpha: float, prior: tuple[float, float] = PRIOR) -> bool:
-    """H0: rate <= ``limit`` rejected at ``alpha`` (the lower bound is above the limit)."""
-    return lower_bound(c, alpha, prior) > limit
-
-
 def p_above(c: Counts, limit: float, prior: tuple[float, float] = PRIOR) -> float:
     """The anytime-valid p-value of H0: rate <= ``limit``: exp(-min over the null of log M).
 
     log M is convex with its minimum at the estimate: over p <= limit it is smallest at
-    min(limit, estimate), so ``exceeds`` rejects at alpha exactly when this is <= alpha.
+    min(limit, estimate), so the lower bound is above ``limit`` at level alpha exactly
+    when this is <= alpha.
     """
     if c.trials == 0 or c.events / c.trials <= limit:
         return 1.0

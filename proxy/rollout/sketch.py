@@ -10,12 +10,13 @@ in it (the DDSketch construction: Masson, Rim, Lee, "DDSketch: a fast and fully-
 quantile sketch with relative-error guarantees", VLDB 2019).  Values at or below LOW share
 bucket 0, values above the top edge the last bucket.  A sketch is a fixed list of counts:
 recording is one logarithm and an increment, merging adds counts (for several processes).
+``proxy.rollout.evidence`` keeps the counts (``Tally``, ``Evidence``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 GAMMA = 1.04
 LOW = 1e-5  # 10 microseconds: below anything a proxied request takes
@@ -60,43 +61,3 @@ def quantile_index(counts: Sequence[int], q: float) -> int | None:
         if seen >= rank:
             return i
     return len(counts) - 1  # pragma: no cover - the counts add up to total
-
-
-class LatencySketch:
-    """Counts of latencies per log-linear bucket; ``count`` of them in all."""
-
-    __slots__ = ("count", "counts")
-
-    def __init__(self) -> None:
-        self.counts = [0] * SIZE
-        self.count = 0
-
-    def record(self, seconds: float) -> None:
-        self.counts[index_of(seconds)] += 1
-        self.count += 1
-
-    def extend(self, values: Iterable[float]) -> None:
-        for v in values:
-            self.record(v)
-
-    def merge(self, other: LatencySketch) -> None:
-        self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
-        self.count += other.count
-
-    def slower_than(self, index: int) -> int:
-        """How many values lie above bucket ``index``'s upper edge."""
-        return slower_than(self.counts, index)
-
-    def quantile_index(self, q: float) -> int | None:
-        """The bucket of the q-quantile (the smallest bucket holding a share >= q)."""
-        return quantile_index(self.counts, q)
-
-    def quantile(self, q: float) -> float | None:
-        """The q-quantile within ``RELATIVE_ERROR`` of an exact one (None when empty)."""
-        i = self.quantile_index(q)
-        return None if i is None else representative(i)
-
-    def __repr__(self) -> str:
-        p50, p99 = self.quantile(0.5), self.quantile(0.99)
-        shown = "-" if p50 is None or p99 is None else f"{p50 * 1e3:.1f}/{p99 * 1e3:.1f}ms"
-        return f"<LatencySketch n={self.count} p50/p99={shown}>"
