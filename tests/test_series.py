@@ -105,6 +105,16 @@ def test_coarse_points_merge_histograms_not_quantiles() -> None:
     assert view["t"][2] + 10 <= view["t"][3]
 
 
+def test_a_coarse_point_covers_the_seconds_it_merged() -> None:
+    s = RingSeries(fine_points=1)
+    for bucket in range(17, 31):  # a sampler that started mid-group: 17..19 is short
+        s.add(bucket, T0 + bucket, 6, 0, hist(b1=6), None)
+    view = s.points(0)
+    assert list(zip(view["t"], view["seconds"], view["rps"], strict=True))[:2] == [
+        (T0 + 17, 3.0, 6.0), (T0 + 20, 10.0, 6.0)]
+    assert s.first() == T0 + 17
+
+
 def test_tiers_are_bounded_ring_buffers() -> None:
     s = RingSeries(fine_points=30, coarse_points=4)
     for bucket in range(1000):
@@ -144,9 +154,9 @@ def test_axis_start_is_the_last_15_minutes_or_the_whole_step() -> None:
     assert axis_start(now, [], None) == now - SHOWN
     assert axis_start(now, [now - 60], None) == now - SHOWN  # a young step: 15 min
     assert axis_start(now, [now - 3600], now - 5000) == now - 3600  # an old step: all of it
-    # never before the oldest point kept (unless that is within the 15 minutes)
+    # never before the oldest point kept: a young proxy shows what it has
     assert axis_start(now, [now - 9000], now - 5000) == now - 5000
-    assert axis_start(now, [now - 9000], now - 60) == now - SHOWN
+    assert axis_start(now, [now - 9000], now - 60) == now - 60
 
 
 def test_series_view_shape_events_and_json() -> None:
@@ -161,7 +171,8 @@ def test_series_view_shape_events_and_json() -> None:
     ]
     rings = [("canary", False, "progressing", T0 - 100), ("stable", True, "steady", T0 - 9e5)]
     view = series_view(store, "api", rings, "stable", history, T0 + 10, None)
-    assert view["start"] == T0 + 10 - SHOWN  # the steady baseline's old step is no reason
+    # the steady baseline's old step is no reason to reach back; a young store shows all
+    assert view["start"] == T0
     assert [r["name"] for r in view["rings"]] == ["canary", "stable"]
     assert view["rings"][1]["baseline"] and view["baseline"] == "stable"
     assert view["rings"][0]["points"]["t"] == [T0 + b for b in range(10)]

@@ -41,7 +41,7 @@ _NAN = float("nan")
 
 class PointsView(TypedDict):
     """A ring's points as columns, oldest first; ``t`` is the Unix time a point starts,
-    ``seconds`` how long it covers (1, or 10 for the coarse points older than 15 min).
+    ``seconds`` how long it covers (1, or up to 10 for the coarse points older than 15 min).
     ``rps`` is requests / seconds; ``error_rate`` errors / requests, null without requests;
     ``p95``/``p99`` in seconds, null without timed requests; ``weight`` in percent, null
     for a ring without a sticky share."""
@@ -202,7 +202,7 @@ class RingSeries:
         if group != self._acc_group:
             self._flush()
             self._acc_group = group
-            self._acc_t = t - (bucket - group * COARSE_EVERY) * self.resolution
+            self._acc_t = t  # its first second (a sampler that starts mid-group: a short one)
         self._acc_seconds += 1
         self._acc_requests += requests
         self._acc_errors += errors
@@ -215,7 +215,7 @@ class RingSeries:
         if self._acc_group is None or not self._acc_seconds:
             return
         hist = self._acc_hist
-        self.coarse.append(self._acc_t, COARSE_EVERY * self.resolution, self._acc_requests,
+        self.coarse.append(self._acc_t, self._acc_seconds * self.resolution, self._acc_requests,
                            self._acc_errors, quantile(0.95, self.bounds, hist),
                            quantile(0.99, self.bounds, hist), self._acc_weight)
         self._acc_seconds = self._acc_requests = self._acc_errors = 0
@@ -280,10 +280,10 @@ class SeriesStore:
 def axis_start(now: float, step_starts: Iterable[float], oldest: float | None) -> float:
     """Where the charts' time axis starts: the last ``SHOWN`` seconds, or earlier when a
     ring's current step began earlier (the whole step), but never before the oldest point
-    kept (``None``: nothing kept yet)."""
+    kept (``None``: nothing kept yet): a proxy that just started shows what it has."""
     start = min([now - SHOWN, *step_starts])
     if oldest is not None:
-        start = max(start, min(oldest, now - SHOWN))
+        start = max(start, oldest)
     return round(start, 3)
 
 
@@ -307,7 +307,7 @@ def series_view(
     olds = [f for name, *_ in rings if (series := store.get(route, name)) is not None
             and (f := series.first()) is not None]
     start = axis_start(now, active, min(olds) if olds else None)
-    after = start - 1e-9 if since is None else since
+    after = start - 0.0005 if since is None else since  # times are kept to the ms
     out: list[RingSeriesView] = []
     for name, is_base, phase, step_since in rings:
         series = store.get(route, name)
