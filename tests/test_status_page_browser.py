@@ -410,7 +410,14 @@ EVIDENCE = r"""(() => Object.fromEntries([...document.querySelectorAll('tr[data-
       checks: [...tr.querySelectorAll('[data-check]')].map((c) => {
         const gauge = c.querySelector('.gauge');
         const fill = gauge.firstElementChild;
+        const adv = c.querySelector('.gauge-adv');
         return {name: c.dataset.check, finding: c.dataset.finding,
+                advance: Number(adv.dataset.advance),
+                advanceShown: adv.firstElementChild.getBoundingClientRect().width /
+                  adv.getBoundingClientRect().width,
+                advanceRight: Math.abs(adv.firstElementChild.getBoundingClientRect().right -
+                                       adv.getBoundingClientRect().right) < 0.5,
+                advancePct: c.querySelector('.check-adv').innerText.trim(),
                 progress: Number(c.dataset.progress), title: c.title,
                 text: c.querySelector('.check-text').innerText.trim(),
                 pct: c.querySelector('.check-pct').innerText.trim(),
@@ -806,6 +813,10 @@ async def test_the_check_gauges_show_the_judges_progress_from_the_api(
         assert got["text"] == check_words(want)
         assert got["pct"] == f"{pct} %" and got["meter"] == pct
         assert abs(got["shown"] - want["progress"]) <= 0.015, (got, want)  # the bar itself
+        # toward an advance: the left half, filled from the middle
+        assert got["advance"] == want["advance"] and got["advanceRight"], got
+        assert got["advancePct"] == f"{round(want['advance'] * 100)} %"
+        assert abs(got["advanceShown"] - want["advance"]) <= 0.03, (got, want)
     assert shown["checks"][0]["text"] == f"evidence {round(increase['progress'] * 100)} % " \
         "of the way to rollback"
     assert shown["counts"]["requests"] == str(truth["evidence"]["requests"])
