@@ -7,7 +7,8 @@ what the page shows through its ``data-*`` attributes.  The browser runs under
 ``timeout`` in its own process group, which a ``finally`` kills.
 
 ``python -m tests.test_status_page_browser docs/status-page.png`` renders the README's
-screenshot from a realistic rollout (two routes, a progressing and a rolled-back canary).
+screenshot from a realistic rollout (two routes, a progressing and a rolled-back canary,
+a minute of each ring's charts).
 """
 
 from __future__ import annotations
@@ -496,22 +497,42 @@ def pixel(chart: dict[str, Any]) -> tuple[float, float]:
             (a["y1"] - a["y0"]) / (a["bottom"] - a["top"]) * 0.06)
 
 
+SMOOTH = 10.0  # seconds of the page's trailing rates
+
+
+def trailing(points: dict[str, list[Any]]) -> dict[str, list[float | None]]:
+    """Requests/s and the error rate at each API point over the SMOOTH seconds up to its
+    end, from the API's counts (what the page draws for those two)."""
+    rps: list[float | None] = []
+    rate: list[float | None] = []
+    for t, seconds in zip(points["t"], points["seconds"], strict=True):
+        inside = [k for k, tk in enumerate(points["t"]) if t + seconds - SMOOTH - 1e-6 <= tk <= t]
+        requests = sum(points["requests"][k] for k in inside)
+        errors = sum(points["errors"][k] for k in inside)
+        span = sum(points["seconds"][k] for k in inside)
+        rps.append(requests / span if span else None)
+        rate.append(errors / requests if requests else None)
+    return {"rps": rps, "error_rate": rate}
+
+
 def assert_drawn_as(chart: dict[str, Any], line: dict[str, Any],
                     points: dict[str, list[Any]], column: str) -> int:
-    """The line's vertices are the API's non-null points of ``column``, in order, over the
-    time the line covers (gaps where the API has nulls); returns how many were compared."""
+    """The line's vertices are the API's non-null points of ``column`` (the trailing rates
+    for rps and error_rate), in order, over the time the line covers (gaps where those
+    are null); returns how many were compared."""
     dt, dv = pixel(chart)
     segments = drawn(chart, line)
     vertices = [p for seg in segments for p in seg]
     assert vertices, f"nothing drawn for {line['series']}"
     first, last = vertices[0][0], vertices[-1][0]
-    want = [(t, v) for t, v in zip(points["t"], points[column], strict=True)
+    values = trailing(points)[column] if column in ("rps", "error_rate") else points[column]
+    want = [(t, v) for t, v in zip(points["t"], values, strict=True)
             if v is not None and first - dt <= t <= last + dt]
     assert len(vertices) == len(want), (line["series"], line["of"], len(vertices), len(want))
     for (t, v), (wt, wv) in zip(vertices, want, strict=True):
         assert abs(t - wt) <= dt and abs(v - wv) <= dv, (line["series"], (t, v), (wt, wv))
     # a gap in the drawing is a null in the API's points, and the other way round
-    nulls = sum(1 for t, v in zip(points["t"], points[column], strict=True)
+    nulls = sum(1 for t, v in zip(points["t"], values, strict=True)
                 if v is None and first < t < last)
     assert (len(segments) > 1) == (nulls > 0), (line["series"], len(segments), nulls)
     return len(want)
@@ -1008,7 +1029,7 @@ async def make_screenshot(out: Path) -> None:
         browser = Chromium(Path(tmp), lifetime=120)
         proxy = Proxy(parse_config(screenshot_config(ups, Path(tmp))))
         await proxy.start()
-        until = time.monotonic() + 90
+        until = time.monotonic() + 120
         load = [asyncio.ensure_future(_traffic(proxy.url, until)) for _ in range(6)]
         try:
             browser.start()
@@ -1016,7 +1037,7 @@ async def make_screenshot(out: Path) -> None:
                 cdp = Cdp(await client.ws_connect(browser.ws_url, max_msg_size=0))
                 tab = await Tab.open(cdp)
                 await tab.goto(proxy.admin_url + "/")
-                await asyncio.sleep(5)
+                await asyncio.sleep(30)  # half a minute of healthy history on the charts
                 ups["checkout-v18"].error_every = 4  # the checkout canary goes bad
                 deadline = time.monotonic() + 70
                 def unfolded() -> bool:  # the checkout canary is rolled back, the api
@@ -1031,7 +1052,7 @@ async def make_screenshot(out: Path) -> None:
                         f"the scenario did not unfold: {proxy.controller.states}, "
                         f"{[e.text for e in proxy.controller.events]}")
                     await asyncio.sleep(0.1)
-                await asyncio.sleep(1.5)
+                await asyncio.sleep(15)  # the charts show the canary's traffic gone
                 before = await tab.eval("document.querySelector('[data-field=updated]')"
                                         ".dataset.value")
                 await tab.eval("document.querySelector('[data-action=refresh]').click()")
