@@ -502,16 +502,17 @@ SMOOTH = 10.0  # seconds of the page's trailing rates
 
 def trailing(points: dict[str, list[Any]]) -> dict[str, list[float | None]]:
     """Requests/s and the error rate at each API point over the SMOOTH seconds up to its
-    end, from the API's counts (what the page draws for those two)."""
+    end, from the API's counts (what the page draws for those two); no error rate for a
+    point without requests of its own."""
     rps: list[float | None] = []
     rate: list[float | None] = []
-    for t, seconds in zip(points["t"], points["seconds"], strict=True):
+    for t, seconds, own in zip(points["t"], points["seconds"], points["requests"], strict=True):
         inside = [k for k, tk in enumerate(points["t"]) if t + seconds - SMOOTH - 1e-6 <= tk <= t]
         requests = sum(points["requests"][k] for k in inside)
         errors = sum(points["errors"][k] for k in inside)
         span = sum(points["seconds"][k] for k in inside)
         rps.append(requests / span if span else None)
-        rate.append(errors / requests if requests else None)
+        rate.append(errors / requests if own else None)  # none for a second without any
     return {"rps": rps, "error_rate": rate}
 
 
