@@ -498,21 +498,24 @@ def pixel(chart: dict[str, Any]) -> tuple[float, float]:
 
 
 SMOOTH = 10.0  # seconds of the page's trailing rates
+QUIET = 3.0  # no error rate where a ring had no requests for this long
 
 
 def trailing(points: dict[str, list[Any]]) -> dict[str, list[float | None]]:
     """Requests/s and the error rate at each API point over the SMOOTH seconds up to its
-    end, from the API's counts (what the page draws for those two); no error rate for a
-    point without requests of its own."""
+    end, from the API's counts (what the page draws for those two); no error rate where
+    the ring had no requests for QUIET seconds."""
     rps: list[float | None] = []
     rate: list[float | None] = []
-    for t, seconds, own in zip(points["t"], points["seconds"], points["requests"], strict=True):
+    for t, seconds in zip(points["t"], points["seconds"], strict=True):
         inside = [k for k, tk in enumerate(points["t"]) if t + seconds - SMOOTH - 1e-6 <= tk <= t]
+        recent = sum(n for tk, n in zip(points["t"], points["requests"], strict=True)
+                     if t + seconds - QUIET - 1e-6 <= tk <= t)
         requests = sum(points["requests"][k] for k in inside)
         errors = sum(points["errors"][k] for k in inside)
         span = sum(points["seconds"][k] for k in inside)
         rps.append(requests / span if span else None)
-        rate.append(errors / requests if own else None)  # none for a second without any
+        rate.append(errors / requests if recent else None)
     return {"rps": rps, "error_rate": rate}
 
 
@@ -1039,7 +1042,7 @@ async def make_screenshot(out: Path) -> None:
                 tab = await Tab.open(cdp)
                 await tab.goto(proxy.admin_url + "/")
                 await asyncio.sleep(30)  # half a minute of healthy history on the charts
-                ups["checkout-v18"].error_every = 4  # the checkout canary goes bad
+                ups["checkout-v18"].error_every = 8  # the checkout canary goes bad (12.5 %)
                 deadline = time.monotonic() + 70
                 def unfolded() -> bool:  # the checkout canary is rolled back, the api
                     # canary judged on enough of its own traffic to show its evidence
