@@ -28,6 +28,7 @@ from proxy.rollout.judge import (
     Finding,
     Outcome,
     check_count,
+    errors_worse,
     judge,
     judge_fast,
     judge_marks,
@@ -575,6 +576,7 @@ def test_judge_fast_wants_errors_improbable_at_the_baselines_rate() -> None:
         sum(math.comb(10, i) * (2 / 92) ** i * (90 / 92) ** (10 - i) for i in range(7, 11)))
     assert v.reason.endswith("above the fast-rollback limit 50.00%, a 3e-10 chance at the "
                              "baseline's rate")
+    assert v.checks[0].alpha == 1e-8 and v.checks[0].progress == 1.0
     assert judge_fast(5, 5, fast, 90, 0) is not None
     # A 5 % baseline makes 6 of 10 ordinary (3e-6): a healthy ring's bad luck stays put.
     assert judge_fast(10, 6, fast, 90, 4) is None
@@ -623,3 +625,29 @@ def test_judge_fast_leaves_errors_the_baseline_shares_alone() -> None:
     assert judge_fast(10, 7, fast, 180, 108) is None
     # ...but with no baseline traffic in the window the hard limit alone decides.
     assert judge_fast(10, 7, fast) is not None
+
+
+def test_the_quick_error_look_decides_as_judge_marks_does() -> None:
+    # Random counts since two marks: errors_worse names the first mark whose error checks
+    # roll back exactly when judge_marks rolls back on an error check of that mark.
+    rng = random.Random(5)
+    c = Criteria(max_error_rate=0.3)
+    agreed = {True: 0, False: 0}
+    for _ in range(120):
+        marks = []
+        counts = []
+        for j in (1, rng.choice([2, 5, 9])):
+            n, bn = rng.choice([0, 10, 40, 200]), rng.choice([0, 300, 3000])
+            e = binomial(rng, n, rng.choice([0.0, 0.01, 0.05, 0.2, 0.5]))
+            be = binomial(rng, bn, 0.01)
+            marks.append((j, Evidence(n, e), Evidence(bn, be)))
+            counts.append((j, (n, e, bn, be)))
+        quick = errors_worse(counts, c)
+        verdict = judge_marks(marks, c)  # no latencies: those checks stay undecided
+        rolled = verdict.outcome is Outcome.ROLLBACK
+        assert (quick is not None) == rolled, (counts, verdict.reason)
+        if rolled:
+            assert verdict.checks[0].alpha == pytest.approx(
+                mark_alpha(0.01, quick) / check_count(c))
+        agreed[rolled] += 1
+    assert min(agreed.values()) >= 20, agreed

@@ -143,7 +143,8 @@ def test_a_a_comparison_rarely_rejects_when_looked_at_often() -> None:
         for n in range(1, 1001):
             ring += rng.random() < 0.02
             base += sum(rng.random() < 0.02 for _ in range(9))
-            if n % 20 == 0 and compare(Counts(ring, n), Counts(base, 9 * n), 0.0, alpha).worse:
+            if n % 20 == 0 and compare(Counts(ring, n), Counts(base, 9 * n), 0.0, alpha,
+                                       shown=False).worse:
                 rejected += 1
                 break
     sigma = math.sqrt(alpha * (1 - alpha) / runs)
@@ -213,6 +214,8 @@ def test_p_value_is_the_level_where_the_decision_flips() -> None:
         assert 0.0 < p < 1.0
         assert compare(ring, base, 0.01, min(0.999, p * 1.02)).worse
         assert not compare(ring, base, 0.01, p * 0.98).worse
+        quick = compare(ring, base, 0.01, p * 1.02, shown=False)
+        assert quick.worse and quick.p_value == p and (quick.lower, quick.upper) == (-1, 1)
     # The estimates themselves within the tolerance: no evidence at all.
     assert compare(Counts(2, 100), Counts(10, 1000), 0.02, 0.01).p_value == 1.0
 

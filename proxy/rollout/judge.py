@@ -400,7 +400,7 @@ def judge_fast(
     against = "" if chance is None else f", a {chance:.1g} chance at the baseline's rate"
     check = Check(
         "fast_error_rate", Finding.WORSE, rate, rate, rate, fast.max_error_rate,
-        0.0 if chance is None else chance, 1.0,
+        0.0 if chance is None else chance, FAST_LEVEL,
         f"error rate {_pct(rate)} ({errors}/{requests}) over the last {fast.window:g}s, "
         f"above the fast-rollback limit {_pct(fast.max_error_rate)}{against}",
         {"errors": errors, "requests": requests, "window": fast.window,
