@@ -226,7 +226,7 @@ async def test_live_verdict_numbers_are_the_judges_on_the_counts_shown(
     proxy = Proxy(parse_config(judged_config(stable, canary, tmp_path)))
     await proxy.start()
     try:
-        canary.error_every = 7
+        canary.error_every = 10  # 10 % against none, 2 points allowed: undecided
         users = (f"user-{i}" for i in range(100_000))
         to_canary = [u for u in users if bucket_of("api", u) < 5000][:140]
         to_stable = [u for u in (f"other-{i}" for i in range(100_000))
@@ -244,12 +244,12 @@ async def test_live_verdict_numbers_are_the_judges_on_the_counts_shown(
                     and ring["evidence"]["requests"] == 140:
                 break
             await asyncio.sleep(0.05)
-        assert ring["evidence"] == {"requests": 140, "errors": 20, "baseline_requests": 140,
+        assert ring["evidence"] == {"requests": 140, "errors": 14, "baseline_requests": 140,
                                     "baseline_errors": 0}, ring
         analysis = proxy.config.routes[0].analysis
         assert analysis is not None
         # Within its first 5 minutes a step has one mark, its start (number 1).
-        again = judge_marks([(1, Evidence(140, 20), Evidence(140, 0))], analysis.criteria)
+        again = judge_marks([(1, Evidence(140, 14), Evidence(140, 0))], analysis.criteria)
         assert ring["verdict"]["checks"] == json.loads(json.dumps(
             [{**c.as_dict(), "advance": round(advance_progress(c), 4)} for c in again.checks]))
         assert ring["verdict"]["outcome"] == again.outcome.value == "undecided"
