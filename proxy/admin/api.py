@@ -9,6 +9,9 @@ bearer token with a role: ``viewer`` may read, ``operator`` may also act on ring
 (optionally only named routes and rings), ``admin`` may do everything including reload.
 With no token configured the API is read-only and only from loopback.  Errors are JSON
 ``{"error": ...}`` with 400, 401, 403, 404, 405, 409 or 422.
+
+The admin app also runs the series sampler (``proxy.admin.sampler``) while it is up: it
+feeds ``GET /api/routes/{route}/series``, the status page's charts.
 """
 
 from __future__ import annotations
