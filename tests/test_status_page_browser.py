@@ -707,6 +707,15 @@ async def test_the_charts_draw_the_series_of_the_api(
                           ".querySelector('[data-charts=api] [data-chart-ring=canary] "
                           "svg[data-chart=rps] path[data-of=ring]')") is True
     assert len(await tab.eval("window.ratePath.getAttribute('d')")) > len(before)
+    # the time half of an advance, under the evidence: the step's minimum time left
+    routes = await api(proxy, "/api/routes/api")
+    canary_view = next(r for r in routes["rings"] if r["name"] == "canary")
+    assert canary_view["min_step_duration"] == 600.0
+    wait = await tab.eval("(() => { const n = document.querySelector("
+                          "'tr[data-evidence=canary] [data-field=step_wait]'); "
+                          "return n && {text: n.textContent, left: Number(n.dataset.value)}; })()")
+    assert wait["text"].startswith(" · advances after 10 min in the step ("), wait
+    assert 600 - canary_view["seconds_in_step"] - 2 <= wait["left"] <= 600, wait
     since = [r["url"] for r in tab.requests() if "/series" in r["url"]]
     assert "?since=" not in since[0] and any("?since=" in u for u in since[1:]), since
     assert tab.problems() == []
