@@ -83,7 +83,13 @@ class AdminClient:
         try:
             answer = json.loads(_open(request, self.timeout) or b"null")
         except urllib.error.HTTPError as exc:
-            raise AdminClientError(f"{_error_of(exc)} (HTTP {exc.code})") from None
+            message = _error_of(exc)
+            if message is None:
+                raise AdminClientError(
+                    f"{self.url} is not a ringproxy admin API (HTTP {exc.code} {exc.reason} "
+                    f"to {path.split('?')[0]}, without the API's JSON error); --admin takes "
+                    "the admin listener's URL (admin.listen)") from None
+            raise AdminClientError(f"{message} (HTTP {exc.code})") from None
         except urllib.error.URLError as exc:
             raise AdminClientError(f"cannot reach the admin API at {self.url}: "
                                    f"{exc.reason}") from None
@@ -130,14 +136,16 @@ class AdminClient:
         return self.call("POST", "/api/reload", {}, expect="revision")
 
 
-def _error_of(exc: urllib.error.HTTPError) -> str:
-    """The API's ``{"error": ...}`` message, or the HTTP reason when there is none."""
+def _error_of(exc: urllib.error.HTTPError) -> str | None:
+    """The API's ``{"error": ...}`` message; None when the answer has none (another server)."""
     try:
         answer = json.loads(exc.read())
     except ValueError:
-        return str(exc.reason)
+        return None
+    finally:
+        exc.close()
     message = answer.get("error") if isinstance(answer, dict) else None
-    return str(message) if message else str(exc.reason)
+    return str(message) if message else None
 
 
 # --------------------------------------------------------------------------- reading answers
