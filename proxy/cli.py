@@ -244,14 +244,15 @@ def _main(argv: Sequence[str] | None) -> int:
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 
-def _placeholder(name: str) -> str:
-    # Long enough for an admin token, distinct per variable (tokens must differ).
-    return f"placeholder-for-{name}"
+# Stand-ins for unset variables under --env-optional, tried in turn where one does not fit
+# its place: a token's length, distinct per variable (tokens must differ); then a URL (an
+# upstream or webhook from the environment).
+_PLACEHOLDERS = ("placeholder-for-{}", "http://placeholder-for-{}.invalid:1")
 
 
 def _check(path: str, env_optional: bool = False, output: str = "text") -> int:
     """Validate; with ``env_optional``, unset variables are warnings: the file is read again
-    with placeholders for them, and issues at the paths they fill are left out."""
+    with placeholders for them, and issues left at the paths they fill are not reported."""
     from proxy.config.source import unset_variable
 
     config: Config | None = None
@@ -264,14 +265,22 @@ def _check(path: str, env_optional: bool = False, output: str = "text") -> int:
     unset = [i for i in errors if unset_variable(i)] if env_optional else []
     if unset:
         warnings = unset
-        filled = {name: _placeholder(name) for i in unset if (name := unset_variable(i))}
-        skipped = {i.path for i in unset}
-        try:
-            config = load_config(path, environ={**os.environ, **filled})
-            errors = []
-        except ConfigError as exc:
-            config = None
-            errors = [i for i in exc.issues if i.path not in skipped]
+        names = {i.path: name for i in unset if (name := unset_variable(i))}
+        choice = dict.fromkeys(names.values(), 0)
+        for _ in _PLACEHOLDERS:
+            filled = {n: _PLACEHOLDERS[c].format(n.lower().replace("_", "-"))
+                      for n, c in choice.items()}
+            try:
+                config, errors = load_config(path, environ={**os.environ, **filled}), []
+                break
+            except ConfigError as exc:
+                config = None
+                errors = [i for i in exc.issues if i.path not in names]
+                misfits = {names[i.path] for i in exc.issues if i.path in names}
+                if not misfits:
+                    break
+                for name in misfits:
+                    choice[name] = min(choice[name] + 1, len(_PLACEHOLDERS) - 1)
     if output == "json":
         print(json.dumps(_check_report(path, config, errors, warnings), indent=2))
         return 1 if errors else 0
