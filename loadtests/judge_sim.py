@@ -50,7 +50,7 @@ from proxy.rollout.evidence import Tally
 from proxy.rollout.judge import (
     Outcome,
     Tallied,
-    check_count,
+    alpha_shares,
     errors_worse,
     judge,
     judge_fast,
@@ -620,7 +620,8 @@ def healthy_rollout(rng: random.Random, weight: float, error: float, args: Names
     c = replace(args.criteria, alpha=mark_alpha(args.criteria.alpha, 1))
     first = None
     if c.max_error_rate_increase is not None and not c.max_error_rate:
-        first = replace(c, alpha=c.alpha / check_count(c), latency=(), max_latency=(),
+        first = replace(c, alpha=c.alpha * alpha_shares(c)["error_rate_increase"],
+                        latency=(), max_latency=(),
                         min_requests=1)
     for look in range(1, int(cap) + 1):
         ring.serve(rng, args.rps, 1.0)
@@ -697,10 +698,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.process_time()
     c = args.criteria
     print("# Judge simulation\n")
+    shares = alpha_shares(c)
     print(f"seed {args.seed}, {args.runs} runs per row, alpha {c.alpha:g} split over "
-          f"{check_count(c)} checks (error increase <= {c.max_error_rate_increase:g}, "
+          f"{len(shares)} checks (error increase <= {c.max_error_rate_increase:g}, "
           + ", ".join(f"{x.name} <= {x.ratio:g}x" for x in c.latency)
-          + f", floor {c.latency_floor * 1000:g} ms), min_requests {c.min_requests}; "
+          + f", floor {c.latency_floor * 1000:g} ms; shares of alpha "
+          + ", ".join(f"{k} {v:.0%}" for k, v in shares.items())
+          + f"), min_requests {c.min_requests}; "
           f"{args.rps:g} req/s, latency lognormal(median {args.median * 1000:g} ms, "
           f"sigma {args.sigma:g}) on both rings unless said; pure Python.\n")
     sections: list[tuple[str, str, Callable[[Namespace], str]]] = [

@@ -27,6 +27,7 @@ from proxy.rollout.judge import (
     Check,
     Finding,
     Outcome,
+    alpha_shares,
     check_count,
     errors_worse,
     judge,
@@ -410,7 +411,8 @@ def test_a_rollback_explains_itself() -> None:
         "error rate 20.00% (40/200) against the baseline's 1.00% (20/2000): +")
     assert "points, 1 allowed (p=" in v.reason
     check = v.checks[0]
-    assert check.p_value <= check.alpha == pytest.approx(0.01 / 4)
+    assert check.p_value <= check.alpha == pytest.approx(0.01 * alpha_shares(Criteria())[
+        "error_rate_increase"])
     assert check.progress == 1.0
     assert check.estimate == pytest.approx(0.19)
     assert check.lower > check.limit == 0.01
@@ -469,8 +471,9 @@ def test_every_finding_agrees_with_its_p_value() -> None:
         ring = sample(rng.choice([30, 300, 3000]), errors=rng.choice([0.0, 0.02, 0.06, 0.3]),
                       scale=rng.choice([0.8, 1.0, 1.4, 2.2]), tail=rng.choice([0, 0.05]),
                       extra=0.5)
+        shares = alpha_shares(c)
         for ch in judge(ring, base, c).checks:
-            assert ch.alpha == pytest.approx(0.01 / 7)
+            assert ch.alpha == pytest.approx(0.01 * shares[ch.name])
             if ch.finding is Finding.WORSE:
                 assert ch.p_value <= ch.alpha * 1.001, ch
             else:
@@ -648,6 +651,17 @@ def test_the_quick_error_look_decides_as_judge_marks_does() -> None:
         assert (quick is not None) == rolled, (counts, verdict.reason)
         if rolled:
             assert verdict.checks[0].alpha == pytest.approx(
-                mark_alpha(0.01, quick) / check_count(c))
+                mark_alpha(0.01, quick) * alpha_shares(c)["error_rate_increase"])
         agreed[rolled] += 1
     assert min(agreed.values()) >= 20, agreed
+
+
+def test_alpha_is_shared_by_weights_fixed_by_the_config() -> None:
+    # error checks weigh 2, a latency check at q weighs sqrt(0.05 / (1 - q)).
+    shares = alpha_shares(Criteria())
+    w = {"error_rate_increase": 2.0, "p50": math.sqrt(0.1), "p95": 1.0, "p99": math.sqrt(5)}
+    assert shares == pytest.approx({k: v / sum(w.values()) for k, v in w.items()})
+    assert sum(alpha_shares(Criteria(max_error_rate=0.05, max_latency=(
+        AbsoluteLatency(0.999, 1.0),))).values()) == pytest.approx(1.0)
+    assert alpha_shares(only()) == {}
+    assert judge(sample(10), sample(10), only()).reason == "no checks configured"
