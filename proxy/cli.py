@@ -109,6 +109,8 @@ def _add_explain(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     )
     explain.add_argument("--config", "-c", metavar="FILE",
                          help="decide from this file (default: ask the proxy at --admin)")
+    explain.add_argument("--env-optional", action="store_true",
+                         help="with --config: unset environment variables are warnings")
     explain.add_argument("--route", required=True, metavar="NAME")
     explain.add_argument("--header", action="append", default=[], metavar="K=V", type=_pair)
     explain.add_argument("--cookie", action="append", default=[], metavar="K=V", type=_pair)
@@ -250,37 +252,42 @@ def _main(argv: Sequence[str] | None) -> int:
 _PLACEHOLDERS = ("placeholder-for-{}", "http://placeholder-for-{}.invalid:1")
 
 
-def _check(path: str, env_optional: bool = False, output: str = "text") -> int:
-    """Validate; with ``env_optional``, unset variables are warnings: the file is read again
-    with placeholders for them, and issues left at the paths they fill are not reported."""
+def _load(path: str, env_optional: bool
+          ) -> tuple[Config | None, list[ConfigIssue], list[ConfigIssue]]:
+    """(config, errors, warnings).  With ``env_optional``, unset variables are warnings: the
+    file is read again with placeholders for them, and issues left at the paths they fill
+    are not reported."""
     from proxy.config.source import unset_variable
 
     config: Config | None = None
-    warnings: list[ConfigIssue] = []
     errors: list[ConfigIssue] = []
     try:
         config = load_config(path)
     except ConfigError as exc:
         errors = exc.issues
     unset = [i for i in errors if unset_variable(i)] if env_optional else []
-    if unset:
-        warnings = unset
-        names = {i.path: name for i in unset if (name := unset_variable(i))}
-        choice = dict.fromkeys(names.values(), 0)
-        for _ in _PLACEHOLDERS:
-            filled = {n: _PLACEHOLDERS[c].format(n.lower().replace("_", "-"))
-                      for n, c in choice.items()}
-            try:
-                config, errors = load_config(path, environ={**os.environ, **filled}), []
+    if not unset:
+        return config, errors, []
+    names = {i.path: name for i in unset if (name := unset_variable(i))}
+    choice = dict.fromkeys(names.values(), 0)
+    for _ in _PLACEHOLDERS:
+        filled = {n: _PLACEHOLDERS[c].format(n.lower().replace("_", "-"))
+                  for n, c in choice.items()}
+        try:
+            return load_config(path, environ={**os.environ, **filled}), [], unset
+        except ConfigError as exc:
+            config = None
+            errors = [i for i in exc.issues if i.path not in names]
+            misfits = {names[i.path] for i in exc.issues if i.path in names}
+            if not misfits:
                 break
-            except ConfigError as exc:
-                config = None
-                errors = [i for i in exc.issues if i.path not in names]
-                misfits = {names[i.path] for i in exc.issues if i.path in names}
-                if not misfits:
-                    break
-                for name in misfits:
-                    choice[name] = min(choice[name] + 1, len(_PLACEHOLDERS) - 1)
+            for name in misfits:
+                choice[name] = min(choice[name] + 1, len(_PLACEHOLDERS) - 1)
+    return config, errors, unset
+
+
+def _check(path: str, env_optional: bool = False, output: str = "text") -> int:
+    config, errors, warnings = _load(path, env_optional)
     if output == "json":
         print(json.dumps(_check_report(path, config, errors, warnings), indent=2))
         return 1 if errors else 0
@@ -414,10 +421,11 @@ def _explain(args: argparse.Namespace) -> int:
     from proxy.routing.assign import StaticRequest, compile_route
     from proxy.routing.explain import explain
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    config, errors, warnings = _load(args.config, args.env_optional)
+    for issue in warnings:
+        print(f"{issue.format(args.config)} (a warning: --env-optional)", file=sys.stderr)
+    if errors or config is None:
+        print(ConfigError(errors, args.config), file=sys.stderr)
         return 1
     route = next((r for r in config.routes if r.name == args.route), None)
     if route is None:

@@ -146,6 +146,12 @@ def test_explain_without_a_file_asks_the_running_proxy(served: Served) -> None:
         on_file = rp("explain", "-c", str(served.config), "--route", "api", "--header",
                      f"X-User-Id={user}", env=env)
         assert json.loads(on_file.stdout)["ring"] == "canary"  # the file does not know
+        # without the token's variable: refused, unless --env-optional
+        assert rp("explain", "-c", str(served.config), "--route", "api").returncode == 1
+        relaxed = rp("explain", "-c", str(served.config), "--route", "api", "--header",
+                     f"X-User-Id={user}", "--env-optional")
+        assert relaxed.returncode == 0 and json.loads(relaxed.stdout)["ring"] == "canary"
+        assert "HABITS_TOKEN is not set (a warning: --env-optional)" in relaxed.stderr
         unknown = rp("explain", "--route", "nope", *auth)
         assert unknown.returncode == 1 and "unknown route" in unknown.stderr
     finally:
