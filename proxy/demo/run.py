@@ -20,7 +20,7 @@ import shlex
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from importlib import resources
 
 from aiohttp import web
@@ -74,7 +74,7 @@ def upstream_app(version: str | Version) -> web.Application:
             headers={"X-Upstream-Version": state.name},
         )
 
-    def control(broken: bool) -> Callable[[web.Request], object]:
+    def control(broken: bool) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def handle(request: web.Request) -> web.Response:
             state.broken = broken
             return web.json_response({"version": state.name, "broken": state.broken})
@@ -82,8 +82,8 @@ def upstream_app(version: str | Version) -> web.Application:
         return handle
 
     app = web.Application()
-    app.router.add_post("/demo/break", control(True))  # type: ignore[arg-type]
-    app.router.add_post("/demo/heal", control(False))  # type: ignore[arg-type]
+    app.router.add_post("/demo/break", control(True))
+    app.router.add_post("/demo/heal", control(False))
     app.router.add_route("*", "/{tail:.*}", answer)
     return app
 
