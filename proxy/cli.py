@@ -10,28 +10,43 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import itertools
 import json
 import logging
 import os
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from proxy import __version__
 from proxy.admin.client import DEFAULT_URL, AdminClient
 from proxy.config import Config, load_config
 from proxy.errors import AdminClientError, ConfigError, ConfigIssue
 
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as JSON on stdout when the command line asks for JSON
+    (exit 2 still; subparsers are of this class too)."""
+
+    json_errors = False
+
+    def error(self, message: str) -> NoReturn:
+        if self.json_errors:
+            print(json.dumps({"error": message, "usage": self.format_usage().strip()}))
+            self.exit(2)
+        super().error(message)
+
+
 if TYPE_CHECKING:
     # argparse's (typeshed-only generic) type of ``add_subparsers()``.
-    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
+    Subparsers = argparse._SubParsersAction[_Parser]
 
 
-def _common() -> argparse.ArgumentParser:
+def _common() -> _Parser:
     """The options every command accepts before or after its name.  SUPPRESS as default:
     a value given before the command is not overwritten by the subparser's default."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--admin", default=argparse.SUPPRESS, metavar="URL",
         help=f"admin API (default $RINGPROXY_ADMIN_URL or {DEFAULT_URL})")
@@ -46,7 +61,7 @@ def _common() -> argparse.ArgumentParser:
 
 def _parser() -> argparse.ArgumentParser:
     common = _common()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ringproxy", parents=[common],
         description="Edge reverse proxy for ring-based progressive delivery.",
     )
@@ -84,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_run(sub: Subparsers, common: argparse.ArgumentParser) -> None:
+def _add_run(sub: Subparsers, common: _Parser) -> None:
     run = sub.add_parser("run", parents=[common], help="serve the proxy with a config file")
     run.add_argument("--config", "-c", required=True, metavar="FILE", help="YAML config file")
     run.add_argument(
@@ -98,7 +113,7 @@ def _add_run(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_explain(sub: Subparsers, common: argparse.ArgumentParser) -> None:
+def _add_explain(sub: Subparsers, common: _Parser) -> None:
     explain = sub.add_parser(
         "explain", parents=[common],
         help="print which ring a request gets, and why: from a config file, or from a "
@@ -120,7 +135,7 @@ def _add_explain(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     explain.add_argument("--method", default="GET", type=str.upper, help="default GET")
 
 
-def _add_remote(sub: Subparsers, common: argparse.ArgumentParser) -> None:
+def _add_remote(sub: Subparsers, common: _Parser) -> None:
     """The commands that call a running proxy's admin API."""
 
     def remote(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -214,7 +229,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args = _parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    _Parser.json_errors = "--json" in words or "--format=json" in words or any(
+        pair == ("--format", "json") for pair in itertools.pairwise(words))
+    args = _parser().parse_args(words)
     args.admin = getattr(args, "admin", None) or os.environ.get("RINGPROXY_ADMIN_URL",
                                                                  DEFAULT_URL)
     args.token = getattr(args, "token", None) or os.environ.get("RINGPROXY_ADMIN_TOKEN")

@@ -123,6 +123,8 @@ def test_events_since_a_duration_an_rfc3339_time_or_a_unix_time(served: Served) 
     assert future.returncode == 0 and future.stdout.strip() == "no events"
     bad = rp("events", "--since", "yesterday", *auth)
     assert bad.returncode == 2 and "is not a time" in bad.stderr
+    as_json = rp("--json", "events", "--since", "yesterday", *auth)  # a usage error, as JSON
+    assert as_json.returncode == 2 and "is not a time" in json.loads(as_json.stdout)["error"]
 
 
 def test_events_of_an_unknown_route_is_an_error(served: Served) -> None:
