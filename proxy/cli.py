@@ -14,6 +14,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -329,8 +330,6 @@ def _check(path: str, env_optional: bool = False, output: str = "text") -> int:
 
 
 def _issue_json(issue: ConfigIssue) -> dict[str, object]:
-    import re
-
     column = re.match(r"YAML syntax error at column (\d+):", issue.message)
     return {"line": issue.line, "column": int(column.group(1)) if column else None,
             "path": issue.path, "message": issue.message}
@@ -402,8 +401,13 @@ def _watch(args: argparse.Namespace, client: AdminClient) -> int:
     clear = sys.stdout.isatty()
     try:
         while True:
-            data = client.status()
-            shown = json.dumps(data) if args.json else ac.format_status(data)
+            # A proxy that restarts or is briefly unreachable shows as a line, and the
+            # watch goes on (as watch(1) would).
+            try:
+                data = client.status()
+                shown = json.dumps(data) if args.json else ac.format_status(data)
+            except AdminClientError as exc:
+                shown = json.dumps({"error": str(exc)}) if args.json else f"error: {exc}"
             stamp = time.strftime("%H:%M:%S")
             if clear:
                 sys.stdout.write("\x1b[H\x1b[2J")
