@@ -19,7 +19,7 @@ from proxy.admin.views import advance_progress
 from proxy.config import load_config, parse_config
 from proxy.errors import RolloutConflict
 from proxy.rollout.evidence import Evidence, Tally
-from proxy.rollout.judge import Finding, Outcome, judge, judge_marks
+from proxy.rollout.judge import Finding, Outcome, alpha_shares, judge, judge_marks
 from proxy.routing.assign import bucket_of
 from proxy.server import Proxy
 from tests.conftest import RINGPROXY, ROOT, Upstream
@@ -168,7 +168,8 @@ async def test_routes_view_carries_the_verdicts_evidence(admin: Proxy) -> None:
     for check in shown["checks"]:
         assert 0 <= check["progress"] <= 1
         assert (check["progress"] == 1) == (check["finding"] == "worse"), check
-        assert check["alpha"] == pytest.approx(analysis.criteria.alpha / 5)
+        assert check["alpha"] == pytest.approx(
+            analysis.criteria.alpha * alpha_shares(analysis.criteria)[check["name"]])
     assert rings["canary"]["evidence"] == {
         "requests": 400, "errors": 24, "baseline_requests": 4000, "baseline_errors": 40}
     assert rings["canary"]["starved"] is False
