@@ -3,33 +3,36 @@
 Drives the pure judge (``proxy.rollout.judge``) with simulated rollouts, no sockets: a
 canary ring and its baseline share a route's traffic (Poisson arrivals, ``--rps``), errors
 are Bernoulli per request, latencies come from lognormal distributions (and mixtures of
-them).  The judge looks at the evidence since the step began, as the proxy does, every
-``interval`` of simulated time.  Prints markdown tables:
+them).  The looks are the controller's (``Watch``): in 0.1 s ticks of simulated time, the
+quick error look on the counts since the step's start and each evidence mark (and the
+fast path where a row has one), and every second a full round, ``judge_marks`` over the
+marks (``proxy.control.looks.Marks``).  Prints markdown tables:
 
 1. **False rollbacks** of A/A rings (same error rate, same latency distribution) over
-   30-minute rollouts looked at every second, canary weight 1-50 %: rollouts rolled back at
-   alpha 0.1, ``--alpha`` and 0.001 (the same simulated traffic judged at each level).
-2. **Time to rollback** of bad canaries, and the canary requests (and errors) served
-   until then.
+   30-minute rollouts, canary weight 1-50 %: rollouts rolled back at alpha 0.1,
+   ``--alpha`` and 0.001 (the same simulated traffic judged at each level), and by the
+   fast path (the default, and over 1 s with at least 10 requests).
+2. **Time to rollback** of bad canaries (median and p95), and the canary requests (and
+   errors) served until then.
 3. **Time to health**: how long a healthy A/A canary waits until the verdict first says
    HEALTHY (a step could advance after its ``min_step_duration``).
 
-    .venv/bin/python loadtests/judge_sim.py --quick             # ~1 min
-    nice .venv/bin/python loadtests/judge_sim.py --runs 200     # ~15 min of one core
+    .venv/bin/python loadtests/judge_sim.py --quick             # ~3 min
+    nice .venv/bin/python loadtests/judge_sim.py --runs 200     # ~1.5 h of one core
 
-Efficiency (pure Python: numpy is not a dependency).  Each look adds a batch to each ring's
+Efficiency (pure Python: numpy is not a dependency).  Each tick adds a batch to each ring's
 ``Tally``: a Poisson number of requests, a binomial number of errors among them, and one
 latency sketch bucket per request drawn from the distribution's exact bucket probabilities
-(``random.choices`` over the sketch's cumulative weights).  In the false-rollback and
-time-to-rollback runs, a look the judge cannot possibly roll back at is skipped by an exact
-screen: a rollback needs some check's confidence bound beyond its limit, and a bound never
-lies beyond the point estimate, so when every point estimate is inside its limit (error
-rate difference <= tolerance; the ring's share slower than the limit computed from the
-baseline's *empirical* quantile <= 1 - q, a limit the judge's own, from an upper bound of
-that quantile, can only exceed) the verdict cannot be ROLLBACK.  Every other look calls
-``judge()``.  ``--verify N`` also calls ``judge()`` at every N-th screened look and counts
-disagreements (there must be none).  Runs are seeded per scenario and run index, so a
-report is reproducible with ``--seed`` and a run's outcome does not depend on ``--runs``.
+(``random.choices`` over the sketch's cumulative weights).  A look the judge cannot possibly
+roll back at is skipped by an exact screen: a rollback needs some check's confidence bound
+beyond its limit, and a bound never lies beyond the point estimate, so when, since every
+mark, every point estimate is inside its limit (error rate difference <= tolerance; the
+ring's share slower than the limit computed from the baseline's *empirical* quantile <=
+1 - q, a limit the judge's own, from an upper bound of that quantile, can only exceed) the
+verdict cannot be ROLLBACK.  Every other full round calls ``judge_marks()``.  ``--verify
+N`` also calls it at every N-th screened round and counts disagreements (there must be
+none).  Runs are seeded per scenario and run index, so a report is reproducible with
+``--seed`` and a run's outcome does not depend on ``--runs``.
 """
 
 from __future__ import annotations
