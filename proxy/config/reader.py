@@ -128,6 +128,10 @@ class Section:
 
     def close(self) -> None:
         for key in self.data:
+            # Top-level ``x-`` keys are extension fields, ignored (as docker-compose's): a
+            # place for anchors that merge keys (``<<: *defaults``) use elsewhere.
+            if not self.path and key.startswith("x-"):
+                continue
             if key not in self.seen:
                 hint = difflib.get_close_matches(key, sorted(self.seen), n=1)
                 extra = f"; did you mean {hint[0]!r}?" if hint else ""

@@ -284,4 +284,6 @@ def config_schema() -> Schema:
                       "propertyNames": {"pattern": _NAME["pattern"]}, "minProperties": 1},
             "routes": {"type": "array", "items": _route(), "minItems": 1},
         }, required=("pools", "routes")),
+        # extension fields, ignored: a place for anchors (x-defaults: &defaults {...})
+        "patternProperties": {"^x-": {}},
     }
