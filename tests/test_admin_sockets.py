@@ -475,13 +475,20 @@ def test_every_endpoint_declares_who_may_call_it(admin: Proxy) -> None:
         assert route.resource is not None
         declared[route.method, route.resource.canonical] = requirements[route.handler].access
     reads = ["/api/routes", "/api/routes/{route}", "/api/routes/{route}/series",
-             "/api/explain", "/api/events"]
+             "/api/explain", "/api/events", "/api/routes/{route}/rings",
+             "/api/routes/{route}/rings/{ring}", "/api/pools", "/api/pools/{pool}"]
     public = ["/", "/favicon.ico", "/healthz", "/readyz", "/metrics"]
     assert declared == {
         **{(m, p): Access.PUBLIC for p in public for m in ("GET", "HEAD")},
         **{(m, p): Access.READ for p in reads for m in ("GET", "HEAD")},
         ("POST", "/api/routes/{route}/rings/{ring}/{action}"): Access.ACT,
         ("POST", "/api/reload"): Access.ADMIN,
+        # The Rings API: a ring's writes act on that ring; pools are the admin's.
+        ("POST", "/api/routes/{route}/rings"): Access.ACT,
+        **{(m, "/api/routes/{route}/rings/{ring}"): Access.ACT
+           for m in ("PUT", "PATCH", "DELETE")},
+        ("POST", "/api/pools"): Access.ADMIN,
+        **{(m, "/api/pools/{pool}"): Access.ADMIN for m in ("PUT", "PATCH", "DELETE")},
     }
 
 

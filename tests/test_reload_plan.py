@@ -49,6 +49,11 @@ TABLE: dict[str, tuple[tuple[str, str], Applies, str]] = {
         ("{env: TOKEN_A, role: admin}", "{env: TOKEN_B, role: viewer}"), Applies.LIVE,
         LIVE.format(key="admin.tokens"),
     ),
+    "admin.config_writes": (
+        ("tokens: [{env: TOKEN_A, role: admin}]",
+         "tokens: [{env: TOKEN_A, role: admin}]\n  config_writes: false"), Applies.LIVE,
+        LIVE.format(key="admin.config_writes"),
+    ),
     "access_log": (
         ('path: "-"', "path: access.log"), Applies.LIVE, LIVE.format(key="access_log"),
     ),

@@ -5,10 +5,11 @@ Who may call what is declared per endpoint (``ENDPOINTS``) and decided by
 endpoint cannot skip the check.  Unauthenticated: ``/healthz``, ``/readyz``, ``/metrics``
 (probes and Prometheus) and ``/`` (the status page's static HTML; it carries no data and
 calls the API with the token the operator gives it).  Everything under ``/api`` needs a
-bearer token with a role: ``viewer`` may read, ``operator`` may also act on rings
-(optionally only named routes and rings), ``admin`` may do everything including reload.
-With no token configured the API is read-only and only from loopback.  Errors are JSON
-``{"error": ...}`` with 400, 401, 403, 404, 405, 409 or 422.
+bearer token with a role: ``viewer`` may read, ``operator`` may also act on rings and
+create, change and delete them in the config file (the Rings API, ``proxy.admin.rings``),
+optionally only named routes and rings, ``admin`` may do everything including reload and
+pools.  With no token configured the API is read-only and only from loopback.  Errors are
+JSON ``{"error": ...}`` with 400, 401, 403, 404, 405, 409, 412 or 422.
 
 The admin app also runs the series sampler (``proxy.admin.sampler``) while it is up: it
 feeds ``GET /api/routes/{route}/series``, the status page's charts.
@@ -16,6 +17,7 @@ feeds ``GET /api/routes/{route}/series``, the status page's charts.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import math
@@ -23,10 +25,11 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from proxy.admin import rings
 from proxy.admin.auth import (
     ACT,
     PUBLIC,
@@ -39,6 +42,8 @@ from proxy.admin.auth import (
     admin_only,
     authorize,
 )
+from proxy.admin.configfile import WRITE_LOCK_KEY
+from proxy.admin.context import PROXY_KEY, Proxy, json_body, proxy_of
 from proxy.admin.sampler import Sampler
 from proxy.admin.series import series_view
 from proxy.admin.views import RingView, RouteView, ring_views, route_view
@@ -48,10 +53,6 @@ from proxy.routing.assign import CompiledRoute, StaticRequest
 from proxy.routing.explain import explain as explain_decision
 
 if TYPE_CHECKING:
-    from proxy.config import Config
-    from proxy.control.controller import Controller
-    from proxy.metrics import Metrics
-    from proxy.reload import Reloader
     from proxy.runtime import Runtime
 
 log = logging.getLogger("ringproxy.admin")
@@ -66,37 +67,15 @@ ACTIONS = {
 }
 
 
-class Proxy(Protocol):
-    """What the admin listener reads and drives (``proxy.server.Proxy`` is one).
-
-    A protocol, not an import: the server builds the admin app, so the admin side names
-    only what it uses and never imports the server.
-    """
-
-    @property
-    def config(self) -> Config: ...
-    @property
-    def runtime(self) -> Runtime: ...
-    @property
-    def controller(self) -> Controller: ...
-    @property
-    def metrics(self) -> Metrics: ...
-    @property
-    def reloader(self) -> Reloader | None: ...
-
-
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # An endpoint's handler runs only once its requirement is met, and gets the caller.
 EndpointHandler = Callable[[web.Request, Caller], Awaitable[web.StreamResponse]]
+# What an ACT request acts on, or the answer to give an authenticated caller instead.
+TargetResolver = Callable[[web.Request], Awaitable[Target | Denied]]
 
-PROXY_KEY = web.AppKey("proxy", Proxy)
 SAMPLER_KEY = web.AppKey("sampler", Sampler)
 # Every registered handler and the requirement it enforces (tests read it back).
 REQUIREMENTS_KEY: web.AppKey[dict[Handler, Requirement]] = web.AppKey("requirements")
-
-
-def _proxy(request: web.Request) -> Proxy:
-    return request.app[PROXY_KEY]
 
 
 def _is_loopback(request: web.Request) -> bool:
@@ -127,7 +106,7 @@ def _unknown_route(runtime: Runtime, name: str) -> str:
 
 
 def _route_or_404(request: web.Request, name: str) -> CompiledRoute:
-    runtime = _proxy(request).runtime
+    runtime = proxy_of(request).runtime
     compiled = runtime.table.routes.get(name)
     if compiled is None:
         raise ApiError(404, _unknown_route(runtime, name))
@@ -140,7 +119,7 @@ def _target(request: web.Request) -> Target | Denied:
     if verb not in ACTIONS:
         return Denied(404, f"unknown action {verb!r} (actions: {', '.join(ACTIONS)})")
     route_name, ring = request.match_info["route"], request.match_info["ring"]
-    runtime = _proxy(request).runtime
+    runtime = proxy_of(request).runtime
     compiled = runtime.table.routes.get(route_name)
     if compiled is None:
         return Denied(404, _unknown_route(runtime, route_name))
@@ -149,13 +128,19 @@ def _target(request: web.Request) -> Target | Denied:
     return Target(route_name, ring, verb)
 
 
-def _guarded(requirement: Requirement, handler: EndpointHandler) -> Handler:
-    """``handler`` behind ``requirement``: the only way an endpoint is registered."""
+async def _action_target(request: web.Request) -> Target | Denied:
+    return _target(request)
+
+
+def _guarded(requirement: Requirement, handler: EndpointHandler,
+             resolve: TargetResolver = _action_target) -> Handler:
+    """``handler`` behind ``requirement``: the only way an endpoint is registered.
+    ``resolve`` finds what an ACT request acts on (default: a rollout action's ring)."""
 
     async def guarded(request: web.Request) -> web.StreamResponse:
-        target = _target(request) if requirement.access is Access.ACT else None
+        target = await resolve(request) if requirement.access is Access.ACT else None
         decision = authorize(
-            requirement, _proxy(request).config.admin.tokens,
+            requirement, proxy_of(request).config.admin.tokens,
             request.headers.get("Authorization", ""), is_loopback=_is_loopback(request),
             method=request.method, target=target)
         if isinstance(decision, Denied):
@@ -186,7 +171,7 @@ def _ring_view(proxy: Proxy, route: str, ring: str) -> RingView | None:
 
 
 async def routes(request: web.Request, caller: Caller) -> web.Response:
-    proxy = _proxy(request)
+    proxy = proxy_of(request)
     return web.json_response({
         "revision": proxy.config.revision,
         "routes": [_route_view(proxy, name) for name in proxy.runtime.table.routes],
@@ -196,7 +181,7 @@ async def routes(request: web.Request, caller: Caller) -> web.Response:
 async def route(request: web.Request, caller: Caller) -> web.Response:
     name = request.match_info["route"]
     _route_or_404(request, name)
-    return web.json_response(_route_view(_proxy(request), name))
+    return web.json_response(_route_view(proxy_of(request), name))
 
 
 def _pairs(request: web.Request, key: str) -> list[tuple[str, str]]:
@@ -235,7 +220,7 @@ def _time_of(event: Mapping[str, object]) -> float:
 
 
 async def events(request: web.Request, caller: Caller) -> web.Response:
-    history = list(_proxy(request).controller.history)
+    history = list(proxy_of(request).controller.history)
     route_name = request.query.get("route")
     if route_name:
         history = [e for e in history if e.get("route") == route_name]
@@ -269,7 +254,7 @@ async def series(request: web.Request, caller: Caller) -> web.Response:
     name = request.match_info["route"]
     compiled = _route_or_404(request, name)
     since = _since(request)
-    proxy = _proxy(request)
+    proxy = proxy_of(request)
     controller = proxy.controller
     plan = controller.plans.get(name)
     baseline = plan.baseline if plan is not None else compiled.route.rings[-1].name
@@ -288,18 +273,6 @@ async def series(request: web.Request, caller: Caller) -> web.Response:
 # --------------------------------------------------------------------------- actions
 
 
-async def _body(request: web.Request) -> dict[str, object]:
-    if not request.can_read_body:
-        return {}
-    try:
-        data = await request.json()
-    except ValueError:
-        raise ApiError(400, "the body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "the body must be a JSON object")
-    return data
-
-
 def _weight(body: Mapping[str, object]) -> int:
     """The body's weight in basis points; 400 unless a percentage in 0.01 steps."""
     raw = body.get("weight")
@@ -315,12 +288,12 @@ async def action(request: web.Request, caller: Caller) -> web.Response:
     route_name, ring = request.match_info["route"], request.match_info["ring"]
     verb = request.match_info["action"]
     trigger = ACTIONS[verb]
-    body = await _body(request)
+    body = await json_body(request)
     reason = body.get("reason", "")
     if not isinstance(reason, str):
         raise ApiError(400, "reason must be a string")
     weight = _weight(body) if trigger is Trigger.SET_WEIGHT else None
-    proxy = _proxy(request)
+    proxy = proxy_of(request)
     done = await proxy.controller.act(route_name, ring, trigger, reason, weight, caller.actor)
     log.info("admin: %s %s %s/%s", caller.actor, verb, route_name, ring)
     return web.json_response({
@@ -330,7 +303,7 @@ async def action(request: web.Request, caller: Caller) -> web.Response:
 
 
 async def reload(request: web.Request, caller: Caller) -> web.Response:
-    reloader = _proxy(request).reloader
+    reloader = proxy_of(request).reloader
     if reloader is None:
         raise ApiError(409, "this proxy was not started from a config file; nothing to reload")
     result = await reloader.reload(f"api:{caller.actor}")
@@ -350,7 +323,7 @@ async def healthz(request: web.Request, caller: Caller) -> web.Response:
 
 
 async def readyz(request: web.Request, caller: Caller) -> web.Response:
-    proxy = _proxy(request)
+    proxy = proxy_of(request)
     missing = [name for name, pool in proxy.runtime.pools.items() if not pool.started]
     ready = not missing
     return web.json_response(
@@ -361,7 +334,7 @@ async def readyz(request: web.Request, caller: Caller) -> web.Response:
 
 async def metrics(request: web.Request, caller: Caller) -> web.Response:
     # Rendered on the loop thread, where the recorders are written: a consistent snapshot.
-    body, content_type = _proxy(request).metrics.exposition(request.headers.get("Accept", ""))
+    body, content_type = proxy_of(request).metrics.exposition(request.headers.get("Accept", ""))
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
@@ -391,6 +364,10 @@ class Endpoint:
     path: str
     requirement: Requirement
     handler: EndpointHandler
+    target: TargetResolver = _action_target  # for ACT: what the request acts on
+
+
+_CHANGE_POOLS = admin_only("change pools")
 
 
 ENDPOINTS = (
@@ -406,6 +383,22 @@ ENDPOINTS = (
     Endpoint("GET", "/api/events", READ, events),
     Endpoint("POST", "/api/routes/{route}/rings/{ring}/{action}", ACT, action),
     Endpoint("POST", "/api/reload", admin_only("reload"), reload),
+    # The Rings API (proxy.admin.rings): rings and pools kept in the config file.
+    Endpoint("GET", "/api/routes/{route}/rings", READ, rings.list_rings),
+    Endpoint("POST", "/api/routes/{route}/rings", ACT, rings.create_ring, rings.ring_target),
+    Endpoint("GET", "/api/routes/{route}/rings/{ring}", READ, rings.get_ring),
+    Endpoint("PUT", "/api/routes/{route}/rings/{ring}", ACT, rings.put_ring,
+             rings.ring_target),
+    Endpoint("PATCH", "/api/routes/{route}/rings/{ring}", ACT, rings.patch_ring,
+             rings.ring_target),
+    Endpoint("DELETE", "/api/routes/{route}/rings/{ring}", ACT, rings.delete_ring,
+             rings.ring_target),
+    Endpoint("GET", "/api/pools", READ, rings.list_pools),
+    Endpoint("POST", "/api/pools", _CHANGE_POOLS, rings.create_pool),
+    Endpoint("GET", "/api/pools/{pool}", READ, rings.get_pool),
+    Endpoint("PUT", "/api/pools/{pool}", _CHANGE_POOLS, rings.put_pool),
+    Endpoint("PATCH", "/api/pools/{pool}", _CHANGE_POOLS, rings.patch_pool),
+    Endpoint("DELETE", "/api/pools/{pool}", _CHANGE_POOLS, rings.delete_pool),
 )
 
 
@@ -421,10 +414,11 @@ def admin_app(proxy: Proxy) -> web.Application:
     app = web.Application(middlewares=[_errors])
     app[PROXY_KEY] = proxy
     app[SAMPLER_KEY] = Sampler(lambda: proxy.runtime, proxy.metrics)
+    app[WRITE_LOCK_KEY] = asyncio.Lock()  # the Rings API's writes, one at a time
     app.cleanup_ctx.append(_sampling)
     requirements: dict[Handler, Requirement] = {}
     for endpoint in ENDPOINTS:
-        handler = _guarded(endpoint.requirement, endpoint.handler)
+        handler = _guarded(endpoint.requirement, endpoint.handler, endpoint.target)
         requirements[handler] = endpoint.requirement
         if endpoint.method == "GET":
             app.router.add_get(endpoint.path, handler)

@@ -39,6 +39,9 @@ class AdminToken:
 class Admin:
     listen: Listen = field(default_factory=lambda: Listen("127.0.0.1", 9901))
     tokens: tuple[AdminToken, ...] = ()
+    # May the Rings API write the config file?  None: when the file is writable (a
+    # ConfigMap is not), decided when a write comes; False: never, the file lives in Git.
+    config_writes: bool | None = None
 
 
 def read_admin(ctx: Ctx, data: object, path: str, environ: dict[str, str]) -> Admin:
@@ -75,8 +78,12 @@ def read_admin(ctx: Ctx, data: object, path: str, environ: dict[str, str]) -> Ad
             ctx.err(tsec.sub("env"), f"{env} holds the same token as another entry")
             continue
         tokens.append(AdminToken(env, role, secret, routes, rings))
+    writes = sec.raw("config_writes", None)
+    if writes is not None and not isinstance(writes, bool):
+        ctx.err(sec.sub("config_writes"), f"expected true or false, got {writes!r}")
+        writes = None
     sec.close()
-    return Admin(listen, tuple(tokens))
+    return Admin(listen, tuple(tokens), writes)
 
 
 def _names(ctx: Ctx, sec: Section, key: str) -> frozenset[str] | None:

@@ -37,6 +37,8 @@ KEYS: tuple[Key, ...] = (
     Key("listen", Applies.RESTART, lambda c: c.listen),
     Key("admin.listen", Applies.RESTART, lambda c: c.admin.listen),
     Key("admin.tokens", Applies.LIVE, lambda c: c.admin.tokens),
+    # The Rings API reads it at every write.
+    Key("admin.config_writes", Applies.LIVE, lambda c: c.admin.config_writes),
     Key("access_log", Applies.LIVE, lambda c: c.access_log),
     Key("shutdown_grace", Applies.RESTART, lambda c: c.shutdown_grace),
     # Metrics.attach reads it for every new runtime: off drops the per-ring series.

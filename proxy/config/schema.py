@@ -62,6 +62,10 @@ def _bool(text: str, default: bool) -> Schema:
     return {"type": "boolean", "description": text, "default": default}
 
 
+def _bool_or_auto(text: str) -> Schema:
+    return {"type": ["boolean", "null"], "description": text}
+
+
 def _int(text: str, lo: int, hi: int, default: int | None = None) -> Schema:
     out: Schema = {"type": "integer", "minimum": lo, "maximum": hi, "description": text}
     if default is not None:
@@ -268,7 +272,10 @@ def config_schema() -> Schema:
         **_obj({
             "listen": {**_ADDRESS, "default": str(config.listen)},
             "admin": _obj({"listen": {**_ADDRESS, "default": str(config.admin.listen)},
-                           "tokens": {"type": "array", "items": token}}),
+                           "tokens": {"type": "array", "items": token},
+                           "config_writes": _bool_or_auto(
+                               "may the Rings API write this file (default: when it is "
+                               "writable; false: change it in Git)")}),
             "access_log": _obj({"enabled": _bool("one JSON line per request",
                                                  AccessLog().enabled),
                                 "path": _str('"-" is standard output', AccessLog().path)}),
