@@ -1,6 +1,8 @@
 """The ``ringproxy`` command: run, check, schema, explain, demo (and demo-ctl), and the
-remote commands (status, the rollout actions, events, reload) that call a running proxy's
-admin API.  ``--admin``, ``--token`` and ``--json`` may come before or after the command.
+remote commands (status, the rollout actions, events, reload, and ``rings`` / ``pools``
+for the Rings API) that call a running proxy's admin API through the SDK
+(``proxy.client``).  ``--admin``, ``--token`` and ``--json`` may come before or after the
+command.
 
 Exit codes: 0 success, 1 an invalid config or a failure to start, 2 bad usage.
 """
@@ -21,7 +23,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 from proxy import __version__
-from proxy.admin.client import DEFAULT_URL, AdminClient
+from proxy.client import DEFAULT_URL, Client
 from proxy.config import Config, load_config
 from proxy.errors import AdminClientError, ConfigError, ConfigIssue
 
@@ -85,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="print the JSON Schema of the config file (for editors and CI)")
     _add_explain(sub, common)
     _add_remote(sub, common)
+    _add_objects(sub, common)
     demo = sub.add_parser("demo", parents=[common],
                           help="a canary rollout in front of two demo upstreams, on loopback")
     demo.add_argument(
@@ -167,6 +170,95 @@ def _add_remote(sub: Subparsers, common: _Parser) -> None:
         help="only later events: a duration back from now (10m, 1h30m), an RFC 3339 time "
         "(2026-01-31T12:00:00Z) or a Unix time")
     remote("reload", "reload the config file now")
+
+
+def _add_objects(sub: Subparsers, common: _Parser) -> None:
+    """``rings`` and ``pools``: the Rings API, what the config file holds (written there)."""
+    rings = sub.add_parser("rings", parents=[common],
+                           help="list, show, create, update or delete a route's rings "
+                           "(in the config file)")
+    verbs = rings.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(parent: Subparsers, name: str, text: str) -> argparse.ArgumentParser:
+        return parent.add_parser(name, parents=[common], help=text)
+
+    def writes(cmd: argparse.ArgumentParser) -> None:
+        cmd.add_argument("--if-match", metavar="REVISION",
+                         help="only if the file is still at this revision (else HTTP 412)")
+        cmd.add_argument("--reason", default="", help="recorded in the audit trail")
+
+    listing = verb(verbs, "list", "a route's rings in order")
+    listing.add_argument("route")
+    listing.add_argument("--pool", help="only rings sent to this pool")
+    listing.add_argument("--phase", help="only rings in this rollout phase")
+    active = listing.add_mutually_exclusive_group()
+    active.add_argument("--active", dest="active", action="store_const", const=True,
+                        help="only rings taking traffic (weight above 0, or rules on)")
+    active.add_argument("--inactive", dest="active", action="store_const", const=False)
+    get = verb(verbs, "get", "one ring: its spec and status")
+    get.add_argument("route")
+    get.add_argument("ring")
+    for name, text in (("create", "add a ring (before the default ring unless --before)"),
+                       ("update", "change a ring (the given keys; --replace: all of it)")):
+        cmd = verb(verbs, name, text)
+        cmd.add_argument("route")
+        cmd.add_argument("ring")
+        cmd.add_argument("--pool", required=name == "create")
+        cmd.add_argument("--weight", type=float, metavar="PERCENT")
+        cmd.add_argument("--spec", type=_spec, metavar="YAML|@FILE",
+                         help="more of the ring, as YAML or JSON (or @FILE holding it), "
+                         "e.g. '{rules: [{attr: \"header:X-Beta\", exists: true}]}'")
+        if name == "create":
+            cmd.add_argument("--before", metavar="RING", help="insert before this ring")
+        else:
+            cmd.add_argument("--replace", action="store_true",
+                             help="the ring becomes exactly what is given (PUT)")
+        writes(cmd)
+    delete = verb(verbs, "delete", "remove a ring")
+    delete.add_argument("route")
+    delete.add_argument("ring")
+    writes(delete)
+
+    pools = sub.add_parser("pools", parents=[common],
+                           help="list, show, create, update or delete upstream pools "
+                           "(in the config file; writes need an admin token)")
+    verbs = pools.add_subparsers(dest="verb", required=True, metavar="VERB")
+    verb(verbs, "list", "every pool and the rings it serves")
+    verb(verbs, "get", "one pool").add_argument("pool")
+    for name, text in (("create", "add a pool"),
+                       ("update", "change a pool (the given keys; --replace: all of it)")):
+        cmd = verb(verbs, name, text)
+        cmd.add_argument("pool")
+        cmd.add_argument("--server", action="append", metavar="URL",
+                         required=name == "create", help="http(s)://HOST:PORT, repeatable")
+        cmd.add_argument("--spec", type=_spec, metavar="YAML|@FILE",
+                         help="more of the pool, e.g. '{balance: least_request}'")
+        if name == "update":
+            cmd.add_argument("--replace", action="store_true",
+                             help="the pool becomes exactly what is given (PUT)")
+        writes(cmd)
+    delete = verb(verbs, "delete", "remove a pool (no ring may use it)")
+    delete.add_argument("pool")
+    writes(delete)
+
+
+def _spec(text: str) -> dict[str, object]:
+    """``--spec``: YAML or JSON (JSON is YAML), inline or ``@FILE``."""
+    import yaml
+
+    if text.startswith("@"):
+        try:
+            with open(text[1:], encoding="utf-8") as f:
+                text = f.read()
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"cannot read {text[1:]}: {exc.strerror}") from None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise argparse.ArgumentTypeError(f"not YAML or JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a mapping, e.g. '{weight: 5}'")
+    return value
 
 
 def _seconds(text: str) -> float:
@@ -262,6 +354,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return _demo_ctl(args)
     if args.command in REMOTE_COMMANDS:
         return _remote(args)
+    if args.command in ("rings", "pools"):
+        return _objects(args)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 
@@ -363,7 +457,7 @@ def _fail(args: argparse.Namespace, message: str) -> int:
 def _remote(args: argparse.Namespace) -> int:
     from proxy.admin import client as ac
 
-    client = ac.AdminClient(args.admin, args.token)
+    client = Client(args.admin, args.token)
     try:
         if args.command == "status" and args.watch:
             return _watch(args, client)
@@ -376,7 +470,7 @@ def _remote(args: argparse.Namespace) -> int:
                                   method=args.method)
             text = json.dumps(data, indent=2)
         elif args.command == "events":
-            data = client.events(args.route, args.since)
+            data = {"events": client.events(args.route, args.since)}
             text = ac.format_events(data)
         elif args.command == "reload":
             data = client.reload()
@@ -394,7 +488,86 @@ def _remote(args: argparse.Namespace) -> int:
     return 0
 
 
-def _watch(args: argparse.Namespace, client: AdminClient) -> int:
+def _objects(args: argparse.Namespace) -> int:
+    """``rings`` and ``pools``, through the SDK."""
+    from proxy.admin import client as ac
+
+    client = Client(args.admin, args.token)
+    data: object
+    try:
+        if args.command == "rings":
+            data, text = _rings(args, client)
+        else:
+            data, text = _pools(args, client)
+    except AdminClientError as exc:
+        return _fail(args, str(exc))
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print(text if text is not None else ac.format_written(
+            f"{args.verb} {_what(args)}", data if isinstance(data, dict) else {}))
+    return 0
+
+
+def _what(args: argparse.Namespace) -> str:
+    return f"ring {args.route}/{args.ring}" if args.command == "rings" else f"pool {args.pool}"
+
+
+def _changes(args: argparse.Namespace, **given: object) -> dict[str, object]:
+    """The options given, then the rest of ``--spec`` (an option wins over ``--spec``)."""
+    spec = {k: v for k, v in given.items() if v is not None}
+    for key, value in (args.spec or {}).items():
+        spec.setdefault(key, value)
+    return spec
+
+
+def _rings(args: argparse.Namespace, client: Client) -> tuple[object, str | None]:
+    from proxy.admin import client as ac
+
+    if args.verb == "list":
+        rings = client.rings.list(args.route, pool=args.pool, phase=args.phase,
+                                  active=args.active)
+        return {"rings": rings}, ac.format_rings([dict(r) for r in rings])
+    if args.verb == "get":
+        ring = client.rings.get(args.route, args.ring)
+        return ring, ac.format_resource("ring", dict(ring))
+    if args.verb == "delete":
+        return client.rings.delete(args.route, args.ring, args.if_match, args.reason), None
+    weight = int(args.weight) if args.weight is not None and args.weight.is_integer() \
+        else args.weight
+    spec = _changes(args, pool=args.pool, weight=weight)
+    if args.verb == "create":
+        ring = client.rings.create(args.route, {"name": args.ring, **spec}, args.before,
+                                   args.if_match, args.reason)
+        return ring, f"created ring {args.route}/{args.ring} at position " \
+                     f"{ring['position']} (revision {ring['revision']})"
+    if not spec:
+        raise AdminClientError("nothing to change: give --pool, --weight or --spec")
+    return client.rings.update(args.route, args.ring, spec, args.if_match, args.replace,
+                               args.reason), None
+
+
+def _pools(args: argparse.Namespace, client: Client) -> tuple[object, str | None]:
+    from proxy.admin import client as ac
+
+    if args.verb == "list":
+        pools = client.pools.list()
+        return {"pools": pools}, ac.format_pools([dict(p) for p in pools])
+    if args.verb == "get":
+        pool = client.pools.get(args.pool)
+        return pool, ac.format_resource("pool", dict(pool))
+    if args.verb == "delete":
+        return client.pools.delete(args.pool, args.if_match, args.reason), None
+    spec = _changes(args, servers=args.server)
+    if args.verb == "create":
+        pool = client.pools.create(args.pool, spec, args.if_match, args.reason)
+        return pool, f"created pool {args.pool} (revision {pool['revision']})"
+    if not spec:
+        raise AdminClientError("nothing to change: give --server or --spec")
+    return client.pools.update(args.pool, spec, args.if_match, args.replace, args.reason), None
+
+
+def _watch(args: argparse.Namespace, client: Client) -> int:
     """``status --watch``: the table again every few seconds, in place on a terminal."""
     from proxy.admin import client as ac
 

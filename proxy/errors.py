@@ -5,7 +5,7 @@
     ├── StateError                          the rollout state file exists but cannot be used
     ├── RolloutConflict                409  an action that does not apply to the ring's phase
     ├── ApiError                     4xx   an admin API request refused (its own status)
-    ├── AdminClientError                    the CLI's call to the admin API failed
+    ├── AdminClientError                    a call to the admin API failed (CLI, SDK)
     └── UpstreamError                       a request that got no usable upstream answer
         ├── UpstreamConnectError       502  connect refused / unreachable / DNS
         ├── UpstreamResetError         502  connection reset or closed early
@@ -80,7 +80,12 @@ class ApiError(RingproxyError):
 
 
 class AdminClientError(RingproxyError):
-    """The CLI's call to a running proxy's admin API failed (one line for the user)."""
+    """A call to a running proxy's admin API failed (one line for the user); ``http_status``
+    is the API's answer (412, 409, ...), None when there was none."""
+
+    def __init__(self, message: str, http_status: int | None = None) -> None:
+        super().__init__(message)
+        self.http_status = http_status
 
 
 class UpstreamError(RingproxyError):

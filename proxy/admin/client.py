@@ -1,50 +1,24 @@
-"""The CLI's side of the admin API: status, rollout actions, events, reload.
+"""The CLI's side of the admin API: the SDK (``proxy.client.Client``) makes the calls;
+this module turns the answers into the CLI's tables and lines.
 
-Plain ``urllib`` (one request per command, no event loop needed).  Every failure becomes
-an ``AdminClientError`` with a one-line message; the CLI prints it and exits 1.  Calls to a
-loopback address never go through ``http_proxy``; an answer without the fields the admin
-API always sends (a URL that is some other server, such as the proxy's own port) is an
-error, never an empty table.
+The formatters read answers defensively (a field of the wrong type shows as "-" or its
+text, never a traceback).
 """
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
-from collections.abc import Mapping
 
+from proxy.client import DEFAULT_URL, Answer, Client, open_url
 from proxy.errors import AdminClientError
 
-DEFAULT_URL = "http://127.0.0.1:9901"
+__all__ = ["DEFAULT_URL", "AdminClient", "format_action", "format_events", "format_pools",
+           "format_resource", "format_rings", "format_status", "format_written", "post_json"]
 
-# A JSON object as the API answers it; the formatters below read it defensively (a field of
-# the wrong type shows as "-" or its text, never a traceback).
-Answer = dict[str, object]
-
-
-def is_loopback(url: str) -> bool:
-    host = urllib.parse.urlsplit(url).hostname or ""
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _open(request: urllib.request.Request, timeout: float) -> bytes:
-    """The answer's body; loopback never goes through a proxy from the environment."""
-    handlers: list[urllib.request.BaseHandler] = []
-    if is_loopback(request.full_url):
-        handlers.append(urllib.request.ProxyHandler({}))
-    opener = urllib.request.build_opener(*handlers)
-    with opener.open(request, timeout=timeout) as response:
-        body: bytes = response.read()
-        return body
+AdminClient = Client  # the name the CLI used before the SDK
 
 
 def post_json(url: str, timeout: float = 5.0) -> Answer:
@@ -52,7 +26,7 @@ def post_json(url: str, timeout: float = 5.0) -> Answer:
     request = urllib.request.Request(url, data=b"{}", method="POST",
                                      headers={"Content-Type": "application/json"})
     try:
-        answer = json.loads(_open(request, timeout) or b"null")
+        answer = json.loads(open_url(request, timeout) or b"null")
     except urllib.error.HTTPError as exc:
         raise AdminClientError(f"{url}: HTTP {exc.code}") from None
     except urllib.error.URLError as exc:
@@ -62,90 +36,6 @@ def post_json(url: str, timeout: float = 5.0) -> Answer:
     if not isinstance(answer, dict):
         raise AdminClientError(f"bad answer from {url}: expected a JSON object")
     return answer
-
-
-class AdminClient:
-    def __init__(self, url: str, token: str | None, timeout: float = 10.0) -> None:
-        self.url = url.rstrip("/")
-        self.token = token
-        self.timeout = timeout
-
-    def call(self, method: str, path: str, body: Mapping[str, object] | None = None,
-             expect: str | None = None) -> Answer:
-        """``expect``: a key the admin API's answer always has (else: not a ringproxy)."""
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, method=method)
-        request.add_header("Accept", "application/json")
-        if data is not None:
-            request.add_header("Content-Type", "application/json")
-        if self.token:
-            request.add_header("Authorization", f"Bearer {self.token}")
-        try:
-            answer = json.loads(_open(request, self.timeout) or b"null")
-        except urllib.error.HTTPError as exc:
-            message = _error_of(exc)
-            if message is None:
-                raise AdminClientError(
-                    f"{self.url} is not a ringproxy admin API (HTTP {exc.code} {exc.reason} "
-                    f"to {path.split('?')[0]}, without the API's JSON error); --admin takes "
-                    "the admin listener's URL (admin.listen)") from None
-            raise AdminClientError(f"{message} (HTTP {exc.code})") from None
-        except urllib.error.URLError as exc:
-            raise AdminClientError(f"cannot reach the admin API at {self.url}: "
-                                   f"{exc.reason}") from None
-        except (TimeoutError, ValueError) as exc:
-            raise AdminClientError(f"{self.url} is not a ringproxy admin API (its answer to "
-                                   f"{path} is not JSON: {exc})") from None
-        if not isinstance(answer, dict) or (expect is not None and expect not in answer):
-            shape = f"no {expect!r} in" if isinstance(answer, dict) else "not a JSON object:"
-            raise AdminClientError(
-                f"{self.url} is not a ringproxy admin API ({shape} its answer to {path}); "
-                "--admin takes the admin listener's URL (admin.listen)")
-        return answer
-
-    def status(self) -> Answer:
-        return self.call("GET", "/api/routes", expect="routes")
-
-    def explain(self, route: str, headers: list[tuple[str, str]],
-                cookies: list[tuple[str, str]], query: list[tuple[str, str]],
-                ip: str | None, path: str, method: str) -> Answer:
-        """The running proxy's decision for such a request, at its live weights."""
-        params: list[tuple[str, str]] = [("route", route), ("path", path), ("method", method)]
-        params += [("header", f"{k}:{v}") for k, v in headers]
-        params += [("cookie", f"{k}:{v}") for k, v in cookies]
-        params += [("query", f"{k}:{v}") for k, v in query]
-        if ip is not None:
-            params.append(("ip", ip))
-        return self.call("GET", "/api/explain?" + urllib.parse.urlencode(params), expect="ring")
-
-    def act(self, route: str, ring: str, action: str, body: Mapping[str, object]) -> Answer:
-        quote = urllib.parse.quote
-        return self.call(
-            "POST", f"/api/routes/{quote(route, safe='')}/rings/{quote(ring, safe='')}/{action}",
-            body, expect="ring")
-
-    def events(self, route: str | None, since: float | None) -> Answer:
-        if route is not None:
-            # An unknown route is an error, as everywhere else (the API filters silently).
-            self.call("GET", f"/api/routes/{urllib.parse.quote(route, safe='')}", expect="name")
-        query = {k: v for k, v in (("route", route), ("since", since)) if v is not None}
-        suffix = "?" + urllib.parse.urlencode(query) if query else ""
-        return self.call("GET", "/api/events" + suffix, expect="events")
-
-    def reload(self) -> Answer:
-        return self.call("POST", "/api/reload", {}, expect="revision")
-
-
-def _error_of(exc: urllib.error.HTTPError) -> str | None:
-    """The API's ``{"error": ...}`` message; None when the answer has none (another server)."""
-    try:
-        answer = json.loads(exc.read())
-    except ValueError:
-        return None
-    finally:
-        exc.close()
-    message = answer.get("error") if isinstance(answer, dict) else None
-    return str(message) if message else None
 
 
 # --------------------------------------------------------------------------- reading answers
@@ -239,6 +129,12 @@ def format_events(data: Answer) -> str:
         stamp = e.get("time")
         when = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp))
                 if isinstance(stamp, int | float) else "-")
+        if e.get("kind") == "config_change":  # a change to the file (the Rings API)
+            ring = f"pool {e.get('pool')}" if e.get("pool") else str(e.get("ring"))
+            rows.append([when, str(e.get("route") or "-"), ring, f"config {e.get('action')}",
+                         f"{e.get('from_revision')} -> {e.get('revision')}", "-",
+                         str(e.get("actor", "")), str(e.get("reason", ""))])
+            continue
         rows.append([when, str(e.get("route")), str(e.get("ring")), str(e.get("kind")),
                      _weights(e), str(e.get("phase")),
                      str(e.get("actor", "")), str(e.get("reason", ""))])
@@ -255,3 +151,63 @@ def format_action(data: Answer) -> str:
     lines.append(f"{ring.get('name')} is now {ring.get('phase')} at "
                  f"{_num(ring.get('weight'), 'g', suffix='%')}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the Rings API
+
+
+def format_rings(rings: list[Answer]) -> str:
+    rows = [["ROUTE", "#", "RING", "POOL", "WEIGHT", "RULES", "PHASE", "ACTIVE"]]
+    for ring in rings:
+        spec, status = _object(ring.get("spec")), _object(ring.get("status"))
+        rules = spec.get("rules")
+        rows.append([
+            str(ring.get("route")), str(ring.get("position")), str(ring.get("name")),
+            str(spec.get("pool")),
+            _num(status.get("weight"), "g", suffix="%") if status else "(not serving)",
+            str(len(rules)) if isinstance(rules, list) else "-",
+            str(status.get("phase") or "-") if status else "-",
+            ("yes" if status.get("active") else "no") if status else "-",
+        ])
+    if len(rows) == 1:
+        return "no rings"
+    return _table(rows)
+
+
+def format_pools(pools: list[Answer]) -> str:
+    rows = [["POOL", "SERVERS", "RINGS"]]
+    for pool in pools:
+        spec, status = _object(pool.get("spec")), _object(pool.get("status"))
+        servers = spec.get("servers")
+        rings = status.get("rings") if status else None
+        rows.append([str(pool.get("name")),
+                     ", ".join(map(str, servers)) if isinstance(servers, list) else "-",
+                     ", ".join(map(str, rings)) if isinstance(rings, list) and rings else "-"])
+    if len(rows) == 1:
+        return "no pools"
+    return _table(rows)
+
+
+def format_resource(kind: str, resource: Answer) -> str:
+    """One ring or pool: where it stands, its spec as the file writes it, its status."""
+    import yaml
+
+    where = (f"{resource.get('route')}/{resource.get('name')} (position "
+             f"{resource.get('position')})" if kind == "ring" else str(resource.get("name")))
+    lines = [f"{kind} {where}, revision {resource.get('revision')}"]
+    lines += yaml.safe_dump(resource.get("spec"), sort_keys=False).splitlines()
+    status = resource.get("status")
+    if isinstance(status, dict):
+        lines.append("status: " + ", ".join(
+            f"{k} {', '.join(map(str, v)) or '-'}" if isinstance(v, list) else f"{k} {v}"
+            for k, v in status.items()))
+    else:
+        lines.append("status: in the file, not serving yet")
+    return "\n".join(lines)
+
+
+def format_written(what: str, data: Answer) -> str:
+    """A write's answer: what it did and the revision serving now."""
+    if not data.get("changed"):
+        return f"{what}: unchanged (revision {data.get('revision')})"
+    return f"{what}: revision {data.get('previous_revision')} -> {data.get('revision')}"

@@ -122,7 +122,8 @@ async def ring_target(request: web.Request) -> Target | Denied:
             body = await json_body(request)
         except ApiError as exc:
             return Denied(exc.status, exc.message)
-        name = body.get("name")
+        spec = body.get("spec", body)
+        name = spec.get("name") if isinstance(spec, dict) else None
         if not isinstance(name, str) or not name:
             return Denied(400, 'a new ring needs its name in the body: {"name": ..., '
                                '"pool": ...}')
