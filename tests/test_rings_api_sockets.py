@@ -14,7 +14,10 @@ import aiohttp
 import pytest
 from multidict import CIMultiDict
 
+from proxy.admin.configfile import Change, change
 from proxy.config import load_config
+from proxy.config.edit import Document
+from proxy.errors import ApiError
 from proxy.server import Proxy
 from tests.conftest import Upstream
 
@@ -170,6 +173,22 @@ async def test_the_file_keeps_its_comments_after_three_edits(served: Proxy) -> N
                                      if method == "PUT" else None)
         assert status == 200, body
     assert read_text(path) == original
+
+
+async def test_a_file_changed_by_someone_else_during_the_edit_wins(served: Proxy) -> None:
+    # A GitOps sync writes the file while the API is editing it: the API's change is 412.
+    path = Path(served.config.source)
+    theirs = read_text(path).replace("# Employees first.", "# Employees first (synced).")
+
+    def edit(document: Document) -> None:
+        path.write_text(theirs)
+        document.patch_ring("api", "internal", {"pool": "stable"})
+
+    with pytest.raises(ApiError) as exc:
+        await change(served, asyncio.Lock(), "test", None,
+                     Change("update", "api", "internal", ""), edit)
+    assert exc.value.status == 412 and "changed while" in exc.value.message
+    assert read_text(path) == theirs
 
 
 async def test_a_change_the_loader_rejects_writes_nothing(served: Proxy) -> None:

@@ -7,7 +7,8 @@ A change goes, under one lock (writes are serialised):
 2. edit it (``proxy.config.edit``: comments, order and formatting kept) and validate the
    result with the loader a reload uses: a result that fails writes nothing (422, the
    loader's messages);
-3. write it atomically (a temporary file beside it, fsync, rename over it, fsync the
+3. read the file once more (changed meanwhile by someone else: 412, theirs wins), write
+   it atomically (a temporary file beside it, fsync, rename over it, fsync the
    directory), then reload through the proxy's ``Reloader``; should applying it fail, the
    old bytes go back the same way and the answer is 422;
 4. record an audit event (actor, the file's diff, both revisions): the controller's history
@@ -196,6 +197,12 @@ async def change(
         after = await asyncio.to_thread(_edited, before, what, edit, str(reloader.path))
         if after == before.text:  # e.g. a PUT of what is there: nothing to write
             return Written(before.revision, reloader.current.revision, None)
+        # Someone else (an editor, a GitOps sync) may have written meanwhile: their change
+        # wins, this one is 412 (the window left is the rename's own).
+        now = await asyncio.to_thread(_read, path)
+        if now.revision != before.revision:
+            raise ApiError(412, f"the config file changed while this change was made (now "
+                                f"{now.revision}): read it again and retry")
         await asyncio.to_thread(write_atomically, path, after)
         result = await reloader.reload(f"api:{actor}")
         if not result.ok:
