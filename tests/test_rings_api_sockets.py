@@ -191,6 +191,26 @@ async def test_a_file_changed_by_someone_else_during_the_edit_wins(served: Proxy
     assert read_text(path) == theirs
 
 
+async def test_a_valid_change_whose_apply_fails_is_undone(served: Proxy,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    # Valid, but the running proxy cannot take it (say a new access log cannot be opened):
+    # the old file goes back, the old config keeps serving, the answer says so.
+    path = Path(served.config.source)
+    on_disk, serving = read_bytes(path), served.config.revision
+
+    async def cannot(config: object) -> None:
+        raise OSError("no room")
+
+    assert served.reloader is not None
+    monkeypatch.setattr(served.reloader, "_apply", cannot)
+    status, body, _ = await call(served, "POST", "/api/routes/api/rings",
+                                 body={"name": "beta", "pool": "canary"})
+    assert status == 422 and body["error"].startswith("the change was undone: ")
+    assert "OSError: no room" in body["error"]
+    assert read_bytes(path) == on_disk and served.config.revision == serving
+
+
 async def test_a_change_the_loader_rejects_writes_nothing(served: Proxy) -> None:
     path = Path(served.config.source)
     on_disk = read_bytes(path)
