@@ -180,5 +180,20 @@ def test_unknown_names_are_404_and_a_file_that_is_not_yaml_is_422() -> None:
     assert exc.value.status == 422
 
 
+@pytest.mark.parametrize("text", ["---\n# top\na: 1\n", "a: 1\r\nb: [1, 2]  # x\r\n",
+                                  "a: 1", "\ufeffa: 1\n"])
+def test_document_start_crlf_bom_and_no_final_newline_come_back(text: str) -> None:
+    Document(text).check_round_trip()
+    assert Document(text).dump() == text
+
+
+def test_a_file_that_would_be_reformatted_is_refused() -> None:
+    mixed = "pools:\n    a: {servers: [x]}\n    b: {servers: [y]}\nroutes:\n  - name: r\n" \
+            "    rings:\n      - {name: s, pool: a}\nlisten: 1\nadmin:\n  x: 1\n"
+    with pytest.raises(ApiError) as exc:
+        Document(mixed).check_round_trip()
+    assert exc.value.status == 422 and "without reformatting it: line 10" in exc.value.message
+
+
 def test_the_revision_is_the_loaders() -> None:
     assert revision(FILE.encode()) == parse_config(FILE, environ={}).revision

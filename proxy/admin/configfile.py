@@ -221,6 +221,7 @@ async def change(
 def _edited(before: Snapshot, what: Change, edit: Callable[[Document], object],
             source: str) -> str:
     document = Document(before.text)
+    document.check_round_trip()
     edit(document)
     after = document.dump()
     if after == before.text:

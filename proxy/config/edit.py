@@ -104,22 +104,49 @@ class Document:
 
     def __init__(self, text: str) -> None:
         self.text = text
-        mapping, offset = guess_indent(text)
+        # What ruamel would not give back: a byte order mark, CRLF line ends, the missing
+        # newline at the end; kept here and put back by ``dump``.
+        self._bom = "\ufeff" if text.startswith("\ufeff") else ""
+        self._crlf = "\r\n" in text
+        self._final_newline = text.endswith("\n")
+        body = text.removeprefix(self._bom).replace("\r\n", "\n")
+        mapping, offset = guess_indent(body)
         self._yaml = YAML(typ="rt")
         self._yaml.preserve_quotes = True
         self._yaml.width = 4096  # never fold a long line the file has
         self._yaml.indent(mapping=mapping, sequence=offset + 2, offset=offset)
+        self._yaml.explicit_start = body.startswith("---")
         try:
-            self.root = self._yaml.load(text)
+            self.root = self._yaml.load(body)
         except YAMLError as exc:
             raise ApiError(422, f"the config file cannot be edited: {exc}") from exc
         if not isinstance(self.root, CommentedMap):
             raise ApiError(422, "the config file is not a mapping")
 
+    def check_round_trip(self) -> None:
+        """422 unless the file, untouched, dumps back byte for byte: an edit must never
+        reformat what it does not change (mixed indentation is what usually breaks it).
+        Call it before editing."""
+        again = self.dump()
+        if again == self.text:
+            return
+        old, new = self.text.splitlines(), again.splitlines()
+        at = next((i for i, (a, b) in enumerate(zip(old, new, strict=False)) if a != b),
+                  min(len(old), len(new)))
+        shown = repr(new[at]) if at < len(new) else "nothing"
+        raise ApiError(422, f"the config file cannot be edited without reformatting it: "
+                            f"line {at + 1} would become {shown} (mixed indentation?); make "
+                            "its layout consistent, or change it in Git")
+
     def dump(self) -> str:
         out = io.StringIO()
         self._yaml.dump(self.root, out)
-        return out.getvalue()
+        text = out.getvalue()
+        if not self._final_newline:
+            text = text.removesuffix("\n")
+        if self._crlf:
+            text = text.replace("\n", "\r\n")
+        return self._bom + text
 
     # ------------------------------------------------------------------ reading
 
