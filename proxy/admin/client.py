@@ -12,13 +12,11 @@ import time
 import urllib.error
 import urllib.request
 
-from proxy.client import DEFAULT_URL, Answer, Client, open_url
+from proxy.client import DEFAULT_URL, Answer, open_url
 from proxy.errors import AdminClientError
 
-__all__ = ["DEFAULT_URL", "AdminClient", "format_action", "format_events", "format_pools",
+__all__ = ["DEFAULT_URL", "format_action", "format_events", "format_pools",
            "format_resource", "format_rings", "format_status", "format_written", "post_json"]
-
-AdminClient = Client  # the name the CLI used before the SDK
 
 
 def post_json(url: str, timeout: float = 5.0) -> Answer:
