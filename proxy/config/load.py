@@ -25,6 +25,7 @@ from proxy.config.assignment import (
     read_override,
     read_sticky,
 )
+from proxy.config.limits import read_limits, read_listen_tls, read_max_body
 from proxy.config.model import (
     AccessLog,
     Balance,
@@ -124,9 +125,15 @@ def _read_config(ctx: Ctx, data: object, environ: Mapping[str, str]) -> Config |
     webhooks = read_webhooks(ctx, top.raw("webhooks", None), "webhooks")
     pools = _read_pools(ctx, top.raw("pools"), "pools")
     routes = _read_routes(ctx, top, {p.name for p in pools})
+    limits = read_limits(ctx, top.raw("limits", None), "limits")
+    listen_tls = read_listen_tls(ctx, top.raw("listen_tls", None), "listen_tls")
     top.close()
     if admin.listen == listen and listen.port != 0:
         ctx.err("admin.listen", f"{admin.listen} is also the proxy's listen address")
+    if listen_tls is not None and listen_tls.listen.port != 0:
+        for other, where in ((listen, "listen"), (admin.listen, "admin.listen")):
+            if listen_tls.listen == other:
+                ctx.err("listen_tls.listen", f"{other} is also the {where} address")
     if not top.ok:
         return None
     if not metrics.enabled:
@@ -134,7 +141,8 @@ def _read_config(ctx: Ctx, data: object, environ: Mapping[str, str]) -> Config |
             if route.analysis is not None:
                 ctx.err(f"routes[{i}].analysis", "analysis reads the per-ring metrics; "
                         "it needs metrics.enabled: true")
-    return Config(listen, pools, routes, admin, access_log, grace, metrics, state, webhooks)
+    return Config(listen, pools, routes, admin, access_log, grace, metrics, state, webhooks,
+                  limits, listen_tls)
 
 
 def _read_access_log(ctx: Ctx, data: object, path: str) -> AccessLog:
@@ -247,6 +255,7 @@ def _read_route(ctx: Ctx, data: object, path: str, pool_names: set[str]) -> Rout
     override = read_override(ctx, sec.raw("override", None), sec.sub("override"))
     decision = read_decision_headers(ctx, sec.raw("decision", None), sec.sub("decision"))
     analysis = read_analysis(ctx, sec.raw("analysis", None), sec.sub("analysis"))
+    max_body = read_max_body(ctx, sec)
     if read_rollback(ctx, sec.raw("rollback", None), sec.sub("rollback")) and analysis:
         analysis = replace(analysis, rollback_to_previous=True)
     rings: list[Ring] = []
@@ -274,7 +283,8 @@ def _read_route(ctx: Ctx, data: object, path: str, pool_names: set[str]) -> Rout
     sec.close()
     if not sec.ok:
         return None
-    return Route(name, tuple(rings), hosts, prefix, sticky, override, decision, analysis)
+    return Route(name, tuple(rings), hosts, prefix, sticky, override, decision, analysis,
+                 max_body)
 
 
 def _check_default_and_weights(

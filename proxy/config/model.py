@@ -13,6 +13,7 @@ from enum import StrEnum
 from proxy.config.admin import Admin
 from proxy.config.analysis import Analysis
 from proxy.config.assignment import DecisionHeaders, Override, Sticky
+from proxy.config.limits import Limits, ListenTLS
 from proxy.config.rollout import Progression, StateFiles, Webhook
 from proxy.config.rules import Rule
 from proxy.config.values import Listen, Upstream
@@ -63,6 +64,7 @@ class Route:
     override: Override | None = None
     decision: DecisionHeaders = field(default_factory=DecisionHeaders)
     analysis: Analysis | None = None
+    max_body: int | None = None  # request body bytes; more -> 413; None: no limit
 
     @property
     def default_ring(self) -> Ring:
@@ -91,6 +93,8 @@ class Config:
     metrics: Metrics = field(default_factory=Metrics)
     state: StateFiles = field(default_factory=StateFiles)
     webhooks: tuple[Webhook, ...] = ()
+    limits: Limits = field(default_factory=Limits)  # what a client connection may take
+    listen_tls: ListenTLS | None = None  # a second, TLS listener; None: none
     revision: str = ""  # short hash of the file's bytes
     source: str = ""
 
