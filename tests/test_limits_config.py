@@ -30,15 +30,20 @@ routes:
 """
 
 
-def self_signed(directory: Path, name: str = "a", cn: str = "localhost") -> tuple[Path, Path]:
-    """A fresh self-signed EC P-256 certificate for ``cn`` (and 127.0.0.1) and its key."""
+def self_signed(
+    directory: Path, name: str = "a", cn: str = "localhost", rsa: bool = False
+) -> tuple[Path, Path]:
+    """A fresh self-signed certificate for ``cn`` (and 127.0.0.1) and its key: EC P-256,
+    or RSA 2048 with ``rsa``."""
     openssl = shutil.which("openssl")
     if openssl is None:
         pytest.skip("the openssl command is not installed")
     directory.mkdir(parents=True, exist_ok=True)
     cert, key = directory / f"{name}.crt", directory / f"{name}.key"
     subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+        [openssl, "req", "-x509",
+         *(["-newkey", "rsa:2048"] if rsa else
+           ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]),
          "-nodes", "-days", "2", "-subj", f"/CN={cn}",
          "-addext", f"subjectAltName=DNS:{cn},IP:127.0.0.1",
          "-keyout", str(key), "-out", str(cert)],
@@ -238,8 +243,11 @@ def test_files_that_hold_no_pem_are_refused(tmp_path: Path, pair: tuple[Path, Pa
         "('PRIVATE KEY-----' not found)"]
 
 
-def test_a_key_of_another_certificate_is_refused(tmp_path: Path, pair: tuple[Path, Path]) -> None:
-    _, other_key = self_signed(tmp_path, "other")
+@pytest.mark.parametrize("rsa", [False, True], ids=["same-type", "rsa-key-for-ec"])
+def test_a_key_of_another_certificate_is_refused(
+    tmp_path: Path, pair: tuple[Path, Path], rsa: bool
+) -> None:
+    _, other_key = self_signed(tmp_path, "other", rsa=rsa)
     assert errors_of(tls_config("127.0.0.1:8443", pair[0], other_key)) == [
         f"c.yaml:11: listen_tls: the private key {other_key} does not match the certificate "
         f"{pair[0]}"]

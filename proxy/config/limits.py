@@ -158,7 +158,8 @@ def load_certificate(context: ssl.SSLContext, cert: str, key: str) -> None:
         raise ValueError(f"the private key {key} is encrypted; ringproxy takes an unencrypted "
                          "key (readable only by its user), never a passphrase") from None
     except ssl.SSLError as exc:
-        if exc.reason == "KEY_VALUES_MISMATCH":
+        # NO_CERTIFICATE_ASSIGNED: a key of another type (an RSA key for an EC certificate).
+        if exc.reason in ("KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED"):
             raise ValueError(f"the private key {key} does not match the certificate {cert}"
                              ) from exc
         raise ValueError(f"cannot load the certificate {cert} with the key {key}: "
