@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httptools
 import pytest
@@ -228,13 +230,16 @@ def proxy_config(
     route: Mapping[str, object] | None = None,
     pool: Mapping[str, object] | None = None,
     top: str = "",
+    access_log: str | None = None,
 ) -> str:
     """One route, one ring, one pool on ``upstream_url``; ``limits``, extra ``route`` and
-    ``pool`` keys as mappings of YAML scalars; ``top``: more top-level YAML."""
+    ``pool`` keys as mappings of YAML scalars; ``top``: more top-level YAML; the access
+    log off, or to the file ``access_log``."""
+    log = "{enabled: false}" if access_log is None else f'{{enabled: true, path: "{access_log}"}}'
     lines = [
         "listen: 127.0.0.1:0",
         "admin: {listen: 127.0.0.1:0}",
-        "access_log: {enabled: false}",
+        f"access_log: {log}",
         "shutdown_grace: 1s",
         "pools:",
         "  app:",
@@ -482,6 +487,21 @@ async def test_malformed_request_after_a_good_one_on_the_same_connection(
     assert b"Transfer-Encoding" not in up.received
 
 
+async def test_pipelined_malformed_request_after_a_good_one_is_400_after_its_answer(
+    make_proxy: ProxyFactory, upstream: StartUpstream
+) -> None:
+    """Both in one write: the good one is answered first, then the 400, then the close."""
+    up = await upstream()
+    proxy = await make_proxy(proxy_config(up.url))
+    reply = await exchange(
+        proxy.url, b"GET /first HTTP/1.1\r\nHost: a.test\r\n\r\n" + MALFORMED["obs-fold"]
+    )
+    assert reply.status == 200, reply.data[:300]
+    first_end = reply.data.index(OK_BODY) + len(OK_BODY)
+    assert_rejected(Reply(reply.data[first_end:], reply.closed), 400)
+    assert [r.target for r in up.requests] == ["/first"]
+
+
 async def test_well_formed_edge_cases_are_accepted(
     make_proxy: ProxyFactory, upstream: StartUpstream
 ) -> None:
@@ -591,6 +611,7 @@ async def test_header_names_with_underscores_are_forwarded_when_allowed(
 # --------------------------------------------------------------------------- from the upstream
 
 PLAIN_GET = b"GET /plain HTTP/1.1\r\nHost: a.test\r\n\r\n"
+PLAIN_GET_CLOSE = b"GET /plain HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n"
 
 
 async def test_upstream_101_to_a_plain_get_is_502_and_the_connection_is_not_reused(
@@ -715,8 +736,9 @@ async def test_oversized_upstream_response_head_is_502(
 ) -> None:
     big = b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 8000 + b"\r\nContent-Length: 2\r\n\r\nok"
     up = await upstream(answer_bytes(big))
-    proxy = await make_proxy(proxy_config(up.url, limits={"max_head_size": "4KiB"}))
-    reply = await exchange(proxy.url, PLAIN_GET, wait=ANSWER_WAIT)
+    limits = {"max_head_size": "4KiB", "max_request_line": "1KiB"}
+    proxy = await make_proxy(proxy_config(up.url, limits=limits))
+    reply = await exchange(proxy.url, PLAIN_GET_CLOSE)
     assert reply.status == 502, reply.data[:300]
     assert b"aaaa" not in reply.data
     await asyncio.wait_for(up.connections[0].closed.wait(), ANSWER_WAIT)
@@ -729,7 +751,7 @@ async def test_upstream_response_with_too_many_headers_is_502(
     head = b"HTTP/1.1 200 OK\r\n" + many + b"Content-Length: 2\r\n\r\nok"
     up = await upstream(answer_bytes(head))
     proxy = await make_proxy(proxy_config(up.url, limits={"max_headers": 10}))
-    reply = await exchange(proxy.url, PLAIN_GET, wait=ANSWER_WAIT)
+    reply = await exchange(proxy.url, PLAIN_GET_CLOSE)
     assert reply.status == 502, reply.data[:300]
     assert "x-h20" not in reply.head
     await asyncio.wait_for(up.connections[0].closed.wait(), ANSWER_WAIT)
@@ -768,6 +790,7 @@ async def test_rejected_request_logs_one_quiet_line_without_header_values(
     caplog.clear()
     reply = await exchange(proxy.url, request_bytes)
     assert_rejected(reply, 400)
+    assert b"s3cr3t" not in reply.data  # nor echoed back
     records = [r for r in caplog.records if r.levelno >= logging.INFO]
     assert len(records) == 1, [r.getMessage() for r in records]
     (record,) = records
@@ -783,3 +806,26 @@ async def test_rejected_request_logs_one_quiet_line_without_header_values(
         assert "folded" not in text
         assert r.exc_info is None
     assert "s3cr3t" not in caplog.text
+
+
+async def test_rejected_request_is_in_the_access_log_as_bad_request_of_no_ring(
+    make_proxy: ProxyFactory, upstream: StartUpstream, tmp_path: Path
+) -> None:
+    up = await upstream()
+    path = tmp_path / "access.log"
+    proxy = await make_proxy(proxy_config(up.url, access_log=str(path)))
+    reply = await exchange(proxy.url, LOGGED_REJECTIONS["te-and-cl"])
+    assert_rejected(reply, 400)
+    # The log is written in batches (every 200 ms): wait for the line, boundedly.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + ANSWER_WAIT
+    while not (path.exists() and path.read_text().strip()) and loop.time() < deadline:  # noqa: ASYNC110 - written by a timer
+        await asyncio.sleep(0.05)
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    (entry,) = lines
+    assert entry["status"] == 400
+    assert entry["error"] == "bad_request"
+    assert entry.get("ring") is None  # never judged against a ring
+    assert entry["client"] == "127.0.0.1"
+    assert "s3cr3t" not in path.read_text()

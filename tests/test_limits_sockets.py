@@ -304,23 +304,48 @@ async def test_idle_keepalive_connection_is_closed_at_the_keepalive_timeout(
     assert_timed(elapsed, 0.5)  # well before the 10 s head timeout
 
 
+async def test_partial_head_after_a_keepalive_answer_is_408_at_the_head_timeout(
+    make_proxy: ProxyFactory, upstream: StartUpstream
+) -> None:
+    """Once a byte of the next head came, the head timeout runs, not the keep-alive one."""
+    up = await upstream()
+    limits = {"head_timeout": "1s", "keepalive_timeout": "30s"}
+    proxy = await make_proxy(proxy_config(up.url, limits=limits))
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection(*host_port(proxy.url))
+    try:
+        writer.write(b"GET /first HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        first = await read_response(reader)
+        assert first.status == 200
+        writer.write(b"GET /second HTTP/1.1\r\nHost: a.te")
+        await writer.drain()
+        sent = loop.time()
+        data, closed = await read_until_close(reader, 1.0 + SLACK)
+        elapsed = loop.time() - sent
+    finally:
+        await close_writer(writer)
+    assert_rejected(Reply(data, closed), 408)
+    assert elapsed <= 1.0 + SLACK
+    assert [r.target for r in up.requests] == ["/first"]
+
+
 async def test_keepalive_connection_in_use_is_not_closed_early(
     make_proxy: ProxyFactory, upstream: StartUpstream
 ) -> None:
-    """Requests every 200 ms for 1.5 s on one connection: the 500 ms idle timer restarts."""
+    """Requests every 200 ms for over 1 s on one connection: the 500 ms idle timer restarts."""
     up = await upstream()
     limits = {"head_timeout": "10s", "keepalive_timeout": "500ms"}
     proxy = await make_proxy(proxy_config(up.url, limits=limits))
     reader, writer = await asyncio.open_connection(*host_port(proxy.url))
     try:
-        for i in range(8):
+        for i in range(6):
             writer.write(b"GET /k%d HTTP/1.1\r\nHost: a.test\r\n\r\n" % i)
             response = await read_response(reader)
             assert response.status == 200
             await asyncio.sleep(0.2)
     finally:
         await close_writer(writer)
-    assert len(up.requests) == 8
+    assert len(up.requests) == 6
 
 
 async def test_stalled_body_is_408_at_the_body_timeout(
@@ -375,15 +400,15 @@ async def test_trickling_body_is_served_while_each_read_comes_in_time(
     proxy = await make_proxy(proxy_config(up.url, limits=limits))
     reader, writer = await asyncio.open_connection(*host_port(proxy.url))
     try:
-        writer.write(b"POST /trickle HTTP/1.1\r\nHost: a.test\r\nContent-Length: 8\r\n\r\n")
-        for _ in range(8):  # 8 bytes over ~1.6 s, 200 ms apart
+        writer.write(b"POST /trickle HTTP/1.1\r\nHost: a.test\r\nContent-Length: 6\r\n\r\n")
+        for _ in range(6):  # 6 bytes over ~1.2 s, 200 ms apart
             await asyncio.sleep(0.2)
             writer.write(b"t")
         response = await read_response(reader)
     finally:
         await close_writer(writer)
     assert response.status == 200
-    assert [r.body for r in up.requests] == [b"t" * 8]
+    assert [r.body for r in up.requests] == [b"t" * 6]
 
 
 # --------------------------------------------------------------------------- connections
