@@ -24,7 +24,9 @@ from pathlib import Path
 
 import httptools
 import pytest
+import uvloop
 
+from proxy.config import parse_config
 from proxy.server import Proxy
 from tests.conftest import ProxyFactory
 
@@ -829,3 +831,44 @@ async def test_rejected_request_is_in_the_access_log_as_bad_request_of_no_ring(
     assert entry.get("ring") is None  # never judged against a ring
     assert entry["client"] == "127.0.0.1"
     assert "s3cr3t" not in path.read_text()
+
+
+# --------------------------------------------------------------------------- on uvloop
+
+
+async def _uvloop_scenario() -> None:
+    async def answer(
+        conn: UpstreamConnection, request: Received, writer: asyncio.StreamWriter
+    ) -> None:
+        if request.target == "/switch":
+            writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                         b"Upgrade: websocket\r\n\r\n")
+        else:
+            writer.write(OK_RESPONSE)
+
+    up = RawUpstream(answer)
+    await up.start()
+    proxy = Proxy(parse_config(proxy_config(up.url, limits={"head_timeout": "1s"})))
+    await proxy.start()
+    try:
+        ok = await exchange(proxy.url, UNDERSCORED)
+        assert ok.status == 200 and ok.body == OK_BODY, ok.data[:300]
+        assert "x_custom" not in up.requests[-1].header_names()
+        assert_rejected(await exchange(proxy.url, MALFORMED["obs-fold"]), 400)
+        assert_rejected(await exchange(proxy.url, MALFORMED["chunk-size-not-hex"]), 400)
+        switched = await exchange(
+            proxy.url, b"GET /switch HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n"
+        )
+        assert switched.status == 502, switched.data[:300]
+        slow = await exchange(proxy.url, b"GET / HTTP/1.1\r\nHost: a", wait=4.0)
+        assert_rejected(slow, 408)
+    finally:
+        await proxy.stop()
+        await up.stop()
+
+
+def test_the_same_on_uvloop_the_loop_the_proxy_runs_on() -> None:
+    """The CLI runs the proxy on uvloop, whose transports are not asyncio's classes: a
+    normal request, two rejections, a 502 and a head timeout there too."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_uvloop_scenario())

@@ -18,10 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import uvloop
 
+from proxy.config import parse_config
+from proxy.server import Proxy
 from tests.conftest import ProxyFactory
 from tests.test_framing_sockets import (
     OK_BODY,
+    RawUpstream,
     StartUpstream,
     close_writer,
     proxy_config,
@@ -215,3 +219,30 @@ async def test_a_replaced_certificate_is_served_to_new_handshakes_without_restar
     finally:
         await close_writer(old_writer)
     assert {r.target for r in up.requests} == {"/new", "/old"}
+
+
+async def _tls_on_uvloop(certs: Certs) -> None:
+    up = RawUpstream()
+    await up.start()
+    port = free_port()
+    proxy = Proxy(parse_config(tls_config(up.url, certs, port)))
+    await proxy.start()
+    try:
+        reader, writer, der = await open_tls(port, certs.client_context())
+        try:
+            assert der == certs.first.der()
+            writer.write(b"GET /uv HTTP/1.1\r\nHost: api.test\r\n\r\n")
+            response = await read_response(reader)
+        finally:
+            await close_writer(writer)
+        assert response.status == 200 and response.body == OK_BODY
+        assert up.requests[-1].header("X-Forwarded-Proto") == "https"
+    finally:
+        await proxy.stop()
+        await up.stop()
+
+
+def test_https_on_uvloop_the_loop_the_proxy_runs_on(certs: Certs) -> None:
+    """uvloop has its own TLS transport: the CLI's loop must serve HTTPS too."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_tls_on_uvloop(certs))
