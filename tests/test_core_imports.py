@@ -16,7 +16,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "proxy"
 PURE_PACKAGES = ["config", "routing", "rollout"]
 PURE_MODULES = ["errors.py", "dataplane/headers.py", "dataplane/framing.py"]
 SHELL = ["proxy.dataplane.client", "proxy.dataplane.exchange", "proxy.dataplane.upstream",
-         "proxy.dataplane.tunnel", "proxy.dataplane.listener", "proxy.dataplane.accesslog", "proxy.dataplane.decide", "proxy.dataplane.deadlines",
+         "proxy.dataplane.tunnel", "proxy.dataplane.listener", "proxy.dataplane.accesslog",
+         "proxy.dataplane.decide", "proxy.dataplane.deadlines",
          "proxy.control", "proxy.admin", "proxy.demo",
          "proxy.server", "proxy.runtime", "proxy.metrics", "proxy.reload", "proxy.cli",
          "proxy.tasks"]

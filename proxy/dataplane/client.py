@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import httptools
 
@@ -109,12 +109,12 @@ class ClientConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # (uvloop's transports are not asyncio.Transport subclasses, but behave as one.)
+        self.transport = cast(asyncio.Transport, transport)
         gate = self.plane.gate
         if self.plane.closing or (gate is not None and not gate.admit()):
             self.closed = True
-            transport.abort()  # over the connection cap: closed at once
+            self.transport.abort()  # over the connection cap: closed at once
             return
         self.admitted = True
         peer = transport.get_extra_info("peername")
@@ -150,10 +150,18 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserError:
             self.reject(framing.BAD_BODY if self.parsing is not None else framing.MALFORMED)
         else:
-            if self.req is not None:
+            req = self.req
+            if req is not None:
                 self.head_bytes += len(data)
                 if self.head_bytes > self.limits.max_head_size + self.limits.max_request_line:
                     self.reject(framing.HEAD_TOO_LARGE)
+                elif not req.header_count and self._http09(req, data):
+                    self.reject(framing.BAD_VERSION)
+
+    def _http09(self, req: Request, data: bytes) -> bool:
+        """A request line without a version (HTTP/0.9), which llhttp would wait on."""
+        return self.parser.get_http_version() in ("0.0", "0.9") and bool(req.target) \
+            and req.target + b"\r\n" in data
 
     def eof_received(self) -> bool | None:
         if self.tunnel is not None:
@@ -306,7 +314,7 @@ class ClientConnection(asyncio.Protocol):
             self.parsing = None
         if self.closed:
             return
-        if not ex.keep_alive or self.closing:
+        if not ex.keep_alive or (self.closing and not self.queue):
             self.close()
             return
         if self._advancing:
@@ -323,7 +331,9 @@ class ClientConnection(asyncio.Protocol):
                 ex.begin()
         finally:
             self._advancing = False
-        if self.current is None and not self.closed and not self.closing:
+        if self.current is None and self.closing:
+            self.close()
+        elif self.current is None and not self.closed:
             self.resume(self.PIPELINE)
             if self.req is not None or self.parsing is not None:
                 if self.req is not None:

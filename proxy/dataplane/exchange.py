@@ -368,7 +368,7 @@ class Exchange:
             self.keep_alive = False  # the client's parser stopped at the upgrade
         if not request.complete:
             self.keep_alive = False  # answered before the body was read: no reuse
-        if client.closing:
+        if client.closing and not client.queue:
             self.keep_alive = False
         if not self.keep_alive:
             parts.append(_CLOSE)
@@ -441,8 +441,8 @@ class Exchange:
         Tunnel(self, self.client, conn, rest)
 
     def tunnel_closed(self, bytes_in: int, bytes_out: int) -> None:
-        self.bytes_in += bytes_in
-        self.bytes_out += bytes_out
+        # (A tunnel's bytes are another protocol's, not a body's: the Tunnel counts them,
+        # the ring's body byte counters do not, as before.)
         self.keep_alive = False
         self.finish()
 
@@ -455,7 +455,7 @@ class Exchange:
         if not self.request.complete:
             self.keep_alive = False
         client = self.client
-        if client.closing:
+        if client.closing and not client.queue:
             self.keep_alive = False
         client.write(framing.local_response(
             status, message, self.request_id.encode(), close=not self.keep_alive,

@@ -263,6 +263,10 @@ def parse_request(raw: bytes, remote: str = "192.0.2.7", scheme: str = "http") -
         parser.feed_data(raw)
     except httptools.HttpParserUpgrade:
         pass
+    except httptools.HttpParserCallbackError as exc:
+        if isinstance(exc.__context__, RequestError):
+            raise exc.__context__ from None
+        raise
     request = reader.request
     request.method = parser.get_method().decode()
     check_head(request, parser.get_http_version())
