@@ -453,6 +453,17 @@ MALFORMED = {
         b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"
         b"0\r\n\r\n"
     ),
+    # RFC 9112 6.1: Transfer-Encoding in an HTTP/1.0 message is faulty framing (a classic
+    # smuggling vector: a 1.0 hop ignores it); NGINX answers 400.
+    "http-1.0-with-transfer-encoding": (
+        b"POST / HTTP/1.0\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n0\r\n\r\n"
+    ),
+    # RFC 9112 3.2: an HTTP/1.1 request without Host, with two, or with an invalid value
+    # MUST get a 400 (NGINX: "client sent invalid host header").
+    "host-missing": b"GET / HTTP/1.1\r\nX-A: b\r\n\r\n",
+    "host-repeated": b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n",
+    "host-with-space": b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
 }
 
 
@@ -521,6 +532,42 @@ async def test_well_formed_edge_cases_are_accepted(
     by_target = {r.target: r for r in up.requests}
     assert by_target["/ext"].body == b"abcde"
     assert "/ten" in by_target
+
+
+async def test_chunked_body_with_trailers_is_served(
+    make_proxy: ProxyFactory, upstream: StartUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Trailer fields after the last chunk are valid HTTP/1.1 (RFC 9112 7.1.2): the body is
+    served whole (the trailers may be dropped, as NGINX does), never an internal error."""
+    up = await upstream()
+    proxy = await make_proxy(proxy_config(up.url))
+    caplog.set_level(logging.INFO)
+    reply = await exchange(
+        proxy.url,
+        b"POST /trailers HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n"
+        b"Trailer: X-Checksum\r\nConnection: close\r\n\r\n"
+        b"3\r\nabc\r\n2\r\nde\r\n0\r\nX-Checksum: 12345\r\n\r\n",
+    )
+    assert reply.status == 200, reply.data[:300]
+    assert [r.body for r in up.requests] == [b"abcde"]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+
+
+async def test_oversized_trailers_are_refused_or_dropped_never_an_internal_error(
+    make_proxy: ProxyFactory, upstream: StartUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    up = await upstream()
+    proxy = await make_proxy(proxy_config(up.url))
+    caplog.set_level(logging.INFO)
+    trailers = b"".join(b"X-T%d: %s\r\n" % (i, b"v" * 1000) for i in range(200))  # ~200 KB
+    reply = await exchange(
+        proxy.url,
+        b"POST /trailers HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: close\r\n\r\n3\r\nabc\r\n0\r\n" + trailers + b"\r\n",
+    )
+    assert reply.status in (200, 400, 431), reply.data[:300]
+    assert reply.closed
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
 
 
 async def test_body_malformed_after_the_head_closes_client_and_upstream(
@@ -731,6 +778,49 @@ async def test_upstream_body_with_a_bad_chunk_closes_both_connections(
         assert not data.endswith(b"0\r\n\r\n")
         assert b"broken" not in data
     await asyncio.wait_for(up.connections[0].closed.wait(), ANSWER_WAIT)
+
+
+FORGED = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
+
+
+@pytest.mark.parametrize("when", ["same-write", "while-idle"])
+async def test_upstream_bytes_beyond_its_response_close_that_connection(
+    make_proxy: ProxyFactory, upstream: StartUpstream, when: str
+) -> None:
+    """More bytes than the response's framing says (NGINX: "upstream sent more data than
+    specified"): that connection must never carry another request, or its extra bytes
+    would be taken for the next request's response (response queue poisoning)."""
+    extra_sent = asyncio.Event()
+
+    async def answer(
+        conn: UpstreamConnection, request: Received, writer: asyncio.StreamWriter
+    ) -> None:
+        if conn.index == 0 and request.target == "/first":
+            if when == "same-write":
+                writer.write(OK_RESPONSE + FORGED)
+            else:  # the extra bytes come once the connection is idle in the pool
+                writer.write(OK_RESPONSE)
+                await writer.drain()
+                await asyncio.sleep(0.2)
+                writer.write(FORGED)
+            await writer.drain()
+            extra_sent.set()
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ngood")
+
+    up = await upstream(answer)
+    proxy = await make_proxy(proxy_config(up.url))
+    first = await exchange(
+        proxy.url, b"GET /first HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n"
+    )
+    assert first.status == 200 and first.body == OK_BODY, first.data[:300]
+    await asyncio.wait_for(extra_sent.wait(), ANSWER_WAIT)
+    await asyncio.wait_for(up.connections[0].closed.wait(), ANSWER_WAIT)
+    second = await exchange(
+        proxy.url, b"GET /second HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n"
+    )
+    assert second.status == 200 and second.body == b"good", second.data[:300]
+    assert [r.target for r in up.connections[0].requests] == ["/first"]
 
 
 async def test_oversized_upstream_response_head_is_502(
