@@ -105,6 +105,11 @@ class ClientConnection(asyncio.Protocol):
         self.head_bytes = 0
         self.url_bytes = 0
         self._advancing = False
+        timers = plane.timers
+        limits = self.limits
+        self._head_deadlines = timers(limits.head_timeout)
+        self._body_deadlines = timers(limits.body_timeout)
+        self._keepalive_deadlines = timers(limits.keepalive_timeout)
 
     # ------------------------------------------------------------------ asyncio.Protocol
 
@@ -132,8 +137,8 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.closing and self.current is None:
             return
-        if self.timer == _KEEPALIVE:
-            self._arm_head()
+        # (The keep-alive deadline is left armed: its callback sees the connection busy.
+        # A head that does not come whole in this read gets the head deadline below.)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -152,6 +157,8 @@ class ClientConnection(asyncio.Protocol):
         else:
             req = self.req
             if req is not None:
+                if self.timer != _HEAD:
+                    self._arm_head()
                 self.head_bytes += len(data)
                 if self.head_bytes > self.limits.max_head_size + self.limits.max_request_line:
                     self.reject(framing.HEAD_TOO_LARGE)
@@ -219,8 +226,14 @@ class ClientConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self.req
-        assert req is not None
         limits = self.limits
+        if req is None:
+            # A trailer field after a chunked body: dropped (as NGINX does), within the
+            # head's limits.
+            self.head_bytes += len(name) + len(value) + 4
+            if self.head_bytes > limits.max_head_size:
+                raise RequestError(framing.HEAD_TOO_LARGE)
+            return
         take_header(req, name, value, limits.max_head_size, limits.max_headers,
                     limits.underscores_in_headers)
 
@@ -239,6 +252,7 @@ class ClientConnection(asyncio.Protocol):
             raise RequestError(framing.METHOD_NOT_ALLOWED)
         ex = Exchange(self, req, parser.should_keep_alive())
         self.parsing = ex
+        self.head_bytes = 0  # from here on: the trailers' size, if any
         if self.timer == _HEAD:
             self._disarm()
         if req.has_body:
@@ -394,25 +408,28 @@ class ClientConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ timers
 
     def _arm_head(self) -> None:
-        timers = self.plane.timers
         if self.timer == _KEEPALIVE:
-            timers(self.limits.keepalive_timeout).disarm(self)
+            self._keepalive_deadlines.disarm(self)
         self.timer = _HEAD
-        timers(self.limits.head_timeout).arm(self, self._head_timeout)
+        self._head_deadlines.arm(self, self._head_timeout)
 
     def _arm_keepalive(self) -> None:
-        timers = self.plane.timers
         if self.timer == _HEAD:
-            timers(self.limits.head_timeout).disarm(self)
+            self._head_deadlines.disarm(self)
         self.timer = _KEEPALIVE
-        timers(self.limits.keepalive_timeout).arm(self, self.close)
+        self._keepalive_deadlines.arm(self, self._keepalive_timeout)
 
     def _disarm(self) -> None:
         if self.timer == _HEAD:
-            self.plane.timers(self.limits.head_timeout).disarm(self)
+            self._head_deadlines.disarm(self)
         elif self.timer == _KEEPALIVE:
-            self.plane.timers(self.limits.keepalive_timeout).disarm(self)
+            self._keepalive_deadlines.disarm(self)
         self.timer = _NONE
+
+    def _keepalive_timeout(self) -> None:
+        self.timer = _NONE
+        if self.current is None and self.req is None and not self.closed:
+            self.close()
 
     def _head_timeout(self) -> None:
         self.timer = _NONE
@@ -424,10 +441,10 @@ class ClientConnection(asyncio.Protocol):
             self.close()  # nothing of a request came: closed without a word
 
     def _arm_body(self) -> None:
-        self.plane.timers(self.limits.body_timeout).arm(self.parser, self._body_timeout)
+        self._body_deadlines.arm(self.parser, self._body_timeout)
 
     def _disarm_body(self) -> None:
-        self.plane.timers(self.limits.body_timeout).disarm(self.parser)
+        self._body_deadlines.disarm(self.parser)
 
     def _body_timeout(self) -> None:
         if self.parsing is not None and not self.closed:

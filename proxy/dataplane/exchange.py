@@ -24,6 +24,7 @@ import time
 from typing import TYPE_CHECKING
 
 from proxy.dataplane import framing
+from proxy.dataplane.deadlines import Deadlines
 from proxy.dataplane.decide import Forward, LocalAnswer, decide
 from proxy.dataplane.headers import VIA_VALUE, joined, new_request_id, request_id_ok
 from proxy.dataplane.request import Request
@@ -76,8 +77,10 @@ class Exchange:
         "bytes_out",
         "client",
         "conn",
+        "deadlines",
         "error",
         "framing",
+        "idle_armed",
         "keep_alive",
         "max_body",
         "pending_answer",
@@ -103,6 +106,7 @@ class Exchange:
         self.state = NEW
         self.step: Forward | LocalAnswer | None = None
         self.conn: UpstreamConnection | None = None
+        self.deadlines: Deadlines | None = None  # the ring timeout's, while it runs
         self.buffer: list[bytes] = []
         self.buffered = 0
         self.bytes_in = 0
@@ -116,6 +120,7 @@ class Exchange:
         self.max_body: int | None = None
         self.stream_chunked = False
         self.upstream_paused = False
+        self.idle_armed = False
 
     # ------------------------------------------------------------------ the client's side
 
@@ -297,7 +302,9 @@ class Exchange:
                 body = framing.chunk(body)
         conn.send(self, step.head + framing_line + body, no_body=request.method == "HEAD",
                   upgrade=step.upgrade, complete=complete)
-        self.client.resume(self.client.WAIT)
+        client = self.client
+        if client.pausing & client.WAIT:
+            client.resume(client.WAIT)
         if complete:
             self._request_sent()
 
@@ -307,7 +314,8 @@ class Exchange:
         if self.state == SENDING:
             step = self.step
             assert isinstance(step, Forward)
-            self.client.plane.timers(step.ring.timeout).arm(self, self._timed_out)
+            deadlines = self.deadlines = self.client.plane.timers(step.ring.timeout)
+            deadlines.arm(self, self._timed_out)
 
     def _timed_out(self) -> None:
         if self.state == SENDING:
@@ -342,8 +350,9 @@ class Exchange:
     def response_head(self, conn: UpstreamConnection) -> None:
         step = self.step
         assert isinstance(step, Forward)
-        timers = self.client.plane.timers
-        timers(step.ring.timeout).disarm(self)
+        if self.deadlines is not None:
+            self.deadlines.disarm(self)
+            self.deadlines = None
         self.state = RESPONDING
         self.status = status = conn.status
         request = self.request
@@ -376,14 +385,13 @@ class Exchange:
             parts.append(_KEEP_ALIVE)
         parts.append(b"\r\n")
         self.pending_head = b"".join(parts)
-        if conn.content_length != 0 and self.framing != F_NONE:
-            self._arm_idle()
 
     def _arm_idle(self) -> None:
         step = self.step
         assert isinstance(step, Forward)
         idle = step.ring.idle_timeout
         if idle:
+            self.idle_armed = True
             self.client.plane.timers(idle).arm(self, self._idle_expired)
 
     def _idle_expired(self) -> None:
@@ -406,10 +414,13 @@ class Exchange:
             self.pending_head = b""
             data = head + data
         self.client.write(data)
-        step = self.step
-        assert isinstance(step, Forward)
-        if step.ring.idle_timeout and not self.client.paused_writing:
-            self.client.plane.timers(step.ring.idle_timeout).arm(self, self._idle_expired)
+
+    def response_pending(self) -> None:
+        """The upstream's data so far is relayed and the response is not complete: its
+        idle timeout (re)starts (once per read, not per piece; never for a response that
+        came whole)."""
+        if self.state == RESPONDING and not self.client.paused_writing:
+            self._arm_idle()
 
     def response_complete(self) -> None:
         if self.state != RESPONDING:
@@ -426,9 +437,9 @@ class Exchange:
 
     def upstream_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None:
         """The upstream switched protocols: a byte tunnel from now on."""
-        step = self.step
-        assert isinstance(step, Forward)
-        self.client.plane.timers(step.ring.timeout).disarm(self)
+        if self.deadlines is not None:
+            self.deadlines.disarm(self)
+            self.deadlines = None
         self.status = 101
         self.state = TUNNEL
         self.conn = None
@@ -495,10 +506,11 @@ class Exchange:
         if isinstance(step, Forward):
             if self.state == CONNECTING:
                 step.ring.pool.forget(self)
-            timers = self.client.plane.timers
-            timers(step.ring.timeout).disarm(self)
-            if step.ring.idle_timeout:
-                timers(step.ring.idle_timeout).disarm(self)
+            if self.deadlines is not None:
+                self.deadlines.disarm(self)
+                self.deadlines = None
+            if self.idle_armed:
+                self.client.plane.timers(step.ring.idle_timeout).disarm(self)
         if conn is not None:
             self.conn = None
             conn.abort()
@@ -514,7 +526,7 @@ class Exchange:
         plane = client.plane
         ring = step.ring if step is not None else None
         if isinstance(step, Forward):
-            if step.ring.idle_timeout:
+            if self.idle_armed:
                 plane.timers(step.ring.idle_timeout).disarm(self)
             if state != NEW:
                 step.ring.inflight -= 1
@@ -522,7 +534,8 @@ class Exchange:
         if self.upstream_paused:
             self.upstream_paused = False
             client.resume(client.UPSTREAM)
-        client.resume(client.WAIT)
+        if client.pausing & client.WAIT:
+            client.resume(client.WAIT)
         now = time.monotonic()
         duration = now - self.started
         if ring is not None and ring.recorder is not None:

@@ -28,7 +28,7 @@ class Rejection(NamedTuple):
 MALFORMED = Rejection(400, "malformed request")
 BAD_VERSION = Rejection(400, "unsupported HTTP version")
 BAD_TRANSFER_ENCODING = Rejection(400, "unsupported transfer-encoding")
-NO_HOST = Rejection(400, "missing or repeated Host header")
+NO_HOST = Rejection(400, "missing, repeated or invalid Host header")
 BAD_TARGET = Rejection(400, "invalid request target")
 BAD_BODY = Rejection(400, "malformed request body")
 URI_TOO_LONG = Rejection(414, "request line too long")

@@ -38,6 +38,7 @@ FORWARDED_FOR = 8  # the client's values come first in ours
 VIA = 9
 REQUEST_ID = 10
 FORWARDED_PROTO = 11  # replaced by what this hop saw (kept for the cookie's Secure rule)
+COOKIE = 12  # forwarded as it came; kept for cookie rules
 
 REQUEST_KIND: dict[bytes, int] = {
     **{name.encode(): DROP for name in HOP_BY_HOP},
@@ -55,6 +56,7 @@ REQUEST_KIND: dict[bytes, int] = {
     b"via": VIA,
     b"x-request-id": REQUEST_ID,
     b"x-forwarded-proto": FORWARDED_PROTO,
+    b"cookie": COOKIE,
 }
 
 # Response headers: dropped, or handled by kind.

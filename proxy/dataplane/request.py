@@ -19,6 +19,10 @@ import httptools
 from proxy.dataplane import framing
 from proxy.dataplane import headers as h
 
+# What a Host value may hold (RFC 3986 reg-name, IP literals, port): anything else is a 400.
+_HOST_CHARS = (b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+               b"-._~%!$&'()*+,;=:[]")
+
 
 class RequestError(Exception):
     """A request the proxy refuses; ``rejection`` says with what."""
@@ -29,27 +33,26 @@ class RequestError(Exception):
 
 
 class Headers(Mapping[str, str]):
-    """The request's headers by case-insensitive name (the first value of a repeated one)."""
+    """The request's headers by case-insensitive name (the first value of a repeated one):
+    a view of the parser's index (lower-cased bytes names), decoded only when looked up."""
 
     __slots__ = ("_by_name",)
 
-    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
-        by_name: dict[str, str] = {}
-        for name, value in raw:
-            by_name.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+    def __init__(self, by_name: dict[bytes, bytes]) -> None:
         self._by_name = by_name
 
     def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
-        return self._by_name.get(name.lower(), default)
+        value = self._by_name.get(name.lower().encode("latin-1"))
+        return default if value is None else value.decode("latin-1")
 
     def __getitem__(self, name: str) -> str:
-        return self._by_name[name.lower()]
+        return self._by_name[name.lower().encode("latin-1")].decode("latin-1")
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name.lower() in self._by_name
+        return isinstance(name, str) and name.lower().encode("latin-1") in self._by_name
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._by_name)
+        return (name.decode("latin-1") for name in self._by_name)
 
     def __len__(self) -> int:
         return len(self._by_name)
@@ -64,21 +67,23 @@ class Request:
         "_path",
         "_query",
         "body_received",
+        "by_name",
         "chunked",
         "complete",
         "connection",
         "content_length",
+        "cookie",
         "expect_continue",
         "fields",
         "forwarded_for",
         "forwarded_proto",
+        "has_body",
         "head_size",
         "header_count",
         "host",
         "host_count",
         "host_index",
         "method",
-        "raw",
         "remote",
         "request_id",
         "scheme",
@@ -96,7 +101,9 @@ class Request:
         self.method = ""
         self.version = "1.1"
         self.target = b""
-        self.raw: list[tuple[bytes, bytes]] = []  # every header as sent, for lookups
+        # Every header by lower-cased name, the first value of each: what rules look up.
+        self.by_name: dict[bytes, bytes] = {}
+        self.cookie = b""  # the Cookie headers' values, joined
         self.fields: list[bytes] = []  # the plain header lines, forwarded as they came
         self.host = b""
         self.host_count = 0
@@ -113,6 +120,7 @@ class Request:
         self.head_size = 0
         self.header_count = 0
         self.body_received = 0
+        self.has_body = False  # chunked, or a Content-Length above 0 (set by check_head)
         self.complete = False
         self._headers: Headers | None = None
         self._cookies: dict[str, str] | None = None
@@ -124,7 +132,7 @@ class Request:
     @property
     def headers(self) -> Headers:
         if self._headers is None:
-            self._headers = Headers(self.raw)
+            self._headers = Headers(self.by_name)
         return self._headers
 
     @property
@@ -153,13 +161,11 @@ class Request:
     def cookies(self) -> Mapping[str, str]:
         if self._cookies is None:
             cookies: dict[str, str] = {}
-            for name, value in self.raw:
-                if name.lower() == b"cookie":
-                    for part in value.decode("latin-1").split(";"):
-                        key, sep, val = part.partition("=")
-                        key = key.strip()
-                        if sep and key:
-                            cookies.setdefault(key, val.strip().strip('"'))
+            for part in self.cookie.decode("latin-1").split(";"):
+                key, sep, val = part.partition("=")
+                key = key.strip()
+                if sep and key:
+                    cookies.setdefault(key, val.strip().strip('"'))
             self._cookies = cookies
         return self._cookies
 
@@ -167,9 +173,6 @@ class Request:
     def host_name(self) -> str:
         return self.host.decode("latin-1")
 
-    @property
-    def has_body(self) -> bool:
-        return self.chunked or bool(self.content_length)
 
     @property
     def wants_upgrade(self) -> bool:
@@ -190,11 +193,19 @@ def take_header(request: Request, name: bytes, value: bytes, max_size: int, max_
         raise RequestError(framing.TOO_MANY_HEADERS)
     if not underscores and b"_" in name:
         return  # dropped, as NGINX does by default
-    request.raw.append((name, value))
-    kind = h.REQUEST_KIND.get(name.lower())
+    lname = name.lower()
+    by_name = request.by_name
+    if lname not in by_name:
+        by_name[lname] = value
+    kind = h.REQUEST_KIND.get(lname)
     if kind is None:
         request.fields.append(name + b": " + value + b"\r\n")
+    elif kind == h.COOKIE:
+        request.cookie = request.cookie + b"; " + value if request.cookie else value
+        request.fields.append(name + b": " + value + b"\r\n")
     elif kind == h.HOST:
+        if value.translate(None, _HOST_CHARS):
+            raise RequestError(framing.NO_HOST)
         request.host = value
         request.host_count += 1
         request.host_index = len(request.fields)
@@ -229,10 +240,16 @@ def check_head(request: Request, version: str) -> None:
         raise RequestError(framing.BAD_VERSION)
     if request.host_count > 1 or (request.host_count == 0 and version == "1.1"):
         raise RequestError(framing.NO_HOST)
+    if request.chunked and version == "1.0":
+        # RFC 9112 6.1: Transfer-Encoding in an HTTP/1.0 request is faulty framing.
+        raise RequestError(framing.BAD_TRANSFER_ENCODING)
     target = framing.origin_form(request.target)
     if target is None:
         raise RequestError(framing.BAD_TARGET)
     request.target = target
+    request.has_body = request.chunked or bool(request.content_length)
+    if request.upgrade and b"upgrade" not in framing.connection_tokens(request.connection):
+        request.upgrade = b""  # Upgrade without Connection: upgrade asks for nothing
 
 
 class _Reader:

@@ -22,6 +22,7 @@ import itertools
 import logging
 import ssl
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
@@ -56,6 +57,7 @@ class Listener(Protocol):
     def response_head(self, conn: UpstreamConnection) -> None: ...
     def response_body(self, data: bytes) -> None: ...
     def response_complete(self) -> None: ...
+    def response_pending(self) -> None: ...
     def upstream_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None: ...
     def upstream_write_paused(self, paused: bool) -> None: ...
 
@@ -105,11 +107,15 @@ class UpstreamPool:
         self._connecting: set[asyncio.Task[None]] = set()
         self._conns: set[UpstreamConnection] = set()
         self._timers: Timers | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._loop_time: Callable[[], float] = lambda: 0.0
         self._ssl: ssl.SSLContext | None = None
         self.closed = False
 
     async def start(self) -> None:
-        self._timers = Timers(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        self._timers = Timers(loop)
+        self._loop_time = loop.time
         if any(s.scheme == "https" for s in self.servers):
             self._ssl = ssl.create_default_context()
 
@@ -140,8 +146,7 @@ class UpstreamPool:
         idle = server.idle
         while idle:
             conn = idle.pop()
-            self._timers(self.config.keepalive_timeout).disarm(conn)
-            if conn.usable():
+            if not (conn.closed or conn.broken):
                 return conn
             conn.close()
         if self.open < self.config.max_connections:
@@ -198,7 +203,7 @@ class UpstreamPool:
 
     def release(self, conn: UpstreamConnection) -> None:
         """``conn`` finished an exchange cleanly: keep it for the next one."""
-        if self.closed or self._timers is None or not conn.usable():
+        if self.closed or self._timers is None or conn.closed or conn.broken:
             conn.close()
             return
         # A waiter for this server takes it at once.
@@ -207,20 +212,39 @@ class UpstreamPool:
                 del self._waiters[i]
                 listener.upstream_ready(conn)
                 return
+        conn.idle_since = self._loop_time()
         conn.server.idle.append(conn)
-        self._timers(self.config.keepalive_timeout).arm(conn, conn.close)
+        if self._sweeper is None:
+            self._schedule_sweep()
         if self._waiters:
             # A waiter for another server: this idle connection makes room for it.
             conn.server.idle.remove(conn)
             conn.close()
+
+    def _schedule_sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.call_later(min(self.config.keepalive_timeout / 2, 1.0), self._sweep)
+
+    def _sweep(self) -> None:
+        """Close the connections idle for longer than ``keepalive_timeout``.  Idle lists are
+        LIFO, so the oldest sit at the bottom: a sweep looks only at those (one clock read
+        per release instead of a deadline armed and disarmed per request)."""
+        self._sweeper = None
+        limit = self._loop_time() - self.config.keepalive_timeout
+        idle = False
+        for server in self.servers:
+            stale = server.idle
+            while stale and stale[0].idle_since <= limit:
+                stale.pop(0).close()
+            idle = idle or bool(stale)
+        if idle and not self.closed:
+            self._schedule_sweep()
 
     def connection_closed(self, conn: UpstreamConnection) -> None:
         if conn in self._conns:
             self._conns.discard(conn)
             if conn in conn.server.idle:
                 conn.server.idle.remove(conn)
-            if self._timers is not None:
-                self._timers(self.config.keepalive_timeout).disarm(conn)
             self._lost_one()
 
     def _serve_waiters(self) -> None:
@@ -243,6 +267,9 @@ class UpstreamPool:
             conn.close()
         if self._timers is not None:
             self._timers.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
 
     def __repr__(self) -> str:
         return (f"<UpstreamPool {self.config.name} {self.config.balance.value} "
@@ -255,6 +282,7 @@ class UpstreamConnection(asyncio.Protocol):
     def __init__(self, pool: UpstreamPool, server: Server) -> None:
         self.pool = pool
         self.server = server
+        self.head_limits = pool.head_limits
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.listener: Listener | None = None
@@ -263,6 +291,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.broken = False  # not reusable
         self.request_sent = False
         self.no_body = False  # the request was HEAD: the response has no body
+        self.idle_since = 0.0  # loop time it went back to the pool
+        self.finished = False  # a response completed in the read being parsed
+        self.extra = False  # ... and more bytes followed it
+        self.reusable = False
         self.upgrade_asked = False
         self._reset_response()
 
@@ -341,15 +373,31 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()  # nothing was asked: an idle connection must stay silent
             return
         self.received = True
+        self.finished = False
+        self.extra = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             self._upgraded(listener, data[exc.args[0]:])
         except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
-            self._fail(listener, cause)
+            if self.finished:
+                self.close()  # bytes beyond the response: the connection is not reused
+            else:
+                self._fail(listener, exc.__context__)
         except httptools.HttpParserError as exc:
-            self._fail(listener, UpstreamBadResponse(f"malformed response: {exc}"))
+            if self.finished:
+                self.close()
+            else:
+                self._fail(listener, UpstreamBadResponse(f"malformed response: {exc}"))
+        else:
+            if self.finished:
+                # Reused only after a complete, well-framed response with nothing after it.
+                if self.extra or not self.reusable:
+                    self.close()
+                else:
+                    self.pool.release(self)
+            elif self.listener is listener and self.head_done:
+                listener.response_pending()
 
     def _fail(self, listener: Listener, cause: BaseException | None) -> None:
         self.listener = None
@@ -421,7 +469,7 @@ class UpstreamConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self.header_count += 1
         self.head_size += len(name) + len(value) + 4
-        limits = self.pool.head_limits
+        limits = self.head_limits
         if self.head_size > limits.max_size or self.header_count > limits.max_headers:
             raise UpstreamBadResponse("response head over the limits")
         kind = h.RESPONSE_KIND.get(name.lower())
@@ -476,6 +524,12 @@ class UpstreamConnection(asyncio.Protocol):
         listener = self.listener
         if listener is not None and not self.skipping:
             listener.response_body(data)
+        elif self.finished:
+            self.extra = True
+
+    def on_message_begin(self) -> None:
+        if self.finished:
+            self.extra = True  # a second response nobody asked for
 
     def on_message_complete(self) -> None:
         if self.skipping:
@@ -487,11 +541,12 @@ class UpstreamConnection(asyncio.Protocol):
             self._complete(listener, self.parser.should_keep_alive())
 
     def _complete(self, listener: Listener, keep_alive: bool) -> None:
+        """The response is complete: the exchange hears of it now; the connection goes back
+        to the pool once the rest of this read shows nothing follows it (data_received)."""
         self.listener = None
-        if self.request_sent and not self.broken and not self.upgrade_asked and keep_alive:
-            self.pool.release(self)
-        else:
-            self.close()
+        self.finished = True
+        self.reusable = (self.request_sent and not self.broken and not self.upgrade_asked
+                         and keep_alive)
         listener.response_complete()
 
     def __repr__(self) -> str:
