@@ -81,6 +81,14 @@ class ClientConnection(asyncio.Protocol):
     # Why reading is paused (bits; reading resumes when none is left).
     PIPELINE, UPSTREAM, WAIT, TUNNEL, DONE = 1, 2, 4, 8, 16
 
+    # (Slots: an idle keep-alive connection is this object, its parser and its transport.)
+    __slots__ = (
+        "_advancing", "_body_deadlines", "_head_deadlines", "_keepalive_deadlines",
+        "admitted", "closed", "closing", "current", "early", "head_bytes", "limits",
+        "parser", "parsing", "paused_writing", "pausing", "plane", "queue", "remote", "req",
+        "scheme", "timer", "transport", "tunnel", "upgrading", "url_bytes",
+    )
+
     def __init__(self, plane: DataPlane, scheme: str) -> None:
         self.plane = plane
         # The limits at accept time: a reload applies to connections accepted after it.
@@ -333,14 +341,24 @@ class ClientConnection(asyncio.Protocol):
             return
         if self._advancing:
             return  # the loop below takes the next one
-        self._advance()
+        if self.queue:
+            self._advance()
+        elif not self.pausing:
+            # The common case: nothing waits; the keep-alive wait (or a head that came
+            # in part) starts.
+            if self.req is not None:
+                self._arm_head()
+            elif self.parsing is None:
+                self._arm_keepalive()
+        else:
+            self._advance()
 
     def _advance(self) -> None:
         self._advancing = True
         try:
             while self.current is None and self.queue and not self.closed:
                 ex = self.current = self.queue.popleft()
-                if not self.queue:
+                if not self.queue and self.pausing & self.PIPELINE:
                     self.resume(self.PIPELINE)
                 ex.begin()
         finally:
@@ -348,7 +366,8 @@ class ClientConnection(asyncio.Protocol):
         if self.current is None and self.closing:
             self.close()
         elif self.current is None and not self.closed:
-            self.resume(self.PIPELINE)
+            if self.pausing & self.PIPELINE:
+                self.resume(self.PIPELINE)
             if self.req is not None or self.parsing is not None:
                 if self.req is not None:
                     self._arm_head()

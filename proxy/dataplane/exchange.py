@@ -264,7 +264,7 @@ class Exchange:
         self.state = CONNECTING
         conn = step.ring.pool.acquire(step.server, self)
         if conn is not None:
-            self.upstream_ready(conn)
+            self._send(conn)  # (a defect here is begin's or request_body's to catch)
         elif self.state == CONNECTING and not self.request.complete:
             self.client.pause(self.client.WAIT)
 

@@ -236,17 +236,18 @@ def take_header(request: Request, name: bytes, value: bytes, max_size: int, max_
 def check_head(request: Request, version: str) -> None:
     """The checks on a complete head that llhttp leaves to us (raises RequestError)."""
     request.version = version
-    if not framing.version_ok(version):
+    if version != "1.1" and version != "1.0":
         raise RequestError(framing.BAD_VERSION)
     if request.host_count > 1 or (request.host_count == 0 and version == "1.1"):
         raise RequestError(framing.NO_HOST)
     if request.chunked and version == "1.0":
         # RFC 9112 6.1: Transfer-Encoding in an HTTP/1.0 request is faulty framing.
         raise RequestError(framing.BAD_TRANSFER_ENCODING)
-    target = framing.origin_form(request.target)
-    if target is None:
-        raise RequestError(framing.BAD_TARGET)
-    request.target = target
+    if request.target[:1] != b"/":
+        target = framing.origin_form(request.target)
+        if target is None:
+            raise RequestError(framing.BAD_TARGET)
+        request.target = target
     request.has_body = request.chunked or bool(request.content_length)
     if request.upgrade and b"upgrade" not in framing.connection_tokens(request.connection):
         request.upgrade = b""  # Upgrade without Connection: upgrade asks for nothing

@@ -279,6 +279,14 @@ class UpstreamPool:
 class UpstreamConnection(asyncio.Protocol):
     """One connection to an upstream server; serves one exchange at a time."""
 
+    __slots__ = (
+        "broken", "chunked", "closed", "connection", "content_length", "extra", "finished",
+        "has_request_id", "head_done", "head_limits", "head_read", "head_size", "header_count",
+        "idle_since", "lines", "listener", "no_body", "parser", "pool", "reason", "received",
+        "request_sent", "reusable", "server", "skipping", "status", "transport", "tunnel",
+        "upgrade", "upgrade_asked", "via",
+    )
+
     def __init__(self, pool: UpstreamPool, server: Server) -> None:
         self.pool = pool
         self.server = server
@@ -309,6 +317,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.has_request_id = False
         self.upgrade = b""
         self.head_size = 0
+        self.head_read = 0  # bytes read while the head is incomplete
         self.header_count = 0
         self.head_done = False
         self.skipping = False  # an interim 1xx response, not passed on
@@ -396,8 +405,14 @@ class UpstreamConnection(asyncio.Protocol):
                     self.close()
                 else:
                     self.pool.release(self)
-            elif self.listener is listener and self.head_done:
-                listener.response_pending()
+            elif self.listener is listener:
+                if self.head_done:
+                    listener.response_pending()
+                else:
+                    self.head_read += len(data)
+                    if self.head_read > self.head_limits.max_size:
+                        self._fail(listener,
+                                   UpstreamBadResponse("response head over the limits"))
 
     def _fail(self, listener: Listener, cause: BaseException | None) -> None:
         self.listener = None
@@ -467,10 +482,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # (The count is checked here, the size at the head's end, and per read while a
+        # head is incomplete, in data_received.)
         self.header_count += 1
         self.head_size += len(name) + len(value) + 4
-        limits = self.head_limits
-        if self.head_size > limits.max_size or self.header_count > limits.max_headers:
+        if self.header_count > self.head_limits.max_headers:
             raise UpstreamBadResponse("response head over the limits")
         kind = h.RESPONSE_KIND.get(name.lower())
         if kind is None:
@@ -491,6 +507,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.upgrade = value
 
     def on_headers_complete(self) -> None:
+        if self.head_size > self.head_limits.max_size:
+            raise UpstreamBadResponse("response head over the limits")
         status = self.parser.get_status_code()
         self.status = status
         if 100 <= status < 200 and status != 101:
