@@ -12,6 +12,7 @@ import asyncio
 import json
 import sys
 import time
+from json.encoder import encode_basestring_ascii as _string  # C; as json.dumps writes a str
 from typing import IO
 
 # One field's value: the access log writes flat objects of JSON scalars.
@@ -27,6 +28,20 @@ def _iso(ts: float) -> str:
             f"{t.tm_sec:02d}.{int(ts % 1 * 1000):03d}Z")
 
 
+# One request's line, the fields in the order ``log`` would print them; each string field
+# goes through the JSON encoder's own (C) string escaping, None is null.  The same bytes as
+# json.dumps of the dict, for about a third of its cost.
+_REQUEST_LINE = (
+    '{"time":"%s","request_id":%s,"client":%s,"method":%s,"host":%s,"path":%s,"status":%d,'
+    '"duration_ms":%r,"route":%s,"ring":%s,"reason":%s,"bucket":%s,"pool":%s,"upstream":%s,'
+    '"bytes_in":%d,"bytes_out":%d,"error":%s,"revision":%s}\n'
+)
+
+
+def _opt(value: str | None) -> str:
+    return "null" if value is None else _string(value)
+
+
 class AccessLog:
     def __init__(self, path: str) -> None:
         self.path = path
@@ -36,11 +51,37 @@ class AccessLog:
         self._buffer: list[str] = []
         self._timer: asyncio.TimerHandle | None = None
         self._dumps = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
+        self._second = -1  # the second _stamp is for
+        self._stamp = ""  # its ISO form up to the seconds
 
     def log(self, fields: dict[str, Field]) -> None:
         """Queue one line; ``fields["time"]`` is set here (put it first to print it first)."""
         fields["time"] = _iso(time.time())
         self._buffer.append(self._dumps(fields) + "\n")
+        if len(self._buffer) >= _FLUSH_LINES:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(_FLUSH_EVERY, self.flush)
+
+    def log_request(
+        self, request_id: str, client: str, method: str, host: str, path: str, status: int,
+        duration_ms: float, route: str | None, ring: str | None, reason: str | None,
+        bucket: int | None, pool: str | None, upstream: str | None, bytes_in: int,
+        bytes_out: int, error: str | None, revision: str,
+    ) -> None:
+        """Queue one request's line (what ``log`` writes for these fields, faster)."""
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._stamp = _iso(second)[:-5]  # without ".mmmZ"
+        stamp = "%s.%03dZ" % (self._stamp, int(now % 1 * 1000))  # noqa: UP031 - the fast one
+        self._buffer.append(_REQUEST_LINE % (
+            stamp, _string(request_id), _string(client), _string(method), _string(host),
+            _string(path), status, duration_ms, _opt(route), _opt(ring), _opt(reason),
+            "null" if bucket is None else bucket, _opt(pool), _opt(upstream), bytes_in,
+            bytes_out, _opt(error), _string(revision),
+        ))
         if len(self._buffer) >= _FLUSH_LINES:
             self.flush()
         elif self._timer is None:

@@ -545,27 +545,15 @@ class Exchange:
         if access_log is not None:
             request = self.request
             decision = step.decision if step is not None else None
-            access_log.log(
-                {
-                    "time": "",  # filled in by the access log, kept first for readability
-                    "request_id": self.request_id,
-                    "client": request.remote,
-                    "method": request.method,
-                    "host": request.host_name,
-                    "path": request.path,
-                    "status": self.status,
-                    "duration_ms": round(duration * 1000, 3),
-                    "route": ring.route if ring else None,
-                    "ring": ring.name if ring else None,
-                    "reason": decision.reason.value if decision else None,
-                    "bucket": decision.bucket if decision else None,
-                    "pool": ring.pool.config.name if ring else None,
-                    "upstream": self.server_url or None,
-                    "bytes_in": self.bytes_in,
-                    "bytes_out": self.bytes_out,
-                    "error": self.error or None,
-                    "revision": decision.revision if decision else plane.runtime.config.revision,
-                }
+            access_log.log_request(
+                self.request_id, request.remote, request.method, request.host_name,
+                request.path, self.status, round(duration * 1000, 3),
+                ring.route if ring else None, ring.name if ring else None,
+                decision.reason.value if decision else None,
+                decision.bucket if decision else None,
+                ring.pool.config.name if ring else None, self.server_url or None,
+                self.bytes_in, self.bytes_out, self.error or None,
+                decision.revision if decision else plane.runtime.config.revision,
             )
         client.exchange_done(self)
 
