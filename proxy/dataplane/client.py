@@ -28,7 +28,8 @@ from proxy.dataplane import framing
 from proxy.dataplane.accesslog import AccessLog
 from proxy.dataplane.deadlines import Timers
 from proxy.dataplane.exchange import BAD_REQUEST, Exchange
-from proxy.dataplane.request import Request, RequestError, check_head, take_header
+from proxy.dataplane.headers import REQUEST_KIND
+from proxy.dataplane.request import Request, RequestError, check_head, special_header
 
 if TYPE_CHECKING:
     from proxy.dataplane.listener import ConnectionGate
@@ -242,8 +243,24 @@ class ClientConnection(asyncio.Protocol):
             if self.head_bytes > limits.max_head_size:
                 raise RequestError(framing.HEAD_TOO_LARGE)
             return
-        take_header(req, name, value, limits.max_head_size, limits.max_headers,
-                    limits.underscores_in_headers)
+        # take_header, inline for the plain headers (most of them): one call less each.
+        req.header_count += 1
+        req.head_size += len(name) + len(value) + 4
+        if req.head_size > limits.max_head_size:
+            raise RequestError(framing.HEAD_TOO_LARGE)
+        if req.header_count > limits.max_headers:
+            raise RequestError(framing.TOO_MANY_HEADERS)
+        if b"_" in name and not limits.underscores_in_headers:
+            return  # dropped, as NGINX does by default
+        lname = name.lower()
+        by_name = req.by_name
+        if lname not in by_name:
+            by_name[lname] = value
+        kind = REQUEST_KIND.get(lname)
+        if kind is None:
+            req.fields.append(name + b": " + value + b"\r\n")
+        else:
+            special_header(req, name, value, kind)
 
     def on_headers_complete(self) -> None:
         req = self.req

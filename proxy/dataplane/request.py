@@ -200,7 +200,14 @@ def take_header(request: Request, name: bytes, value: bytes, max_size: int, max_
     kind = h.REQUEST_KIND.get(lname)
     if kind is None:
         request.fields.append(name + b": " + value + b"\r\n")
-    elif kind == h.COOKIE:
+    else:
+        special_header(request, name, value, kind)
+
+
+def special_header(request: Request, name: bytes, value: bytes, kind: int) -> None:
+    """A header ``headers.REQUEST_KIND`` names: kept aside by kind (the client connection's
+    parser handles plain ones inline, as ``take_header`` does)."""
+    if kind == h.COOKIE:
         request.cookie = request.cookie + b"; " + value if request.cookie else value
         request.fields.append(name + b": " + value + b"\r\n")
     elif kind == h.HOST:

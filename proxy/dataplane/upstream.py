@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ringproxy.dataplane")
 
+_RESPONSE_KIND = h.RESPONSE_KIND
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
 
 
@@ -281,7 +282,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = (
         "broken", "chunked", "closed", "connection", "content_length", "extra", "finished",
-        "has_request_id", "head_done", "head_limits", "head_read", "head_size", "header_count",
+        "has_request_id", "head_done", "head_limits", "head_read",
         "idle_since", "lines", "listener", "no_body", "parser", "pool", "reason", "received",
         "request_sent", "reusable", "server", "skipping", "status", "transport", "tunnel",
         "upgrade", "upgrade_asked", "via",
@@ -316,9 +317,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.via: bytes | None = None
         self.has_request_id = False
         self.upgrade = b""
-        self.head_size = 0
         self.head_read = 0  # bytes read while the head is incomplete
-        self.header_count = 0
         self.head_done = False
         self.skipping = False  # an interim 1xx response, not passed on
         self.received = False  # any byte of a response arrived
@@ -482,13 +481,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # (The count is checked here, the size at the head's end, and per read while a
-        # head is incomplete, in data_received.)
-        self.header_count += 1
-        self.head_size += len(name) + len(value) + 4
-        if self.header_count > self.head_limits.max_headers:
-            raise UpstreamBadResponse("response head over the limits")
-        kind = h.RESPONSE_KIND.get(name.lower())
+        # (The head's size and count are checked at its end, and per read while it is
+        # incomplete, in data_received: a head held in memory is at most one read larger.)
+        kind = _RESPONSE_KIND.get(name.lower())
         if kind is None:
             self.lines.append(name + b": " + value + b"\r\n")
         elif kind == h.R_CONTENT_LENGTH:
@@ -507,7 +502,9 @@ class UpstreamConnection(asyncio.Protocol):
             self.upgrade = value
 
     def on_headers_complete(self) -> None:
-        if self.head_size > self.head_limits.max_size:
+        lines = self.lines
+        limits = self.head_limits
+        if len(lines) > limits.max_headers or sum(map(len, lines)) > limits.max_size:
             raise UpstreamBadResponse("response head over the limits")
         status = self.parser.get_status_code()
         self.status = status
