@@ -115,3 +115,20 @@ async def test_shutdown_closes_idle_connections_and_lets_requests_in_flight_fini
     await asyncio.wait_for(stopping, 5)
     for writer in (idle_writer, busy_writer):
         writer.close()
+
+
+async def test_idle_pooled_connections_close_after_keepalive_timeout(
+    make_proxy: ProxyFactory, stable: Upstream, client: aiohttp.ClientSession
+) -> None:
+    proxy = await make_proxy(_config(stable.url, ", keepalive_timeout: 200ms"))
+    async with client.get(proxy.url + "/x") as r:
+        assert r.status == 200
+    pool = proxy.runtime.pools["p"]
+    assert (pool.open, pool.idle_connections()) == (1, 1)
+    for _ in range(40):
+        if pool.open == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert (pool.open, pool.idle_connections()) == (0, 0)
+    async with client.get(proxy.url + "/y") as r:  # a new one is opened
+        assert r.status == 200

@@ -83,7 +83,7 @@ def decide(runtime: Runtime, request: Request, request_id: str) -> Forward | Loc
                            ring, decision, extra)
     pool = ring.pool
     server = pool.pick()
-    upgrade = bool(request.upgrade) and request.wants_upgrade
+    upgrade = bool(request.upgrade)  # (set only with Connection: upgrade: check_head)
     head = upstream_head(request, ring, server, pool.config.preserve_host, request_id,
                          decision, upgrade)
     return Forward(ring, decision, server, head, extra, upgrade)

@@ -106,8 +106,3 @@ def joined(prior: bytes | None, own: bytes) -> bytes:
     """``own`` after the incoming values of a list header."""
     return prior + b", " + own if prior else own
 
-
-def header_line(name: str | bytes, value: str | bytes) -> bytes:
-    n = name.encode("latin-1") if isinstance(name, str) else name
-    v = value.encode("latin-1") if isinstance(value, str) else value
-    return n + b": " + v + b"\r\n"

@@ -174,10 +174,6 @@ class Request:
         return self.host.decode("latin-1")
 
 
-    @property
-    def wants_upgrade(self) -> bool:
-        return bool(self.upgrade) and b"upgrade" in framing.connection_tokens(self.connection)
-
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.target[:60]!r} HTTP/{self.version}>"
 
@@ -243,7 +239,7 @@ def special_header(request: Request, name: bytes, value: bytes, kind: int) -> No
 def check_head(request: Request, version: str) -> None:
     """The checks on a complete head that llhttp leaves to us (raises RequestError)."""
     request.version = version
-    if version != "1.1" and version != "1.0":
+    if not framing.version_ok(version):
         raise RequestError(framing.BAD_VERSION)
     if request.host_count > 1 or (request.host_count == 0 and version == "1.1"):
         raise RequestError(framing.NO_HOST)

@@ -324,10 +324,6 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- the exchange's side
 
-    def usable(self) -> bool:
-        return not (self.closed or self.broken) and self.transport is not None \
-            and not self.transport.is_closing()
-
     def send(self, listener: Listener, data: bytes, *, no_body: bool, upgrade: bool,
              complete: bool) -> None:
         """Start an exchange: write its head (and what there is of the body)."""
