@@ -45,8 +45,18 @@ from dataclasses import dataclass, field, replace
 from statistics import NormalDist
 
 from proxy.config.analysis import Criteria, FastRollback
+from proxy.control.looks import Marks
 from proxy.rollout.evidence import Tally
-from proxy.rollout.judge import Outcome, Verdict, check_count, judge, judge_fast
+from proxy.rollout.judge import (
+    Outcome,
+    Tallied,
+    alpha_shares,
+    errors_worse,
+    judge,
+    judge_fast,
+    judge_marks,
+    mark_alpha,
+)
 from proxy.rollout.sketch import SIZE, index_of, upper_edge
 
 BUCKETS = range(SIZE)
@@ -285,6 +295,103 @@ def rng_for(seed: int, name: str, run: int) -> random.Random:
     return random.Random(f"{seed}:{name}:{run}")
 
 
+# ------------------------------------------------ the controller's looks, simulated
+
+
+TICK = 0.1  # seconds: the controller's quick look (and fast path) cadence
+FULL_EVERY = 10  # ticks between full rounds: analysis.interval 1 s
+Rolled = dict[float | str, tuple[float, tuple[str, ...]]]
+
+
+class Watch:
+    """One ring and its baseline under the controller's looks, as ``proxy.control`` runs
+    them: every tick the fast paths (``judge_fast`` over their windows, with the
+    baseline's same window) and the quick error look (``judge.errors_worse`` on the counts
+    since each mark; a full round when it fires); every ``FULL_EVERY`` ticks a full round,
+    ``judge_marks`` on the evidence since the step's start and the marks kept
+    (``proxy.control.looks.Marks``: every 5 minutes on the clock, the last six kept).
+    The same traffic is judged at every alpha in ``levels``; a rollback at a level ends
+    the judging at it (the ring would be gone), and the first rollback at each level and
+    of each fast path is recorded as (seconds, checks)."""
+
+    def __init__(self, ring: Pool, base: Pool, levels: Sequence[float], args: Namespace,
+                 screen: Screen, fast: dict[str, FastRollback]) -> None:
+        self.ring, self.base, self.screen, self.args = ring, base, screen, args
+        self.criteria = {a: replace(args.criteria, alpha=a) for a in levels}
+        self.pending = sorted(levels, reverse=True)  # a rollback at a level implies above
+        self.fast = fast
+        self.slots = {k: round(f.window / TICK) for k, f in fast.items()}
+        self.recent: deque[tuple[int, int, int, int]] = deque(
+            maxlen=max(self.slots.values(), default=1))
+        self.marks = Marks(0.0)
+        self.rolled: Rolled = {}
+        self.tol = args.criteria.max_error_rate_increase
+        self.ticks = 0
+
+    def tick(self, now: float, n: int, e: int, bn: int, be: int) -> None:
+        self.ticks += 1
+        if self.fast:
+            self.recent.append((n, e, bn, be))
+            for key, fast in self.fast.items():
+                if key in self.rolled:
+                    continue
+                last = list(self.recent)[-self.slots[key]:]
+                sums = [sum(x[i] for x in last) for i in range(4)]
+                v = judge_fast(sums[0], sums[1], fast, sums[2], sums[3])
+                if v is not None:
+                    self.rolled[key] = (now, v.broken)
+        if not self.pending:
+            return
+        if self.ticks % FULL_EVERY == 0:
+            self.full(now)
+        elif self.quick_may_roll_back():
+            counts = self.counts()
+            if errors_worse(counts, self.criteria[self.pending[0]]) is not None:
+                self.full(now)
+
+    def counts(self) -> list[tuple[int, Tallied]]:
+        r, b = self.ring.tally, self.base.tally
+        out: list[tuple[int, Tallied]] = [(1, (r.requests, r.errors, b.requests, b.errors))]
+        out += [(j, (r.requests - rm.requests, r.errors - rm.errors,
+                     b.requests - bm.requests, b.errors - bm.errors))
+                for j, rm, bm in self.marks.kept]
+        return out
+
+    def quick_may_roll_back(self) -> bool:
+        """Exact: a check can be worse only if the estimates differ by more than the
+        tolerance (a confidence bound never lies beyond its estimate)."""
+        if self.tol is None:
+            return self.args.criteria.max_error_rate is not None
+        if self.args.criteria.max_error_rate is not None:
+            return True
+        for _, (rn, re, bn, be) in self.counts():
+            if rn and bn and re / rn - be / bn > self.tol:
+                return True
+        return False
+
+    def full(self, now: float) -> None:
+        ring_now, base_now = self.ring.tally.evidence(), self.base.tally.evidence()
+        self.marks.look(now, ring_now, base_now)
+        marks = [(1, ring_now, base_now),
+                 *((j, ring_now.since(r), base_now.since(b)) for j, r, b in self.marks.kept)]
+        screen = self.screen
+        if not any(screen.may_roll_back(r, b) for _, r, b in marks):
+            screen.screened += 1
+            if self.args.verify and screen.screened % self.args.verify == 0:
+                screen.verified += 1
+                v = judge_marks(marks, self.criteria[self.pending[0]])
+                if v.outcome is Outcome.ROLLBACK:
+                    screen.disagreements += 1
+            return
+        screen.judged += 1
+        for a in list(self.pending):
+            v = judge_marks(marks, self.criteria[a])
+            if v.outcome is not Outcome.ROLLBACK:
+                break
+            self.rolled[a] = (now, v.broken)
+            self.pending.remove(a)
+
+
 # -------------------------------------------------- 1. false rollbacks of A/A rings
 
 
@@ -297,51 +404,36 @@ class AACell:
     drift: bool = False  # a shared per-second latency drift and a 60 s shared incident
 
 
-# The fast path as the proxy would run it on the same traffic: the last second's counts.
-FAST = {"fast_min5": FastRollback(0.5, min_requests=5, window=1.0),
-        "fast_default": FastRollback(0.5, window=1.0)}  # min_requests: the default
+# The fast path as the proxy runs it on the same traffic (the default: the last 0.5 s, at
+# least 5 requests, improbable at the baseline's rate), and as it was before (1 s, min 10).
+FAST = {"fast_default": FastRollback(0.5),
+        "fast_1s_min10": FastRollback(0.5, min_requests=10, window=1.0)}
 
 
 def aa_rollout(rng: random.Random, cell: AACell, levels: Sequence[float], args: Namespace,
-               screen: Screen) -> dict[float | str, tuple[float, tuple[str, ...]]]:
-    """One 30-minute A/A rollout looked at every second: when (if ever) it was rolled back
-    at each alpha level, and by which checks; and when ``judge_fast`` would have."""
+               screen: Screen) -> Rolled:
+    """One 30-minute A/A rollout under the controller's looks: when (if ever) it was
+    rolled back at each alpha level, and by which checks; and when the fast paths would
+    have."""
     ring = Pool(cell.weight, cell.error, cell.latency)
     base = Pool(1.0 - cell.weight, cell.error, cell.latency)
-    criteria = {a: replace(args.criteria, alpha=a) for a in levels}
-    pending = sorted(levels, reverse=True)  # a rollback at a level implies one above it
-    rolled: dict[float | str, tuple[float, tuple[str, ...]]] = {}
-    dt, looks = 1.0, int(args.duration)
-    for look in range(1, looks + 1):
-        shift, error = 0, None
+    watch = Watch(ring, base, levels, args, screen, FAST)
+    shift = 0
+    for tick in range(1, round(args.duration / TICK) + 1):
+        now = tick * TICK
+        error = None
         if cell.drift:
-            shift = round(rng.gauss(0.0, 3.0))  # ~12 % up or down, both rings alike
-            if 600 <= look < 660:  # a shared dependency's incident: both rings suffer
-                shift, error = shift + 18, 0.2  # x2 latency, 20 % errors
-        n, e = ring.serve(rng, args.rps, dt, shift, error)
-        bn, be = base.serve(rng, args.rps, dt, shift, error)
-        for key, fast in FAST.items():  # with the baseline's same second, as the proxy does
-            if key not in rolled and judge_fast(n, e, fast, bn, be) is not None:
-                rolled[key] = (look * dt, ("fast_error_rate",))
-        if not pending:
-            continue
-        if screen.may_roll_back(ring.tally, base.tally):
-            screen.judged += 1
-            r, b = ring.tally.evidence(), base.tally.evidence()
-            for a in list(pending):
-                v = judge(r, b, criteria[a])
-                if v.outcome is not Outcome.ROLLBACK:
-                    break
-                rolled[a] = (look * dt, v.broken)
-                pending.remove(a)
-        else:
-            screen.screened += 1
-            if args.verify and screen.screened % args.verify == 0:
-                screen.verified += 1
-                v = judge(ring.tally.evidence(), base.tally.evidence(), criteria[pending[0]])
-                if v.outcome is Outcome.ROLLBACK:
-                    screen.disagreements += 1
-    return rolled
+            if tick % FULL_EVERY == 1:
+                shift = round(rng.gauss(0.0, 3.0))  # ~12 % up or down, both rings alike
+            if 600 <= now < 660:  # a shared dependency's incident: both rings suffer
+                error = 0.2
+        extra = 18 if cell.drift and 600 <= now < 660 else 0  # x2 latency then
+        n, e = ring.serve(rng, args.rps, TICK, shift + extra, error)
+        bn, be = base.serve(rng, args.rps, TICK, shift + extra, error)
+        watch.tick(now, n, e, bn, be)
+        if not watch.pending and len(watch.rolled) == len(levels) + len(FAST):
+            break
+    return watch.rolled
 
 
 def false_rollbacks(args: Namespace) -> str:
@@ -373,11 +465,12 @@ def false_rollbacks(args: Namespace) -> str:
                 + [f"**{totals[a]}** ({pct(totals[a] / runs)})" for a in FAST])
     header = (["pools", "canary weight", "rollouts"]
               + [f"rolled back, alpha {a:g}" for a in levels]
-              + [f"judge_fast >50 % of the last 1 s, min {f.min_requests}"
+              + [f"judge_fast >50 % of the last {f.window:g} s, min {f.min_requests}"
                  for f in FAST.values()])
-    notes = [f"Looks: {screen.judged} judged, {screen.screened} skipped by the exact screen"]
+    notes = [f"Full rounds: {screen.judged} judged, {screen.screened} skipped by the exact "
+             "screen"]
     if args.verify:
-        notes.append(f"{screen.verified} skipped looks re-judged: "
+        notes.append(f"{screen.verified} skipped rounds re-judged: "
                      f"{screen.disagreements} disagreements")
     if by_check:
         notes.append("checks that fired at alpha "
@@ -399,9 +492,8 @@ class Bad:
     base_error: float = 0.01
     base_latency: Latency | None = None
     rps: float | None = None
-    interval: float = 1.0
     onset: float = 0.0  # seconds of healthy canary before it breaks
-    fast: FastRollback | None = None  # judge_fast over its window instead of judge()
+    fast: FastRollback | None = None  # the fast path too (else the judge alone)
     cap: float = 600.0
     goal: str = ""
 
@@ -419,62 +511,45 @@ def bad_rollout(rng: random.Random, s: Bad, args: Namespace, screen: Screen) -> 
     rps = s.rps or args.rps
     ring = Pool(s.weight, s.base_error, base_lat)
     base = Pool(1.0 - s.weight, s.base_error, base_lat)
-    recent: deque[tuple[int, int, int, int]] = deque()  # ring and baseline per slot
-    slots = round(s.fast.window / s.interval) if s.fast else 0
+    fast = {"fast": s.fast} if s.fast else {}
+    watch = Watch(ring, base, [args.alpha], args, screen, fast)
     served = errors = 0
-    steps = round((s.onset + s.cap) / s.interval)
     broken = False
-    for step in range(1, steps + 1):
-        t = step * s.interval
-        if not broken and t > s.onset + 1e-9:
+    for tick in range(1, round((s.onset + s.cap) / TICK) + 1):
+        now = tick * TICK
+        if not broken and now > s.onset + 1e-9:
             broken, ring.error, ring.latency = True, s.error, s.latency
-        n, e = ring.serve(rng, rps, s.interval)
-        bn, be = base.serve(rng, rps, s.interval)
+        n, e = ring.serve(rng, rps, TICK)
+        bn, be = base.serve(rng, rps, TICK)
         if broken:
             served, errors = served + n, errors + e
-        if s.fast:
-            recent.append((n, e, bn, be))
-            if len(recent) > slots:
-                recent.popleft()
-            sums = [sum(slot[i] for slot in recent) for i in range(4)]
-            v: Verdict | None = judge_fast(sums[0], sums[1], s.fast, sums[2], sums[3])
-            if v is not None:
-                return Caught(t - s.onset, served, errors, v.broken) if broken else \
-                    Caught(-1, 0, 0, v.broken)
-            continue
-        if not screen.may_roll_back(ring.tally, base.tally):
-            screen.screened += 1
-            continue
-        screen.judged += 1
-        v = judge(ring.tally.evidence(), base.tally.evidence(), args.criteria)
-        if v.outcome is Outcome.ROLLBACK:
-            if not broken:
-                return Caught(-1, 0, 0, v.broken)  # a false rollback before the onset
-            return Caught(t - s.onset, served, errors, v.broken)
+        watch.tick(now, n, e, bn, be)
+        if watch.rolled:
+            _, (_, checks) = next(iter(watch.rolled.items()))
+            return Caught(now - s.onset, served, errors, checks) if broken else \
+                Caught(-1, 0, 0, checks)  # a false rollback before the onset
     return None
 
 
 def bad_scenarios(args: Namespace) -> list[Bad]:
     m, sg = args.median, args.sigma
     healthy = lognormal_latency(m, sg)
-    fast = FastRollback(max_error_rate=0.5, window=1.0)  # min_requests: the default
+    fast = FastRollback(max_error_rate=0.5)  # the default window and min_requests
+    old_fast = FastRollback(max_error_rate=0.5, min_requests=10, window=1.0)
     return [
         Bad("20 % errors (baseline 1 %)", 0.10, 0.20, healthy, goal="<= 2 s"),
-        Bad("20 % errors, looks every 0.1 s", 0.10, 0.20, healthy, interval=0.1,
-            goal="<= 2 s"),
-        Bad("20 % errors after 30 min healthy (mid-step)", 0.10, 0.20, healthy,
-            onset=1800.0),
+        # Onsets half-way between two evidence marks (taken every 300 s): the most dilution.
+        Bad("20 % errors after 32.5 min healthy (mid-step)", 0.10, 0.20, healthy,
+            onset=1950.0),
         Bad("5 % errors (baseline 1 %)", 0.10, 0.05, healthy),
-        Bad("100 % errors from the step's start, looks every 0.1 s", 0.10, 1.0, healthy,
-            interval=0.1, goal="<= 0.5 s"),
-        Bad("100 % errors after 300 s healthy, judge() every 0.1 s", 0.10, 1.0, healthy,
-            interval=0.1, onset=300.0, goal="<= 0.5 s"),
-        Bad(f"100 % errors after 300 s healthy, judge_fast (last 1 s, >50 %, min "
-            f"{fast.min_requests}) every 0.1 s", 0.10, 1.0, healthy, interval=0.1,
-            onset=300.0, fast=fast, goal="<= 0.5 s"),
-        Bad("100 % errors after 300 s healthy, judge_fast (last 1 s, >50 %, min 5) "
-            "every 0.1 s", 0.10, 1.0, healthy, interval=0.1, onset=300.0,
-            fast=replace(fast, min_requests=5), goal="<= 0.5 s"),
+        Bad("100 % errors from the step's start, the judge alone", 0.10, 1.0, healthy),
+        Bad("100 % errors after 450 s healthy, the judge alone", 0.10, 1.0, healthy,
+            onset=450.0),
+        Bad(f"100 % errors after 450 s healthy, fast path (last {fast.window:g} s, >50 %, "
+            f"min {fast.min_requests}, vs the baseline)", 0.10, 1.0, healthy, onset=450.0,
+            fast=fast, goal="<= 0.5 s"),
+        Bad("100 % errors after 450 s healthy, the earlier fast path (last 1 s, >50 %, "
+            "min 10)", 0.10, 1.0, healthy, onset=450.0, fast=old_fast, goal="<= 0.5 s"),
         Bad("p99 tail: 3 % of requests +300 ms", 0.10, 0.01,
             tail_latency(m, sg, 0.03, 0.3), goal="<= 30 s"),
         Bad("p99 tail: 3 % of requests +300 ms, 25 % weight", 0.25, 0.01,
@@ -492,7 +567,10 @@ def bad_scenarios(args: Namespace) -> list[Bad]:
 def time_to_rollback(args: Namespace) -> str:
     screen = Screen(args.criteria)
     rows = []
+    only = args.scenario
     for s in bad_scenarios(args):
+        if only and only not in s.name:
+            continue
         times: list[float] = []
         exposed: list[float] = []
         bad_errors: list[float] = []
@@ -515,16 +593,17 @@ def time_to_rollback(args: Namespace) -> str:
         rows.append([
             s.name, f"{rps:g} req/s, {s.weight:.0%}", f"{len(times)}",
             f"{caught}" + (f" (+{early} before onset)" if early else ""),
-            fmt_time(quantile(times, 0.5)), fmt_time(quantile(times, 0.9)),
-            f"{quantile(exposed, 0.5):.0f} / {quantile(exposed, 0.9):.0f}" if exposed else "-",
+            fmt_time(quantile(times, 0.5)), fmt_time(quantile(times, 0.95)),
+            f"{quantile(exposed, 0.5):.0f} / {quantile(exposed, 0.95):.0f}" if exposed else "-",
             f"{quantile(bad_errors, 0.5):.0f}" if bad_errors else "-",
             ", ".join(k for k, _ in checks.most_common(3)) or "-", s.goal or "-",
         ])
-    header = ["canary", "traffic, weight", "runs", "rolled back", "median", "p90",
-              "canary requests median / p90", "errors served (median)", "checks",
+    header = ["canary", "traffic, weight", "runs", "rolled back", "median", "p95",
+              "canary requests median / p95", "errors served (median)", "checks",
               "goal"]
-    return table(header, rows) + f"\n\nLooks: {screen.judged} judged, {screen.screened} " \
-        "skipped by the exact screen.  Times are from the onset to the look that rolled back."
+    return table(header, rows) + f"\n\nFull rounds: {screen.judged} judged, " \
+        f"{screen.screened} skipped by the exact screen.  Times are from the onset to the " \
+        "look that rolled back (quick looks every 0.1 s, full rounds every 1 s)."
 
 
 # ----------------------------------------------------------------- 3. time to health
@@ -537,10 +616,12 @@ def healthy_rollout(rng: random.Random, weight: float, error: float, args: Names
     alpha, screens the looks: HEALTHY needs that check within."""
     lat = lognormal_latency(args.median, args.sigma)
     ring, base = Pool(weight, error, lat), Pool(1.0 - weight, error, lat)
-    c = args.criteria
+    # Health comes from the step's start, mark 1, judged at its share of alpha.
+    c = replace(args.criteria, alpha=mark_alpha(args.criteria.alpha, 1))
     first = None
     if c.max_error_rate_increase is not None and not c.max_error_rate:
-        first = replace(c, alpha=c.alpha / check_count(c), latency=(), max_latency=(),
+        first = replace(c, alpha=c.alpha * alpha_shares(c)["error_rate_increase"],
+                        latency=(), max_latency=(),
                         min_requests=1)
     for look in range(1, int(cap) + 1):
         ring.serve(rng, args.rps, 1.0)
@@ -599,6 +680,8 @@ def parse_args(argv: list[str] | None = None) -> Namespace:
                    help="10 runs per row, verify every 20th screened look")
     p.add_argument("--only", default="aa,bad,health",
                    help="sections: aa (false rollbacks), bad, health")
+    p.add_argument("--scenario", default="",
+                   help="time to rollback: only the canaries whose name contains this")
     args = p.parse_args(argv)
     if args.quick:
         args.runs, args.verify = 10, args.verify or 20
@@ -615,10 +698,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.process_time()
     c = args.criteria
     print("# Judge simulation\n")
+    shares = alpha_shares(c)
     print(f"seed {args.seed}, {args.runs} runs per row, alpha {c.alpha:g} split over "
-          f"{check_count(c)} checks (error increase <= {c.max_error_rate_increase:g}, "
+          f"{len(shares)} checks (error increase <= {c.max_error_rate_increase:g}, "
           + ", ".join(f"{x.name} <= {x.ratio:g}x" for x in c.latency)
-          + f", floor {c.latency_floor * 1000:g} ms), min_requests {c.min_requests}; "
+          + f", floor {c.latency_floor * 1000:g} ms; shares of alpha "
+          + ", ".join(f"{k} {v:.0%}" for k, v in shares.items())
+          + f"), min_requests {c.min_requests}; "
           f"{args.rps:g} req/s, latency lognormal(median {args.median * 1000:g} ms, "
           f"sigma {args.sigma:g}) on both rings unless said; pure Python.\n")
     sections: list[tuple[str, str, Callable[[Namespace], str]]] = [

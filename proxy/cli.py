@@ -1,5 +1,6 @@
-"""The ``ringproxy`` command: run, check, explain, demo, and the remote commands (status,
-the rollout actions, events, reload) that call a running proxy's admin API.
+"""The ``ringproxy`` command: run, check, schema, explain, demo (and demo-ctl), and the
+remote commands (status, the rollout actions, events, reload) that call a running proxy's
+admin API.  ``--admin``, ``--token`` and ``--json`` may come before or after the command.
 
 Exit codes: 0 success, 1 an invalid config or a failure to start, 2 bad usage.
 """
@@ -9,26 +10,59 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import itertools
 import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from proxy import __version__
-from proxy.admin.client import DEFAULT_URL
-from proxy.config import load_config
-from proxy.errors import ConfigError
+from proxy.admin.client import DEFAULT_URL, AdminClient
+from proxy.config import Config, load_config
+from proxy.errors import AdminClientError, ConfigError, ConfigIssue
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as JSON on stdout when the command line asks for JSON
+    (exit 2 still; subparsers are of this class too)."""
+
+    json_errors = False
+
+    def error(self, message: str) -> NoReturn:
+        if self.json_errors:
+            print(json.dumps({"error": message, "usage": self.format_usage().strip()}))
+            self.exit(2)
+        super().error(message)
+
 
 if TYPE_CHECKING:
     # argparse's (typeshed-only generic) type of ``add_subparsers()``.
-    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
+    Subparsers = argparse._SubParsersAction[_Parser]
+
+
+def _common() -> _Parser:
+    """The options every command accepts before or after its name.  SUPPRESS as default:
+    a value given before the command is not overwritten by the subparser's default."""
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "--admin", default=argparse.SUPPRESS, metavar="URL",
+        help=f"admin API (default $RINGPROXY_ADMIN_URL or {DEFAULT_URL})")
+    common.add_argument(
+        "--token", default=argparse.SUPPRESS,
+        help="bearer token (default $RINGPROXY_ADMIN_TOKEN)")
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS,
+        help="print JSON (errors too, as {\"error\": ...})")
+    return common
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ringproxy",
+    common = _common()
+    parser = _Parser(
+        prog="ringproxy", parents=[common],
         description="Edge reverse proxy for ring-based progressive delivery.",
     )
     parser.add_argument("--version", action="version", version=f"ringproxy {__version__}")
@@ -37,21 +71,36 @@ def _parser() -> argparse.ArgumentParser:
         help="level of the process log on stderr (the access log is separate)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_run(sub)
-    check = sub.add_parser("check", help="validate a config file and exit")
+    _add_run(sub, common)
+    check = sub.add_parser("check", parents=[common], help="validate a config file and exit")
     check.add_argument("file", metavar="FILE")
-    _add_explain(sub)
-    _add_remote(sub)
-    demo = sub.add_parser("demo", help="run the proxy in front of two demo upstreams")
+    check.add_argument(
+        "--env-optional", action="store_true",
+        help="unset environment variables (${VAR}, admin token env) are warnings, not "
+        "errors: check a config without its secrets, e.g. in CI")
+    check.add_argument("--format", choices=("text", "json"), default="text",
+                       help="text (default) or json (also: --json)")
+    sub.add_parser("schema", parents=[common],
+                   help="print the JSON Schema of the config file (for editors and CI)")
+    _add_explain(sub, common)
+    _add_remote(sub, common)
+    demo = sub.add_parser("demo", parents=[common],
+                          help="a canary rollout in front of two demo upstreams, on loopback")
     demo.add_argument(
         "--ephemeral", action="store_true",
         help="bind every listener to a free port instead of the ports in demo.yaml",
     )
+    ctl = sub.add_parser("demo-ctl", parents=[common],
+                         help="break or heal a version of a running `ringproxy demo`")
+    ctl.add_argument("action", choices=("break", "heal"))
+    ctl.add_argument("version", choices=("canary", "stable"))
+    ctl.add_argument("--upstream", metavar="URL",
+                     help="the demo upstream's URL (default: its address in demo.yaml)")
     return parser
 
 
-def _add_run(sub: Subparsers) -> None:
-    run = sub.add_parser("run", help="serve the proxy with a config file")
+def _add_run(sub: Subparsers, common: _Parser) -> None:
+    run = sub.add_parser("run", parents=[common], help="serve the proxy with a config file")
     run.add_argument("--config", "-c", required=True, metavar="FILE", help="YAML config file")
     run.add_argument(
         "--no-watch", action="store_true",
@@ -64,13 +113,19 @@ def _add_run(sub: Subparsers) -> None:
     )
 
 
-def _add_explain(sub: Subparsers) -> None:
+def _add_explain(sub: Subparsers, common: _Parser) -> None:
     explain = sub.add_parser(
-        "explain",
-        help="print which ring a request would get, and why, without starting a server",
-        description="Print the assignment decision for a described request as JSON.",
+        "explain", parents=[common],
+        help="print which ring a request gets, and why: from a config file, or from a "
+        "running proxy (its live weights and rollbacks)",
+        description="Print the assignment decision for a described request as JSON: with "
+        "--config, what a fresh proxy with that file would do; without, what the running "
+        "proxy at --admin does now.",
     )
-    explain.add_argument("--config", "-c", required=True, metavar="FILE")
+    explain.add_argument("--config", "-c", metavar="FILE",
+                         help="decide from this file (default: ask the proxy at --admin)")
+    explain.add_argument("--env-optional", action="store_true",
+                         help="with --config: unset environment variables are warnings")
     explain.add_argument("--route", required=True, metavar="NAME")
     explain.add_argument("--header", action="append", default=[], metavar="K=V", type=_pair)
     explain.add_argument("--cookie", action="append", default=[], metavar="K=V", type=_pair)
@@ -80,21 +135,16 @@ def _add_explain(sub: Subparsers) -> None:
     explain.add_argument("--method", default="GET", type=str.upper, help="default GET")
 
 
-def _add_remote(sub: Subparsers) -> None:
+def _add_remote(sub: Subparsers, common: _Parser) -> None:
     """The commands that call a running proxy's admin API."""
 
     def remote(name: str, help_text: str) -> argparse.ArgumentParser:
-        cmd = sub.add_parser(name, help=help_text)
-        cmd.add_argument(
-            "--admin", default=os.environ.get("RINGPROXY_ADMIN_URL", DEFAULT_URL),
-            metavar="URL", help="admin API (default $RINGPROXY_ADMIN_URL or %(default)s)")
-        cmd.add_argument(
-            "--token", default=os.environ.get("RINGPROXY_ADMIN_TOKEN"),
-            help="bearer token (default $RINGPROXY_ADMIN_TOKEN)")
-        cmd.add_argument("--json", action="store_true", help="print the API's JSON")
-        return cmd
+        return sub.add_parser(name, parents=[common], help=help_text)
 
-    remote("status", "show every route's rings on a running proxy")
+    status = remote("status", "show every route's rings on a running proxy")
+    status.add_argument("--watch", "-w", nargs="?", const=2.0, type=_seconds,
+                        metavar="SECONDS", help="show it again every SECONDS (default 2) "
+                        "until Ctrl-C")
     for action, text in (("promote", "move a ring to its next step now"),
                          ("approve", "approve the step a ring is waiting for"),
                          ("pause", "stop a ring's progression"),
@@ -111,8 +161,46 @@ def _add_remote(sub: Subparsers) -> None:
     weight.add_argument("--reason", default="")
     events = remote("events", "show the audit trail")
     events.add_argument("--route")
-    events.add_argument("--since", type=float, metavar="UNIX_TIME")
+    events.add_argument(
+        "--since", type=_since, metavar="WHEN",
+        help="only later events: a duration back from now (10m, 1h30m), an RFC 3339 time "
+        "(2026-01-31T12:00:00Z) or a Unix time")
     remote("reload", "reload the config file now")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r} is outside 0.1..3600 seconds")
+    return value
+
+
+def _since(text: str) -> float:
+    """``10m`` (ago), ``2026-01-31T12:00:00Z`` (RFC 3339) or ``1767225600`` -> Unix time."""
+    from datetime import datetime
+
+    from proxy.config.values import parse_duration
+
+    try:
+        return time.time() - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text.replace("z", "Z"))
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a time; expected a duration back from now (10m, 1h30m), an "
+            "RFC 3339 time with its offset (2026-01-31T12:00:00Z) or a Unix time")
+    return when.timestamp()
 
 
 def _pair(text: str) -> tuple[str, str]:
@@ -130,52 +218,164 @@ def _ip(text: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # `ringproxy status | head`: the reader left; say nothing more (Python's advice:
+        # point stdout at devnull so the interpreter's final flush cannot fail again).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    words = sys.argv[1:] if argv is None else list(argv)
+    _Parser.json_errors = "--json" in words or "--format=json" in words or any(
+        pair == ("--format", "json") for pair in itertools.pairwise(words))
+    args = _parser().parse_args(words)
+    args.admin = getattr(args, "admin", None) or os.environ.get("RINGPROXY_ADMIN_URL",
+                                                                 DEFAULT_URL)
+    args.token = getattr(args, "token", None) or os.environ.get("RINGPROXY_ADMIN_TOKEN")
+    args.json = getattr(args, "json", False)
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     if args.command == "check":
-        return _check(args.file)
+        return _check(args.file, args.env_optional, "json" if args.json else args.format)
+    if args.command == "schema":
+        from proxy.config.schema import config_schema
+
+        print(json.dumps(config_schema(), indent=2))
+        return 0
     if args.command == "run":
         return _run(args.config, watch=not args.no_watch, fresh_state=args.fresh_state)
     if args.command == "explain":
+        if args.config is None:
+            return _remote(args)
         return _explain(args)
     if args.command == "demo":
         return _demo(args.ephemeral)
+    if args.command == "demo-ctl":
+        return _demo_ctl(args)
     if args.command in REMOTE_COMMANDS:
         return _remote(args)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 
-def _check(path: str) -> int:
+# Stand-ins for unset variables under --env-optional, tried in turn where one does not fit
+# its place: a token's length, distinct per variable (tokens must differ); then a URL (an
+# upstream or webhook from the environment).
+_PLACEHOLDERS = ("placeholder-for-{}", "http://placeholder-for-{}.invalid:1")
+
+
+def _load(path: str, env_optional: bool
+          ) -> tuple[Config | None, list[ConfigIssue], list[ConfigIssue]]:
+    """(config, errors, warnings).  With ``env_optional``, unset variables are warnings: the
+    file is read again with placeholders for them, and issues left at the paths they fill
+    are not reported."""
+    from proxy.config.source import unset_variable
+
+    config: Config | None = None
+    errors: list[ConfigIssue] = []
     try:
         config = load_config(path)
     except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        n = len(exc.issues)
+        errors = exc.issues
+    unset = [i for i in errors if unset_variable(i)] if env_optional else []
+    if not unset:
+        return config, errors, []
+    names = {i.path: name for i in unset if (name := unset_variable(i))}
+    choice = dict.fromkeys(names.values(), 0)
+    for _ in _PLACEHOLDERS:
+        filled = {n: _PLACEHOLDERS[c].format(n.lower().replace("_", "-"))
+                  for n, c in choice.items()}
+        try:
+            return load_config(path, environ={**os.environ, **filled}), [], unset
+        except ConfigError as exc:
+            config = None
+            errors = [i for i in exc.issues if i.path not in names]
+            misfits = {names[i.path] for i in exc.issues if i.path in names}
+            if not misfits:
+                break
+            for name in misfits:
+                choice[name] = min(choice[name] + 1, len(_PLACEHOLDERS) - 1)
+    return config, errors, unset
+
+
+def _check(path: str, env_optional: bool = False, output: str = "text") -> int:
+    config, errors, warnings = _load(path, env_optional)
+    if output == "json":
+        print(json.dumps(_check_report(path, config, errors, warnings), indent=2))
+        return 1 if errors else 0
+    for issue in warnings:
+        print(f"{issue.format(path)} (a warning: --env-optional)", file=sys.stderr)
+    if errors:
+        for issue in errors:
+            print(issue.format(path), file=sys.stderr)
+        n = len(errors)
         print(f"{path}: {n} error{'s' if n != 1 else ''}", file=sys.stderr)
         return 1
+    notes = f", {len(warnings)} unset variable{'s' if len(warnings) != 1 else ''}" \
+        if warnings else ""
+    if config is None:
+        print(f"{path}: OK{notes} (the values they fill are not checked)")
+        return 0
     rings = sum(len(r.rings) for r in config.routes)
     print(f"{path}: OK (revision {config.revision}: {len(config.routes)} routes, "
-          f"{rings} rings, {len(config.pools)} pools)")
+          f"{rings} rings, {len(config.pools)} pools{notes})")
     return 0
+
+
+def _issue_json(issue: ConfigIssue) -> dict[str, object]:
+    import re
+
+    column = re.match(r"YAML syntax error at column (\d+):", issue.message)
+    return {"line": issue.line, "column": int(column.group(1)) if column else None,
+            "path": issue.path, "message": issue.message}
+
+
+def _check_report(path: str, config: Config | None, errors: list[ConfigIssue],
+                  warnings: list[ConfigIssue]) -> dict[str, object]:
+    from proxy.config.source import unset_variable
+
+    report: dict[str, object] = {"file": path, "ok": not errors}
+    if config is not None and not errors:
+        report.update(revision=config.revision, routes=len(config.routes),
+                      rings=sum(len(r.rings) for r in config.routes), pools=len(config.pools))
+    report["errors"] = [_issue_json(i) for i in errors]
+    report["warnings"] = [{**_issue_json(i), "variable": unset_variable(i)} for i in warnings]
+    return report
 
 
 REMOTE_COMMANDS = ("status", "promote", "approve", "pause", "resume", "rollback", "weight",
                    "events", "reload")
 
 
+def _fail(args: argparse.Namespace, message: str) -> int:
+    if args.json:
+        print(json.dumps({"error": message, "command": args.command}))
+    else:
+        print(f"ringproxy {args.command}: {message}", file=sys.stderr)
+    return 1
+
+
 def _remote(args: argparse.Namespace) -> int:
     from proxy.admin import client as ac
-    from proxy.errors import AdminClientError
 
     client = ac.AdminClient(args.admin, args.token)
     try:
+        if args.command == "status" and args.watch:
+            return _watch(args, client)
         if args.command == "status":
             data = client.status()
             text = ac.format_status(data)
+        elif args.command == "explain":
+            data = client.explain(args.route, headers=args.header, cookies=args.cookie,
+                                  query=args.query, ip=args.ip, path=args.path,
+                                  method=args.method)
+            text = json.dumps(data, indent=2)
         elif args.command == "events":
             data = client.events(args.route, args.since)
             text = ac.format_events(data)
@@ -190,9 +390,48 @@ def _remote(args: argparse.Namespace) -> int:
             data = client.act(args.route, args.ring, args.command, body)
             text = ac.format_action(data)
     except AdminClientError as exc:
-        print(f"ringproxy {args.command}: {exc}", file=sys.stderr)
-        return 1
+        return _fail(args, str(exc))
     print(json.dumps(data, indent=2) if args.json else text)
+    return 0
+
+
+def _watch(args: argparse.Namespace, client: AdminClient) -> int:
+    """``status --watch``: the table again every few seconds, in place on a terminal."""
+    from proxy.admin import client as ac
+
+    clear = sys.stdout.isatty()
+    try:
+        while True:
+            data = client.status()
+            shown = json.dumps(data) if args.json else ac.format_status(data)
+            stamp = time.strftime("%H:%M:%S")
+            if clear:
+                sys.stdout.write("\x1b[H\x1b[2J")
+            print(shown if args.json else f"{stamp}  {args.admin}  (Ctrl-C to stop)\n{shown}\n",
+                  flush=True)
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _demo_ctl(args: argparse.Namespace) -> int:
+    from proxy.admin.client import post_json
+    from proxy.demo.run import demo_config
+
+    url = args.upstream
+    if url is None:
+        pool = next(p for p in demo_config().pools if p.name == args.version)
+        url = pool.servers[0].url
+    try:
+        answer = post_json(url.rstrip("/") + f"/demo/{args.action}")
+    except AdminClientError as exc:
+        return _fail(args, f"{exc} (is `ringproxy demo` running? with --ephemeral, use the "
+                     "--upstream it printed)")
+    if args.json:
+        print(json.dumps(answer))
+    else:
+        state = "broken" if answer.get("broken") else "healthy"
+        print(f"{answer.get('version', args.version)} at {url} is now {state}")
     return 0
 
 
@@ -200,10 +439,11 @@ def _explain(args: argparse.Namespace) -> int:
     from proxy.routing.assign import StaticRequest, compile_route
     from proxy.routing.explain import explain
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    config, errors, warnings = _load(args.config, args.env_optional)
+    for issue in warnings:
+        print(f"{issue.format(args.config)} (a warning: --env-optional)", file=sys.stderr)
+    if errors or config is None:
+        print(ConfigError(errors, args.config), file=sys.stderr)
         return 1
     route = next((r for r in config.routes if r.name == args.route), None)
     if route is None:

@@ -14,6 +14,8 @@ import pytest
 
 from proxy.admin.api import REQUIREMENTS_KEY, admin_app
 from proxy.admin.auth import Access
+from proxy.admin.series import SHOWN
+from proxy.admin.views import advance_progress
 from proxy.config import load_config, parse_config
 from proxy.errors import RolloutConflict
 from proxy.rollout.evidence import Evidence, Tally
@@ -157,8 +159,9 @@ async def test_routes_view_carries_the_verdicts_evidence(admin: Proxy) -> None:
     assert (shown["requests"], shown["baseline_requests"]) == (400, 4000)
     assert [c["name"] for c in shown["checks"]] == [
         "error_rate_increase", "error_rate", "p50", "p95", "p99"]
-    # JSON's round trip of each check is exactly the judge's own dict
-    assert shown["checks"] == json.loads(json.dumps([c.as_dict() for c in verdict.checks]))
+    # JSON's round trip of each check is exactly the judge's own dict, and its advance
+    assert shown["checks"] == json.loads(json.dumps(
+        [{**c.as_dict(), "advance": round(advance_progress(c), 4)} for c in verdict.checks]))
     by_name = {c["name"]: c for c in shown["checks"]}
     assert by_name["error_rate_increase"]["numbers"] == {
         "errors": 24, "requests": 400, "baseline_errors": 40, "baseline_requests": 4000}
@@ -223,7 +226,7 @@ async def test_live_verdict_numbers_are_the_judges_on_the_counts_shown(
     proxy = Proxy(parse_config(judged_config(stable, canary, tmp_path)))
     await proxy.start()
     try:
-        canary.error_every = 7
+        canary.error_every = 10  # 10 % against none, 2 points allowed: undecided
         users = (f"user-{i}" for i in range(100_000))
         to_canary = [u for u in users if bucket_of("api", u) < 5000][:140]
         to_stable = [u for u in (f"other-{i}" for i in range(100_000))
@@ -241,14 +244,14 @@ async def test_live_verdict_numbers_are_the_judges_on_the_counts_shown(
                     and ring["evidence"]["requests"] == 140:
                 break
             await asyncio.sleep(0.05)
-        assert ring["evidence"] == {"requests": 140, "errors": 20, "baseline_requests": 140,
+        assert ring["evidence"] == {"requests": 140, "errors": 14, "baseline_requests": 140,
                                     "baseline_errors": 0}, ring
         analysis = proxy.config.routes[0].analysis
         assert analysis is not None
         # Within its first 5 minutes a step has one mark, its start (number 1).
-        again = judge_marks([(1, Evidence(140, 20), Evidence(140, 0))], analysis.criteria)
-        assert ring["verdict"]["checks"] == json.loads(
-            json.dumps([c.as_dict() for c in again.checks]))
+        again = judge_marks([(1, Evidence(140, 14), Evidence(140, 0))], analysis.criteria)
+        assert ring["verdict"]["checks"] == json.loads(json.dumps(
+            [{**c.as_dict(), "advance": round(advance_progress(c), 4)} for c in again.checks]))
         assert ring["verdict"]["outcome"] == again.outcome.value == "undecided"
         assert ring["verdict"]["reason"] == again.reason
         increase = ring["verdict"]["checks"][0]
@@ -256,6 +259,64 @@ async def test_live_verdict_numbers_are_the_judges_on_the_counts_shown(
         assert body["routes"][0]["analysis"]["error_statuses"] == "5xx, 429"
     finally:
         await proxy.stop()
+
+
+async def test_series_endpoint_counts_each_second_of_each_ring(
+    admin: Proxy, client: aiohttp.ClientSession, canary: Upstream
+) -> None:
+    # Known requests over a few seconds; the sampler's points add up to them, per ring,
+    # with the live weight; ``since`` returns only what came after.
+    canary.error_every = 4
+    sent = {"canary": 0, "beta": 0, "stable": 0}
+    users = [f"u{i}" for i in range(200)]
+    for second in range(3):
+        for user in users[second * 40:(second + 1) * 40]:
+            async with client.get(admin.url + "/app", headers={"X-User-Id": user}) as r:
+                await r.read()
+            bucket = bucket_of("api", user)
+            sent["canary" if bucket < 500 else "beta" if bucket < 1500 else "stable"] += 1
+        await asyncio.sleep(0.5)
+    assert canary.app_hits == sent["canary"] + sent["beta"] and sent["canary"] > 0
+    body: dict = {}
+    for _ in range(60):  # the sampler reads each second once it is over
+        status, body = await call(admin, "GET", "/api/routes/api/series")
+        assert status == 200
+        counted = {r["name"]: sum(r["points"]["requests"]) for r in body["rings"]}
+        if counted == sent:
+            break
+        await asyncio.sleep(0.1)
+    assert counted == sent, body
+    assert body["route"] == "api" and body["baseline"] == "stable" and body["since"] is None
+    assert body["resolution"] == 1.0 and body["coarse_resolution"] == 10.0
+    rings = {r["name"]: r for r in body["rings"]}
+    # a young proxy: the axis starts at its first point (15 minutes once it has them)
+    assert body["start"] == rings["canary"]["points"]["t"][0] > body["now"] - SHOWN
+    assert list(rings) == ["canary", "beta", "stable"] and rings["stable"]["baseline"]
+    assert rings["canary"]["phase"] == "progressing" and rings["canary"]["step_since"]
+    points = rings["canary"]["points"]
+    assert set(points) == {"t", "seconds", "requests", "errors", "rps", "error_rate", "p95",
+                           "p99", "weight"}
+    assert all(len(col) == len(points["t"]) for col in points.values())
+    assert points["t"] == sorted(points["t"]) and set(points["seconds"]) == {1.0}
+    assert all(b - a == pytest.approx(1.0, abs=1e-3) for a, b in zip(
+        points["t"], points["t"][1:], strict=False))
+    errors = {r["name"]: sum(r["points"]["errors"]) for r in body["rings"]}
+    assert errors["canary"] + errors["beta"] == canary.app_hits // 4 and not errors["stable"]
+    assert set(points["weight"]) == {5.0} and set(rings["stable"]["points"]["weight"]) == {85.0}
+    assert set(rings["beta"]["points"]["weight"]) == {10.0}
+    busy = [i for i, n in enumerate(points["requests"]) if n]
+    assert all(points["p95"][i] is not None for i in busy)
+    assert all(points["rps"][i] == points["requests"][i] for i in busy)
+    # an event lands in the series of its route
+    status, _ = await call(admin, "POST", "/api/routes/api/rings/canary/pause", OPS,
+                           {"reason": "look at the charts"})
+    assert status == 200
+    last = points["t"][-1]
+    status, later = await call(admin, "GET", f"/api/routes/api/series?since={last}")
+    assert status == 200 and later["since"] == last
+    assert all(t > last for r in later["rings"] for t in r["points"]["t"])
+    assert [(e["ring"], e["kind"], e["reason"]) for e in later["events"]] == [
+        ("canary", "pause", "look at the charts")]
 
 
 async def test_explain_endpoint(admin: Proxy) -> None:
@@ -287,6 +348,10 @@ async def test_explain_endpoint(admin: Proxy) -> None:
         ("/api/explain?route=nope", 404, "unknown route 'nope'"),
         ("/api/routes/nope", 404, "unknown route 'nope'"),
         ("/api/events?since=yesterday", 400, "expected a Unix time"),
+        ("/api/routes/api/series?since=yesterday", 400,
+         "since='yesterday': expected a Unix time in seconds"),
+        ("/api/routes/api/series?since=nan", 400, "expected a Unix time"),
+        ("/api/routes/nope/series", 404, "unknown route 'nope'"),
         ("/api/nothing", 404, "no such endpoint"),
     ],
 )
@@ -305,6 +370,8 @@ async def test_bad_reads(admin: Proxy, path: str, status: int, message: str) -> 
          "may not act on api/canary"),
         (OPS, "POST", "/api/reload", 403, "only an admin token may reload"),
         (VIEW, "POST", "/api/reload", 403, "only an admin token may reload"),
+        (None, "GET", "/api/routes/api/series", 401, "missing bearer token"),
+        (None, "GET", "/api/routes/nope/series", 401, "missing bearer token"),
         # 401 before 404 before 403: strangers learn nothing, callers hear what is missing
         (None, "POST", "/api/routes/api/rings/nope/pause", 401, "missing bearer token"),
         (VIEW, "POST", "/api/routes/api/rings/nope/pause", 404, "has no ring 'nope'"),
@@ -406,7 +473,8 @@ def test_every_endpoint_declares_who_may_call_it(admin: Proxy) -> None:
         assert route.handler in requirements, f"{route.method} {route.resource} is unguarded"
         assert route.resource is not None
         declared[route.method, route.resource.canonical] = requirements[route.handler].access
-    reads = ["/api/routes", "/api/routes/{route}", "/api/explain", "/api/events"]
+    reads = ["/api/routes", "/api/routes/{route}", "/api/routes/{route}/series",
+             "/api/explain", "/api/events"]
     public = ["/", "/favicon.ico", "/healthz", "/readyz", "/metrics"]
     assert declared == {
         **{(m, p): Access.PUBLIC for p in public for m in ("GET", "HEAD")},

@@ -411,7 +411,9 @@ async def test_an_approval_step_waits_for_approve_and_still_rolls_back(tmp_path:
 @pytest.mark.parametrize(
     ("fast", "within"),
     [
-        ("{max_error_rate: 50, min_requests: 5, window: 500ms}", 0.3),
+        # 6 of the last 10 requests erring is not yet improbable enough at the baseline's
+        # rate over the window (1 of 90: P = 2e-8 > 1e-8); 8 of 10 is.
+        ("{max_error_rate: 50, min_requests: 5, window: 500ms}", 0.4),
         ("{max_error_rate: 30, min_requests: 5, window: 1s}", 0.4),
         ("{max_error_rate: 50, min_requests: 5, window: 1s}", 0.6),  # half the window
     ],
@@ -439,6 +441,36 @@ async def test_the_fast_path_rolls_back_a_ring_that_turns_to_errors(
     assert took == pytest.approx(within), took
     assert h.controller.verdicts["api"]["canary"].checks[0].name == "fast_error_rate"
     assert await h.controller.check_fast("api") == []  # rolled back: not checked again
+
+
+async def test_the_quick_error_look_rolls_back_between_two_full_rounds(
+    tmp_path: Path,
+) -> None:
+    # 200 requests a second, the canary at 10 % answering 20 % errors (every 5th request),
+    # the quick look every 0.1 s and no full round at all: rolled back on the counts.
+    h = Harness(parse_config(config_text(tmp_path, ring="weight: 10")))
+    events: list[Event] = []
+    ticks = 0
+    while not events and ticks < 100:
+        ticks += 1
+        h.clock.now += 0.1
+        h.traffic("stable", 18, 0.01)
+        h.feed("canary", 2, errors=1 if ticks % 5 in (1, 3) else 0)
+        events = await h.controller.check_errors("api")
+    (event,) = events
+    assert event.kind == "rollback" and event.label == "error_rate_increase"
+    assert ticks <= 25, ticks  # 50 canary requests (10 errors), 2.5 s
+    verdict = h.controller.verdicts["api"]["canary"]
+    assert verdict.outcome is Outcome.ROLLBACK and verdict.checks[0].finding.value == "worse"
+    assert await h.controller.check_errors("api") == []  # rolled back: nothing to look at
+    # A healthy canary: quick looks never call a full round, nothing changes.
+    h2 = Harness(parse_config(config_text(tmp_path / "b", ring="weight: 10")))
+    for _ in range(300):
+        h2.clock.now += 0.1
+        h2.traffic("stable", 18, 0.01)
+        h2.traffic("canary", 2, 0.01)
+        assert await h2.controller.check_errors("api") == []
+    assert h2.phase() is Phase.STEADY
 
 
 async def test_operator_actions_and_conflicts(tmp_path: Path) -> None:

@@ -27,7 +27,9 @@ from proxy.rollout.judge import (
     Check,
     Finding,
     Outcome,
+    alpha_shares,
     check_count,
+    errors_worse,
     judge,
     judge_fast,
     judge_marks,
@@ -78,21 +80,32 @@ def binomial(rng: random.Random, n: int, p: float) -> int:
 # ---------------------------------------------- (a) a brute-force relative latency test
 #
 # From the judge's docstring: a side's requests slower than an edge are Bernoulli trials;
-# the confidence sequence at level x is {p : M_n(p) < 1/x} with Robbins' beta-binomial
-# mixture M_n(p) = [B(1/2 + s, 1/2 + n - s) / B(1/2, 1/2)] / [p^s (1 - p)^(n - s)].
-# log M_n is convex with its minimum at s/n, so "the sequence lies wholly above y" is
-# "s/n > y and M_n(y) >= 1/x" and "wholly at or below y" is "s/n <= y and M_n(y) >= 1/x":
-# decided in closed form here, where the judge bisects for the bounds.
+# the confidence sequence at level x is {p : M_n(p) < 1/x} with the mixture
+# M_n(p) = [sum_k w_k integral x^s (1-x)^(n-s) Beta(a_k, b_k)(dx)] / [p^s (1 - p)^(n - s)]
+# over the default prior: Jeffreys and Beta(1, b), b = 4, 16, 64, a quarter each.  The
+# integrals are written here in their own closed forms: Jeffreys' through the duplication
+# formula, B(s + 1/2, f + 1/2) / pi = (2s)! (2f)! / (4^(s+f) s! f! (s+f)!), and
+# Beta(1, b)'s as b s! (f + b - 1)! / (s + f + b)!.  log M_n is convex with its minimum at
+# s/n, so "the sequence lies wholly above y" is "s/n > y and M_n(y) >= 1/x" and "wholly at
+# or below y" is "s/n <= y and M_n(y) >= 1/x": decided in closed form here, where the
+# judge bisects for the bounds.
 
 EDGES = [LOW * GAMMA**i for i in range(SIZE)]
 
 
 def log_m(s: int, n: int, p: float) -> float:
-    def log_beta(x: float, y: float) -> float:
-        return math.lgamma(x) + math.lgamma(y) - math.lgamma(x + y)
+    f = n - s
 
-    return (log_beta(0.5 + s, 0.5 + n - s) - log_beta(0.5, 0.5)
-            - s * math.log(p) - (n - s) * math.log(1 - p))
+    def log_fact(k: float) -> float:
+        return math.lgamma(k + 1)
+
+    jeffreys = (log_fact(2 * s) + log_fact(2 * f) - (s + f) * math.log(4)
+                - log_fact(s) - log_fact(f) - log_fact(s + f))
+    logs = [jeffreys] + [math.log(b) + log_fact(s) + log_fact(f + b - 1) - log_fact(s + f + b)
+                         for b in (4, 16, 64)]
+    top = max(logs)
+    mixture = top + math.log(sum(0.25 * math.exp(x - top) for x in logs))
+    return mixture - s * math.log(p) - f * math.log(1 - p)
 
 
 def surely_above(s: int, n: int, y: float, level: float) -> bool:
@@ -110,11 +123,13 @@ def slower(ev: Evidence, edge: int) -> int:
 
 def brute_rejects(ring: Evidence, base: Evidence, q: float, ratio: float, floor: float,
                   a: float) -> bool:
-    level = a / 2  # each side at half the check's alpha (no union over the edges)
+    # A quarter of the check's alpha for the baseline, the rest for the ring (no union
+    # over the edges).
+    base_level, level = a / 4, a * 3 / 4
     # U: the smallest edge the baseline's share of slower requests is surely <= 1 - q at.
     u = None
     for j in range(SIZE):
-        if surely_at_most(slower(base, j), base.timed, 1 - q, level):
+        if surely_at_most(slower(base, j), base.timed, 1 - q, base_level):
             u = j
             break
     if u is None:
@@ -127,12 +142,12 @@ def brute_rejects(ring: Evidence, base: Evidence, q: float, ratio: float, floor:
 
 def brute_within(ring: Evidence, base: Evidence, q: float, ratio: float, floor: float,
                  a: float) -> bool:
-    level = a / 2
+    base_level, level = a / 4, a * 3 / 4
     # L: the largest edge the baseline's share of slower requests is surely > 1 - q at
     # (its quantile is above it), 0 s when there is none.
     below = 0.0
     for j in range(SIZE):
-        if surely_above(slower(base, j), base.timed, 1 - q, level):
+        if surely_above(slower(base, j), base.timed, 1 - q, base_level):
             below = EDGES[j]
     t = max(ratio * below, below + floor)
     e = max((i for i in range(SIZE) if EDGES[i] <= t), default=-1)  # at or below the limit
@@ -396,7 +411,8 @@ def test_a_rollback_explains_itself() -> None:
         "error rate 20.00% (40/200) against the baseline's 1.00% (20/2000): +")
     assert "points, 1 allowed (p=" in v.reason
     check = v.checks[0]
-    assert check.p_value <= check.alpha == pytest.approx(0.01 / 4)
+    assert check.p_value <= check.alpha == pytest.approx(0.01 * alpha_shares(Criteria())[
+        "error_rate_increase"])
     assert check.progress == 1.0
     assert check.estimate == pytest.approx(0.19)
     assert check.lower > check.limit == 0.01
@@ -455,8 +471,9 @@ def test_every_finding_agrees_with_its_p_value() -> None:
         ring = sample(rng.choice([30, 300, 3000]), errors=rng.choice([0.0, 0.02, 0.06, 0.3]),
                       scale=rng.choice([0.8, 1.0, 1.4, 2.2]), tail=rng.choice([0, 0.05]),
                       extra=0.5)
+        shares = alpha_shares(c)
         for ch in judge(ring, base, c).checks:
-            assert ch.alpha == pytest.approx(0.01 / 7)
+            assert ch.alpha == pytest.approx(0.01 * shares[ch.name])
             if ch.finding is Finding.WORSE:
                 assert ch.p_value <= ch.alpha * 1.001, ch
             else:
@@ -534,10 +551,11 @@ def test_requests_without_latency_leave_latency_checks_undecided() -> None:
 
 def test_judge_fast() -> None:
     fast = FastRollback(max_error_rate=0.5, min_requests=5, window=1.0)
+    assert FastRollback(0.5) == FastRollback(0.5, min_requests=5, window=0.5)  # defaults
     assert judge_fast(0, 0, fast) is None
     assert judge_fast(4, 4, fast) is None  # too few requests
     assert judge_fast(10, 5, fast) is None  # at the limit, not above
-    v = judge_fast(10, 6, fast)
+    v = judge_fast(10, 6, fast)  # no baseline traffic in the window: the limit alone
     assert v is not None and v.outcome is Outcome.ROLLBACK
     assert v.broken == ("fast_error_rate",) and v.requests == 10
     assert v.reason == ("error rate 60.00% (6/10) over the last 1s, above the "
@@ -546,8 +564,25 @@ def test_judge_fast() -> None:
     assert check.progress == 1.0 and check.estimate == 0.6
     assert v.numbers["fast_error_rate"] == {
         "finding": "worse", "estimate": 0.6, "lower": 0.6, "upper": 0.6, "limit": 0.5,
-        "p_value": 0.0, "errors": 6, "requests": 10, "window": 1.0}
+        "p_value": 0.0, "errors": 6, "requests": 10, "window": 1.0, "baseline_errors": 0,
+        "baseline_requests": 0}
     assert judge_fast(5, 5, fast) is not None  # exactly min_requests, all errors
+
+
+def test_judge_fast_wants_errors_improbable_at_the_baselines_rate() -> None:
+    fast = FastRollback(max_error_rate=0.5)
+    # 6 of 10 against 1 of 90 (Laplace: 2/92): P(X >= 6) = 2e-8 > 1e-8, held back;
+    # 7 of 10: 3e-10, rolled back; 5 of 5 against 0 of 90 (1/92): 2e-10, rolled back.
+    assert judge_fast(10, 6, fast, 90, 1) is None
+    v = judge_fast(10, 7, fast, 90, 1)
+    assert v is not None and v.checks[0].p_value == pytest.approx(
+        sum(math.comb(10, i) * (2 / 92) ** i * (90 / 92) ** (10 - i) for i in range(7, 11)))
+    assert v.reason.endswith("above the fast-rollback limit 50.00%, a 3e-10 chance at the "
+                             "baseline's rate")
+    assert v.checks[0].alpha == 1e-8 and v.checks[0].progress == 1.0
+    assert judge_fast(5, 5, fast, 90, 0) is not None
+    # A 5 % baseline makes 6 of 10 ordinary (3e-6): a healthy ring's bad luck stays put.
+    assert judge_fast(10, 6, fast, 90, 4) is None
 
 
 def _counts(requests: int, errors: int) -> Evidence:
@@ -559,7 +594,8 @@ def _counts(requests: int, errors: int) -> Evidence:
 
 def test_mark_shares_of_alpha_add_up_to_alpha() -> None:
     shares = [mark_alpha(0.01, j) for j in range(1, 100_001)]
-    assert shares[0] == pytest.approx(0.01 * 6 / math.pi ** 2)
+    assert shares[0] == pytest.approx(0.009)  # the step's start
+    assert shares[1:4] == pytest.approx([0.001 / 2, 0.001 / 6, 0.001 / 12])
     assert sum(shares) <= 0.01
     assert sum(shares) == pytest.approx(0.01, rel=1e-4)
 
@@ -592,3 +628,40 @@ def test_judge_fast_leaves_errors_the_baseline_shares_alone() -> None:
     assert judge_fast(10, 7, fast, 180, 108) is None
     # ...but with no baseline traffic in the window the hard limit alone decides.
     assert judge_fast(10, 7, fast) is not None
+
+
+def test_the_quick_error_look_decides_as_judge_marks_does() -> None:
+    # Random counts since two marks: errors_worse names the first mark whose error checks
+    # roll back exactly when judge_marks rolls back on an error check of that mark.
+    rng = random.Random(5)
+    c = Criteria(max_error_rate=0.3)
+    agreed = {True: 0, False: 0}
+    for _ in range(120):
+        marks = []
+        counts = []
+        for j in (1, rng.choice([2, 5, 9])):
+            n, bn = rng.choice([0, 10, 40, 200]), rng.choice([0, 300, 3000])
+            e = binomial(rng, n, rng.choice([0.0, 0.01, 0.05, 0.2, 0.5]))
+            be = binomial(rng, bn, 0.01)
+            marks.append((j, Evidence(n, e), Evidence(bn, be)))
+            counts.append((j, (n, e, bn, be)))
+        quick = errors_worse(counts, c)
+        verdict = judge_marks(marks, c)  # no latencies: those checks stay undecided
+        rolled = verdict.outcome is Outcome.ROLLBACK
+        assert (quick is not None) == rolled, (counts, verdict.reason)
+        if rolled:
+            assert verdict.checks[0].alpha == pytest.approx(
+                mark_alpha(0.01, quick) * alpha_shares(c)["error_rate_increase"])
+        agreed[rolled] += 1
+    assert min(agreed.values()) >= 20, agreed
+
+
+def test_alpha_is_shared_by_weights_fixed_by_the_config() -> None:
+    # error checks weigh 2, a latency check at q weighs sqrt(0.05 / (1 - q)).
+    shares = alpha_shares(Criteria())
+    w = {"error_rate_increase": 2.0, "p50": math.sqrt(0.1), "p95": 1.0, "p99": math.sqrt(5)}
+    assert shares == pytest.approx({k: v / sum(w.values()) for k, v in w.items()})
+    assert sum(alpha_shares(Criteria(max_error_rate=0.05, max_latency=(
+        AbsoluteLatency(0.999, 1.0),))).values()) == pytest.approx(1.0)
+    assert alpha_shares(only()) == {}
+    assert judge(sample(10), sample(10), only()).reason == "no checks configured"

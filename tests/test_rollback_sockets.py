@@ -395,7 +395,9 @@ async def test_the_fast_path_rolls_back_without_waiting_for_the_interval(
 ) -> None:
     canary.error_every = 1  # every answer is a 500
     fast = "fast_rollback: {max_error_rate: 50, min_requests: 5, window: 1s}"
-    text = rollout_config(stable, canary, tmp_path, interval="30s", extra=fast)
+    # A 100-point tolerance turns the error check off (its quick look every 0.1 s would
+    # otherwise catch every-answer-a-500 first): only the fast path acts before 30 s.
+    text = rollout_config(stable, canary, tmp_path, interval="30s", extra=fast, increase=100)
     proxy, _ = await rollout(text)
     took = await wait_for(lambda: events_of(proxy, "rollback"), 10)
     assert took < 5, took  # the analysis interval is 30 s

@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
+from fractions import Fraction
 
 import pytest
 
 from proxy.rollout.sequential import (
+    JEFFREYS,
+    PRIOR,
     Counts,
+    binomial_tail,
+    check_prior,
     compare,
     log_mixture,
     lower_bound,
@@ -25,7 +31,7 @@ def test_uniform_prior_mixture_is_the_closed_form(s: int, n: int, p: float) -> N
     # With a Beta(1, 1) prior, integral of x^s (1-x)^(n-s) dx = 1 / ((n + 1) C(n, s)),
     # computed here in exact integers, independently of the lgamma form.
     exact = -math.log((n + 1) * math.comb(n, s)) - s * math.log(p) - (n - s) * math.log1p(-p)
-    assert log_mixture(Counts(s, n), p, prior=(1.0, 1.0)) == pytest.approx(exact, rel=1e-9)
+    assert log_mixture(Counts(s, n), p, prior=((1.0, 1.0, 1.0),)) == pytest.approx(exact, rel=1e-9)
 
 
 @pytest.mark.parametrize(("s", "n", "p"), [(0, 5, 0.1), (2, 9, 0.3), (12, 40, 0.25)])
@@ -39,7 +45,41 @@ def test_jeffreys_mixture_matches_numeric_integration(s: int, n: int, p: float) 
         for t in ((i + 0.5) * h for i in range(steps))
     ) * h * 2 / math.pi
     numeric = math.log(total) - s * math.log(p) - (n - s) * math.log1p(-p)
-    assert log_mixture(Counts(s, n), p) == pytest.approx(numeric, rel=1e-6)
+    assert log_mixture(Counts(s, n), p, JEFFREYS) == pytest.approx(numeric, rel=1e-6)
+
+
+def _integral(density: Callable[[float], float], s: int, f: int, steps: int = 200_000) -> float:
+    """The integral of x^s (1-x)^f density(x) over [0, 1] by the midpoint rule."""
+    h = 1.0 / steps
+    return sum(x ** s * (1 - x) ** f * density(x)
+               for x in ((i + 0.5) * h for i in range(steps))) * h
+
+
+@pytest.mark.parametrize(("s", "n", "p"), [(0, 5, 0.1), (2, 9, 0.3), (12, 40, 0.25),
+                                           (3, 300, 0.004), (30, 30, 0.5)])
+def test_the_default_mixture_over_scales_matches_numeric_integration(
+        s: int, n: int, p: float) -> None:
+    # Each component integrated on its own: Jeffreys through x = sin^2(t) as above, the
+    # Beta(1, b) ones against their density b (1 - x)^(b - 1) by the midpoint rule.
+    f = n - s
+    steps = 20_000
+    h = (math.pi / 2) / steps
+    jeffreys = sum(math.sin(t) ** (2 * s) * math.cos(t) ** (2 * f)
+                   for t in ((i + 0.5) * h for i in range(steps))) * h * 2 / math.pi
+    parts = {(0.5, 0.5): jeffreys}
+    for b in (4.0, 16.0, 64.0):
+        parts[(1.0, b)] = _integral(lambda x, b=b: b * (1 - x) ** (b - 1), s, f)
+    total = sum(w * parts[(a, b)] for w, a, b in PRIOR)
+    numeric = math.log(total) - s * math.log(p) - f * math.log1p(-p)
+    assert log_mixture(Counts(s, n), p) == pytest.approx(numeric, rel=1e-5, abs=1e-6)
+
+
+def test_priors_are_checked() -> None:
+    check_prior(PRIOR)
+    check_prior(JEFFREYS)
+    for bad in [(), ((0.5, 0.5, 0.5),), ((1.0, 0.0, 1.0),), ((0.5, 1, 1), (0.6, 1, 2))]:
+        with pytest.raises(ValueError, match="weights adding up to 1"):
+            check_prior(bad)
 
 
 def test_bounds_hold_the_estimate_and_sit_where_the_evidence_crosses() -> None:
@@ -103,7 +143,8 @@ def test_a_a_comparison_rarely_rejects_when_looked_at_often() -> None:
         for n in range(1, 1001):
             ring += rng.random() < 0.02
             base += sum(rng.random() < 0.02 for _ in range(9))
-            if n % 20 == 0 and compare(Counts(ring, n), Counts(base, 9 * n), 0.0, alpha).worse:
+            if n % 20 == 0 and compare(Counts(ring, n), Counts(base, 9 * n), 0.0, alpha,
+                                       shown=False).worse:
                 rejected += 1
                 break
     sigma = math.sqrt(alpha * (1 - alpha) / runs)
@@ -111,12 +152,58 @@ def test_a_a_comparison_rarely_rejects_when_looked_at_often() -> None:
 
 
 def test_a_broken_ring_is_rejected_within_a_handful_of_requests() -> None:
-    # Every request an error, baseline at 1 %: rejected at alpha 0.01 on the 2nd request,
-    # at alpha 0.001 on the 3rd (the low-traffic case: at 0.1 req/s, within 30 s).
+    # Every request an error, baseline at 1 %: rejected on the 3rd request at alpha 0.01
+    # and 0.001 alike (the low-traffic case: at 0.1 req/s, within about 30 s).
     base = Counts(10, 1000)
     first = {a: next(n for n in range(1, 50) if compare(Counts(n, n), base, 0.01, a).worse)
              for a in (0.01, 0.001)}
-    assert first == {0.01: 2, 0.001: 3}
+    assert first == {0.01: 3, 0.001: 3}
+
+
+def _brute_joint(ring: Counts, base: Counts, tolerance: float, grid: int = 4000) -> float:
+    """min over the edge p_r = p_b + tol of log M_ring(p_r) + log M_base(p_b), on a grid
+    of p_b (no convexity used), refined once around the best point."""
+    top = 1.0 - tolerance
+    def at(x: float) -> float:
+        return log_mixture(base, x) + log_mixture(ring, x + tolerance)
+    xs = [top * (i + 0.5) / grid for i in range(grid)]
+    best = min(xs, key=at)
+    fine = [min(top, max(0.0, best + top * (j - 500) / (grid * 500))) for j in range(1001)]
+    return min(at(x) for x in fine if 0.0 < x < top)
+
+
+@pytest.mark.parametrize(("ring", "base", "tol"), [
+    (Counts(8, 40), Counts(4, 360), 0.01), (Counts(20, 100), Counts(10, 1000), 0.01),
+    (Counts(3, 3), Counts(1, 100), 0.01), (Counts(30, 1000), Counts(100, 10_000), 0.0),
+    (Counts(5, 2000), Counts(180, 18_000), 0.01), (Counts(0, 500), Counts(30, 3000), 0.01),
+])
+def test_joint_evidence_is_the_minimum_over_the_null_edge(ring: Counts, base: Counts,
+                                                          tol: float) -> None:
+    # compare's p-value is exp(-V) when the estimates are worse than the tolerance;
+    # when they are better, "within" flips at the same V (the mirror null).
+    v = _brute_joint(ring, base, tol)
+    assert ring.rate is not None and base.rate is not None
+    if ring.rate - base.rate > tol:
+        assert compare(ring, base, tol, 0.01).p_value == pytest.approx(math.exp(-v), rel=1e-4)
+    else:
+        assert compare(ring, base, tol, math.exp(-v) * 1.001).within
+        assert not compare(ring, base, tol, math.exp(-v) / 1.001).within
+
+
+def test_the_joint_test_beats_two_sequences_at_half_alpha_each() -> None:
+    # The earlier test: the ring's lower bound (alpha/2) above the baseline's upper bound
+    # (alpha/2) plus the tolerance.  A ring at 20 % errors and 10 % of the traffic, its
+    # baseline at 1 %: the joint test rejects at 35 requests, the earlier one at 50.
+    def base(n: int) -> Counts:
+        return Counts(round(9 * n * 0.01), 9 * n)
+
+    def two_sequences(n: int) -> bool:
+        return lower_bound(Counts(n // 5, n), 0.005) > rate_bounds(base(n), 0.005)[1] + 0.01
+
+    joint = next(n for n in range(1, 400) if compare(Counts(n // 5, n), base(n), 0.01,
+                                                     0.01).worse)
+    earlier = next(n for n in range(1, 400) if two_sequences(n))
+    assert (joint, earlier) == (35, 50)
 
 
 def test_p_value_is_the_level_where_the_decision_flips() -> None:
@@ -127,8 +214,24 @@ def test_p_value_is_the_level_where_the_decision_flips() -> None:
         assert 0.0 < p < 1.0
         assert compare(ring, base, 0.01, min(0.999, p * 1.02)).worse
         assert not compare(ring, base, 0.01, p * 0.98).worse
+        quick = compare(ring, base, 0.01, p * 1.02, shown=False)
+        assert quick.worse and quick.p_value == p and (quick.lower, quick.upper) == (-1, 1)
     # The estimates themselves within the tolerance: no evidence at all.
     assert compare(Counts(2, 100), Counts(10, 1000), 0.02, 0.01).p_value == 1.0
+
+
+def test_no_baseline_trials_can_show_health_but_never_a_rollback() -> None:
+    empty = Counts(0, 0)
+    assert not compare(Counts(500, 500), empty, 0.01, 0.01).worse
+    clean = compare(Counts(0, 5000), empty, 0.01, 0.01)  # surely under 1 %: within
+    assert clean.within and clean.estimate is None and clean.upper <= 0.01
+    assert clean.within == (upper_bound_of(Counts(0, 5000), 0.01) <= 0.01)
+    nothing = compare(empty, Counts(10, 1000), 0.01, 0.01)
+    assert (nothing.worse, nothing.within, nothing.p_value) == (False, False, 1.0)
+
+
+def upper_bound_of(c: Counts, alpha: float) -> float:
+    return rate_bounds(c, alpha)[1]
 
 
 def test_health_needs_enough_traffic_to_bound_the_difference() -> None:
@@ -147,3 +250,11 @@ def test_exceeds_a_fixed_limit() -> None:
     # and p_above is the level where that flips
     p = p_above(Counts(40, 200), 0.01)
     assert lower_bound(Counts(40, 200), p * 1.02) > 0.01 >= lower_bound(Counts(40, 200), p * 0.98)
+
+
+@pytest.mark.parametrize(("k", "n", "p"), [(0, 5, 0.3), (6, 10, 0.01), (6, 10, 0.05),
+                                           (3, 3, 0.5), (11, 10, 0.2), (12, 40, 0.25)])
+def test_binomial_tail_is_the_exact_sum(k: int, n: int, p: float) -> None:
+    q = Fraction(p).limit_denominator(10_000)
+    exact = sum(math.comb(n, i) * q ** i * (1 - q) ** (n - i) for i in range(k, n + 1))
+    assert binomial_tail(k, n, float(q)) == pytest.approx(float(exact), rel=1e-9, abs=1e-300)

@@ -7,7 +7,8 @@ what the page shows through its ``data-*`` attributes.  The browser runs under
 ``timeout`` in its own process group, which a ``finally`` kills.
 
 ``python -m tests.test_status_page_browser docs/status-page.png`` renders the README's
-screenshot from a realistic rollout (two routes, a progressing and a rolled-back canary).
+screenshot from a realistic rollout (two routes, a progressing and a rolled-back canary,
+a minute of each ring's charts).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -409,7 +411,14 @@ EVIDENCE = r"""(() => Object.fromEntries([...document.querySelectorAll('tr[data-
       checks: [...tr.querySelectorAll('[data-check]')].map((c) => {
         const gauge = c.querySelector('.gauge');
         const fill = gauge.firstElementChild;
+        const adv = c.querySelector('.gauge-adv');
         return {name: c.dataset.check, finding: c.dataset.finding,
+                advance: Number(adv.dataset.advance),
+                advanceShown: adv.firstElementChild.getBoundingClientRect().width /
+                  adv.getBoundingClientRect().width,
+                advanceRight: Math.abs(adv.firstElementChild.getBoundingClientRect().right -
+                                       adv.getBoundingClientRect().right) < 0.5,
+                advancePct: c.querySelector('.check-adv').innerText.trim(),
                 progress: Number(c.dataset.progress), title: c.title,
                 text: c.querySelector('.check-text').innerText.trim(),
                 pct: c.querySelector('.check-pct').innerText.trim(),
@@ -449,6 +458,97 @@ def with_second_route(text: str) -> str:
         "    rings:\n"
         "      - {name: everyone, pool: stable}\n"
     )
+
+
+# Every chart of a route's ring rows: its axes and each drawn line's vertices in pixels.
+CHARTS = r"""((route) => Object.fromEntries([...document.querySelectorAll(
+    `[data-charts="${route}"] [data-chart-ring]`)].map((row) => [row.dataset.chartRing,
+  Object.fromEntries([...row.querySelectorAll('svg[data-chart]')].map((svg) => [
+    svg.dataset.chart, {
+      axes: Object.fromEntries(['x0', 'x1', 'y0', 'y1', 'left', 'right', 'top', 'bottom'].map(
+        (k) => [k, Number(svg.dataset[k])])),
+      lines: [...svg.querySelectorAll('path[data-series]')].map((p) => ({
+        series: p.dataset.series, of: p.dataset.of, d: p.getAttribute('d'),
+        hidden: p.getAttribute('visibility') === 'hidden',
+        stroke: getComputedStyle(p).stroke})),
+      events: [...svg.querySelectorAll('g[data-event]')].map((g) => ({
+        kind: g.dataset.event, time: Number(g.dataset.time),
+        title: g.querySelector('title').textContent})),
+    }]))])))"""
+
+
+def drawn(chart: dict[str, Any], line: dict[str, Any]) -> list[list[tuple[float, float]]]:
+    """A line's segments as (Unix time, value), mapped back through the chart's axes."""
+    a = chart["axes"]
+    segments: list[list[tuple[float, float]]] = []
+    for op, x, y in re.findall(r"([ML])(-?[\d.]+),(-?[\d.]+)", line["d"]):
+        t = a["x0"] + (float(x) - a["left"]) / (a["right"] - a["left"]) * (a["x1"] - a["x0"])
+        v = a["y0"] + (a["bottom"] - float(y)) / (a["bottom"] - a["top"]) * (a["y1"] - a["y0"])
+        if op == "M":
+            segments.append([])
+        segments[-1].append((t, v))
+    return segments
+
+
+def pixel(chart: dict[str, Any]) -> tuple[float, float]:
+    """The time and the value half a pixel's rounding (0.05 px, plus float noise) stands for."""
+    a = chart["axes"]
+    return ((a["x1"] - a["x0"]) / (a["right"] - a["left"]) * 0.06,
+            (a["y1"] - a["y0"]) / (a["bottom"] - a["top"]) * 0.06)
+
+
+SMOOTH = 10.0  # seconds of the page's trailing rates
+QUIET = 3.0  # no error rate where a ring had no requests for this long
+
+
+def trailing(points: dict[str, list[Any]]) -> dict[str, list[float | None]]:
+    """Requests/s and the error rate at each API point over the SMOOTH seconds up to its
+    end, from the API's counts (what the page draws for those two); no error rate where
+    the ring had no requests for QUIET seconds."""
+    rps: list[float | None] = []
+    rate: list[float | None] = []
+    for t, seconds in zip(points["t"], points["seconds"], strict=True):
+        inside = [k for k, tk in enumerate(points["t"]) if t + seconds - SMOOTH - 1e-6 <= tk <= t]
+        recent = sum(n for tk, n in zip(points["t"], points["requests"], strict=True)
+                     if t + seconds - QUIET - 1e-6 <= tk <= t)
+        requests = sum(points["requests"][k] for k in inside)
+        errors = sum(points["errors"][k] for k in inside)
+        span = sum(points["seconds"][k] for k in inside)
+        rps.append(requests / span if span else None)
+        rate.append(errors / requests if recent else None)
+    return {"rps": rps, "error_rate": rate}
+
+
+def assert_drawn_as(chart: dict[str, Any], line: dict[str, Any],
+                    points: dict[str, list[Any]], column: str) -> int:
+    """The line's vertices are the API's non-null points of ``column`` (the trailing rates
+    for rps and error_rate), in order, over the time the line covers (gaps where those
+    are null); returns how many were compared."""
+    dt, dv = pixel(chart)
+    segments = drawn(chart, line)
+    vertices = [p for seg in segments for p in seg]
+    assert vertices, f"nothing drawn for {line['series']}"
+    first, last = vertices[0][0], vertices[-1][0]
+    values = trailing(points)[column] if column in ("rps", "error_rate") else points[column]
+    want = [(t, v) for t, v in zip(points["t"], values, strict=True)
+            if v is not None and first - dt <= t <= last + dt]
+    assert len(vertices) == len(want), (line["series"], line["of"], len(vertices), len(want))
+    for (t, v), (wt, wv) in zip(vertices, want, strict=True):
+        assert abs(t - wt) <= dt and abs(v - wv) <= dv, (line["series"], (t, v), (wt, wv))
+    # a gap in the drawing is a null in the API's points, and the other way round
+    nulls = sum(1 for t, v in zip(points["t"], values, strict=True)
+                if v is None and first < t < last)
+    assert (len(segments) > 1) == (nulls > 0), (line["series"], len(segments), nulls)
+    return len(want)
+
+
+def step_runs(values: list[float], tolerance: float) -> list[float]:
+    """A step line's levels: consecutive repeats (within ``tolerance``) removed."""
+    out: list[float] = []
+    for v in values:
+        if not out or abs(out[-1] - v) > tolerance:
+            out.append(v)
+    return out
 
 
 # --------------------------------------------------------------------------- tests
@@ -535,6 +635,92 @@ async def test_the_page_shows_every_ring_with_the_numbers_of_the_api(
     assert tab.problems() == []
 
 
+async def test_the_charts_draw_the_series_of_the_api(
+    browser, running, stable: Upstream, canary: Upstream, tmp_path: Path
+) -> None:
+    # Background load with some errors and latency for a few seconds, in dark mode: every
+    # line of every ring's charts, read back through its axes, is the API's series.
+    stable.error_every, canary.error_every = 50, 8
+    stable.delay, canary.delay = 0.004, 0.012
+    ring = "progression: {steps: [20, 50], min_step_duration: 10m}"
+    proxy, _ = await running(page_config(stable, canary, tmp_path, ring=ring), per_second=150)
+    tab = await browser()
+    await tab.send("Emulation.setEmulatedMedia", {
+        "features": [{"name": "prefers-color-scheme", "value": "dark"}]})
+    await asyncio.sleep(3.2)  # a few seconds of points first
+    await tab.goto(proxy.admin_url + "/")
+    await tab.wait("document.body.dataset.state === 'ok' && "
+                   "!!document.querySelector('[data-charts=api] path[data-of=ring]')", 5)
+    await tab.eval("window.ratePath = document.querySelector('[data-charts=api] "
+                   "[data-chart-ring=canary] svg[data-chart=rps] path[data-of=ring]')")
+    before = await tab.eval("window.ratePath.getAttribute('d')")
+    await asyncio.sleep(1.1)  # one more second sampled; the next refresh asks ?since=
+    clicked = await tab.eval("document.querySelector('[data-field=updated]').dataset.value")
+    await tab.eval("document.querySelector('[data-action=refresh]').click()")
+    await tab.wait("document.querySelector('[data-field=updated]').dataset.value !== "
+                   f"{json.dumps(clicked)}", 5)
+    charts = await tab.eval(f"{CHARTS}('api')")
+    truth = await api(proxy, "/api/routes/api/series")
+    series = {r["name"]: r["points"] for r in truth["rings"]}
+    assert truth["baseline"] == "stable" and list(charts) == ["staff", "canary", "stable"]
+    compared = 0
+    for name, ring_charts in charts.items():
+        assert set(ring_charts) == {"rps", "error_rate", "latency", "weight"}, name
+        for kind, chart in ring_charts.items():
+            a = chart["axes"]
+            assert a["x0"] == truth["start"] and a["x1"] <= truth["now"], (name, kind)
+            for line in chart["lines"]:
+                of = name if line["of"] == "ring" else "stable"
+                assert line["of"] == "ring" or name != "stable", "the baseline has no twin"
+                points = series[of]
+                if line["hidden"]:
+                    assert not any(v is not None for v in points[line["series"]]), (name, kind)
+                    continue
+                if line["series"] == "weight":  # a step line: its levels, in order
+                    dv = pixel(chart)[1]
+                    shown_levels = step_runs([v for _, v in drawn(chart, line)[0]], dv)
+                    levels = step_runs([w for w in points["weight"] if w is not None], dv)
+                    assert len(shown_levels) == len(levels[-len(shown_levels):]), name
+                    assert all(abs(a - b) <= dv for a, b in zip(
+                        shown_levels, levels[-len(shown_levels):], strict=True)), name
+                    continue
+                compared += assert_drawn_as(chart, line, points, line["series"])
+        lines = {(ln["series"], ln["of"]) for c in ring_charts.values() for ln in c["lines"]}
+        if name == "stable":
+            assert ("rps", "baseline") not in lines
+        else:
+            assert {("rps", "baseline"), ("error_rate", "baseline"), ("p95", "baseline"),
+                    ("p99", "baseline")} <= lines, name
+    assert compared > 40, compared
+    canary_rate = series["canary"]["rps"]
+    assert sum(canary_rate) > 0 and any(e for e in series["canary"]["errors"])
+    assert charts["canary"]["weight"]["lines"][0]["d"].count("L") > 2
+    assert "no sticky share" in await tab.eval(
+        "document.querySelector('[data-chart-ring=staff] svg[data-chart=weight]').textContent")
+    # dark mode: the ring's lines in the dark accent, the page dark
+    stroke = charts["canary"]["rps"]["lines"][-1]["stroke"]
+    assert stroke == "rgb(110, 161, 255)", stroke
+    assert await tab.eval("getComputedStyle(document.body).backgroundColor") == \
+        "rgb(18, 22, 29)"
+    # in place: the same path node, now longer
+    assert await tab.eval("window.ratePath.isConnected && window.ratePath === document"
+                          ".querySelector('[data-charts=api] [data-chart-ring=canary] "
+                          "svg[data-chart=rps] path[data-of=ring]')") is True
+    assert len(await tab.eval("window.ratePath.getAttribute('d')")) > len(before)
+    # the time half of an advance, under the evidence: the step's minimum time left
+    routes = await api(proxy, "/api/routes/api")
+    canary_view = next(r for r in routes["rings"] if r["name"] == "canary")
+    assert canary_view["min_step_duration"] == 600.0
+    wait = await tab.eval("(() => { const n = document.querySelector("
+                          "'tr[data-evidence=canary] [data-field=step_wait]'); "
+                          "return n && {text: n.textContent, left: Number(n.dataset.value)}; })()")
+    assert wait["text"].startswith(" · advances after 10 min in the step ("), wait
+    assert 600 - canary_view["seconds_in_step"] - 2 <= wait["left"] <= 600, wait
+    since = [r["url"] for r in tab.requests() if "/series" in r["url"]]
+    assert "?since=" not in since[0] and any("?since=" in u for u in since[1:]), since
+    assert tab.problems() == []
+
+
 async def test_the_page_shows_a_rollback_within_its_refresh_period(
     browser, running, stable: Upstream, canary: Upstream, tmp_path: Path
 ) -> None:
@@ -563,6 +749,16 @@ async def test_the_page_shows_a_rollback_within_its_refresh_period(
           f"{seen_at - rollback.time:.2f}s after the rollback")
     assert seen_at - rollback.time <= REFRESH + 1.5
     assert seen_at - broken_at <= 3.5 + REFRESH + 1.5  # rollback delay + refresh period
+    # the same refresh put a marker on each of the canary's charts, its reason on hover
+    charts = (await tab.eval(f"{CHARTS}('api')"))["canary"]
+    for kind, chart in charts.items():
+        (marker,) = [e for e in chart["events"] if e["kind"] == "rollback"]
+        assert marker["time"] == rollback.time, kind
+        assert marker["title"].endswith(f"(20% → 0%): {rollback.reason}"), marker
+        a = chart["axes"]
+        assert a["x0"] <= marker["time"] <= a["x1"] + 5
+    assert all(not c["events"] for c in (await tab.eval(f"{CHARTS}('api')"))["stable"].values())
+    assert charts["rps"]["lines"][-1]["stroke"] == "rgb(37, 99, 235)"  # light mode's accent
 
     page = await tab.snapshot()
     rings = page["routes"]["api"]["rings"]
@@ -604,9 +800,9 @@ async def test_the_check_gauges_show_the_judges_progress_from_the_api(
     browser, running, stable: Upstream, canary: Upstream, tmp_path: Path
 ) -> None:
     # Known traffic, then none: the evidence stands still, so the page and the API must
-    # show the very same numbers.  The canary's errors are 7.7 % against the baseline's 1 %
+    # show the very same numbers.  The canary's errors are 6.7 % against the baseline's 1 %
     # with 1 point allowed: evidence part of the way to a rollback, not all of it.
-    stable.error_every, canary.error_every = 100, 13
+    stable.error_every, canary.error_every = 100, 15
     text = page_config(stable, canary, tmp_path, ring="weight: 50").replace(
         "max_error_rate_increase: 2", "max_error_rate_increase: 1").replace(
         "latency_floor: 20ms", "latency_floor: 300ms")  # the latency check stays quiet
@@ -633,7 +829,7 @@ async def test_the_check_gauges_show_the_judges_progress_from_the_api(
     await settled(tab)
     truth = (await api(proxy, "/api/routes"))["routes"][0]["rings"][1]
     assert truth["name"] == "canary" and truth["evidence"] == {
-        "requests": 300, "errors": 23, "baseline_requests": 1000, "baseline_errors": 10}
+        "requests": 300, "errors": 20, "baseline_requests": 1000, "baseline_errors": 10}
     assert truth["evidence"] == ring["evidence"]
     verdict = truth["verdict"]
     assert verdict == ring["verdict"], "the evidence stood still, so did the verdict"
@@ -651,6 +847,10 @@ async def test_the_check_gauges_show_the_judges_progress_from_the_api(
         assert got["text"] == check_words(want)
         assert got["pct"] == f"{pct} %" and got["meter"] == pct
         assert abs(got["shown"] - want["progress"]) <= 0.015, (got, want)  # the bar itself
+        # toward an advance: the left half, filled from the middle
+        assert got["advance"] == want["advance"] and got["advanceRight"], got
+        assert got["advancePct"] == f"{round(want['advance'] * 100)} %"
+        assert abs(got["advanceShown"] - want["advance"]) <= 0.03, (got, want)
     assert shown["checks"][0]["text"] == f"evidence {round(increase['progress'] * 100)} % " \
         "of the way to rollback"
     assert shown["counts"]["requests"] == str(truth["evidence"]["requests"])
@@ -842,7 +1042,7 @@ async def make_screenshot(out: Path) -> None:
         browser = Chromium(Path(tmp), lifetime=120)
         proxy = Proxy(parse_config(screenshot_config(ups, Path(tmp))))
         await proxy.start()
-        until = time.monotonic() + 90
+        until = time.monotonic() + 120
         load = [asyncio.ensure_future(_traffic(proxy.url, until)) for _ in range(6)]
         try:
             browser.start()
@@ -850,8 +1050,8 @@ async def make_screenshot(out: Path) -> None:
                 cdp = Cdp(await client.ws_connect(browser.ws_url, max_msg_size=0))
                 tab = await Tab.open(cdp)
                 await tab.goto(proxy.admin_url + "/")
-                await asyncio.sleep(5)
-                ups["checkout-v18"].error_every = 4  # the checkout canary goes bad
+                await asyncio.sleep(30)  # half a minute of healthy history on the charts
+                ups["checkout-v18"].error_every = 8  # the checkout canary goes bad (12.5 %)
                 deadline = time.monotonic() + 70
                 def unfolded() -> bool:  # the checkout canary is rolled back, the api
                     # canary judged on enough of its own traffic to show its evidence
@@ -865,7 +1065,7 @@ async def make_screenshot(out: Path) -> None:
                         f"the scenario did not unfold: {proxy.controller.states}, "
                         f"{[e.text for e in proxy.controller.events]}")
                     await asyncio.sleep(0.1)
-                await asyncio.sleep(1.5)
+                await asyncio.sleep(15)  # the charts show the canary's traffic gone
                 before = await tab.eval("document.querySelector('[data-field=updated]')"
                                         ".dataset.value")
                 await tab.eval("document.querySelector('[data-action=refresh]').click()")

@@ -9,14 +9,18 @@ bearer token with a role: ``viewer`` may read, ``operator`` may also act on ring
 (optionally only named routes and rings), ``admin`` may do everything including reload.
 With no token configured the API is read-only and only from loopback.  Errors are JSON
 ``{"error": ...}`` with 400, 401, 403, 404, 405, 409 or 422.
+
+The admin app also runs the series sampler (``proxy.admin.sampler``) while it is up: it
+feeds ``GET /api/routes/{route}/series``, the status page's charts.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Protocol
@@ -35,6 +39,8 @@ from proxy.admin.auth import (
     admin_only,
     authorize,
 )
+from proxy.admin.sampler import Sampler
+from proxy.admin.series import series_view
 from proxy.admin.views import RingView, RouteView, ring_views, route_view
 from proxy.errors import ApiError, RolloutConflict
 from proxy.rollout.machine import Trigger
@@ -84,6 +90,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 EndpointHandler = Callable[[web.Request, Caller], Awaitable[web.StreamResponse]]
 
 PROXY_KEY = web.AppKey("proxy", Proxy)
+SAMPLER_KEY = web.AppKey("sampler", Sampler)
 # Every registered handler and the requirement it enforces (tests read it back).
 REQUIREMENTS_KEY: web.AppKey[dict[Handler, Requirement]] = web.AppKey("requirements")
 
@@ -242,6 +249,42 @@ async def events(request: web.Request, caller: Caller) -> web.Response:
     return web.json_response({"events": history})
 
 
+def _since(request: web.Request) -> float | None:
+    since = request.query.get("since")
+    if since is None:
+        return None
+    try:
+        after = float(since)
+    except ValueError:
+        after = math.nan
+    if not math.isfinite(after):
+        raise ApiError(400, f"since={since!r}: expected a Unix time in seconds, "
+                            "e.g. since=1700000000.5")
+    return after
+
+
+async def series(request: web.Request, caller: Caller) -> web.Response:
+    """Per ring, its points (1 s, 10 s before the last 15 min) and the route's events
+    after ``since`` (default: from where the page's time axis starts)."""
+    name = request.match_info["route"]
+    compiled = _route_or_404(request, name)
+    since = _since(request)
+    proxy = _proxy(request)
+    controller = proxy.controller
+    plan = controller.plans.get(name)
+    baseline = plan.baseline if plan is not None else compiled.route.rings[-1].name
+    states = controller.states.get(name, {})
+    rings = []
+    for ring in compiled.route.rings:
+        state = states.get(ring.name)
+        rings.append((ring.name, ring.name == baseline,
+                      state.phase.value if state else None,
+                      state.step_since if state else None))
+    store = request.app[SAMPLER_KEY].store
+    return web.json_response(series_view(store, name, rings, baseline, controller.history,
+                                         time.time(), since))
+
+
 # --------------------------------------------------------------------------- actions
 
 
@@ -358,6 +401,7 @@ ENDPOINTS = (
     Endpoint("GET", "/metrics", PUBLIC, metrics),
     Endpoint("GET", "/api/routes", READ, routes),
     Endpoint("GET", "/api/routes/{route}", READ, route),
+    Endpoint("GET", "/api/routes/{route}/series", READ, series),
     Endpoint("GET", "/api/explain", READ, explain),
     Endpoint("GET", "/api/events", READ, events),
     Endpoint("POST", "/api/routes/{route}/rings/{ring}/{action}", ACT, action),
@@ -365,9 +409,19 @@ ENDPOINTS = (
 )
 
 
+async def _sampling(app: web.Application) -> AsyncIterator[None]:
+    """The series sampler runs while the admin app does."""
+    sampler = app[SAMPLER_KEY]
+    sampler.start()
+    yield
+    await sampler.stop()
+
+
 def admin_app(proxy: Proxy) -> web.Application:
     app = web.Application(middlewares=[_errors])
     app[PROXY_KEY] = proxy
+    app[SAMPLER_KEY] = Sampler(lambda: proxy.runtime, proxy.metrics)
+    app.cleanup_ctx.append(_sampling)
     requirements: dict[Handler, Requirement] = {}
     for endpoint in ENDPOINTS:
         handler = _guarded(endpoint.requirement, endpoint.handler)

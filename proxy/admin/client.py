@@ -1,11 +1,15 @@
 """The CLI's side of the admin API: status, rollout actions, events, reload.
 
 Plain ``urllib`` (one request per command, no event loop needed).  Every failure becomes
-an ``AdminClientError`` with a one-line message; the CLI prints it and exits 1.
+an ``AdminClientError`` with a one-line message; the CLI prints it and exits 1.  Calls to a
+loopback address never go through ``http_proxy``; an answer without the fields the admin
+API always sends (a URL that is some other server, such as the proxy's own port) is an
+error, never an empty table.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import time
 import urllib.error
@@ -22,13 +26,53 @@ DEFAULT_URL = "http://127.0.0.1:9901"
 Answer = dict[str, object]
 
 
+def is_loopback(url: str) -> bool:
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _open(request: urllib.request.Request, timeout: float) -> bytes:
+    """The answer's body; loopback never goes through a proxy from the environment."""
+    handlers: list[urllib.request.BaseHandler] = []
+    if is_loopback(request.full_url):
+        handlers.append(urllib.request.ProxyHandler({}))
+    opener = urllib.request.build_opener(*handlers)
+    with opener.open(request, timeout=timeout) as response:
+        body: bytes = response.read()
+        return body
+
+
+def post_json(url: str, timeout: float = 5.0) -> Answer:
+    """POST an empty JSON body to ``url`` (the demo's upstream controls) and read the answer."""
+    request = urllib.request.Request(url, data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        answer = json.loads(_open(request, timeout) or b"null")
+    except urllib.error.HTTPError as exc:
+        raise AdminClientError(f"{url}: HTTP {exc.code}") from None
+    except urllib.error.URLError as exc:
+        raise AdminClientError(f"cannot reach {url}: {exc.reason}") from None
+    except (TimeoutError, ValueError) as exc:
+        raise AdminClientError(f"bad answer from {url}: {exc}") from None
+    if not isinstance(answer, dict):
+        raise AdminClientError(f"bad answer from {url}: expected a JSON object")
+    return answer
+
+
 class AdminClient:
     def __init__(self, url: str, token: str | None, timeout: float = 10.0) -> None:
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
 
-    def call(self, method: str, path: str, body: Mapping[str, object] | None = None) -> Answer:
+    def call(self, method: str, path: str, body: Mapping[str, object] | None = None,
+             expect: str | None = None) -> Answer:
+        """``expect``: a key the admin API's answer always has (else: not a ringproxy)."""
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.url + path, data=data, method=method)
         request.add_header("Accept", "application/json")
@@ -37,46 +81,71 @@ class AdminClient:
         if self.token:
             request.add_header("Authorization", f"Bearer {self.token}")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                answer = json.loads(response.read() or b"null")
+            answer = json.loads(_open(request, self.timeout) or b"null")
         except urllib.error.HTTPError as exc:
-            raise AdminClientError(f"{_error_of(exc)} (HTTP {exc.code})") from None
+            message = _error_of(exc)
+            if message is None:
+                raise AdminClientError(
+                    f"{self.url} is not a ringproxy admin API (HTTP {exc.code} {exc.reason} "
+                    f"to {path.split('?')[0]}, without the API's JSON error); --admin takes "
+                    "the admin listener's URL (admin.listen)") from None
+            raise AdminClientError(f"{message} (HTTP {exc.code})") from None
         except urllib.error.URLError as exc:
             raise AdminClientError(f"cannot reach the admin API at {self.url}: "
                                    f"{exc.reason}") from None
         except (TimeoutError, ValueError) as exc:
-            raise AdminClientError(f"bad answer from the admin API at {self.url}: {exc}") from None
-        if not isinstance(answer, dict):
-            raise AdminClientError(f"bad answer from the admin API at {self.url}{path}: "
-                                   f"{type(answer).__name__}, expected a JSON object")
+            raise AdminClientError(f"{self.url} is not a ringproxy admin API (its answer to "
+                                   f"{path} is not JSON: {exc})") from None
+        if not isinstance(answer, dict) or (expect is not None and expect not in answer):
+            shape = f"no {expect!r} in" if isinstance(answer, dict) else "not a JSON object:"
+            raise AdminClientError(
+                f"{self.url} is not a ringproxy admin API ({shape} its answer to {path}); "
+                "--admin takes the admin listener's URL (admin.listen)")
         return answer
 
     def status(self) -> Answer:
-        return self.call("GET", "/api/routes")
+        return self.call("GET", "/api/routes", expect="routes")
+
+    def explain(self, route: str, headers: list[tuple[str, str]],
+                cookies: list[tuple[str, str]], query: list[tuple[str, str]],
+                ip: str | None, path: str, method: str) -> Answer:
+        """The running proxy's decision for such a request, at its live weights."""
+        params: list[tuple[str, str]] = [("route", route), ("path", path), ("method", method)]
+        params += [("header", f"{k}:{v}") for k, v in headers]
+        params += [("cookie", f"{k}:{v}") for k, v in cookies]
+        params += [("query", f"{k}:{v}") for k, v in query]
+        if ip is not None:
+            params.append(("ip", ip))
+        return self.call("GET", "/api/explain?" + urllib.parse.urlencode(params), expect="ring")
 
     def act(self, route: str, ring: str, action: str, body: Mapping[str, object]) -> Answer:
         quote = urllib.parse.quote
         return self.call(
             "POST", f"/api/routes/{quote(route, safe='')}/rings/{quote(ring, safe='')}/{action}",
-            body)
+            body, expect="ring")
 
     def events(self, route: str | None, since: float | None) -> Answer:
+        if route is not None:
+            # An unknown route is an error, as everywhere else (the API filters silently).
+            self.call("GET", f"/api/routes/{urllib.parse.quote(route, safe='')}", expect="name")
         query = {k: v for k, v in (("route", route), ("since", since)) if v is not None}
         suffix = "?" + urllib.parse.urlencode(query) if query else ""
-        return self.call("GET", "/api/events" + suffix)
+        return self.call("GET", "/api/events" + suffix, expect="events")
 
     def reload(self) -> Answer:
-        return self.call("POST", "/api/reload", {})
+        return self.call("POST", "/api/reload", {}, expect="revision")
 
 
-def _error_of(exc: urllib.error.HTTPError) -> str:
-    """The API's ``{"error": ...}`` message, or the HTTP reason when there is none."""
+def _error_of(exc: urllib.error.HTTPError) -> str | None:
+    """The API's ``{"error": ...}`` message; None when the answer has none (another server)."""
     try:
         answer = json.loads(exc.read())
     except ValueError:
-        return str(exc.reason)
+        return None
+    finally:
+        exc.close()
     message = answer.get("error") if isinstance(answer, dict) else None
-    return str(message) if message else str(exc.reason)
+    return str(message) if message else None
 
 
 # --------------------------------------------------------------------------- reading answers

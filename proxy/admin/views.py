@@ -6,7 +6,8 @@ and the status page read the same shapes back (``proxy.admin.client``, ``status.
 
 A ring's ``verdict`` carries the judge's evidence as it decided: per check the finding,
 the estimate and its anytime-valid bounds, the tolerance, the p-value against the check's
-share of ``alpha``, the progress toward a rollback (0..1) and the counts.  Floats that are
+share of ``alpha``, the progress toward a rollback (0..1), the progress toward an advance
+(``advance_progress``, 0..1) and the counts.  Floats that are
 not finite are written as null (JSON has no infinity).
 """
 
@@ -63,6 +64,7 @@ class CheckView(TypedDict):
     p_value: float | None
     alpha: float | None
     progress: float  # 0 no evidence against the ring .. 1 rolled back
+    advance: float  # 0 no evidence of health .. 1 within tolerance (see advance_progress)
     detail: str
     numbers: dict[str, Scalar]
 
@@ -98,6 +100,7 @@ class RingView(TypedDict):
     step: int | None
     steps: list[float]
     seconds_in_step: float | None
+    min_step_duration: float | None  # seconds a step lasts at least (None: no steps)
     baseline: bool
     pinned: bool
     starved: bool  # undecided for the route's max_blind: an analysis_starved alarm
@@ -151,8 +154,32 @@ def _scalar(x: Scalar) -> Scalar:
     return _finite(x) if isinstance(x, float) else x
 
 
+def advance_progress(check: Check) -> float:
+    """How far a check is toward *within* (its part of an advance): 0 none, 1 there.
+
+    A check is within once its upper bound reaches the limit.  The bound's distance to the
+    estimate shrinks about as 1 / sqrt(requests), so ``((limit - estimate) / (upper -
+    estimate))**2`` is roughly the share of the requests it needs that the check has seen,
+    at the current estimate: 0 when the estimate itself is at or past the limit (more
+    traffic alone will not get it there) or unknown.
+    """
+    if check.finding is Finding.WITHIN:
+        return 1.0
+    estimate, upper, limit = check.estimate, check.upper, check.limit
+    if check.finding is Finding.WORSE or estimate is None or not (
+            math.isfinite(estimate) and math.isfinite(upper) and math.isfinite(limit)):
+        return 0.0
+    need, width = limit - estimate, upper - estimate
+    if need <= 0:
+        return 0.0
+    if width <= need:
+        return 1.0
+    return min(1.0, (need / width) ** 2)
+
+
 def check_view(check: Check) -> CheckView:
-    """``check.as_dict()``, typed (the same keys and values, non-finite floats as null)."""
+    """``check.as_dict()``, typed (the same keys and values, non-finite floats as null),
+    and ``advance``."""
     return {
         "name": check.name,
         "finding": _FINDINGS[check.finding],
@@ -163,6 +190,7 @@ def check_view(check: Check) -> CheckView:
         "p_value": _finite(check.p_value),
         "alpha": _finite(check.alpha),
         "progress": round(check.progress, 4),
+        "advance": round(advance_progress(check), 4),
         "detail": check.detail,
         "numbers": {k: _scalar(v) for k, v in check.numbers.items()},
     }
@@ -313,6 +341,8 @@ def ring_views(
             "step": state.step if state else None,
             "steps": [s.weight / 100 for s in ring_plan.steps] if ring_plan else [],
             "seconds_in_step": round(wall - state.step_since, 1) if state else None,
+            "min_step_duration": ring_plan.progression.min_step_duration
+            if ring_plan and ring_plan.progression else None,
             "baseline": plan is not None and ring_plan is not None
             and ring.name == plan.baseline,
             "pinned": ring.pinned,

@@ -72,8 +72,10 @@ class FastRollback:
     """Roll back at once when a ring's error rate over ``window`` is above this."""
 
     max_error_rate: float  # fraction
-    min_requests: int = 10  # a hard limit: enough requests that bad luck cannot reach it
-    window: float = 1.0  # seconds
+    # At least this many requests in the window; the judge also wants the errors to be
+    # improbable at the baseline's rate over the same window (proxy.rollout.judge).
+    min_requests: int = 5
+    window: float = 0.5  # seconds: five of the control loop's 0.1 s looks
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,8 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_RE = re.compile(r"^(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 # Sizes: binary units only.  "KB" means 1000 to some readers and 1024 to others (NGINX's
 # "k" is 1024); refusing it costs one edit, guessing wrong costs a limit off by 2.4 %.
@@ -31,11 +32,13 @@ def _describe(value: object) -> str:
 
 
 def parse_duration(value: object) -> float:
-    """``"250ms" | "30s" | "5m" | "1h"`` -> seconds.  Bare numbers are refused: units matter."""
-    if isinstance(value, str):
-        m = _DURATION_RE.match(value.strip())
-        if m:
-            return float(m.group(1)) * _UNITS[m.group(2)]
+    """``"250ms" | "30s" | "5m" | "1h" | "1m30s"`` -> seconds.  Bare numbers are refused:
+    units matter.  A composite names each unit once, largest first (``1h30m``, as Go)."""
+    if isinstance(value, str) and _DURATION_RE.match(value.strip()):
+        parts = _DURATION_PART.findall(value.strip())
+        order = [list(_UNITS).index(unit) for _, unit in parts]
+        if len(parts) == 1 or order == sorted(set(order), reverse=True):
+            return sum(float(n) * _UNITS[unit] for n, unit in parts)
     raise ValueError(
         f"{_describe(value)} is not a duration; expected e.g. 250ms, 30s, 5m, 1h or 7d"
     )

@@ -7,8 +7,12 @@ webhook sender.  Operator actions (the admin API) come in through ``act``.
 
 Every ``analysis.interval`` the judge reads each ring's evidence since its step began
 against its baseline's over the same time (``proxy.control.looks``: evidence starts at
-the first look at a step, after a restart too); every ``FAST_TICK`` the fast path reads
-each ring's last ``fast.window`` seconds.
+the first look at a step, after a restart too).  Every ``FAST_TICK`` in between, a quick
+look runs the error checks alone on the counts since each mark (``judge.errors_worse``:
+the same tests at the same alpha, looked at more often, which an anytime-valid test
+allows; a few tens of microseconds a ring) and calls a full round when they would roll
+back; and the fast path, where configured, reads each ring's last ``fast.window``
+seconds.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from proxy.control.statefile import (
 )
 from proxy.control.webhooks import WebhookSender
 from proxy.errors import RolloutConflict, StateError
-from proxy.rollout.judge import Verdict, judge_fast, judge_marks
+from proxy.rollout.judge import Verdict, errors_worse, judge_fast, judge_marks
 from proxy.rollout.machine import Trigger, act, on_fast_failure, on_verdicts, restore
 from proxy.rollout.plan import RoutePlan, build_plan
 from proxy.rollout.state import Event, Phase, RingState
@@ -252,6 +256,11 @@ class Controller:
                         await self.evaluate(name)
                     except Exception:  # one bad round must not stop the loop
                         log.exception("analysis of route %s failed", name)
+            for name in analysed:
+                try:
+                    await self.check_errors(name)
+                except Exception:  # pragma: no cover - logged, the loop goes on
+                    log.exception("quick error look at route %s failed", name)
             fast = [name for name, a in analysed.items() if a.fast is not None]
             for name in fast:
                 try:
@@ -259,7 +268,7 @@ class Controller:
                 except Exception:
                     log.exception("fast rollback check of route %s failed", name)
             ticks = [a.interval / 4 for a in analysed.values()]
-            if fast:
+            if analysed:
                 ticks.append(FAST_TICK)
             await asyncio.sleep(min(ticks) if ticks else 1.0)
 
@@ -300,6 +309,30 @@ class Controller:
             if verdict is not None:
                 return ring.name, verdict
         return None
+
+    async def check_errors(self, route: str) -> list[Event]:
+        """The quick look: a full round now if the error checks since any mark roll back."""
+        async with self._lock:
+            plan = self.plans.get(route)
+            analysis = plan.analysis if plan is not None else None
+            if plan is None or analysis is None or self._runtime is None:
+                return []
+            try:
+                baseline = self.metrics.tally(route, plan.baseline)
+                due = False
+                for ring in plan.analysed:
+                    state = self.states[route][ring.name]
+                    if not state.enabled:
+                        continue
+                    counts = self.looks.counts_since_marks(
+                        (route, ring.name), state, self.metrics.tally(route, ring.name),
+                        baseline)
+                    if counts and errors_worse(counts, analysis.criteria) is not None:
+                        due = True
+                        break
+            except KeyError:
+                return []  # metrics are off: nothing is analysed
+        return await self.evaluate(route) if due else []
 
     async def evaluate(self, route: str) -> list[Event]:
         """One analysis round for ``route``: verdicts, then whatever they decide."""

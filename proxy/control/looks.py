@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from proxy.rollout.evidence import Evidence, Tally
+from proxy.rollout.judge import Tallied
 from proxy.rollout.state import RingState
 from proxy.rollout.window import Recent
 
@@ -114,6 +115,19 @@ class Looks:
         marks.look(now, ring_now, baseline_now)
         return [(1, ring_now.since(start.ring_at), baseline_now.since(start.baseline_at)),
                 *((j, ring_now.since(r), baseline_now.since(b)) for j, r, b in marks.kept)]
+
+    def counts_since_marks(
+        self, key: Key, state: RingState, tally: Tally, baseline: Tally
+    ) -> list[tuple[int, Tallied]]:
+        """(requests, errors) of the ring and its baseline since each mark, for the quick
+        error look between two full rounds (the marks are taken by the full rounds)."""
+        start = self.start(key, state, tally, baseline)
+        held = self.marks.get(key)
+        kept = held[1].kept if held is not None and held[0] is start else []
+        r_n, r_e, b_n, b_e = tally.requests, tally.errors, baseline.requests, baseline.errors
+        points = [(1, start.ring_at, start.baseline_at), *kept]
+        return [(j, (r_n - r.requests, r_e - r.errors, b_n - b.requests, b_e - b.errors))
+                for j, r, b in points]
 
     def recent(
         self, key: Key, state: RingState, tally: Tally, seconds: float, now: float

@@ -5,10 +5,14 @@ Pure: no asyncio, no clock, no I/O.  Incidents can be replayed through it.
 Every check is a sequential test with an anytime-valid guarantee (``proxy.rollout.sequential``):
 the evidence accumulates over the step, the judge may look as often as it likes, and the
 probability that a ring within its tolerances is ever rolled back during the step is at
-most ``alpha``.  The route's ``alpha`` is split evenly over its checks (a union bound).
+most ``alpha``.  The route's ``alpha`` is split over its checks by weights fixed by the
+config (a union bound; ``alpha_shares``): an error check weighs 2, a latency check at
+quantile q weighs sqrt(0.05 / (1 - q)), so by default the error increase gets 36 %, p99
+40 %, p95 18 % and p50 6 %.
 
 * **Error rate increase.** H0: p_ring <= p_baseline + tolerance (errors among judged
-  requests on each side; ``sequential.compare``).
+  requests on each side; ``sequential.compare``: one joint e-process over both rings, so
+  the baseline's plentiful traffic spends almost none of the check's alpha).
 * **Latency against the baseline**, per quantile q with its ``ratio``.  The limit is
   t = max(ratio x Q_base(q), Q_base(q) + latency_floor) and H0 is "Q_ring(q) <= t", that is
   "at most a share 1 - q of the ring's requests are slower than t": a rate, tested like the
@@ -19,14 +23,15 @@ most ``alpha``.  The route's ``alpha`` is split evenly over its checks (a union 
   lower bound of Q_base, gives a limit below t, and the ring's share slower than it must be
   surely under 1 - q.
 
-  The edges are picked by the data, yet no union over them is needed: each side's test
-  runs at half the check's alpha.  The bounds grow with the count, and the count of
-  requests slower than an edge shrinks as the edge rises, so a wrong conclusion at a
-  picked edge implies the sequence failed at one *fixed* edge: for "Q_base <= U", the last
-  edge below the true Q_base; for a false rejection of the ring, the first edge at or
-  above its true quantile (H0 puts t, hence the picked edge, at or above it); and likewise
-  for health.  Each of those is one confidence sequence, failing with probability at most
-  its level over all time.
+  The edges are picked by the data, yet no union over them is needed: the baseline's
+  bound runs at a quarter of the check's alpha (``BASELINE_SHARE``: the baseline has
+  most of the traffic) and the ring's test at the other three quarters.  The bounds grow
+  with the count, and the count of requests slower than an edge shrinks as the edge
+  rises, so a wrong conclusion at a picked edge implies the sequence failed at one *fixed*
+  edge: for "Q_base <= U", the last edge below the true Q_base; for a false rejection of
+  the ring, the first edge at or above its true quantile (H0 puts t, hence the picked
+  edge, at or above it); and likewise for health.  Each of those is one confidence
+  sequence, failing with probability at most its level over all time.
 * **Absolute limits**: ``max_error_rate`` (H0: p_ring <= limit) and ``max_pXX`` (H0: at
   most a share 1 - q slower than the limit), one-sample tests with fixed limits.
 
@@ -46,6 +51,7 @@ from proxy.config.analysis import AbsoluteLatency, Criteria, FastRollback, Laten
 from proxy.rollout.evidence import Evidence
 from proxy.rollout.sequential import (
     Counts,
+    binomial_tail,
     compare,
     lower_bound,
     p_above,
@@ -55,6 +61,10 @@ from proxy.rollout.sequential import (
 from proxy.rollout.sketch import SIZE, index_of, upper_edge
 
 Numbers = Mapping[str, float | int | str | None]
+# The share of a relative latency check's alpha spent on bounding the baseline's quantile;
+# the ring's test gets the rest.  The baseline usually has most of the traffic, so a
+# quarter bounds it about as tightly as a half would, and the ring gains ln(1.5) of evidence.
+BASELINE_SHARE = 0.25
 
 
 class Outcome(StrEnum):
@@ -151,23 +161,54 @@ def check_count(c: Criteria) -> int:
             + len(c.latency) + len(c.max_latency))
 
 
+ERROR_WEIGHT = 2.0  # an error check's weight in the split of alpha (a p95 check weighs 1)
+
+
+def latency_weight(q: float) -> float:
+    """A latency check's weight: sqrt(0.05 / (1 - q)), 1 for p95, 2.2 for p99, 0.32 for p50.
+
+    The rarer the requests a check counts (a share 1 - q of them), the less evidence each
+    request brings, and the more a share of alpha is worth to it: p50 sees evidence in
+    every other request and needs little, p99 in one of a hundred."""
+    return math.sqrt(0.05 / (1.0 - q))
+
+
+def alpha_shares(c: Criteria) -> dict[str, float]:
+    """Each check's share of the route's alpha, by name: weights fixed by the config,
+    never by the data, that add up to 1 (a union bound over the checks)."""
+    weights: dict[str, float] = {}
+    if c.max_error_rate_increase is not None:
+        weights["error_rate_increase"] = ERROR_WEIGHT
+    if c.max_error_rate is not None:
+        weights["error_rate"] = ERROR_WEIGHT
+    for limit in c.latency:
+        weights[limit.name] = latency_weight(limit.quantile)
+    for absolute in c.max_latency:
+        weights[absolute.name] = latency_weight(absolute.quantile)
+    total = sum(weights.values())
+    return {name: w / total for name, w in weights.items()}
+
+
 def judge(ring: Evidence, baseline: Evidence, c: Criteria) -> Verdict:
     """The verdict on ``ring``'s evidence against ``baseline``'s over the same time."""
-    k = check_count(c)
-    if k == 0:
+    shares = alpha_shares(c)
+    if not shares:
         return Verdict(Outcome.UNDECIDED, (), ring.requests, baseline.requests,
                        "no checks configured")
-    a = c.alpha / k
+    a = {name: c.alpha * share for name, share in shares.items()}
     checks: list[Check] = []
     if c.max_error_rate_increase is not None:
-        checks.append(_error_increase(ring, baseline, c.max_error_rate_increase, a))
+        checks.append(_error_increase(ring, baseline, c.max_error_rate_increase,
+                                      a["error_rate_increase"]))
     if c.max_error_rate is not None:
-        checks.append(_error_rate(ring, c.max_error_rate, a))
+        checks.append(_error_rate(ring, c.max_error_rate, a["error_rate"]))
     if c.latency or c.max_latency:
         tails = (_Tail(ring), _Tail(baseline))
-        checks += [_relative_latency(ring, baseline, limit, c.latency_floor, a, tails)
+        checks += [_relative_latency(ring, baseline, limit, c.latency_floor, a[limit.name],
+                                     tails)
                    for limit in c.latency]
-        checks += [_absolute_latency(ring, limit, a, tails[0]) for limit in c.max_latency]
+        checks += [_absolute_latency(ring, limit, a[limit.name], tails[0])
+                   for limit in c.max_latency]
     done = tuple(checks)
     if any(ch.finding is Finding.WORSE for ch in done):
         return Verdict(Outcome.ROLLBACK, done, ring.requests, baseline.requests)
@@ -194,9 +235,10 @@ def _finding(worse: bool, within: bool) -> Finding:
 # --------------------------------------------------------------------------- errors
 
 
-def _error_increase(ring: Evidence, base: Evidence, tolerance: float, a: float) -> Check:
+def _error_increase(ring: Evidence, base: Evidence, tolerance: float, a: float,
+                    shown: bool = True) -> Check:
     r, b = Counts(ring.errors, ring.requests), Counts(base.errors, base.requests)
-    cmp = compare(r, b, tolerance, a)
+    cmp = compare(r, b, tolerance, a, shown=shown)
     detail = (f"error rate {_pct(r.rate)} ({r.events}/{r.trials}) against the baseline's "
               f"{_pct(b.rate)} ({b.events}/{b.trials}): {_points(cmp.lower)} to "
               f"{_points(cmp.upper)} points, {tolerance * 100:g} allowed (p={cmp.p_value:.3g})")
@@ -287,8 +329,9 @@ def _health_edge(base: _Tail, q: float, ratio: float, floor: float, edge_a: floa
 def _rejects(ring: _Tail, base: _Tail, q: float, ratio: float, floor: float,
              a: float) -> bool:
     """Whether the relative latency test rejects "Q_ring(q) <= t" at level ``a``."""
-    edge = _rollback_edge(base, q, ratio, floor, a / 2)
-    return edge is not None and lower_bound(ring.share(edge), a / 2) > 1 - q
+    edge = _rollback_edge(base, q, ratio, floor, a * BASELINE_SHARE)
+    ring_a = a * (1 - BASELINE_SHARE)
+    return edge is not None and lower_bound(ring.share(edge), ring_a) > 1 - q
 
 
 def _latency_p_value(ring: _Tail, base: _Tail, q: float, ratio: float, floor: float) -> float:
@@ -316,13 +359,13 @@ def _relative_latency(ring: Evidence, base: Evidence, limit: LatencyLimit, floor
     q, ratio = limit.quantile, limit.ratio
     ring_q, base_q = ring.quantile(q), base.quantile(q)
     ring_tail, base_tail = tails
-    edge_a = a / 2
-    rollback_edge = _rollback_edge(base_tail, q, ratio, floor, edge_a)
-    health_edge = _health_edge(base_tail, q, ratio, floor, edge_a)
+    base_a, ring_a = a * BASELINE_SHARE, a * (1 - BASELINE_SHARE)
+    rollback_edge = _rollback_edge(base_tail, q, ratio, floor, base_a)
+    health_edge = _health_edge(base_tail, q, ratio, floor, base_a)
     lo = 0.0
     if rollback_edge is not None and ring.timed:
-        lo = lower_bound(ring_tail.share(rollback_edge), edge_a)
-    hi = upper_bound(ring_tail.share(health_edge), edge_a) if ring.timed else 1.0
+        lo = lower_bound(ring_tail.share(rollback_edge), ring_a)
+    hi = upper_bound(ring_tail.share(health_edge), ring_a) if ring.timed else 1.0
     worse = lo > 1 - q
     within = not worse and ring.timed > 0 and hi <= 1 - q
     p = _latency_p_value(ring_tail, base_tail, q, ratio, floor)
@@ -358,7 +401,9 @@ def _absolute_latency(ring: Evidence, limit: AbsoluteLatency, a: float, tail: _T
 # --------------------------------------------------------------------------- fast path
 
 
-FAST_LEVEL = 1e-6  # how sure the fast path must be that the ring errs more than its baseline
+# How improbable the ring's recent errors must be at its baseline's recent rate: per look
+# (every 0.1 s), so 18,000 looks in 30 minutes stay below 2e-4 by a union bound.
+FAST_LEVEL = 1e-8
 
 
 def judge_fast(
@@ -368,35 +413,52 @@ def judge_fast(
     """The fast path: a rollback when the recent error rate is above a hard limit, else None.
 
     A hard limit on the last ``fast.window`` seconds, for a ring that turns to errors all
-    at once.  Trouble both rings share (an incident of a common dependency) is not the
-    version's: when the baseline's error rate over the same window is at least a sure lower
-    bound of the ring's (at ``FAST_LEVEL``), nothing happens and the sequential judge
-    decides.
+    at once: more than ``fast.max_error_rate`` of at least ``fast.min_requests`` requests,
+    and, when the baseline had traffic over the same window, errors the baseline's rate
+    there makes improbable: P(X >= errors) <= ``FAST_LEVEL`` for X ~ Binomial(requests,
+    p) with p = (baseline errors + 1) / (baseline requests + 2) (Laplace's rule keeps a
+    quiet baseline window from reading as a 0 % rate).  Trouble both rings share (an
+    incident of a common dependency) is then left to the sequential judge, and so is a
+    ring with a merely high error rate: 6 errors of 10 requests against a 1 % baseline is
+    2e-10, against a 5 % one 3e-6 (not enough).
     """
     if requests < fast.min_requests or errors / requests <= fast.max_error_rate:
         return None
-    if baseline_requests and lower_bound(Counts(errors, requests), FAST_LEVEL) \
-            <= baseline_errors / baseline_requests:
-        return None
+    chance = None
+    if baseline_requests:
+        reference = (baseline_errors + 1) / (baseline_requests + 2)
+        chance = binomial_tail(errors, requests, reference)
+        if chance > FAST_LEVEL:
+            return None
     rate = errors / requests
+    against = "" if chance is None else f", a {chance:.1g} chance at the baseline's rate"
     check = Check(
-        "fast_error_rate", Finding.WORSE, rate, rate, rate, fast.max_error_rate, 0.0, 1.0,
+        "fast_error_rate", Finding.WORSE, rate, rate, rate, fast.max_error_rate,
+        0.0 if chance is None else chance, FAST_LEVEL,
         f"error rate {_pct(rate)} ({errors}/{requests}) over the last {fast.window:g}s, "
-        f"above the fast-rollback limit {_pct(fast.max_error_rate)}",
-        {"errors": errors, "requests": requests, "window": fast.window})
+        f"above the fast-rollback limit {_pct(fast.max_error_rate)}{against}",
+        {"errors": errors, "requests": requests, "window": fast.window,
+         "baseline_errors": baseline_errors, "baseline_requests": baseline_requests})
     return Verdict(Outcome.ROLLBACK, (check,), requests)
 
 
 # --------------------------------------------------------------------------- marks
 
 
-def mark_alpha(alpha: float, j: int) -> float:
-    """The share of ``alpha`` the j-th evidence mark (from 1) is judged at: alpha 6/(pi^2 j^2).
+MARK_ONE_SHARE = 0.9  # of alpha, for the step's start; later marks share the rest
 
-    The shares add up to alpha (the sum of 1/j^2 is pi^2/6), so however many marks a step
-    has, the chance that any of them rolls back a ring within tolerance is at most alpha.
+
+def mark_alpha(alpha: float, j: int) -> float:
+    """The share of ``alpha`` the j-th evidence mark (from 1) is judged at.
+
+    Mark 1 (the step's start: what a rollout judged from its start needs) gets
+    ``MARK_ONE_SHARE``; mark j >= 2 gets the rest times 1 / ((j - 1) j).  The sum of
+    1 / ((j - 1) j) over j >= 2 telescopes to 1, so however many marks a step has, the
+    chance that any of them rolls back a ring within tolerance is at most alpha.
     """
-    return alpha * 6 / (math.pi ** 2 * j * j)
+    if j == 1:
+        return alpha * MARK_ONE_SHARE
+    return alpha * (1 - MARK_ONE_SHARE) / ((j - 1) * j)
 
 
 def judge_marks(
@@ -423,3 +485,28 @@ def judge_marks(
     if first is None:  # pragma: no cover - marks is not empty
         raise ValueError("no marks")
     return first
+
+
+Tallied = tuple[int, int, int, int]  # (ring requests, ring errors, baseline requests, errors)
+
+
+def errors_worse(marks: Sequence[tuple[int, Tallied]], c: Criteria) -> int | None:
+    """The first mark whose error checks roll the ring back, from counts alone (else None).
+
+    The controller's quick look between two full rounds (every 0.1 s): the same checks at
+    the same shares of alpha as ``judge_marks``, so looking at them more often keeps the
+    guarantee (the tests are anytime-valid), and nothing but the decision is computed;
+    the verdict that explains a rollback is then ``judge_marks``' own.
+    """
+    shares = alpha_shares(c)
+    for j, (requests, errors, base_requests, base_errors) in marks:
+        a = mark_alpha(c.alpha, j)
+        ring = Counts(errors, requests)
+        if c.max_error_rate_increase is not None and compare(
+                ring, Counts(base_errors, base_requests), c.max_error_rate_increase,
+                a * shares["error_rate_increase"], shown=False).worse:
+            return j
+        if c.max_error_rate is not None and \
+                lower_bound(ring, a * shares["error_rate"]) > c.max_error_rate:
+            return j
+    return None

@@ -3,25 +3,44 @@
 Pure: standard library only.
 
 A ring's requests are Bernoulli trials for an event (an error; an answer slower than a
-latency limit) with an unknown rate p.  After n trials with s events, Robbins' beta-binomial
-mixture of likelihood ratios
+latency limit) with an unknown rate p.  After n trials with s events, a mixture of
+likelihood ratios over a prior pi on the alternative rate x,
 
-    M_n(p) = [B(a + s, b + n - s) / B(a, b)] / [p^s (1 - p)^(n - s)]
+    M_n(p) = [integral of x^s (1 - x)^(n - s) dpi(x)] / [p^s (1 - p)^(n - s)],
 
-is, under the true p, a nonnegative martingale with M_0 = 1.  By Ville's inequality
-P(exists n: M_n(p) >= 1/alpha) <= alpha, so C_n = {p : M_n(p) < 1/alpha} is a confidence
-sequence: it holds the true rate at every n at once with probability at least 1 - alpha,
-however often it is looked at and whenever the looking stops (Robbins 1970; Howard, Ramdas,
+is, under the true p, a nonnegative martingale with M_0 = 1 (Robbins 1970).  By Ville's
+inequality P(exists n: M_n(p) >= 1/alpha) <= alpha, so C_n = {p : M_n(p) < 1/alpha} is a
+confidence sequence: it holds the true rate at every n at once with probability at least
+1 - alpha, however often it is looked at and whenever the looking stops (Howard, Ramdas,
 McAuliffe, Sekhon, "Time-uniform, nonparametric, nonasymptotic confidence sequences",
-Ann. Statist. 49(2), 2021).  log M_n is convex in p with its minimum at p = s/n, so C_n is an
-interval, found by bisection on each side.
+Ann. Statist. 49(2), 2021).
 
-A ring against its baseline, H0: p_ring <= p_base + tolerance.  Each side gets a confidence
-sequence at alpha/2, and H0 is rejected when the ring's lower bound exceeds the baseline's
-upper bound plus the tolerance.  When both sequences hold (probability >= 1 - alpha over all
-time) every null pair (p_base, p_ring) lies inside one of them, so a rejection is wrong with
-probability at most alpha, at any stopping time: the false rollback probability over a
-whole step, whatever the analysis interval.
+The prior is a finite mixture of Beta(a_k, b_k) with weights w_k adding up to 1, so the
+numerator is sum_k w_k B(a_k + s, b_k + n - s) / B(a_k, b_k): a mixture of martingales is
+a martingale, and the guarantee holds whatever the prior, as long as it is fixed before the
+data.  It sets the power: a prior with little mass near the rates actually seen pays for
+it in evidence.  ``PRIOR`` mixes Jeffreys' Beta(1/2, 1/2) (any rate, and a quick answer
+for a ring that fails everything) with Beta(1, 4), Beta(1, 16) and Beta(1, 64), which put
+their mass on rates around 20 %, 6 % and 1.5 %, where error rates and latency shares are:
+a mixture over scales (see the module tests for what each choice costs).  The numerator
+does not depend on p, so log M_n(p) is convex in p with its minimum at p = s/n and C_n is
+an interval, found by bisection on each side.
+
+A ring against its baseline, H0: p_ring <= p_base + tolerance.  The two rings' requests
+are independent, so the product M_ring(p_r) M_base(p_b) is a martingale under the true
+pair (p_b, p_r) (Ville again), and
+
+    V = min over the null {p_r <= p_b + tol} of log M_ring(p_r) + log M_base(p_b)
+
+is the log of an e-process for the composite null: the false rejection probability of
+"V >= log(1/alpha)" is at most alpha at any stopping time (the running-minimum form of
+universal inference: Wasserman, Ramdas, Balakrishnan, "Universal inference", PNAS 117(29),
+2020; Ramdas, Ruf, Larsson, Koolen, "Game-theoretic statistics and safe anytime-valid
+inference", Statist. Sci. 38(4), 2023).  Both logs are convex, so when the estimates lie
+outside the null the minimum is on its edge p_r = p_b + tol: a one-dimensional convex
+minimum, found where its derivative changes sign.  Health is the mirror image (the null
+{p_r >= p_b + tol}, the same edge).  Unlike two separate sequences at alpha/2 each, the
+sum lets the baseline's plentiful traffic spend almost none of alpha.
 """
 
 from __future__ import annotations
@@ -29,10 +48,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-# Jeffreys' prior Beta(1/2, 1/2): no preference between low and high rates, and a mixture
-# that reacts within a few trials to a rate near 1 (a ring answering only errors).
-PRIOR = (0.5, 0.5)
+Prior = tuple[tuple[float, float, float], ...]  # Beta components: (weight, a, b)
+
+JEFFREYS: Prior = ((1.0, 0.5, 0.5),)
+# A mixture over scales: Jeffreys for any rate (and a ring failing everything), and three
+# components with their mass on rates near 20 %, 6 % and 1.5 % (means 1/5, 1/17, 1/65).
+# Against Jeffreys alone, judge_sim's 20 % error canary is caught in 1.8 s instead of
+# 2.3 s, a 3 % p99 tail in 31 s instead of 36 s (median of 100-200 simulated runs).
+PRIOR: Prior = ((0.25, 0.5, 0.5), (0.25, 1.0, 4.0), (0.25, 1.0, 16.0), (0.25, 1.0, 64.0))
 _BISECT_STEPS = 42  # interval bisection to ~2e-13: far below any tolerance in use
+_SHOWN_STEPS = 26  # the shown bounds of a difference: to ~3e-8 of a rate
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,36 +76,47 @@ class Counts:
         return self.events / self.trials if self.trials else None
 
 
-def log_mixture(c: Counts, p: float, prior: tuple[float, float] = PRIOR) -> float:
+def log_mixture(c: Counts, p: float, prior: Prior = PRIOR) -> float:
     """log M_n(p), the evidence against the rate being ``p`` (0 with no trials)."""
     return _Evidence(c, prior)(p)
 
 
 class _Evidence:
-    """log M_n(p) as a function of p for fixed counts (the beta term computed once)."""
+    """log M_n(p) as a function of p for fixed counts (the numerator computed once)."""
 
-    __slots__ = ("f", "log_beta_ratio", "s")
+    __slots__ = ("f", "log_numerator", "s")
 
-    def __init__(self, c: Counts, prior: tuple[float, float]) -> None:
-        a, b = prior
+    def __init__(self, c: Counts, prior: Prior) -> None:
         self.s, self.f = c.events, c.trials - c.events
-        self.log_beta_ratio = _log_beta(a + self.s, b + self.f) - _log_beta(a, b)
+        terms = [math.log(w) + _log_beta(a + self.s, b + self.f) - _log_beta(a, b)
+                 for w, a, b in prior]
+        top = max(terms)
+        self.log_numerator = top + math.log(sum(math.exp(t - top) for t in terms))
 
     def __call__(self, p: float) -> float:
         if p <= 0.0:
-            return math.inf if self.s else self.log_beta_ratio
+            return math.inf if self.s else self.log_numerator
         if p >= 1.0:
-            return math.inf if self.f else self.log_beta_ratio
-        return self.log_beta_ratio - self.s * math.log(p) - self.f * math.log1p(-p)
+            return math.inf if self.f else self.log_numerator
+        return self.log_numerator - self.s * math.log(p) - self.f * math.log1p(-p)
+
+    def slope(self, p: float) -> float:
+        """d log M / dp, for 0 < p < 1."""
+        return self.f / (1.0 - p) - self.s / p
 
 
 def _log_beta(x: float, y: float) -> float:
     return math.lgamma(x) + math.lgamma(y) - math.lgamma(x + y)
 
 
-def rate_bounds(
-    c: Counts, alpha: float, prior: tuple[float, float] = PRIOR
-) -> tuple[float, float]:
+def check_prior(prior: Prior) -> None:
+    if not prior or any(w <= 0 or a <= 0 or b <= 0 for w, a, b in prior) or \
+            abs(sum(w for w, _, _ in prior) - 1.0) > 1e-9:
+        raise ValueError(f"prior {prior!r}: expected Beta components (weight, a, b) with "
+                         "positive numbers and weights adding up to 1")
+
+
+def rate_bounds(c: Counts, alpha: float, prior: Prior = PRIOR) -> tuple[float, float]:
     """The confidence sequence C_n at level ``alpha``: (lower, upper) bounds on the rate."""
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha {alpha!r} must be between 0 and 1")
@@ -96,7 +132,7 @@ def rate_bounds(
     return lower, upper
 
 
-def lower_bound(c: Counts, alpha: float, prior: tuple[float, float] = PRIOR) -> float:
+def lower_bound(c: Counts, alpha: float, prior: Prior = PRIOR) -> float:
     """The lower end of the sequence alone (half the work of ``rate_bounds``)."""
     if c.trials == 0:
         return 0.0
@@ -106,7 +142,7 @@ def lower_bound(c: Counts, alpha: float, prior: tuple[float, float] = PRIOR) -> 
                                                         c.events / c.trials)
 
 
-def upper_bound(c: Counts, alpha: float, prior: tuple[float, float] = PRIOR) -> float:
+def upper_bound(c: Counts, alpha: float, prior: Prior = PRIOR) -> float:
     """The upper end of the sequence alone."""
     if c.trials == 0:
         return 1.0
@@ -131,10 +167,11 @@ def _crossing(evidence: _Evidence, limit: float, outside: float, inside: float) 
 class Comparison:
     """A ring's rate against its baseline's, with anytime-valid bounds and p-value.
 
-    ``lower``/``upper`` bound ``ring rate - baseline rate`` (each side at alpha/2);
-    ``p_value`` is the anytime-valid p-value of H0 "the ring is at most ``tolerance``
-    worse"; ``worse`` is the rejection of H0 at ``alpha``; ``within`` says the whole
-    interval is inside the tolerance (evidence of health).
+    ``lower``/``upper`` bound ``ring rate - baseline rate`` (the differences d whose edge
+    {p_r = p_b + d} the joint evidence has not excluded at ``alpha``); ``p_value`` is the
+    anytime-valid p-value of H0 "the ring is at most ``tolerance`` worse"; ``worse`` is
+    the rejection of H0 at ``alpha``; ``within`` the rejection of "at least ``tolerance``
+    worse" (evidence of health).
     """
 
     estimate: float | None
@@ -145,58 +182,82 @@ class Comparison:
     within: bool
 
 
+class _Joint:
+    """log M_ring(p_b + d) + log M_base(p_b), minimised over p_b: V(d), convex in d."""
+
+    __slots__ = ("base", "ring")
+
+    def __init__(self, ring: Counts, baseline: Counts, prior: Prior) -> None:
+        self.ring, self.base = _Evidence(ring, prior), _Evidence(baseline, prior)
+
+    def __call__(self, d: float, steps: int = _BISECT_STEPS) -> float:
+        lo, hi = max(0.0, -d), min(1.0, 1.0 - d)
+        if hi <= lo:
+            return self.base(lo) + self.ring(lo + d)
+        ring, base = self.ring, self.base
+        # The sum is convex in p_b: its minimum is where the slope changes sign (or an end).
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            if base.slope(mid) + ring.slope(mid + d) < 0:
+                lo = mid
+            else:
+                hi = mid
+        x = (lo + hi) / 2
+        return base(x) + ring(x + d)
+
+
 def compare(
     ring: Counts, baseline: Counts, tolerance: float, alpha: float,
-    prior: tuple[float, float] = PRIOR,
+    prior: Prior = PRIOR, shown: bool = True,
 ) -> Comparison:
-    """H0: p_ring <= p_baseline + tolerance, tested with two sequences at alpha/2 each."""
-    ring_lo, ring_hi = rate_bounds(ring, alpha / 2, prior)
-    base_lo, base_hi = rate_bounds(baseline, alpha / 2, prior)
-    lower, upper = ring_lo - base_hi, ring_hi - base_lo
-    estimate = None
-    if ring.rate is not None and baseline.rate is not None:
-        estimate = ring.rate - baseline.rate
-    return Comparison(
-        estimate, lower, upper,
-        _p_value(ring, baseline, tolerance, prior),
-        lower > tolerance, upper <= tolerance,
-    )
+    """H0: p_ring <= p_baseline + tolerance, tested with the joint e-process at ``alpha``.
 
-
-def _p_value(
-    ring: Counts, baseline: Counts, tolerance: float, prior: tuple[float, float]
-) -> float:
-    """The smallest alpha at which ``compare`` rejects: 2 exp(-V), capped at 1.
-
-    ``compare`` rejects at alpha exactly when every null pair (p_b, p_r <= p_b + tol) has
-    max(log M_ring(p_r), log M_base(p_b)) >= log(2 / alpha), that is when V, the minimum of
-    that maximum over the null, is at least log(2 / alpha).  For a given p_b the best p_r
-    is min(p_b + tol, the ring's estimate) (log M is convex), which makes the ring's term
-    non-increasing in p_b while the baseline's grows beyond its estimate: V is where the
-    two cross, found by bisection on p_b.
+    With no baseline trials nothing is worse (any baseline rate is possible), but a ring
+    surely below the tolerance is within it whatever the baseline's rate.  ``shown=False``
+    skips the shown bounds (-1, 1 then): the decisions never use them.
     """
-    if ring.trials == 0 or baseline.trials == 0:
-        return 1.0
-    ring_hat, base_hat = ring.events / ring.trials, baseline.events / baseline.trials
-    ring_ev, base_ev = _Evidence(ring, prior), _Evidence(baseline, prior)
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha {alpha!r} must be between 0 and 1")
+    if ring.trials == 0:
+        return Comparison(None, -1.0, 1.0, 1.0, False, False)
+    ring_hat = ring.events / ring.trials
+    estimate = None
+    if baseline.trials:
+        estimate = ring_hat - baseline.events / baseline.trials
+        above, below = estimate > tolerance, estimate < tolerance
+        centre = estimate
+    else:
+        above, below, centre = False, ring_hat < tolerance, ring_hat  # p_b = 0 is possible
+    joint = _Joint(ring, baseline, prior)
+    limit = math.log(1.0 / alpha)
+    v = joint(tolerance) if above or below else 0.0
+    worse, within = above and v >= limit, below and v >= limit
+    p_value = min(1.0, math.exp(-v)) if above else 1.0
+    lower, upper = -1.0, 1.0
+    if shown:
+        lower = _difference_end(joint, limit, -1.0, centre)
+        upper = _difference_end(joint, limit, 1.0, centre)
+        # The decisions are exact; keep the shown bounds on their side of the tolerance.
+        over = math.nextafter(tolerance, 2.0)
+        lower = max(lower, over) if worse else min(lower, tolerance)
+        upper = min(upper, tolerance) if within else max(upper, over)
+    return Comparison(estimate, lower, upper, p_value, worse, within)
 
-    def ring_term(p_b: float) -> float:
-        return ring_ev(min(p_b + tolerance, ring_hat))
 
-    lo, hi = base_hat, ring_hat - tolerance  # the baseline term is 0-ish at lo, grows to hi
-    if hi <= lo:
-        return 1.0  # the estimates themselves are a null pair: no evidence at all
-    for _ in range(_BISECT_STEPS):
-        mid = (lo + hi) / 2
-        if base_ev(mid) < ring_term(mid):
-            lo = mid
+def _difference_end(joint: _Joint, limit: float, outside: float, inside: float) -> float:
+    """The end of the difference's sequence between ``outside`` and the estimate."""
+    if joint(outside, _SHOWN_STEPS) < limit:
+        return outside
+    for _ in range(_SHOWN_STEPS):
+        mid = (outside + inside) / 2
+        if joint(mid, _SHOWN_STEPS) >= limit:
+            outside = mid
         else:
-            hi = mid
-    evidence = max(ring_term(hi), base_ev(hi))
-    return min(1.0, 2.0 * math.exp(-evidence))
+            inside = mid
+    return inside
 
 
-def p_above(c: Counts, limit: float, prior: tuple[float, float] = PRIOR) -> float:
+def p_above(c: Counts, limit: float, prior: Prior = PRIOR) -> float:
     """The anytime-valid p-value of H0: rate <= ``limit``: exp(-min over the null of log M).
 
     log M is convex with its minimum at the estimate: over p <= limit it is smallest at
@@ -206,3 +267,20 @@ def p_above(c: Counts, limit: float, prior: tuple[float, float] = PRIOR) -> floa
     if c.trials == 0 or c.events / c.trials <= limit:
         return 1.0
     return min(1.0, math.exp(-_Evidence(c, prior)(limit)))
+
+
+def binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p): the sum of C(n, i) p^i (1 - p)^(n - i), i >= k."""
+    if k <= 0:
+        return 1.0
+    if k > n:
+        return 0.0
+    if p <= 0.0:
+        return 0.0
+    if p >= 1.0:
+        return 1.0
+    lp, lq = math.log(p), math.log1p(-p)
+    return min(1.0, sum(
+        math.exp(math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
+                 + i * lp + (n - i) * lq)
+        for i in range(k, n + 1)))

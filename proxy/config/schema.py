@@ -1,0 +1,287 @@
+"""The JSON Schema of the config file, for editors (completion, hover, squiggles) and CI.
+
+Built from the model: the keys are those the readers accept (a test compares them, section
+by section, with the reader's own "known keys"), the defaults are read off the model's
+classes, and the enumerations (balance, rule operators, quantiles, roles) are the model's.
+``ringproxy schema`` prints it.  The schema checks shape; ``ringproxy check`` stays the
+judge of everything else (cross references, weights adding up, secrets from the
+environment).  Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.config.admin import ROLES
+from proxy.config.analysis import QUANTILES, Analysis, Criteria, FastRollback
+from proxy.config.assignment import AnonymousCookie
+from proxy.config.model import AccessLog, Balance, Config, Metrics, Policy, Pool, Ring
+from proxy.config.rollout import Progression, StateFiles, Webhook
+from proxy.config.rules import Op
+
+Schema = dict[str, Any]
+
+SCHEMA_ID = "https://ringproxy.invalid/schema/config.json"
+# Each unit at most once, largest first: 1h30m, 1m30s, 250ms (as parse_duration reads them).
+_DURATION_PATTERN = "^" + "".join(rf"(\d+(\.\d+)?{u})?" for u in ("d", "h", "m", "s", "ms")) + "$"
+_ENV = r"\$\{[A-Za-z_][A-Za-z0-9_]*(:-[^}]*)?\}"
+
+
+def _duration(seconds: float | None, text: str) -> Schema:
+    out: Schema = {"type": "string", "pattern": _DURATION_PATTERN, "minLength": 2,
+                   "description": f"{text} (a duration: 250ms, 30s, 5m, 1m30s, 1h, 7d)"}
+    if seconds is not None:
+        out["default"] = _seconds_text(seconds)
+    return out
+
+
+def _seconds_text(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{round(seconds * 1000)}ms"
+
+
+def _obj(properties: Schema, required: tuple[str, ...] = (), text: str = "") -> Schema:
+    out: Schema = {"type": "object", "properties": properties, "additionalProperties": False}
+    if required:
+        out["required"] = list(required)
+    if text:
+        out["description"] = text
+    return out
+
+
+def _str(text: str, default: str | None = None, **more: Any) -> Schema:
+    out: Schema = {"type": "string", "description": text, **more}
+    if default is not None:
+        out["default"] = default
+    return out
+
+
+def _bool(text: str, default: bool) -> Schema:
+    return {"type": "boolean", "description": text, "default": default}
+
+
+def _int(text: str, lo: int, hi: int, default: int | None = None) -> Schema:
+    out: Schema = {"type": "integer", "minimum": lo, "maximum": hi, "description": text}
+    if default is not None:
+        out["default"] = default
+    return out
+
+
+def _percent(text: str, default: float | None = None) -> Schema:
+    out: Schema = {"type": "number", "minimum": 0, "maximum": 100, "description": text}
+    if default is not None:
+        out["default"] = default
+    return out
+
+
+_ADDRESS = _str("HOST:PORT ([::1]:8080 for IPv6; port 0 picks a free one)",
+                pattern=r"^(\[[0-9A-Fa-f:.]+\]|[^:\s\[\]]+):\d{1,5}$|" + _ENV)
+_NAME = _str("letters, digits, _ . - (used in headers and metrics)",
+             pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_OFF: Schema = {"enum": ["off", False, None]}
+
+
+def _policy() -> Schema:
+    base = Policy()
+    return _obj({
+        "timeout": _duration(base.timeout, "request sent -> response headers (else 504)"),
+        "idle_timeout": _duration(base.idle_timeout, "the longest silence while streaming"),
+        "max_concurrency": _int("in-flight requests on the ring; more get 503",
+                                1, 10_000_000),
+        "add_headers": {"type": "object", "additionalProperties": {"type": "string"},
+                        "description": "headers sent upstream; values may use {ring} and "
+                        "{route}"},
+    }, text="a ring's request policy (a route's is the default of its rings)")
+
+
+def _rule() -> Schema:
+    value: Schema = {"anyOf": [{"type": ["string", "number", "boolean"]},
+                               {"type": "array", "items": {"type": ["string", "number"]}}]}
+    ops = {op.value: value for op in Op}
+    ops["exists"] = {"type": "boolean"}
+    rule = _obj({"attr": _str("header:NAME, cookie:NAME, query:NAME, ip, path or method",
+                              pattern=r"^(header|cookie|query):.+$|^(ip|path|method)$"),
+                 "ignore_case": {"type": "boolean", "default": False}, **ops},
+                required=("attr",), text="one attribute rule: attr and exactly one operator")
+    rule["minProperties"] = 2
+    rule["maxProperties"] = 3
+    group = _obj({"all": {"type": "array", "items": rule, "minItems": 1}}, required=("all",),
+                 text="all rules of the group must hold")
+    return {"type": "array", "items": {"anyOf": [rule, group]},
+            "description": "the ring matches when any item (a rule or an `all:` group) holds"}
+
+
+def _progression() -> Schema:
+    step: Schema = {"anyOf": [
+        _percent("the weight of this step"),
+        _obj({"weight": _percent("the weight of this step"),
+              "approval": {"enum": ["none", "required"], "default": "none"}},
+             required=("weight",)),
+    ]}
+    return _obj({
+        "steps": {"type": "array", "items": step, "minItems": 1,
+                  "description": "increasing weights; the first is the starting weight"},
+        "min_step_duration": _duration(Progression(()).min_step_duration,
+                                       "the least time at a step before an advance"),
+    }, required=("steps",), text="the weights a ring advances along while it is healthy")
+
+
+def _ring() -> Schema:
+    base = Ring(name="", pool="")
+    return _obj({
+        "name": _NAME, "pool": _str("the pool this ring's requests go to"),
+        "rules": _rule(), "policy": _policy(),
+        "weight": _percent("share of sticky buckets in percent (0.01 steps)"),
+        "progression": _progression(),
+        "pinned": _bool("keeps its pool when a rollback takes that pool's other rings off",
+                        base.pinned),
+    }, required=("name", "pool"), text="an audience segment, sent to one pool")
+
+
+def _sticky() -> Schema:
+    cookie = AnonymousCookie()
+    anonymous = _obj({
+        "cookie": _str("the cookie's name", cookie.name),
+        "max_age": _duration(float(cookie.max_age), "the cookie's lifetime"),
+        "secure": {"enum": ["auto", "always", "never"], "default": cookie.secure},
+        "http_only": _bool("HttpOnly", cookie.http_only),
+        "same_site": {"enum": ["Lax", "Strict", "None"], "default": cookie.same_site},
+        "domain": _str("the cookie's Domain"),
+        "path": _str("the cookie's Path", cookie.path),
+    })
+    source = _str("header:NAME, cookie:NAME or query:NAME",
+                  pattern=r"^(header|cookie|query):.+$")
+    return _obj({
+        "key": {"anyOf": [source, {"type": "array", "items": source, "minItems": 1}],
+                "description": "the user's key sources, the first present wins"},
+        "salt": _str("routes with different salts pick independent users (default: the "
+                     "route's name)"),
+        "anonymous": {"anyOf": [{"type": "boolean"}, anonymous],
+                      "description": "give a request without a key an id in a cookie"},
+    }, required=("key",))
+
+
+def _analysis() -> Schema:
+    analysis, criteria, fast = Analysis(), Criteria(), FastRollback(0.5)
+    increase = criteria.max_error_rate_increase
+    latency = _obj({q: {"anyOf": [{"type": "number", "minimum": 1}, _OFF]}
+                    for q in QUANTILES},
+                   text="per quantile, at most RATIO x the baseline's")
+    props: Schema = {
+        "interval": _duration(analysis.interval, "how often the judge looks"),
+        "baseline": _str("the ring others are compared with (default: the last)"),
+        "alpha": {"type": "number", "exclusiveMinimum": 0, "maximum": 0.5,
+                  "default": criteria.alpha,
+                  "description": "at most this chance of rolling back a healthy ring"},
+        "max_error_rate_increase": {"anyOf": [_percent("percentage points above the "
+                                                       "baseline's error rate"), _OFF],
+                                    "default": None if increase is None else increase * 100},
+        "latency": {"anyOf": [latency, _OFF]},
+        "latency_floor": _duration(criteria.latency_floor,
+                                   "a latency limit is never closer than this to the "
+                                   "baseline's"),
+        "error_statuses": {"anyOf": [
+            {"type": "array", "items": {"type": ["integer", "string"]}},
+            {"type": ["integer", "string"]}],
+            "description": "answers that count as errors, e.g. [5xx, 429]"},
+        "max_error_rate": {"anyOf": [_percent("an absolute error rate limit"), _OFF]},
+        **{f"max_{q}": _duration(None, f"an absolute {q} limit") for q in QUANTILES},
+        "min_requests": _int("a step never advances on fewer of the ring's requests",
+                             1, 100_000_000, criteria.min_requests),
+        "max_blind": _duration(analysis.max_blind, "undecided that long: analysis_starved"),
+        "fast_rollback": _obj({
+            "max_error_rate": _percent("the hard limit over the last window"),
+            "min_requests": _int("at least this many requests in the window", 1,
+                                 100_000_000, fast.min_requests),
+            "window": _duration(fast.window, "the recent history looked at"),
+        }, required=("max_error_rate",)),
+    }
+    return _obj(props, text="automatic rollback and progression (README: Automatic "
+                "rollback)")
+
+
+def _route() -> Schema:
+    host = _str("exact (api.example.com) or wildcard (*.example.com)")
+    return _obj({
+        "name": _NAME,
+        "match": _obj({
+            "host": {"anyOf": [host, {"type": "array", "items": host}]},
+            "path_prefix": _str("matches at a segment boundary", "/", pattern="^/"),
+        }),
+        "policy": _policy(),
+        "sticky": _sticky(),
+        "override": _obj({
+            "header": _str("a header naming a ring"),
+            "cookie": _str("a cookie naming a ring"),
+            "secret_header": _str("the header carrying the secret"),
+            "secret": _str("from the environment only: ${VAR}", pattern=_ENV),
+            "cidrs": {"type": "array", "items": {"type": "string"}},
+            "allow_rolled_back": _bool("an override may reach a rolled-back ring", False),
+        }, text="QA: pick a ring by header or cookie, with proof"),
+        "decision": _obj({
+            "reason_upstream": _bool("send X-Ring-Reason upstream", False),
+            "response": _bool("return X-Ring and X-Ring-Reason to the client", False),
+        }),
+        "analysis": {"anyOf": [_analysis(), {"type": "null"}]},
+        "rollback": _obj({"to": {"enum": ["zero", "previous_step"], "default": "zero"}}),
+        "rings": {"type": "array", "items": _ring(), "minItems": 1,
+                  "description": "in order; the last ring is the default"},
+    }, required=("name", "rings"), text="matches requests and owns an ordered list of rings")
+
+
+def _pool() -> Schema:
+    base = Pool(name="", servers=())
+    server = _str("http://HOST:PORT or https://HOST:PORT (no path)",
+                  pattern=r"^(https?://[^/\s]+/?|.*" + _ENV + r".*)$")
+    return _obj({
+        "servers": {"type": "array", "items": server, "minItems": 1},
+        "balance": {"enum": [b.value for b in Balance], "default": base.balance.value},
+        "connect_timeout": _duration(base.connect_timeout, "a longer connect is a 504"),
+        "max_connections": _int("open connections to the pool", 1, 1_000_000,
+                                base.max_connections),
+        "keepalive_timeout": _duration(base.keepalive_timeout, "idle pooled connections "
+                                       "close after this"),
+        "preserve_host": _bool("send the client's Host header", base.preserve_host),
+    }, required=("servers",))
+
+
+def config_schema() -> Schema:
+    """The whole file's schema (JSON Schema draft 2020-12)."""
+    config, state, hook = Config(), StateFiles(), Webhook("")
+    token = _obj({
+        "env": _str("the environment variable holding the token (never the token)",
+                    pattern=r"^[A-Za-z_][A-Za-z0-9_]*$"),
+        "role": {"enum": list(ROLES)},
+        "routes": {"type": "array", "items": {"type": "string"}},
+        "rings": {"type": "array", "items": {"type": "string"}},
+    }, required=("env", "role"))
+    webhook = _obj({"url": _str("an http(s) URL"),
+                    "timeout": _duration(hook.timeout, "per attempt"),
+                    "retries": _int("attempts after the first", 0, 20, hook.retries)},
+                   required=("url",))
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": SCHEMA_ID,
+        "title": "ringproxy config",
+        **_obj({
+            "listen": {**_ADDRESS, "default": str(config.listen)},
+            "admin": _obj({"listen": {**_ADDRESS, "default": str(config.admin.listen)},
+                           "tokens": {"type": "array", "items": token}}),
+            "access_log": _obj({"enabled": _bool("one JSON line per request",
+                                                 AccessLog().enabled),
+                                "path": _str('"-" is standard output', AccessLog().path)}),
+            "shutdown_grace": _duration(config.shutdown_grace,
+                                        "how long in-flight requests may finish"),
+            "metrics": _obj({"enabled": _bool("per-ring metrics (the analysis needs them)",
+                                              Metrics().enabled)}),
+            "state": _obj({"path": _str("rollout state file", state.path),
+                           "audit": _str("audit trail (JSON lines)", state.audit)}),
+            "webhooks": {"type": "array", "items": {"anyOf": [_str("an http(s) URL"),
+                                                               webhook]}},
+            "pools": {"type": "object", "additionalProperties": _pool(),
+                      "propertyNames": {"pattern": _NAME["pattern"]}, "minProperties": 1},
+            "routes": {"type": "array", "items": _route(), "minItems": 1},
+        }, required=("pools", "routes")),
+    }
