@@ -15,6 +15,15 @@ from typing import Any
 from proxy.config.admin import ROLES
 from proxy.config.analysis import QUANTILES, Analysis, Criteria, FastRollback
 from proxy.config.assignment import AnonymousCookie
+from proxy.config.limits import (
+    CONNECTIONS_RANGE,
+    HEAD_SIZE_RANGE,
+    HEADERS_RANGE,
+    MAX_BODY_RANGE,
+    REQUEST_BUFFER_RANGE,
+    REQUEST_LINE_RANGE,
+    Limits,
+)
 from proxy.config.model import AccessLog, Balance, Config, Metrics, Policy, Pool, Ring
 from proxy.config.rollout import Progression, StateFiles, Webhook
 from proxy.config.rules import Op
@@ -67,6 +76,41 @@ def _int(text: str, lo: int, hi: int, default: int | None = None) -> Schema:
     if default is not None:
         out["default"] = default
     return out
+
+
+_SIZE_PATTERN = r"^\d+ ?(B|KiB|MiB|GiB)$"
+
+
+def _size(text: str, bounds: tuple[int, int], default: int | None = None) -> Schema:
+    """Bytes as an integer, or a whole number with a binary unit (64KiB, 10 MiB)."""
+    lo, hi = bounds
+    out: Schema = {"anyOf": [{"type": "integer", "minimum": lo, "maximum": hi},
+                             {"type": "string", "pattern": _SIZE_PATTERN}],
+                   "description": f"{text} (bytes, or 512B, 64KiB, 10MiB, 1GiB)"}
+    if default is not None:
+        out["default"] = default
+    return out
+
+
+def _limits() -> Schema:
+    d = Limits()
+    return _obj({
+        "head_timeout": _duration(d.head_timeout, "time to receive a request head (408)"),
+        "body_timeout": _duration(d.body_timeout, "longest silence in a request body (408)"),
+        "keepalive_timeout": _duration(d.keepalive_timeout, "idle keep-alive connection"),
+        "max_request_line": _size("request line (414)", REQUEST_LINE_RANGE,
+                                  d.max_request_line),
+        "max_head_size": _size("request head (431); upstream response head (502)",
+                               HEAD_SIZE_RANGE, d.max_head_size),
+        "max_headers": _int("header fields (431)", *HEADERS_RANGE, d.max_headers),
+        "max_connections": _int("client connections per process (default: from "
+                                "RLIMIT_NOFILE)", *CONNECTIONS_RANGE),
+        "request_buffer": _size("bodies up to this are read whole before an upstream "
+                                "connection is taken; 0 always streams",
+                                REQUEST_BUFFER_RANGE, d.request_buffer),
+        "underscores_in_headers": _bool("forward header names containing _",
+                                        d.underscores_in_headers),
+    }, text="what the proxy accepts from clients (README: Client limits and TLS)")
 
 
 def _percent(text: str, default: float | None = None) -> Schema:
@@ -226,6 +270,7 @@ def _route() -> Schema:
         }),
         "analysis": {"anyOf": [_analysis(), {"type": "null"}]},
         "rollback": _obj({"to": {"enum": ["zero", "previous_step"], "default": "zero"}}),
+        "max_body": _size("largest request body (413)", MAX_BODY_RANGE),
         "rings": {"type": "array", "items": _ring(), "minItems": 1,
                   "description": "in order; the last ring is the default"},
     }, required=("name", "rings"), text="matches requests and owns an ordered list of rings")
@@ -280,6 +325,12 @@ def config_schema() -> Schema:
                            "audit": _str("audit trail (JSON lines)", state.audit)}),
             "webhooks": {"type": "array", "items": {"anyOf": [_str("an http(s) URL"),
                                                                webhook]}},
+            "limits": _limits(),
+            "listen_tls": _obj({
+                "listen": _ADDRESS,
+                "cert": _str("PEM certificate chain file (reloaded when it changes)"),
+                "key": _str("PEM private key file, unencrypted"),
+            }, required=("listen", "cert", "key"), text="an HTTPS listener"),
             "pools": {"type": "object", "additionalProperties": _pool(),
                       "propertyNames": {"pattern": _NAME["pattern"]}, "minProperties": 1},
             "routes": {"type": "array", "items": _route(), "minItems": 1},

@@ -12,6 +12,7 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Callable
 from json.encoder import encode_basestring_ascii as _string  # C; as json.dumps writes a str
 from typing import IO
 
@@ -53,6 +54,8 @@ class AccessLog:
         self._dumps = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
         self._second = -1  # the second _stamp is for
         self._stamp = ""  # its ISO form up to the seconds
+        # Requests whose id this says yes to are not logged (the demo's background traffic).
+        self.skip: Callable[[str], bool] | None = None
 
     def log(self, fields: dict[str, Field]) -> None:
         """Queue one line; ``fields["time"]`` is set here (put it first to print it first)."""
@@ -70,6 +73,8 @@ class AccessLog:
         bytes_out: int, error: str | None, revision: str,
     ) -> None:
         """Queue one request's line (what ``log`` writes for these fields, faster)."""
+        if self.skip is not None and self.skip(request_id):
+            return
         now = time.time()
         second = int(now)
         if second != self._second:
