@@ -25,6 +25,7 @@ from proxy.config.assignment import (
     read_override,
     read_sticky,
 )
+from proxy.config.health import PoolDown, read_health, read_outlier, read_pool_down, read_retries
 from proxy.config.limits import read_limits, read_listen_tls, read_max_body
 from proxy.config.model import (
     AccessLog,
@@ -185,6 +186,9 @@ def _read_pools(ctx: Ctx, data: object, path: str) -> tuple[Pool, ...]:
             max_connections=sec.integer("max_connections", _POOL.max_connections, 1, 1_000_000),
             keepalive_timeout=sec.duration("keepalive_timeout", _POOL.keepalive_timeout),
             preserve_host=sec.flag("preserve_host", _POOL.preserve_host),
+            health=read_health(ctx, sec.raw("health", None), sec.sub("health")),
+            outlier=read_outlier(ctx, sec.raw("outlier", None), sec.sub("outlier")),
+            retries=read_retries(ctx, sec.raw("retries", None), sec.sub("retries")),
         )
         sec.close()
         pools.append(pool)
@@ -271,6 +275,10 @@ def _read_route(ctx: Ctx, data: object, path: str, pool_names: set[str]) -> Rout
         seen.setdefault(ring.name, j)
         rings.append(ring)
     _check_default_and_weights(ctx, sec, rings, sticky)
+    if rings and rings[-1].on_pool_down is PoolDown.NEXT_RING:
+        ctx.err(join(join(sec.sub("rings"), len(rings) - 1), "on_pool_down"),
+                f"next_ring on the last ring ({rings[-1].name!r}): no ring comes after it "
+                "(a ring may only send its users to a later ring, toward less exposure)")
     if analysis is not None and analysis.baseline is not None and rings and \
             analysis.baseline not in {r.name for r in rings}:
         ctx.err(sec.sub("analysis.baseline"), f"unknown ring {analysis.baseline!r} "
@@ -347,8 +355,9 @@ def _read_ring(
     if progression is not None and progression.steps:
         weight = progression.steps[0].weight
     pinned = sec.flag("pinned", _RING.pinned)
+    on_pool_down = read_pool_down(ctx, sec, _RING.on_pool_down)
     sec.close()
-    return Ring(name, pool, tuple(groups), policy, weight, progression, pinned)
+    return Ring(name, pool, tuple(groups), policy, weight, progression, pinned, on_pool_down)
 
 
 _FORMATTER = string.Formatter()

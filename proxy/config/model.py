@@ -13,6 +13,7 @@ from enum import StrEnum
 from proxy.config.admin import Admin
 from proxy.config.analysis import Analysis
 from proxy.config.assignment import DecisionHeaders, Override, Sticky
+from proxy.config.health import HealthCheck, Outlier, PoolDown, Retries
 from proxy.config.limits import Limits, ListenTLS
 from proxy.config.rollout import Progression, StateFiles, Webhook
 from proxy.config.rules import Rule
@@ -33,6 +34,9 @@ class Pool:
     max_connections: int = 1000  # per pool, over all its servers
     keepalive_timeout: float = 15.0  # idle pooled connections are closed after this
     preserve_host: bool = True  # send the client's Host; False sends the server's host:port
+    health: HealthCheck | None = None  # active checks; None: none
+    outlier: Outlier | None = field(default_factory=Outlier)  # passive ejection; None: off
+    retries: Retries | None = None  # None: no retries
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +56,7 @@ class Ring:
     weight: int | None = None  # share of sticky buckets in basis points (0.01 %); None: none
     progression: Progression | None = None  # steps the weight advances along
     pinned: bool = False  # keeps its pool when a rollback takes the pool's other rings off
+    on_pool_down: PoolDown = PoolDown.REFUSE  # no healthy server in its pool: 503 or next ring
 
 
 @dataclass(frozen=True, slots=True)

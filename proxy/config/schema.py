@@ -15,6 +15,15 @@ from typing import Any
 from proxy.config.admin import ROLES
 from proxy.config.analysis import QUANTILES, Analysis, Criteria, FastRollback
 from proxy.config.assignment import AnonymousCookie
+from proxy.config.health import (
+    RETRY_FAILURES,
+    RETRY_METHODS,
+    RETRY_STATUSES,
+    HealthCheck,
+    Outlier,
+    PoolDown,
+    Retries,
+)
 from proxy.config.limits import (
     CONNECTIONS_RANGE,
     HEAD_SIZE_RANGE,
@@ -181,6 +190,9 @@ def _ring() -> Schema:
         "progression": _progression(),
         "pinned": _bool("keeps its pool when a rollback takes that pool's other rings off",
                         base.pinned),
+        "on_pool_down": {"enum": [p.value for p in PoolDown], "default": base.on_pool_down.value,
+                         "description": "no healthy server in the ring's pool: refuse (503 "
+                         "with Retry-After) or send to the next later ring with one"},
     }, required=("name", "pool"), text="an audience segment, sent to one pool")
 
 
@@ -289,7 +301,63 @@ def _pool() -> Schema:
         "keepalive_timeout": _duration(base.keepalive_timeout, "idle pooled connections "
                                        "close after this"),
         "preserve_host": _bool("send the client's Host header", base.preserve_host),
+        "health": {"anyOf": [_health(), _OFF]},
+        "outlier": {"anyOf": [_outlier(), _OFF]},
+        "retries": {"anyOf": [_retries(), _OFF]},
     }, required=("servers",))
+
+
+def _health() -> Schema:
+    d = HealthCheck(path="/")
+    status: Schema = {"anyOf": [{"type": "integer", "minimum": 100, "maximum": 599},
+                                {"type": "string", "pattern": r"^(\d{3}(-\d{3})?|[1-5]xx)$"}],
+                      "default": f"{d.expect_status[0]}-{d.expect_status[1]}",
+                      "description": "the statuses that pass: 200, 200-399 or 2xx"}
+    return _obj({
+        "path": _str("the path each server is asked (GET)", pattern="^/"),
+        "interval": _duration(d.interval, "time between checks of one server (jittered, "
+                              "never shorter)"),
+        "timeout": _duration(d.timeout, "a check without a response head by then fails"),
+        "healthy_threshold": _int("successes in a row that bring a server back", 1, 100,
+                                  d.healthy_threshold),
+        "unhealthy_threshold": _int("failures in a row that take a server out", 1, 100,
+                                    d.unhealthy_threshold),
+        "expect_status": status,
+        "headers": {"type": "object", "additionalProperties": {"type": "string"},
+                    "description": "headers each check sends"},
+    }, required=("path",), text="active health checks (README: Upstream health)")
+
+
+def _outlier() -> Schema:
+    d = Outlier()
+    return _obj({
+        "consecutive_failures": _int("failures in a row that eject a server", 1, 1000,
+                                     d.consecutive_failures),
+        "base_ejection": _duration(d.base_ejection, "the first ejection's length (times the "
+                                   "number of ejections in a row)"),
+        "max_ejection": _duration(d.max_ejection, "the longest ejection"),
+        "max_ejection_percent": _int("at most this share of the pool's servers ejected at "
+                                     "once (rounded down)", 0, 100, d.max_ejection_percent),
+        "on_5xx": _bool("5xx answers count as failures", d.on_5xx),
+    }, text="passive outlier ejection from real traffic (on by default; off to disable)")
+
+
+def _retries() -> Schema:
+    d = Retries()
+    on: Schema = {"type": "array", "items": {"enum": [*RETRY_FAILURES, *RETRY_STATUSES,
+                                                      *map(str, RETRY_STATUSES)]},
+                  "default": sorted(d.on)}
+    return _obj({
+        "attempts": _int("retries after the first attempt", 1, 10, d.attempts),
+        "on": on,
+        "methods": {"type": "array", "items": {"enum": list(RETRY_METHODS)},
+                    "default": sorted(d.methods)},
+        "budget": {"anyOf": [_percent("share of the pool's requests that may be retried"),
+                             {"type": "string", "pattern": r"^\d+(\.\d+)?%$"}],
+                   "default": f"{d.budget * 100:g}%"},
+        "min_retries": _int("retries allowed in any 10 s whatever the budget", 0, 1_000_000,
+                            d.min_retries),
+    }, text="retries on another server of the same pool (off unless set)")
 
 
 def config_schema() -> Schema:
