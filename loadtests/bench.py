@@ -132,6 +132,27 @@ def cpu_seconds(pids: list[int]) -> tuple[float, float, bool]:
     return utime / CLK_TCK, stime / CLK_TCK, complete
 
 
+def preemptions(pids: list[int]) -> int:
+    """Involuntary context switches, summed over every thread of ``pids`` (each a
+    preemption: the scheduler took the CPU away, usually for a task the process's own
+    write woke; each costs system time and cache refills)."""
+    total = 0
+    for pid in pids:
+        try:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        for task in tasks:
+            try:
+                status = (task / "status").read_text()
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                continue
+            for line in status.splitlines():
+                if line.startswith("nonvoluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+    return total
+
+
 def host_cpu() -> tuple[int, int]:
     """(busy, total) jiffies over all cores from /proc/stat."""
     parts = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
@@ -495,6 +516,7 @@ class TargetResult:
     cpu_us_per_req: float | None = None
     cpu_user_us_per_req: float | None = None
     cpu_sys_us_per_req: float | None = None
+    preemptions_per_req: float | None = None
     cpu_measured: str = ""
     cpu_pids: list[int] = field(default_factory=list)
     upstream_cpu_us_per_req: float | None = None
@@ -518,6 +540,7 @@ def measure(
     pids = measured.pids()
     up_pids = upstream.pids()
     user0, sys0, _ = cpu_seconds(pids)
+    preempted0 = preemptions(pids)
     up_user0, up_sys0, _ = cpu_seconds(up_pids)
     busy0, total0 = host_cpu()
     wrk = run_wrk(
@@ -525,6 +548,7 @@ def measure(
     )
     busy1, total1 = host_cpu()
     user1, sys1, complete = cpu_seconds(pids)
+    preempted1 = preemptions(pids)
     up_user1, up_sys1, _ = cpu_seconds(up_pids)
 
     result.rps = wrk.rps
@@ -549,6 +573,7 @@ def measure(
         result.cpu_user_us_per_req = (user1 - user0) * per_req
         result.cpu_sys_us_per_req = (sys1 - sys0) * per_req
         result.cpu_us_per_req = result.cpu_user_us_per_req + result.cpu_sys_us_per_req
+        result.preemptions_per_req = (preempted1 - preempted0) / wrk.requests
         result.upstream_cpu_us_per_req = (up_user1 + up_sys1 - up_user0 - up_sys0) * per_req
     if total1 > total0:
         result.host_cpu_busy_pct = 100.0 * (busy1 - busy0) / (total1 - total0)
@@ -729,6 +754,7 @@ def render(
 ) -> str:
     header = (
         f"{'target':<20} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'CPU us/req':>16} "
+        f"{'user+sys':>11} {'preempt/req':>11} "
         f"{'CPU x nginx':>11} {'p99 x nginx':>11} {'upstr us/req':>12} {'host CPU':>8} "
         f"{'errors':>6}"
     )
@@ -758,15 +784,25 @@ def render(
         p99_x = _x(ratios.get(f"{r.target}_vs_nginx_p99"))
         if r.target not in RINGPROXY_LIKE:
             cpu_x = p99_x = ""
+        split = (
+            f"{r.cpu_user_us_per_req:.1f}+{r.cpu_sys_us_per_req:.1f}"
+            if r.cpu_user_us_per_req is not None and r.cpu_sys_us_per_req is not None
+            else "n/a"
+        )
         lines.append(
             f"{r.target:<20} {_fmt(r.rps, ',.0f'):>9} {_fmt(r.latency_p50_ms, '.2f'):>7} "
-            f"{_fmt(r.latency_p99_ms, '.2f'):>7} {cpu:>16} {cpu_x:>11} {p99_x:>11} "
+            f"{_fmt(r.latency_p99_ms, '.2f'):>7} {cpu:>16} {split:>11} "
+            f"{_fmt(r.preemptions_per_req, '.2f'):>11} {cpu_x:>11} {p99_x:>11} "
             f"{_fmt(r.upstream_cpu_us_per_req, '.1f'):>12} {host:>8} {errors:>6}"
         )
     lines += [
         "",
         "CPU us/req: utime+stime of the proxy process tree (nginx: master+worker) during the",
         "measured run / completed requests; for 'direct' it is the upstream nginx itself.",
+        "user+sys: the same split into utime and stime. preempt/req: involuntary context",
+        "switches of the measured process tree per request (preemptions: on a busy machine",
+        "a process's writes wake wrk or the upstream, which may take its CPU; each costs",
+        "system time and cache refills, and a slower process is preempted more often).",
         "host CPU: busy share of all cores during the run (includes wrk and the upstream).",
         "",
         "ratios (rps: higher is better; cpu/req and p99: lower is better):",

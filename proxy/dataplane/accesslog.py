@@ -34,9 +34,22 @@ def _iso(ts: float) -> str:
 # json.dumps of the dict, for about a third of its cost.
 _REQUEST_LINE = (
     '{"time":"%s","request_id":%s,"client":%s,"method":%s,"host":%s,"path":%s,"status":%d,'
-    '"duration_ms":%r,"route":%s,"ring":%s,"reason":%s,"bucket":%s,"pool":%s,"upstream":%s,'
-    '"bytes_in":%d,"bytes_out":%d,"error":%s,"revision":%s}\n'
+    '"duration_ms":%s,%s,"bytes_in":%d,"bytes_out":%d,"error":%s,"revision":%s}\n'
 )
+# The fields a request shares with many others (the decision's: route to upstream), as
+# printed, by their values: formatted once per combination, not per request.
+_DECISION_FIELDS = '"route":%s,"ring":%s,"reason":%s,"bucket":%s,"pool":%s,"upstream":%s'
+_DECISIONS_MAX = 4096
+
+
+def _millis(duration_ms: float) -> str:
+    """``repr(round(duration_ms, 3))`` for a duration (rounded half up on the microsecond),
+    from integers: float rounding and repr take several times longer."""
+    whole, frac = divmod(int(duration_ms * 1000.0 + 0.5), 1000)
+    if not frac:
+        return "%d.0" % whole  # noqa: UP031 - the fast one
+    text = "%d.%03d" % (whole, frac)  # noqa: UP031
+    return text.rstrip("0") if frac % 10 == 0 else text
 
 
 def _opt(value: str | None) -> str:
@@ -54,6 +67,8 @@ class AccessLog:
         self._dumps = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
         self._second = -1  # the second _stamp is for
         self._stamp = ""  # its ISO form up to the seconds
+        self._decisions: dict[tuple[str | int | None, ...], str] = {}
+        self._revisions: dict[str, str] = {}
         # Requests whose id this says yes to are not logged (the demo's background traffic).
         self.skip: Callable[[str], bool] | None = None
 
@@ -81,11 +96,23 @@ class AccessLog:
             self._second = second
             self._stamp = _iso(second)[:-5]  # without ".mmmZ"
         stamp = "%s.%03dZ" % (self._stamp, int(now % 1 * 1000))  # noqa: UP031 - the fast one
+        key = (route, ring, reason, bucket, pool, upstream)
+        decision = self._decisions.get(key)
+        if decision is None:
+            if len(self._decisions) >= _DECISIONS_MAX:
+                self._decisions.clear()
+            decision = self._decisions[key] = _DECISION_FIELDS % (
+                _opt(route), _opt(ring), _opt(reason), "null" if bucket is None else bucket,
+                _opt(pool), _opt(upstream))
+        rev = self._revisions.get(revision)
+        if rev is None:
+            if len(self._revisions) >= 64:
+                self._revisions.clear()
+            rev = self._revisions[revision] = _string(revision)
         self._buffer.append(_REQUEST_LINE % (
             stamp, _string(request_id), _string(client), _string(method), _string(host),
-            _string(path), status, duration_ms, _opt(route), _opt(ring), _opt(reason),
-            "null" if bucket is None else bucket, _opt(pool), _opt(upstream), bytes_in,
-            bytes_out, _opt(error), _string(revision),
+            _string(path), status, _millis(duration_ms), decision, bytes_in, bytes_out,
+            "null" if error is None else _string(error), rev,
         ))
         if len(self._buffer) >= _FLUSH_LINES:
             self.flush()

@@ -40,6 +40,10 @@ log = logging.getLogger("ringproxy.dataplane")
 
 _METHODS: dict[bytes, str] = {}
 
+# b"_" as a byte value: ``int in bytes`` is a plain scan, where ``b"_" in bytes`` first tries
+# the operand as an integer and raises (and clears) a TypeError, about 8x the cost.
+_UNDERSCORE = framing.UNDERSCORE
+
 # Timers a connection can have armed (one at a time, besides the body's).
 _NONE, _HEAD, _KEEPALIVE = 0, 1, 2
 
@@ -250,7 +254,7 @@ class ClientConnection(asyncio.Protocol):
             raise RequestError(framing.HEAD_TOO_LARGE)
         if req.header_count > limits.max_headers:
             raise RequestError(framing.TOO_MANY_HEADERS)
-        if b"_" in name and not limits.underscores_in_headers:
+        if _UNDERSCORE in name and not limits.underscores_in_headers:
             return  # dropped, as NGINX does by default
         lname = name.lower()
         by_name = req.by_name

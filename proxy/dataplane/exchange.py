@@ -547,7 +547,7 @@ class Exchange:
             decision = step.decision if step is not None else None
             access_log.log_request(
                 self.request_id, request.remote, request.method, request.host_name,
-                request.path, self.status, round(duration * 1000, 3),
+                request.path, self.status, duration * 1000.0,
                 ring.route if ring else None, ring.name if ring else None,
                 decision.reason.value if decision else None,
                 decision.bucket if decision else None,

@@ -25,6 +25,10 @@ class Rejection(NamedTuple):
     reason: str
 
 
+# ``_`` as a byte value, for ``UNDERSCORE in name`` (a bytes operand of ``in`` is first
+# tried as an integer, a TypeError raised and cleared each time: about 8x the cost).
+UNDERSCORE = 0x5F
+
 MALFORMED = Rejection(400, "malformed request")
 BAD_VERSION = Rejection(400, "unsupported HTTP version")
 BAD_TRANSFER_ENCODING = Rejection(400, "unsupported transfer-encoding")
@@ -54,7 +58,7 @@ def transfer_encoding_ok(value: bytes) -> bool:
 def name_has_underscore(name: bytes) -> bool:
     """Header names with ``_`` are dropped by default: CGI-style upstreams read
     ``X_Forwarded_For`` as ``X-Forwarded-For``."""
-    return b"_" in name
+    return UNDERSCORE in name
 
 
 def connection_tokens(value: bytes) -> frozenset[bytes]:

@@ -187,7 +187,7 @@ def take_header(request: Request, name: bytes, value: bytes, max_size: int, max_
         raise RequestError(framing.HEAD_TOO_LARGE)
     if request.header_count > max_count:
         raise RequestError(framing.TOO_MANY_HEADERS)
-    if not underscores and b"_" in name:
+    if not underscores and framing.UNDERSCORE in name:
         return  # dropped, as NGINX does by default
     lname = name.lower()
     by_name = request.by_name
