@@ -103,6 +103,9 @@ def test_a_pool_whose_every_server_is_out_is_not_one_hosts_fault() -> None:
 
 
 def test_retry_budget_is_a_share_of_requests_in_the_last_ten_seconds() -> None:
+    first = RetryBudget(1.0, 0)
+    first.request(1000.0)  # the very first request counts (the window starts with it)
+    assert first.allow(1000.5) and not first.allow(1000.5)
     budget = RetryBudget(0.2, 3)
     assert [budget.allow(0.0) for _ in range(4)] == [True, True, True, False]
     for _ in range(50):

@@ -57,7 +57,8 @@ class RetryBudget:
 
     def request(self, now: float) -> None:
         """A request (its first attempt) went to the pool."""
-        self._requests[self._advance(now)] += 1
+        slot = self._advance(now)  # (first: it may replace the lists)
+        self._requests[slot] += 1
 
     def allow(self, now: float) -> bool:
         """May one more retry go now?  If so it is counted."""
