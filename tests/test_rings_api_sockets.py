@@ -260,20 +260,24 @@ async def test_pools_are_listed_with_the_rings_they_serve(served: Proxy) -> None
 
 @pytest.mark.parametrize("how", ["setting", "file"])
 async def test_a_read_only_config_answers_409(stable: Upstream, canary: Upstream,
-                                               tmp_path: Path, tokens: None, how: str) -> None:
-    if how == "file" and os.geteuid() == 0:
-        pytest.skip("root may write any file: a read-only file needs another user")
+                                               tmp_path: Path, tokens: None, how: str,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # "file": config_writes unset and the file not writable (a ConfigMap's mount).
     path = tmp_path / "ringproxy.yaml"
     extra = "  config_writes: false\n" if how == "setting" else ""
     path.write_text(config_text(stable, canary, tmp_path, extra))
     if how == "file":
         path.chmod(0o444)
+        if os.geteuid() == 0:  # root may write any file: the check is what it would see
+            monkeypatch.setattr("proxy.admin.configfile.os.access", lambda *_: False)
     proxy = Proxy(load_config(path))
     await proxy.start()
     try:
         status, body, _ = await call(proxy, "POST", "/api/routes/api/rings",
                                      body={"name": "beta", "pool": "canary"})
         assert status == 409 and "change the file in Git" in body["error"], body
+        assert ("config_writes: false" if how == "setting" else "is not writable") in \
+            body["error"]
         status, body, _ = await call(proxy, "GET", "/api/routes/api/rings")
         assert status == 200  # reading stays
     finally:

@@ -19,6 +19,7 @@ the file is ``proxy.admin.configfile``'s job.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -84,8 +85,10 @@ def _answer(data: object, rev: str, status: int = 200) -> web.Response:
     return web.json_response(data, status=status, headers={"ETag": etag(rev)})
 
 
-def _document(snap: Snapshot) -> Document:
-    return Document(snap.text)
+async def _read(proxy: Proxy) -> tuple[Snapshot, Document]:
+    """The file now, parsed for reading (in a thread: a big file takes a while)."""
+    snap = await snapshot(proxy)
+    return snap, await asyncio.to_thread(Document, snap.text)
 
 
 def _filtered(rings: list[Ring], request: web.Request) -> list[Ring]:
@@ -137,8 +140,8 @@ async def ring_target(request: web.Request) -> Target | Denied:
 async def list_rings(request: web.Request, caller: Caller) -> web.Response:
     proxy = proxy_of(request)
     route = request.match_info["route"]
-    snap = await snapshot(proxy)
-    specs = _document(snap).rings(route)
+    snap, document = await _read(proxy)
+    specs = document.rings(route)
     rings = [_ring(proxy, route, i, spec, snap.revision) for i, spec in enumerate(specs)]
     return _answer({"route": route, "revision": snap.revision,
                     "rings": _filtered(rings, request)}, snap.revision)
@@ -147,17 +150,18 @@ async def list_rings(request: web.Request, caller: Caller) -> web.Response:
 async def get_ring(request: web.Request, caller: Caller) -> web.Response:
     proxy = proxy_of(request)
     route, name = request.match_info["route"], request.match_info["ring"]
-    snap = await snapshot(proxy)
-    ring = _find(proxy, snap, route, name)
+    snap, document = await _read(proxy)
+    ring = _find(proxy, snap.revision, document, route, name)
     if ring is None:
         raise ApiError(404, f"route {route!r} has no ring {name!r}")
     return _answer({"revision": snap.revision, "ring": ring}, snap.revision)
 
 
-def _find(proxy: Proxy, snap: Snapshot, route: str, name: str) -> Ring | None:
-    for position, spec in enumerate(_document(snap).rings(route)):
+def _find(proxy: Proxy, rev: str, document: Document, route: str, name: str
+          ) -> Ring | None:
+    for position, spec in enumerate(document.rings(route)):
         if spec.get("name") == name:
-            return _ring(proxy, route, position, spec, snap.revision)
+            return _ring(proxy, route, position, spec, rev)
     return None
 
 
@@ -180,10 +184,10 @@ def _spec(body: dict[str, Any]) -> Spec:
 async def _written_ring(request: web.Request, written: Written, route: str, name: str,
                         status: int = 200) -> web.Response:
     proxy = proxy_of(request)
-    snap = await snapshot(proxy)
+    snap, document = await _read(proxy)
     return _answer({"revision": written.revision, "previous_revision": written.previous,
                     "changed": written.event is not None,
-                    "ring": _find(proxy, snap, route, name),
+                    "ring": _find(proxy, snap.revision, document, route, name),
                     "event": written.event}, snap.revision, status)
 
 
@@ -244,28 +248,28 @@ async def delete_ring(request: web.Request, caller: Caller) -> web.Response:
 
 async def list_pools(request: web.Request, caller: Caller) -> web.Response:
     proxy = proxy_of(request)
-    snap = await snapshot(proxy)
+    snap, document = await _read(proxy)
     pools = [_pool(proxy, name, spec, snap.revision)
-             for name, spec in _document(snap).pools().items()]
+             for name, spec in document.pools().items()]
     return _answer({"revision": snap.revision, "pools": pools}, snap.revision)
 
 
 async def get_pool(request: web.Request, caller: Caller) -> web.Response:
     proxy = proxy_of(request)
     name = request.match_info["pool"]
-    snap = await snapshot(proxy)
+    snap, document = await _read(proxy)
     return _answer({"revision": snap.revision,
-                    "pool": _pool(proxy, name, _document(snap).pool(name), snap.revision)},
+                    "pool": _pool(proxy, name, document.pool(name), snap.revision)},
                    snap.revision)
 
 
 async def _written_pool(request: web.Request, written: Written, name: str,
                         status: int = 200) -> web.Response:
     proxy = proxy_of(request)
-    snap = await snapshot(proxy)
+    snap, document = await _read(proxy)
     return _answer({"revision": written.revision, "previous_revision": written.previous,
                     "changed": written.event is not None,
-                    "pool": _pool(proxy, name, _document(snap).pool(name), snap.revision),
+                    "pool": _pool(proxy, name, document.pool(name), snap.revision),
                     "event": written.event}, snap.revision, status)
 
 
