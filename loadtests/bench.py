@@ -1,14 +1,26 @@
 #!/usr/bin/env python3
-"""Compare ringproxy against direct upstream, NGINX and a minimal aiohttp proxy.
+"""Compare ringproxy against direct upstream and NGINX, and price its access log and metrics.
 
 Everything runs on 127.0.0.1 in one go: an NGINX upstream answering a fixed
 200, then for each target a fresh proxy process, a 2 s ``wrk`` warm-up and a
 measured ``wrk --latency`` run.  CPU time per request of the proxy process
-(tree) is read from ``/proc/PID/stat`` around the measured run.
+(tree) is read from ``/proc/PID/stat`` around the measured run.  ringproxy runs as
+``ringproxy run --config FILE`` (a subprocess), so the bench measures whatever data
+plane the tree has.
+
+Targets (default: all but minimal-aiohttp; ringproxy-before only with --before-cmd):
+
+    direct               wrk -> upstream
+    nginx                wrk -> NGINX (keep-alive upstream) -> upstream
+    minimal-aiohttp      wrk -> loadtests/minimal_aiohttp_proxy.py -> upstream
+    ringproxy            two rings, sticky assignment (X-User-Id), metrics on, access log off
+    ringproxy-accesslog  the same with the access log on (to /dev/null)
+    ringproxy-nometrics  the same with metrics off (access log off)
+    ringproxy-before     the ringproxy config run by --before-cmd (another build)
 
     .venv/bin/python loadtests/bench.py [--duration 10] [--connections 50]
-        [--threads 1] [--only direct,nginx,minimal-aiohttp,ringproxy,ringproxy-nometrics]
-        [--access-log] [--rounds 1] [--json results.json]
+        [--threads 1] [--only T,T] [--rounds 1] [--before-cmd CMD] [--pin]
+        [--json results.json]
 
 Requires ``nginx`` and ``wrk`` on PATH (Debian: ``apt-get install nginx-light wrk``).
 """
@@ -31,13 +43,35 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
 
-# ringproxy-nometrics is ringproxy with `metrics: {enabled: false}`: the two together give
-# the CPU per request that per-ring metrics (counters + sliding window) cost.
-TARGETS = ("direct", "nginx", "minimal-aiohttp", "ringproxy", "ringproxy-nometrics")
+TARGETS = (
+    "direct",
+    "nginx",
+    "minimal-aiohttp",
+    "ringproxy",
+    "ringproxy-accesslog",
+    "ringproxy-nometrics",
+    "ringproxy-before",
+)
+DEFAULT_TARGETS = (
+    "direct",
+    "nginx",
+    "ringproxy",
+    "ringproxy-accesslog",
+    "ringproxy-nometrics",
+    "ringproxy-before",  # dropped unless --before-cmd is given
+)
+# ringproxy variants: (access log on, metrics on)
+RINGPROXY_VARIANTS = {
+    "ringproxy": (False, True),
+    "ringproxy-accesslog": (True, True),
+    "ringproxy-nometrics": (False, False),
+    "ringproxy-before": (False, True),
+}
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -45,6 +79,9 @@ EXPECTED_BODY = b"hello from upstream\n"
 READY_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
 WARMUP_S = 2
+# Every request carries a sticky key, so assignment hashes it into a bucket (the common
+# case: a user id from the application), for every target alike.
+USER_HEADER = "X-User-Id: bench-user-4242"
 
 
 class StartupError(RuntimeError):
@@ -95,6 +132,27 @@ def cpu_seconds(pids: list[int]) -> tuple[float, float, bool]:
     return utime / CLK_TCK, stime / CLK_TCK, complete
 
 
+def preemptions(pids: list[int]) -> int:
+    """Involuntary context switches, summed over every thread of ``pids`` (each a
+    preemption: the scheduler took the CPU away, usually for a task the process's own
+    write woke; each costs system time and cache refills)."""
+    total = 0
+    for pid in pids:
+        try:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        for task in tasks:
+            try:
+                status = (task / "status").read_text()
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                continue
+            for line in status.splitlines():
+                if line.startswith("nonvoluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+    return total
+
+
 def host_cpu() -> tuple[int, int]:
     """(busy, total) jiffies over all cores from /proc/stat."""
     parts = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
@@ -111,6 +169,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def pin_to(cpus: set[int] | None) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that runs the child on ``cpus`` (None: wherever the kernel likes)."""
+    if not cpus:
+        return None
+    chosen = set(cpus)
+
+    def pin() -> None:
+        os.sched_setaffinity(0, chosen)
+
+    return pin
+
+
 def _alive(pid: int) -> bool:
     fields = _stat_fields(pid)
     return fields is not None and fields[0] != "Z"
@@ -120,12 +190,19 @@ class Server:
     """A child process listening on 127.0.0.1:port, output captured to files."""
 
     def __init__(
-        self, name: str, argv: list[str], workdir: Path, port: int, cwd: Path | None = None
+        self,
+        name: str,
+        argv: list[str],
+        workdir: Path,
+        port: int,
+        cwd: Path | None = None,
+        cpus: set[int] | None = None,
     ) -> None:
         self.name = name
         self.argv = argv
         self.port = port
         self.cwd = cwd
+        self.cpus = cpus
         self.stdout_path = workdir / f"{name}.stdout"
         self.stderr_path = workdir / f"{name}.stderr"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -133,7 +210,12 @@ class Server:
     def start(self) -> None:
         with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
             self.proc = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=self.cwd
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                cwd=self.cwd,
+                preexec_fn=pin_to(self.cpus),
             )
         self._wait_ready()
 
@@ -221,13 +303,15 @@ http {{
 """
 
 
-def start_nginx(name: str, root: Path, port: int, http_body: str) -> Server:
+def start_nginx(
+    name: str, root: Path, port: int, http_body: str, cpus: set[int] | None = None
+) -> Server:
     workdir = root / name
     workdir.mkdir(mode=0o755, exist_ok=True)  # a later round reuses it
     conf = workdir / "nginx.conf"
     conf.write_text(nginx_conf(workdir, http_body))
     argv = ["nginx", "-e", str(workdir / "error.log"), "-p", f"{workdir}/", "-c", str(conf)]
-    server = Server(name, argv, workdir, port)
+    server = Server(name, argv, workdir, port, cpus=cpus)
     try:
         server.start()
     except StartupError as exc:
@@ -269,7 +353,14 @@ def nginx_proxy_body(port: int, upstream_port: int) -> str:
     }}"""
 
 
-def ringproxy_yaml(port: int, upstream_port: int, access_log: bool, metrics: bool = True) -> str:
+def ringproxy_yaml(
+    port: int, upstream_port: int, workdir: Path, access_log: bool, metrics: bool
+) -> str:
+    """Two rings on one route with sticky assignment: half the buckets to ``canary``.
+
+    Both pools point at the same upstream (the figures are about the proxy).  State files
+    go to ``workdir``, never the repository.
+    """
     log = 'enabled: true\n  path: "/dev/null"' if access_log else 'enabled: false\n  path: "-"'
     return f"""listen: 127.0.0.1:{port}
 metrics:
@@ -278,14 +369,24 @@ admin:
   listen: 127.0.0.1:0
 access_log:
   {log}
+state:
+  path: {workdir / "state.json"}
+  audit: {workdir / "audit.jsonl"}
 pools:
-  backend:
+  stable:
+    servers: [http://127.0.0.1:{upstream_port}]
+  canary:
     servers: [http://127.0.0.1:{upstream_port}]
 routes:
   - name: bench
+    sticky:
+      key: ["header:X-User-Id"]
     rings:
+      - name: canary
+        pool: canary
+        weight: 50
       - name: stable
-        pool: backend
+        pool: stable
 """
 
 
@@ -352,7 +453,14 @@ def parse_wrk(text: str) -> WrkResult:
     )
 
 
-def run_wrk(port: int, duration: int, connections: int, threads: int, latency: bool) -> WrkResult:
+def run_wrk(
+    port: int,
+    duration: int,
+    connections: int,
+    threads: int,
+    latency: bool,
+    cpus: set[int] | None = None,
+) -> WrkResult:
     argv = [
         "wrk",
         f"-t{threads}",
@@ -360,10 +468,19 @@ def run_wrk(port: int, duration: int, connections: int, threads: int, latency: b
         f"-d{duration}s",
         "--timeout",
         "5s",
+        "-H",
+        USER_HEADER,
         *(["--latency"] if latency else []),
         f"http://127.0.0.1:{port}/",
     ]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30, check=False)
+    proc = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=duration + 30,
+        check=False,
+        preexec_fn=pin_to(cpus),
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout}")
     return parse_wrk(proc.stdout)
@@ -372,7 +489,9 @@ def run_wrk(port: int, duration: int, connections: int, threads: int, latency: b
 def check_response(port: int) -> None:
     """One plain GET through the target; raises if it is not the upstream's answer."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(f"http://127.0.0.1:{port}/", timeout=5) as resp:
+    name, value = USER_HEADER.split(": ", 1)
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/", headers={name: value})
+    with opener.open(request, timeout=5) as resp:
         body = resp.read()
         if resp.status != 200 or body != EXPECTED_BODY:
             raise RuntimeError(f"unexpected response: {resp.status} {body[:200]!r}")
@@ -397,6 +516,7 @@ class TargetResult:
     cpu_us_per_req: float | None = None
     cpu_user_us_per_req: float | None = None
     cpu_sys_us_per_req: float | None = None
+    preemptions_per_req: float | None = None
     cpu_measured: str = ""
     cpu_pids: list[int] = field(default_factory=list)
     upstream_cpu_us_per_req: float | None = None
@@ -414,17 +534,21 @@ def measure(
     args: argparse.Namespace,
 ) -> None:
     check_response(port)
-    run_wrk(port, WARMUP_S, args.connections, args.threads, latency=False)
+    run_wrk(port, WARMUP_S, args.connections, args.threads, latency=False, cpus=args.load_cpus)
 
     measured = proxy if proxy is not None else upstream
     pids = measured.pids()
     up_pids = upstream.pids()
     user0, sys0, _ = cpu_seconds(pids)
+    preempted0 = preemptions(pids)
     up_user0, up_sys0, _ = cpu_seconds(up_pids)
     busy0, total0 = host_cpu()
-    wrk = run_wrk(port, args.duration, args.connections, args.threads, latency=True)
+    wrk = run_wrk(
+        port, args.duration, args.connections, args.threads, latency=True, cpus=args.load_cpus
+    )
     busy1, total1 = host_cpu()
     user1, sys1, complete = cpu_seconds(pids)
+    preempted1 = preemptions(pids)
     up_user1, up_sys1, _ = cpu_seconds(up_pids)
 
     result.rps = wrk.rps
@@ -449,6 +573,7 @@ def measure(
         result.cpu_user_us_per_req = (user1 - user0) * per_req
         result.cpu_sys_us_per_req = (sys1 - sys0) * per_req
         result.cpu_us_per_req = result.cpu_user_us_per_req + result.cpu_sys_us_per_req
+        result.preemptions_per_req = (preempted1 - preempted0) / wrk.requests
         result.upstream_cpu_us_per_req = (up_user1 + up_sys1 - up_user0 - up_sys0) * per_req
     if total1 > total0:
         result.host_cpu_busy_pct = 100.0 * (busy1 - busy0) / (total1 - total0)
@@ -461,8 +586,10 @@ def start_target(
     if target == "direct":
         return None, upstream_port
     port = free_port()
+    cpus = args.proxy_cpus
     if target == "nginx":
-        return start_nginx("nginx-proxy", root, port, nginx_proxy_body(port, upstream_port)), port
+        body = nginx_proxy_body(port, upstream_port)
+        return start_nginx("nginx-proxy", root, port, body, cpus), port
     if target == "minimal-aiohttp":
         argv = [
             sys.executable,
@@ -470,13 +597,20 @@ def start_target(
             str(port),
             f"http://127.0.0.1:{upstream_port}",
         ]
-        server = Server("minimal-aiohttp", argv, root, port)
+        server = Server("minimal-aiohttp", argv, root, port, cpus=cpus)
     else:
-        config = root / f"{target}.yaml"
-        metrics = target != "ringproxy-nometrics"
-        config.write_text(ringproxy_yaml(port, upstream_port, args.access_log, metrics))
-        argv = [*ringproxy_argv(args.ringproxy_cmd), "run", "--config", str(config)]
-        server = Server(target, argv, root, port, cwd=REPO)
+        access_log, metrics = RINGPROXY_VARIANTS[target]
+        workdir = root / target
+        workdir.mkdir(exist_ok=True)
+        for stale in ("state.json", "audit.jsonl"):  # each run starts from the config
+            (workdir / stale).unlink(missing_ok=True)
+        config = workdir / "ringproxy.yaml"
+        config.write_text(ringproxy_yaml(port, upstream_port, workdir, access_log, metrics))
+        command = args.before_cmd if target == "ringproxy-before" else args.ringproxy_cmd
+        argv = [*ringproxy_argv(command), "run", "--config", str(config)]
+        # Another build must not import this tree's package from the working directory.
+        cwd = workdir if target == "ringproxy-before" else REPO
+        server = Server(target, argv, root, port, cwd=cwd, cpus=cpus)
     try:
         server.start()
     except BaseException:
@@ -514,6 +648,11 @@ def run_target(target: str, root: Path, upstream: Server, args: argparse.Namespa
 
 # --------------------------------------------------------------------------- report
 
+RINGPROXY_LIKE = ("minimal-aiohttp", *RINGPROXY_VARIANTS)
+GOAL_CPU_X_NGINX = 2.0  # issue 13: CPU per request and p99 within 2x NGINX's
+GOAL_P99_X_NGINX = 2.0
+GOAL_FEATURE_US = 3.0  # issue 13: the access log and metrics each at most 3 us per request
+
 
 def median_run(runs: list[TargetResult]) -> TargetResult:
     """The run with the median CPU per request (a failed run, if any failed)."""
@@ -528,44 +667,107 @@ def _fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def _x(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0:
         return None
     return a / b
 
 
-def compute_ratios(results: dict[str, TargetResult]) -> dict[str, float | None]:
-    def get(target: str, attr: str) -> float | None:
-        r = results.get(target)
-        return getattr(r, attr) if r is not None and r.ok else None
+def difference(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
 
-    rp_rps, rp_cpu = get("ringproxy", "rps"), get("ringproxy", "cpu_us_per_req")
+
+def _get(results: dict[str, TargetResult], target: str, attr: str) -> float | None:
+    r = results.get(target)
+    value = getattr(r, attr) if r is not None and r.ok else None
+    return value if isinstance(value, (int, float)) else None
+
+
+def compute_ratios(results: dict[str, TargetResult]) -> dict[str, float | None]:
+    """Each ringproxy-like target against NGINX (CPU per request, req/s, p99), and a few
+    more: ringproxy against direct, and against the build given by --before-cmd."""
+    out: dict[str, float | None] = {}
+    for target in RINGPROXY_LIKE:
+        if target not in results:
+            continue
+        for attr, key in (
+            ("cpu_us_per_req", "cpu_per_req"),
+            ("rps", "rps"),
+            ("latency_p99_ms", "p99"),
+        ):
+            out[f"{target}_vs_nginx_{key}"] = ratio(
+                _get(results, target, attr), _get(results, "nginx", attr)
+            )
+    out["ringproxy_vs_direct_rps"] = ratio(
+        _get(results, "ringproxy", "rps"), _get(results, "direct", "rps")
+    )
+    if "ringproxy-before" in results:
+        out["ringproxy_vs_before_cpu_per_req"] = ratio(
+            _get(results, "ringproxy", "cpu_us_per_req"),
+            _get(results, "ringproxy-before", "cpu_us_per_req"),
+        )
+    return out
+
+
+def compute_costs(results: dict[str, TargetResult]) -> dict[str, float | None]:
+    """CPU us per request of the access log and of metrics (differences of two targets)."""
+    cpu = {t: _get(results, t, "cpu_us_per_req") for t in RINGPROXY_VARIANTS}
     return {
-        "ringproxy_vs_direct_rps": ratio(rp_rps, get("direct", "rps")),
-        "ringproxy_vs_nginx_rps": ratio(rp_rps, get("nginx", "rps")),
-        "ringproxy_vs_nginx_cpu_per_req": ratio(rp_cpu, get("nginx", "cpu_us_per_req")),
-        "ringproxy_vs_minimal_aiohttp_rps": ratio(rp_rps, get("minimal-aiohttp", "rps")),
-        "ringproxy_vs_minimal_aiohttp_cpu_per_req": ratio(
-            rp_cpu, get("minimal-aiohttp", "cpu_us_per_req")
-        ),
-        "ringproxy_vs_nometrics_rps": ratio(rp_rps, get("ringproxy-nometrics", "rps")),
-        "ringproxy_vs_nometrics_cpu_per_req": ratio(
-            rp_cpu, get("ringproxy-nometrics", "cpu_us_per_req")
-        ),
+        "access_log_us_per_req": difference(cpu["ringproxy-accesslog"], cpu["ringproxy"]),
+        "metrics_us_per_req": difference(cpu["ringproxy"], cpu["ringproxy-nometrics"]),
     }
 
 
+def paired_costs(rounds: dict[str, list[TargetResult]]) -> dict[str, list[float]]:
+    """The same differences round by round (each pair ran back to back), sorted."""
+    pairs = {
+        "access_log_us_per_req": ("ringproxy-accesslog", "ringproxy"),
+        "metrics_us_per_req": ("ringproxy", "ringproxy-nometrics"),
+    }
+    out: dict[str, list[float]] = {}
+    for key, (a, b) in pairs.items():
+        diffs = [
+            x.cpu_us_per_req - y.cpu_us_per_req
+            for x, y in zip(rounds.get(a, []), rounds.get(b, []), strict=False)
+            if x.ok and y.ok and x.cpu_us_per_req is not None and y.cpu_us_per_req is not None
+        ]
+        if diffs:
+            out[key] = sorted(diffs)
+    return out
+
+
+def _verdict(value: float | None, goal: float) -> str:
+    if value is None:
+        return ""
+    return f"(goal <= {goal:g}: {'met' if value <= goal else 'NOT met'})"
+
+
 def render(
-    results: list[TargetResult], ratios: dict[str, float | None], args: argparse.Namespace
+    results: list[TargetResult],
+    ratios: dict[str, float | None],
+    costs: dict[str, float | None],
+    args: argparse.Namespace,
 ) -> str:
     header = (
-        f"{'target':<20} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'proxy CPU us/req':>17} "
-        f"{'upstream us/req':>16} {'host CPU':>9} {'errors':>7}"
+        f"{'target':<20} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'CPU us/req':>16} "
+        f"{'user+sys':>11} {'preempt/req':>11} "
+        f"{'CPU x nginx':>11} {'p99 x nginx':>11} {'upstr us/req':>12} {'host CPU':>8} "
+        f"{'errors':>6}"
     )
-    access_log = "ON (/dev/null)" if args.access_log else "off"
+    pinning = (
+        f"proxy on CPU {sorted(args.proxy_cpus)}, wrk + upstream on CPU {sorted(args.load_cpus)}"
+        if args.proxy_cpus
+        else "no CPU pinning"
+    )
     lines = [
-        f"wrk: {args.duration}s, {args.connections} connections, {args.threads} thread(s); "
-        f"{os.cpu_count()} CPUs; ringproxy access log {access_log}",
+        f"wrk: {args.duration}s, {args.connections} connections, {args.threads} thread(s), "
+        f"header '{USER_HEADER}'; {os.cpu_count()} CPUs, {pinning}",
+        "ringproxy: 2 rings (canary weight 50, stable), sticky on X-User-Id; "
+        "-accesslog: access log to /dev/null; -nometrics: metrics.enabled false",
         "",
         header,
         "-" * len(header),
@@ -573,43 +775,62 @@ def render(
     for r in results:
         if not r.ok:
             first = (r.error or "failed").strip().splitlines()[0]
-            lines.append(f"{r.target:<20} FAILED: {first[:90]}")
+            lines.append(f"{r.target:<20} FAILED: {first[:100]}")
             continue
         errors = sum(r.socket_errors.values()) + r.non_2xx_3xx
         cpu = _fmt(r.cpu_us_per_req, ".1f") + (" (upstream)" if r.target == "direct" else "")
         host = _fmt(r.host_cpu_busy_pct, ".0f") + "%"
+        cpu_x = _x(ratios.get(f"{r.target}_vs_nginx_cpu_per_req"))
+        p99_x = _x(ratios.get(f"{r.target}_vs_nginx_p99"))
+        if r.target not in RINGPROXY_LIKE:
+            cpu_x = p99_x = ""
+        split = (
+            f"{r.cpu_user_us_per_req:.1f}+{r.cpu_sys_us_per_req:.1f}"
+            if r.cpu_user_us_per_req is not None and r.cpu_sys_us_per_req is not None
+            else "n/a"
+        )
         lines.append(
-            f"{r.target:<20} {_fmt(r.rps, ',.0f'):>10} {_fmt(r.latency_p50_ms, '.2f'):>8} "
-            f"{_fmt(r.latency_p99_ms, '.2f'):>8} {cpu:>17} "
-            f"{_fmt(r.upstream_cpu_us_per_req, '.1f'):>16} {host:>9} {errors:>7}"
+            f"{r.target:<20} {_fmt(r.rps, ',.0f'):>9} {_fmt(r.latency_p50_ms, '.2f'):>7} "
+            f"{_fmt(r.latency_p99_ms, '.2f'):>7} {cpu:>16} {split:>11} "
+            f"{_fmt(r.preemptions_per_req, '.2f'):>11} {cpu_x:>11} {p99_x:>11} "
+            f"{_fmt(r.upstream_cpu_us_per_req, '.1f'):>12} {host:>8} {errors:>6}"
         )
     lines += [
         "",
-        "proxy CPU us/req: utime+stime of the proxy process tree (nginx: master+worker) during",
-        "the measured run / completed requests; for 'direct' it is the upstream nginx itself.",
+        "CPU us/req: utime+stime of the proxy process tree (nginx: master+worker) during the",
+        "measured run / completed requests; for 'direct' it is the upstream nginx itself.",
+        "user+sys: the same split into utime and stime. preempt/req: involuntary context",
+        "switches of the measured process tree per request (preemptions: on a busy machine",
+        "a process's writes wake wrk or the upstream, which may take its CPU; each costs",
+        "system time and cache refills, and a slower process is preempted more often).",
         "host CPU: busy share of all cores during the run (includes wrk and the upstream).",
         "",
-        "ratios (ringproxy / other; rps: higher is better, cpu/req: lower is better):",
+        "ratios (rps: higher is better; cpu/req and p99: lower is better):",
     ]
-    labels = {
-        "ringproxy_vs_direct_rps": "ringproxy vs direct           rps",
-        "ringproxy_vs_nginx_rps": "ringproxy vs nginx            rps",
-        "ringproxy_vs_nginx_cpu_per_req": "ringproxy vs nginx            cpu/req",
-        "ringproxy_vs_minimal_aiohttp_rps": "ringproxy vs minimal-aiohttp  rps",
-        "ringproxy_vs_minimal_aiohttp_cpu_per_req": "ringproxy vs minimal-aiohttp  cpu/req",
-        "ringproxy_vs_nometrics_rps": "ringproxy vs ringproxy-nometrics rps",
-        "ringproxy_vs_nometrics_cpu_per_req": "ringproxy vs ringproxy-nometrics cpu/req",
-    }
-    for key, label in labels.items():
-        value = ratios.get(key)
-        lines.append(f"  {label:<40} {'n/a' if value is None else f'{value:.2f}x'}")
-    by_target = {r.target: r for r in results if r.ok}
-    on, off = by_target.get("ringproxy"), by_target.get("ringproxy-nometrics")
-    if on and off and on.cpu_us_per_req is not None and off.cpu_us_per_req is not None:
-        lines.append(
-            f"\nmetrics cost: {on.cpu_us_per_req - off.cpu_us_per_req:+.1f} us CPU per request "
-            f"({on.cpu_us_per_req:.1f} with metrics, {off.cpu_us_per_req:.1f} without)"
+    rp_cpu = ratios.get("ringproxy_vs_nginx_cpu_per_req")
+    rp_p99 = ratios.get("ringproxy_vs_nginx_p99")
+    entries: list[tuple[str, float | None, str]] = [
+        ("ringproxy vs nginx  cpu/req", rp_cpu, _verdict(rp_cpu, GOAL_CPU_X_NGINX)),
+        ("ringproxy vs nginx  p99", rp_p99, _verdict(rp_p99, GOAL_P99_X_NGINX)),
+        ("ringproxy vs nginx  rps", ratios.get("ringproxy_vs_nginx_rps"), ""),
+        ("ringproxy vs direct rps", ratios.get("ringproxy_vs_direct_rps"), ""),
+    ]
+    if "ringproxy_vs_before_cpu_per_req" in ratios:
+        entries.append(
+            ("ringproxy vs ringproxy-before cpu/req",
+             ratios.get("ringproxy_vs_before_cpu_per_req"), "")
         )
+    for label, value, verdict in entries:
+        lines.append(f"  {label:<40} {_x(value):>7} {verdict}")
+    lines.append("")
+    lines.append("feature costs (CPU us per request, from the table's rows):")
+    for key, label in (
+        ("access_log_us_per_req", "access log (ringproxy-accesslog - ringproxy)"),
+        ("metrics_us_per_req", "metrics (ringproxy - ringproxy-nometrics)"),
+    ):
+        value = costs.get(key)
+        shown = "n/a" if value is None else f"{value:+.1f}"
+        lines.append(f"  {label:<48} {shown:>7} {_verdict(value, GOAL_FEATURE_US)}")
     for r in results:
         errors = sum(r.socket_errors.values()) + r.non_2xx_3xx
         if r.ok and errors:
@@ -628,6 +849,15 @@ def render(
 # --------------------------------------------------------------------------- main
 
 
+def split_cpus(pin: bool) -> tuple[set[int] | None, set[int] | None]:
+    """(proxy CPUs, wrk + upstream CPUs): the last allowed CPU for the proxy alone, the
+    rest for the load; no pinning on one CPU or when not asked."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if not pin or len(allowed) < 2:
+        return None, None
+    return {allowed[-1]}, set(allowed[:-1])
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -638,12 +868,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=50, help="wrk connections (default 50)")
     p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
     p.add_argument(
-        "--only", default=",".join(TARGETS), help=f"comma-separated subset of {','.join(TARGETS)}"
-    )
-    p.add_argument(
-        "--access-log",
-        action="store_true",
-        help="keep ringproxy's access log on (written to /dev/null)",
+        "--only",
+        default=None,
+        help=f"comma-separated subset of {','.join(TARGETS)} "
+        f"(default: {','.join(DEFAULT_TARGETS)})",
     )
     p.add_argument(
         "--rounds",
@@ -658,16 +886,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="command that starts ringproxy (default: venv 'ringproxy' script, else "
         "'python -m proxy'); 'run --config FILE' is appended",
     )
+    p.add_argument(
+        "--before-cmd",
+        help="command that starts another ringproxy build (e.g. the last release), run as "
+        "target ringproxy-before with the same config, in a temporary working directory",
+    )
+    p.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="run each proxy alone on the last CPU, wrk and the upstream on the others "
+        "(needs 2+ CPUs; default off: on 2 CPUs the upstream then shares wrk's core and "
+        "NGINX's p99 grows tenfold, which flatters the p99 ratios)",
+    )
     args = p.parse_args(argv)
-    only = [t.strip() for t in args.only.split(",") if t.strip()]
+    chosen = DEFAULT_TARGETS if args.only is None else tuple(args.only.split(","))
+    only = [t.strip() for t in chosen if t.strip()]
     unknown = sorted(set(only) - set(TARGETS))
     if unknown or not only:
         p.error(f"--only: unknown target(s) {unknown}; choose from {','.join(TARGETS)}")
+    if "ringproxy-before" in only and not args.before_cmd:
+        if args.only is not None:
+            p.error("target ringproxy-before needs --before-cmd")
+        only.remove("ringproxy-before")
     args.targets = [t for t in TARGETS if t in only]
     if args.duration < 1 or args.connections < 1 or args.threads < 1 or args.rounds < 1:
         p.error("--duration, --connections, --threads and --rounds must be >= 1")
     if args.connections < args.threads:
         p.error("--connections must be >= --threads (wrk requirement)")
+    args.proxy_cpus, args.load_cpus = split_cpus(args.pin)
     return args
 
 
@@ -694,7 +941,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         upstream_port = free_port()
         try:
-            upstream = start_nginx("upstream", root, upstream_port, upstream_body(upstream_port))
+            upstream = start_nginx(
+                "upstream", root, upstream_port, upstream_body(upstream_port), args.load_cpus
+            )
         except StartupError as exc:
             print(f"error: upstream nginx did not start:\n{exc}", file=sys.stderr)
             return 1
@@ -711,24 +960,19 @@ def main(argv: list[str] | None = None) -> int:
             upstream.stop()
         shutil.rmtree(root, ignore_errors=True)
 
-    ratios = compute_ratios({r.target: r for r in results})
-    print(render(results, ratios, args))
+    by_target = {r.target: r for r in results}
+    ratios = compute_ratios(by_target)
+    costs = compute_costs(by_target)
+    print(render(results, ratios, costs, args))
+    per_round = paired_costs(rounds) if args.rounds > 1 else {}
     if args.rounds > 1:
         print("\nproxy CPU us/req per round (the table shows each target's median round):")
         for target, runs in rounds.items():
             cpu = ", ".join(_fmt(r.cpu_us_per_req, ".1f") for r in runs)
             print(f"  {target:<20} {cpu}")
-        on, off = rounds.get("ringproxy", []), rounds.get("ringproxy-nometrics", [])
-        pairs = zip(on, off, strict=False)
-        diffs = sorted(
-            a.cpu_us_per_req - b.cpu_us_per_req
-            for a, b in pairs
-            if a.cpu_us_per_req is not None and b.cpu_us_per_req is not None
-        )
-        if diffs:
+        for key, diffs in per_round.items():
             each = ", ".join(f"{d:+.1f}" for d in diffs)
-            print(f"  metrics cost per round (sorted): {each}; median "
-                  f"{statistics.median(diffs):+.1f} us CPU per request")
+            print(f"  {key} per round (sorted): {each}; median {statistics.median(diffs):+.1f}")
     if args.json is not None:
         payload = {
             "config": {
@@ -737,7 +981,10 @@ def main(argv: list[str] | None = None) -> int:
                 "threads": args.threads,
                 "warmup_s": WARMUP_S,
                 "rounds": args.rounds,
-                "access_log": args.access_log,
+                "user_header": USER_HEADER,
+                "proxy_cpus": sorted(args.proxy_cpus or ()),
+                "load_cpus": sorted(args.load_cpus or ()),
+                "before_cmd": args.before_cmd,
                 "cpus": os.cpu_count(),
                 "python": platform.python_version(),
                 "platform": platform.platform(),
@@ -745,6 +992,8 @@ def main(argv: list[str] | None = None) -> int:
             "results": [asdict(r) for r in results],
             "rounds": {t: [asdict(r) for r in runs] for t, runs in rounds.items()},
             "ratios": ratios,
+            "costs": costs,
+            "costs_per_round": per_round,
         }
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
         print(f"\nJSON written to {args.json}")

@@ -39,7 +39,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.process_collector import ProcessCollector
 
 from proxy.config.analysis import SERVER_ERRORS
-from proxy.dataplane.handler import INTERNAL
+from proxy.dataplane.exchange import INTERNAL
 from proxy.rollout.evidence import Tally
 from proxy.rollout.window import LATENCY_BUCKETS, RingWindow, Summary
 from proxy.runtime import RingRuntime, Runtime

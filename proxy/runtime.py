@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from proxy.config import Config, Ring, Route
-from proxy.dataplane.pool import UpstreamPool
+from proxy.dataplane.upstream import HeadLimits, UpstreamPool
 from proxy.rollout.judge import Verdict
 from proxy.rollout.state import Phase
 from proxy.routing.table import RoutingTable
@@ -32,14 +32,17 @@ class RingRuntime:
 
     __slots__ = (
         "extra_headers",
+        "head_lines",
         "idle_timeout",
         "inflight",
         "limit",
+        "max_body",
         "name",
         "phase",
         "pool",
         "reason_header",
         "recorder",
+        "replaced",
         "ring",
         "route",
         "settings",
@@ -57,7 +60,7 @@ class RingRuntime:
         self.ring = ring
         # What, besides the ring itself, shapes this object; a reload that changes none of
         # it keeps the object (and its in-flight count and recorder).
-        self.settings = (route.decision, route.override, route.rings[-1] is ring)
+        self.settings = (route.decision, route.override, route.rings[-1] is ring, route.max_body)
         self.name = ring.name
         self.pool = pool
         self.inflight = 0
@@ -66,6 +69,7 @@ class RingRuntime:
         # per finished request on this ring.  None records nothing.
         self.recorder: Recorder | None = None
         self.limit = ring.policy.max_concurrency
+        self.max_body = route.max_body  # request body bytes; more -> 413
         self.timeout = ring.policy.timeout
         self.extra_headers = ring.policy.add_headers
         self.reason_header = route.decision.reason_upstream
@@ -78,6 +82,16 @@ class RingRuntime:
         override = route.override
         self.strip_headers: tuple[str, ...] = (
             (override.secret_header,) if override and override.secret_header else ()
+        )
+        # The upstream head's fixed lines for this ring (X-Ring, then the added headers),
+        # and the lower-cased names of client headers they replace or that are stripped.
+        self.head_lines = b"X-Ring: " + ring.name.encode() + b"\r\n" + b"".join(
+            k.encode("latin-1") + b": " + v.encode("latin-1") + b"\r\n"
+            for k, v in self.extra_headers
+        )
+        self.replaced = frozenset(
+            [k.lower().encode("latin-1") for k, _ in self.extra_headers]
+            + [name.lower().encode("latin-1") for name in self.strip_headers]
         )
         # Where ``weight`` is read from: the table this ring is served from.
         self.table = table
@@ -109,10 +123,12 @@ class Runtime:
         self.table = RoutingTable(config)
         old_pools = previous.pools if previous is not None else {}
         self.pools: dict[str, UpstreamPool] = {}
+        # Upstream response heads are held to the client heads' limits.
+        head_limits = HeadLimits(config.limits.max_head_size, config.limits.max_headers)
         for pool in config.pools:
             old = old_pools.get(pool.name)
             self.pools[pool.name] = old if old is not None and old.config == pool else (
-                UpstreamPool(pool)
+                UpstreamPool(pool, head_limits)
             )
         self.retired = [p for name, p in old_pools.items() if self.pools.get(name) is not p]
         old_rings = {

@@ -1,8 +1,14 @@
 """Run the proxy: listeners, signal handling, graceful shutdown.
 
-``Proxy`` owns the live pieces (runtime, handler, the aiohttp servers) so tests and the
-demo can start it inside their own event loop and learn the bound ports; ``run`` is the
-blocking entry point the CLI uses (uvloop, SIGTERM/SIGINT -> graceful stop -> exit 0).
+``Proxy`` owns the live pieces (runtime, the data plane, its listeners, the admin
+listener) so tests and the demo can start it inside their own event loop and learn the
+bound ports; ``run`` is the blocking entry point the CLI uses (uvloop, SIGTERM/SIGINT ->
+graceful stop -> exit 0).
+
+The data plane's listeners (``listen`` and, when configured, ``listen_tls``) serve
+``ClientConnection`` Protocols sharing one ``DataPlane``; the process raises its soft
+``RLIMIT_NOFILE`` at start and admits at most ``connection_cap`` client connections.  The
+admin listener is aiohttp's.
 """
 
 from __future__ import annotations
@@ -23,8 +29,15 @@ from proxy.config.rollout import WINDOW_HORIZON
 from proxy.config.values import Listen
 from proxy.control.controller import Checkpoint, Controller
 from proxy.dataplane.accesslog import AccessLog
-from proxy.dataplane.handler import ProxyHandler
-from proxy.dataplane.pool import UpstreamPool
+from proxy.dataplane.client import DataPlane
+from proxy.dataplane.listener import (
+    CertificateWatcher,
+    ConnectionGate,
+    connection_cap,
+    listen,
+    raise_nofile_limit,
+)
+from proxy.dataplane.upstream import UpstreamPool
 from proxy.metrics import Metrics
 from proxy.reload import Reloader, ReloadResult
 from proxy.runtime import Runtime
@@ -32,9 +45,12 @@ from proxy.runtime import Runtime
 log = logging.getLogger("ringproxy")
 
 
-def _url(addr: tuple[str, int] | tuple[str, int, int, int]) -> str:
+def _url(addr: tuple[str, int] | tuple[str, int, int, int], scheme: str = "http") -> str:
     host, port = addr[0], addr[1]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+_CERT_CHECK_EVERY = 1.0  # seconds between looks at the TLS certificate files
 
 
 class Proxy:
@@ -50,10 +66,15 @@ class Proxy:
         self.controller = Controller(config, self.metrics)
         self._fresh_state = fresh_state
         self.access_log = AccessLog(config.access_log.path) if config.access_log.enabled else None
-        self.handler = ProxyHandler(self.runtime, self.access_log)
+        self.plane: DataPlane | None = None  # made at start, inside the event loop
+        self.gate: ConnectionGate | None = None
+        self.certificates: CertificateWatcher | None = None
+        self._listeners: list[asyncio.Server] = []
         self._runners: list[web.BaseRunner] = []
         self._draining: set[asyncio.Task[None]] = set()
+        self._cert_task: asyncio.Task[None] | None = None
         self.url = ""
+        self.tls_url = ""
         self.admin_url = ""
         # Reloads need a file to read again: the embedded demo config has none.
         self.reloader: Reloader | None = None
@@ -95,10 +116,12 @@ class Proxy:
             raise
         if plan.changed("access_log"):
             old_log, self.access_log = self.access_log, access_log
-            self.handler.access_log = access_log
+            if self.plane is not None:
+                self.plane.access_log = access_log
             if old_log is not None:
                 old_log.close()
-        self.handler.runtime = runtime  # the swap: the next request sees the new config
+        if self.plane is not None:
+            self.plane.runtime = runtime  # the swap: the next request sees the new config
         self.runtime, self.config = runtime, config
         for change in plan.changes:
             log.log(logging.INFO if change.applies is Applies.LIVE else logging.WARNING,
@@ -148,9 +171,7 @@ class Proxy:
         self.controller.configure(self.runtime)
         await self.runtime.start()
         try:
-            server = web.Server(self.handler, handler_cancellation=True, access_log=None)
-            runner = web.ServerRunner(server, shutdown_timeout=self.config.shutdown_grace)
-            self.url = await self._listen(runner, self.config.listen)
+            await self._listen_clients()
             admin = web.AppRunner(admin_app(self), access_log=None, shutdown_timeout=1.0)
             self.admin_url = await self._listen(admin, self.config.admin.listen)
         except BaseException:
@@ -159,6 +180,29 @@ class Proxy:
         if self._watch and self.reloader is not None:
             self.reloader.start_watching()
         self.controller.start()
+
+    async def _listen_clients(self) -> None:
+        """The data plane's listeners, behind one connection gate for the process."""
+        config = self.config
+        soft, _ = raise_nofile_limit()
+        self.gate = ConnectionGate(connection_cap(config.limits, soft))
+        plane = self.plane = DataPlane(self.runtime, self.access_log, self.gate)
+        loop = asyncio.get_running_loop()
+        server = await listen(loop, lambda: plane.protocol("http"), config.listen, None)
+        self._listeners.append(server)
+        self.url = _url(server.sockets[0].getsockname())
+        if config.listen_tls is not None:
+            watcher = self.certificates = CertificateWatcher(config.listen_tls)
+            tls = await listen(loop, lambda: plane.protocol("https"), config.listen_tls.listen,
+                               watcher.context, handshake_timeout=config.limits.head_timeout)
+            self._listeners.append(tls)
+            self.tls_url = _url(tls.sockets[0].getsockname(), "https")
+            self._cert_task = asyncio.ensure_future(self._watch_certificates(watcher))
+
+    async def _watch_certificates(self, watcher: CertificateWatcher) -> None:
+        while True:
+            await asyncio.sleep(_CERT_CHECK_EVERY)
+            watcher.check()
 
     async def _listen(self, runner: web.BaseRunner, listen: Listen) -> str:
         await runner.setup()
@@ -175,6 +219,11 @@ class Proxy:
         if self.reloader is not None:
             await self.reloader.stop()
         await self.controller.stop()
+        if self._cert_task is not None:
+            self._cert_task.cancel()
+            await asyncio.gather(self._cert_task, return_exceptions=True)
+            self._cert_task = None
+        await self._stop_clients()
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
@@ -184,6 +233,24 @@ class Proxy:
         await self.runtime.close()
         if self.access_log is not None:
             self.access_log.close()
+
+    async def _stop_clients(self) -> None:
+        """Stop accepting; idle connections close now; in-flight exchanges and tunnels
+        get up to ``shutdown_grace`` to finish; what is left is then closed."""
+        for server in self._listeners:
+            server.close()
+        self._listeners.clear()
+        plane = self.plane
+        if plane is None:
+            return
+        plane.close_idle()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.shutdown_grace
+        while plane.connections and loop.time() < deadline:  # noqa: ASYNC110 - a poll
+            await asyncio.sleep(0.02)
+        plane.abort_all()
+        await asyncio.sleep(0)  # let the transports report their end
+        plane.timers.close()
 
     def __repr__(self) -> str:
         return f"<Proxy {self.url or 'not started'} revision={self.config.revision}>"

@@ -114,3 +114,23 @@ async def test_a_closed_standard_output_does_not_fail_requests(
     log.flush()  # ValueError from the closed stream is swallowed
     log.close()
     assert repr(log) == "<AccessLog - buffered=0>"
+
+
+async def test_a_request_line_is_what_log_writes_for_the_same_fields(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    log = AccessLog(str(path))
+    fields: dict[str, accesslog.Field] = {
+        "time": "", "request_id": "r\"1\\", "client": "127.0.0.1", "method": "GET",
+        "host": "h\u00e9.test", "path": "/caf\u00e9?\n", "status": 200, "duration_ms": 0.001,
+        "route": "r", "ring": None, "reason": "bucket", "bucket": 0, "pool": "p",
+        "upstream": None, "bytes_in": 0, "bytes_out": 12, "error": "client_closed",
+        "revision": "abc",
+    }
+    log.log(dict(fields))
+    values = [v for k, v in fields.items() if k != "time"]
+    log.log_request(*values)  # type: ignore[arg-type]
+    log.close()
+    first, second = path.read_text(encoding="utf-8").splitlines()
+    assert first.split('"request_id"')[1] == second.split('"request_id"')[1]
+    assert json.loads(second) == {**fields, "time": json.loads(second)["time"]}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", json.loads(second)["time"])

@@ -69,7 +69,7 @@ def test_run_when_the_port_is_taken_exits_1(tmp_path: Path) -> None:
         config = write_config(tmp_path, "http://127.0.0.1:1", listen=f"127.0.0.1:{port}")
         result = cli("run", "--config", str(config))
     assert result.returncode == 1
-    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert f"cannot listen for clients on 127.0.0.1:{port}" in result.stderr
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

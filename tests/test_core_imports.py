@@ -14,9 +14,12 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "proxy"
 # Decide, never do: no event loop, no sockets, no clock, no shell module.
 PURE_PACKAGES = ["config", "routing", "rollout"]
-PURE_MODULES = ["errors.py", "dataplane/headers.py"]
-SHELL = ["proxy.dataplane.handler", "proxy.dataplane.pool", "proxy.dataplane.websocket",
-         "proxy.dataplane.accesslog", "proxy.dataplane.decide", "proxy.dataplane.deadlines",
+PURE_MODULES = ["errors.py", "dataplane/headers.py", "dataplane/framing.py",
+                "health/state.py", "health/retry.py"]
+SHELL = ["proxy.dataplane.client", "proxy.dataplane.exchange", "proxy.dataplane.upstream",
+         "proxy.dataplane.tunnel", "proxy.dataplane.listener", "proxy.dataplane.accesslog",
+         "proxy.dataplane.decide", "proxy.dataplane.deadlines",
+         "proxy.health.monitor", "proxy.health.checker",
          "proxy.control", "proxy.admin", "proxy.demo",
          "proxy.server", "proxy.runtime", "proxy.metrics", "proxy.reload", "proxy.cli",
          "proxy.tasks"]

@@ -1,5 +1,6 @@
 """What the request path's shortcuts must keep: shared deadline timers, an idle timer only
-when the body is still coming, a bounded Host cache, batched request ids."""
+when the body is still coming, a bounded Host cache, batched request ids, pooled upstream
+connections."""
 
 from __future__ import annotations
 
@@ -15,11 +16,9 @@ from aiohttp import web
 
 from proxy.config import parse_config
 from proxy.config.values import parse_upstream
-from proxy.dataplane import pool
 from proxy.dataplane.deadlines import Deadlines
-from proxy.dataplane.handler import Exchange
 from proxy.dataplane.headers import new_request_id
-from proxy.dataplane.pool import Server
+from proxy.dataplane.upstream import Server
 from proxy.routing.table import _HOSTS_MAX, RoutingTable, normalize_host
 from proxy.server import Proxy
 from tests.conftest import ProxyFactory, Upstream, headers_of, raw_exchange
@@ -65,29 +64,26 @@ async def test_one_timer_serves_many_deadlines_and_is_rearmed(
             else:
                 assert status == 504
                 assert 0.25 < took < 1.5
-    # Nothing is left waiting on a deadline.
-    for deadlines in proxy.handler._deadlines.values():
-        assert not deadlines._pending
+    # Nothing is left waiting on a ring deadline.
+    assert proxy.plane is not None
+    assert len(proxy.plane.timers(0.3)) == 0
 
 
-async def test_deadlines_cancel_only_expired_entries() -> None:
+async def test_deadlines_fire_only_expired_entries_and_restart_moves_one_back() -> None:
     loop = asyncio.get_running_loop()
-    deadlines = Deadlines(loop, 0.05)
-
-    async def wait() -> None:
-        await asyncio.sleep(5)
-
-    slow, fast = Exchange("a"), Exchange("b")
-    slow.task = asyncio.ensure_future(wait())
-    fast.task = asyncio.ensure_future(wait())
-    deadlines.arm(slow)
-    deadlines.arm(fast)
-    deadlines.disarm(fast)
-    deadlines.arm(fast)  # over: a late arm (an upload ending after the answer) does nothing
-    await asyncio.sleep(0.2)
-    assert slow.expired and slow.task.cancelled()
-    assert not fast.expired and not fast.task.done()
-    fast.task.cancel()
+    deadlines = Deadlines(loop, 0.1)
+    fired: list[str] = []
+    deadlines.arm("slow", lambda: fired.append("slow"))
+    deadlines.arm("done", lambda: fired.append("done"))
+    deadlines.arm("moved", lambda: fired.append("moved"))
+    deadlines.disarm("done")
+    await asyncio.sleep(0.06)
+    deadlines.arm("moved", lambda: fired.append("moved"))  # restarted: 0.1 s from now
+    await asyncio.sleep(0.08)
+    assert fired == ["slow"]
+    await asyncio.sleep(0.1)
+    assert fired == ["slow", "moved"]
+    assert len(deadlines) == 0
 
 
 class _Trickle:
@@ -201,11 +197,6 @@ def test_request_ids_are_unique_random_hex() -> None:
     assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
 
 
-def test_upstream_request_shortcut_applies_to_the_installed_aiohttp() -> None:
-    # Every header aiohttp adds on its own is in the skip list, so the shortcut is on.
-    assert pool._SKIPS_ALL
-
-
 @pytest.mark.parametrize("method", ["GET", "POST"])
 async def test_upstream_sees_only_what_the_client_sent(
     proxy: Proxy, stable: Upstream, method: str
@@ -232,27 +223,25 @@ async def test_upstream_sees_only_what_the_client_sent(
         == ("ua/1", "a/b", "br", "c/d")
 
 
-def test_server_urls_are_remembered_within_bounds() -> None:
-    server = Server(parse_upstream("http://127.0.0.1:9"))
-    first = server.url("/a", "q=1")
-    assert server.url("/a", "q=1") is first
-    assert str(first) == "http://127.0.0.1:9/a?q=1"
-    assert str(server.url("/a", "q=1", websocket=True)) == "ws://127.0.0.1:9/a?q=1"
-    for i in range(3 * pool._URLS_MAX):
-        assert server.url(f"/p{i}", "").path == f"/p{i}"
-        assert len(server._urls) <= pool._URLS_MAX
-    long_path = "/" + "x" * 300
-    assert server.url(long_path, "").raw_path == long_path
-    assert ("/" + "x" * 300, "") not in server._urls
-    assert server.host_header == "127.0.0.1:9"
-    assert Server(parse_upstream("http://[::1]:80")).host_header == "[::1]"
-    assert Server(parse_upstream("https://h.test:443")).host_header == "h.test"
+def test_server_host_headers() -> None:
+    assert Server(parse_upstream("http://127.0.0.1:9")).host_header == b"127.0.0.1:9"
+    assert Server(parse_upstream("http://[::1]:80")).host_header == b"[::1]"
+    assert Server(parse_upstream("https://h.test:443")).host_header == b"h.test"
+
+
+async def test_upstream_connections_are_kept_and_reused(
+    proxy: Proxy, stable: Upstream, client: aiohttp.ClientSession
+) -> None:
+    for _ in range(5):
+        async with client.get(proxy.url + "/x") as r:
+            assert r.status == 200
+    pool = proxy.runtime.pools["stable"]
+    assert pool.open == 1 and pool.idle_connections() == 1
 
 
 async def test_the_upstream_headers_are_taken_over_and_a_missing_host_still_gets_one(
     proxy: Proxy, stable: Upstream
 ) -> None:
-    skipped = list(pool._SKIPPED.items())
     raw = await raw_exchange(
         proxy.url,
         b"POST /seen HTTP/1.1\r\nX-First: 1\r\nhost: h.test\r\nX-Dup: a\r\nX-Dup: b\r\n"
@@ -260,13 +249,11 @@ async def test_the_upstream_headers_are_taken_over_and_a_missing_host_still_gets
     )
     assert raw.startswith(b"HTTP/1.1 200")
     sent = stable.requests[-1]["headers"]
-    # Exactly what the proxy built: the client's headers in their order, then its own.
-    assert sent[:4] == [["X-First", "1"], ["Host", "h.test"], ["X-Dup", "a"], ["X-Dup", "b"]]
+    # The client's headers in their order and spelling, then the proxy's own.
+    assert sent[:4] == [["X-First", "1"], ["host", "h.test"], ["X-Dup", "a"], ["X-Dup", "b"]]
     assert [k.lower() for k, _ in sent].count("host") == 1
     assert headers_of(stable.requests[-1])["x-dup"] == "a, b"
-    # An HTTP/1.0 client without Host: aiohttp's own Host (the server's) is sent.
+    # An HTTP/1.0 client without Host: the server's is sent.
     raw = await raw_exchange(proxy.url, b"GET /seen HTTP/1.0\r\n\r\n")
     assert raw.startswith(b"HTTP/1.1 200") or raw.startswith(b"HTTP/1.0 200")
     assert headers_of(stable.requests[-1])["host"] == stable.url.removeprefix("http://")
-    # aiohttp only reads the skip list all requests share.
-    assert list(pool._SKIPPED.items()) == skipped

@@ -12,13 +12,14 @@ import json
 import logging
 import textwrap
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from proxy.dataplane import handler, pool
+from proxy.dataplane.exchange import Exchange
+from proxy.dataplane.upstream import UpstreamConnection
 from proxy.metrics import CODE_CLASSES, ERROR_KINDS
 from proxy.server import Proxy
 from tests.conftest import ProxyFactory, Upstream, raw_exchange
@@ -82,11 +83,11 @@ async def test_a_defect_on_the_upstream_path_is_a_500_logged_and_never_judged(
     async with client.get(proxy.url + "/before") as r:
         assert r.status == 200
 
-    def broken(self: object, skip_auto_headers: object) -> None:
-        raise InjectedDefect("a bug in ringproxy's request class")
+    def broken(self: object, *args: object, **kwargs: object) -> None:
+        raise InjectedDefect("a bug in ringproxy's upstream connection")
 
-    # A fault inside the upstream call: ringproxy's own aiohttp request subclass.
-    monkeypatch.setattr(pool._UpstreamRequest, "update_auto_headers", broken)
+    # A fault inside the upstream call: sending the request on the upstream connection.
+    monkeypatch.setattr(UpstreamConnection, "send", broken)
     with caplog.at_level(logging.ERROR):
         async with client.get(proxy.url + "/fault", headers={"X-Request-Id": "fault-1"}) as r:
             assert r.status == 500
@@ -130,53 +131,56 @@ async def test_a_defect_after_the_response_started_cuts_it_and_is_never_judged(
     log_path = tmp_path / "access.log"
     proxy = await make_proxy(_config(stable.url, log_path))
 
-    async def broken(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-        async for chunk in upstream.content.iter_any():
-            yield chunk
-            raise InjectedDefect("a bug while relaying the body")
+    relay = Exchange.response_body
+    calls: list[int] = []
 
-    # The status line and the first chunk are out when the fault strikes.
-    monkeypatch.setattr(handler, "body_chunks", broken)
+    def broken(self: Exchange, data: bytes) -> None:
+        calls.append(len(data))
+        if len(calls) > 1:
+            raise InjectedDefect("a bug while relaying the body")
+        relay(self, data)
+
+    # The status line and the first piece are out when the fault strikes.
+    monkeypatch.setattr(Exchange, "response_body", broken)
     with caplog.at_level(logging.ERROR):
-        async with client.get(proxy.url + "/bytes/500000") as r:
+        async with client.get(proxy.url + "/bytes/4000000") as r:
             assert r.status == 200
             with pytest.raises(aiohttp.ClientPayloadError):
                 await r.read()  # cut: never a complete-looking body
     (logged,) = _tracebacks(caplog.records)
-    assert "/bytes/500000" in logged.getMessage()
+    assert "/bytes/4000000" in logged.getMessage()
 
     assert proxy.access_log is not None
     proxy.access_log.flush()
     (entry,) = [json.loads(line) for line in log_path.read_text().splitlines()]
     assert (entry["status"], entry["error"]) == (200, "internal")
-    assert 0 < entry["bytes_out"] < 500000
+    assert 0 < entry["bytes_out"] < 4000000
     classes, kinds, requests, errors = _outcomes(proxy)
     assert classes["internal"] == 1 and sum(classes.values()) == 1
     assert not any(kinds.values())
     assert (requests, errors) == (0, 0)
 
 
-async def test_a_clients_broken_websocket_handshake_is_its_400_and_never_judged(
+async def test_an_upgrade_the_upstream_refuses_is_relayed_as_its_answer(
     make_proxy: ProxyFactory, stable: Upstream, tmp_path: Path
 ) -> None:
-    # A real trigger, no fault injected: Upgrade and Connection but no Sec-WebSocket-Key.
-    # The upstream handshake (made by the proxy's own client) succeeds; accepting the
-    # client's then fails.  That used to be recorded as "nothing sent", an error of the
-    # ring's version, though the client got a 400; it is the access log's bad_request.
+    # Upgrade and Connection but no Sec-WebSocket-Key: the proxy passes the handshake on as
+    # it came (after a 101 it only tunnels bytes), and the upstream's refusal, its own
+    # 400, goes back to the client as a normal response, then the connection closes.
     proxy = await make_proxy(_config(stable.url, tmp_path / "access.log"))
     raw = await raw_exchange(
         proxy.url,
         b"GET /ws HTTP/1.1\r\nHost: h.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         b"Sec-WebSocket-Version: 13\r\n\r\n",
-        wait=1.0,
+        wait=2.0,
     )
     assert raw.startswith(b"HTTP/1.1 400 ")
+    assert b"connection: close" in raw.lower()
     classes, kinds, requests, errors = _outcomes(proxy)
     assert classes["4xx"] == 1 and sum(classes.values()) == 1
     assert not any(kinds.values())
-    # The client's doing: never judged, whatever the route's error_statuses say.
-    assert (requests, errors) == (0, 0)
+    assert (requests, errors) == (1, 0)  # the upstream's answer, and not an error status
     assert proxy.access_log is not None
     proxy.access_log.flush()
     (entry,) = [json.loads(line) for line in (tmp_path / "access.log").read_text().splitlines()]
-    assert (entry["status"], entry["error"]) == (400, "bad_request")
+    assert (entry["status"], entry["error"]) == (400, None)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import textwrap
+from pathlib import Path
 
 import pytest
 
-from proxy.config import Config, parse_config
+from proxy.config import Config, ListenTLS, parse_config
 from proxy.config.changes import KEYS, NOT_KEYS, Applies, reload_plan
+from tests.test_limits_config import self_signed
 
 ENV = {"TOKEN_A": "a" * 20, "TOKEN_B": "b" * 20}
 
@@ -29,6 +32,16 @@ BASE = textwrap.dedent("""
       - name: api
         rings:
           - {name: main, pool: a}
+    limits:
+      head_timeout: 10s
+      body_timeout: 30s
+      keepalive_timeout: 75s
+      max_request_line: 8KiB
+      max_head_size: 32KiB
+      max_headers: 100
+      max_connections: 1000
+      request_buffer: 64KiB
+      underscores_in_headers: false
 """)
 
 LIVE = "config reload: {key} changed; applied now"
@@ -86,6 +99,64 @@ TABLE: dict[str, tuple[tuple[str, str], Applies, str]] = {
         ("{name: main, pool: a}", "{name: main, pool: b}"), Applies.LIVE,
         LIVE.format(key="routes"),
     ),
+    "limits.head_timeout": (
+        ("head_timeout: 10s", "head_timeout: 5s"), Applies.LIVE,
+        LIVE.format(key="limits.head_timeout"),
+    ),
+    "limits.body_timeout": (
+        ("body_timeout: 30s", "body_timeout: 1m"), Applies.LIVE,
+        LIVE.format(key="limits.body_timeout"),
+    ),
+    "limits.keepalive_timeout": (
+        ("keepalive_timeout: 75s", "keepalive_timeout: 5s"), Applies.LIVE,
+        LIVE.format(key="limits.keepalive_timeout"),
+    ),
+    "limits.max_request_line": (
+        ("max_request_line: 8KiB", "max_request_line: 4KiB"), Applies.LIVE,
+        LIVE.format(key="limits.max_request_line"),
+    ),
+    "limits.max_head_size": (
+        ("max_head_size: 32KiB", "max_head_size: 64KiB"), Applies.LIVE,
+        LIVE.format(key="limits.max_head_size"),
+    ),
+    "limits.max_headers": (
+        ("max_headers: 100", "max_headers: 50"), Applies.LIVE,
+        LIVE.format(key="limits.max_headers"),
+    ),
+    "limits.max_connections": (
+        ("max_connections: 1000", "max_connections: 2000"), Applies.RESTART,
+        "config reload: limits.max_connections changed from 1000 to 2000; "
+        "it takes effect at the next restart",
+    ),
+    "limits.request_buffer": (
+        ("request_buffer: 64KiB", "request_buffer: 0"), Applies.LIVE,
+        LIVE.format(key="limits.request_buffer"),
+    ),
+    "limits.underscores_in_headers": (
+        ("underscores_in_headers: false", "underscores_in_headers: true"), Applies.LIVE,
+        LIVE.format(key="limits.underscores_in_headers"),
+    ),
+}
+
+# listen_tls reads real certificate files: BASE plus this section, run from a directory
+# that holds a.crt/a.key and copies of them (relative paths keep the messages fixed).
+TLS = "listen_tls: {listen: 127.0.0.1:8443, cert: a.crt, key: a.key}\n"
+TLS_TABLE: dict[str, tuple[tuple[str, str], str]] = {
+    "listen_tls.listen": (
+        ("127.0.0.1:8443", "127.0.0.1:8444"),
+        "config reload: listen_tls.listen changed from 127.0.0.1:8443 to 127.0.0.1:8444; "
+        "it takes effect at the next restart",
+    ),
+    "listen_tls.cert": (
+        ("cert: a.crt", "cert: copy.crt"),
+        "config reload: listen_tls.cert changed from 'a.crt' to 'copy.crt'; "
+        "it takes effect at the next restart",
+    ),
+    "listen_tls.key": (
+        ("key: a.key", "key: copy.key"),
+        "config reload: listen_tls.key changed from 'a.key' to 'copy.key'; "
+        "it takes effect at the next restart",
+    ),
 }
 
 
@@ -105,8 +176,47 @@ def test_each_key_changed_alone(key: str) -> None:
         ((change,), ()) if applies is Applies.LIVE else ((), (change,)))
 
 
+@pytest.fixture(scope="module")
+def tls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = self_signed(directory, "a")
+    shutil.copy(cert, directory / "copy.crt")
+    shutil.copy(key, directory / "copy.key")
+    return directory
+
+
+@pytest.mark.parametrize("key", list(TLS_TABLE))
+def test_each_listen_tls_key_changed_alone_waits_for_a_restart(
+    key: str, tls_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tls_dir)
+    (before, after), message = TLS_TABLE[key]
+    assert TLS.count(before) == 1, before
+    plan = reload_plan(parse(BASE + TLS), parse(BASE + TLS.replace(before, after)))
+    (change,) = plan.changes
+    assert (change.key, change.applies, change.message) == (key, Applies.RESTART, message)
+
+
+def test_turning_tls_on_waits_for_a_restart(tls_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tls_dir)
+    plan = reload_plan(parse(BASE), parse(BASE + TLS))
+    assert [c.message for c in plan.restart] == [
+        "config reload: listen_tls.listen changed from none to 127.0.0.1:8443; "
+        "it takes effect at the next restart",
+        "config reload: listen_tls.cert changed from none to 'a.crt'; "
+        "it takes effect at the next restart",
+        "config reload: listen_tls.key changed from none to 'a.key'; "
+        "it takes effect at the next restart",
+    ]
+    assert plan.live == ()
+
+
 def test_the_table_covers_every_key_the_plan_knows() -> None:
-    assert set(TABLE) == {k.path for k in KEYS}
+    assert set(TABLE) | set(TLS_TABLE) == {k.path for k in KEYS}
+
+
+# Sections that are None unless the file has them: their class, to list the fields.
+OPTIONAL_SECTIONS: dict[str, type] = {"listen_tls": ListenTLS}
 
 
 def test_every_field_of_the_model_is_a_key() -> None:
@@ -115,7 +225,7 @@ def test_every_field_of_the_model_is_a_key() -> None:
     for top in dataclasses.fields(Config):
         if top.name in NOT_KEYS or top.name in paths:
             continue
-        section = getattr(Config(), top.name)
+        section = OPTIONAL_SECTIONS.get(top.name) or getattr(Config(), top.name)
         assert dataclasses.is_dataclass(section), f"{top.name} is not in KEYS"
         for sub in dataclasses.fields(section):
             assert f"{top.name}.{sub.name}" in paths, f"{top.name}.{sub.name} is not in KEYS"

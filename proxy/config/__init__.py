@@ -1,13 +1,15 @@
 """The config: one YAML file read into a frozen, validated model.  Pure: no I/O but reading
-the file.
+the file (and the certificate files ``listen_tls`` names, to refuse a bad pair at load).
 
 ``source`` (YAML with lines and ``${VAR}``), ``reader`` (the collecting reader), ``values``
-(durations, addresses, URLs), ``rules``, ``assignment``, ``rollout`` and ``admin`` (each
-area's settings), ``model`` (the whole file), ``load`` (reading and validating it).
+(durations, sizes, addresses, URLs), ``rules``, ``assignment``, ``rollout``, ``admin`` and
+``limits`` (each area's settings), ``model`` (the whole file), ``load`` (reading and
+validating it).
 """
 
 from __future__ import annotations
 
+from proxy.config.limits import Limits, ListenTLS
 from proxy.config.load import load_config, parse_config
 from proxy.config.model import (
     AccessLog,
@@ -24,6 +26,8 @@ __all__ = [
     "AccessLog",
     "Balance",
     "Config",
+    "Limits",
+    "ListenTLS",
     "Metrics",
     "Policy",
     "Pool",

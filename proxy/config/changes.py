@@ -5,8 +5,9 @@ the reload follows the plan it returns instead of deciding key by key where it a
 A key is *live* when the running proxy takes it at the swap (routing, pools, admin tokens,
 which the admin API reads on every request), and *restart* when what it configures was
 built at start and is not rebuilt (listening sockets, the shutdown timeout, the state
-files the controller writes).  Every field of the model is in the table, so a new one
-cannot be silently ignored on reload (``tests/test_reload_plan.py`` checks it).
+files the controller writes, the connection cap).  Every field of the model is in the
+table, so a new one cannot be silently ignored on reload (``tests/test_reload_plan.py``
+checks it).
 """
 
 from __future__ import annotations
@@ -48,6 +49,24 @@ KEYS: tuple[Key, ...] = (
     Key("webhooks", Applies.LIVE, lambda c: c.webhooks),
     Key("pools", Applies.LIVE, lambda c: c.pools),
     Key("routes", Applies.LIVE, lambda c: c.routes),
+    # The data plane reads config.limits when it accepts a connection: a change applies to
+    # the connections accepted after the swap; open ones finish under the limits they had.
+    Key("limits.head_timeout", Applies.LIVE, lambda c: c.limits.head_timeout),
+    Key("limits.body_timeout", Applies.LIVE, lambda c: c.limits.body_timeout),
+    Key("limits.keepalive_timeout", Applies.LIVE, lambda c: c.limits.keepalive_timeout),
+    Key("limits.max_request_line", Applies.LIVE, lambda c: c.limits.max_request_line),
+    Key("limits.max_head_size", Applies.LIVE, lambda c: c.limits.max_head_size),
+    Key("limits.max_headers", Applies.LIVE, lambda c: c.limits.max_headers),
+    # The one ConnectionGate of the process is sized at start (with RLIMIT_NOFILE).
+    Key("limits.max_connections", Applies.RESTART, lambda c: c.limits.max_connections),
+    Key("limits.request_buffer", Applies.LIVE, lambda c: c.limits.request_buffer),
+    Key("limits.underscores_in_headers", Applies.LIVE,
+        lambda c: c.limits.underscores_in_headers),
+    # The TLS listener and its CertificateWatcher are built at start.  New contents of the
+    # same files need no reload: the watcher loads them when they change.
+    Key("listen_tls.listen", Applies.RESTART, lambda c: c.listen_tls and c.listen_tls.listen),
+    Key("listen_tls.cert", Applies.RESTART, lambda c: c.listen_tls and c.listen_tls.cert),
+    Key("listen_tls.key", Applies.RESTART, lambda c: c.listen_tls and c.listen_tls.key),
 )
 # Not keys of the file: what the reader adds about it.
 NOT_KEYS = frozenset({"revision", "source"})
@@ -100,6 +119,8 @@ def reload_plan(old: Config, new: Config) -> ReloadPlan:
 
 
 def _show(value: object) -> str:
+    if value is None:
+        return "none"
     if isinstance(value, Listen):
         return str(value)
     if isinstance(value, float):

@@ -25,6 +25,8 @@ from proxy.config.assignment import (
     read_override,
     read_sticky,
 )
+from proxy.config.health import PoolDown, read_health, read_outlier, read_pool_down, read_retries
+from proxy.config.limits import read_limits, read_listen_tls, read_max_body
 from proxy.config.model import (
     AccessLog,
     Balance,
@@ -124,9 +126,15 @@ def _read_config(ctx: Ctx, data: object, environ: Mapping[str, str]) -> Config |
     webhooks = read_webhooks(ctx, top.raw("webhooks", None), "webhooks")
     pools = _read_pools(ctx, top.raw("pools"), "pools")
     routes = _read_routes(ctx, top, {p.name for p in pools})
+    limits = read_limits(ctx, top.raw("limits", None), "limits")
+    listen_tls = read_listen_tls(ctx, top.raw("listen_tls", None), "listen_tls")
     top.close()
     if admin.listen == listen and listen.port != 0:
         ctx.err("admin.listen", f"{admin.listen} is also the proxy's listen address")
+    if listen_tls is not None and listen_tls.listen.port != 0:
+        for other, where in ((listen, "listen"), (admin.listen, "admin.listen")):
+            if listen_tls.listen == other:
+                ctx.err("listen_tls.listen", f"{other} is also the {where} address")
     if not top.ok:
         return None
     if not metrics.enabled:
@@ -134,7 +142,8 @@ def _read_config(ctx: Ctx, data: object, environ: Mapping[str, str]) -> Config |
             if route.analysis is not None:
                 ctx.err(f"routes[{i}].analysis", "analysis reads the per-ring metrics; "
                         "it needs metrics.enabled: true")
-    return Config(listen, pools, routes, admin, access_log, grace, metrics, state, webhooks)
+    return Config(listen, pools, routes, admin, access_log, grace, metrics, state, webhooks,
+                  limits, listen_tls)
 
 
 def _read_access_log(ctx: Ctx, data: object, path: str) -> AccessLog:
@@ -177,6 +186,9 @@ def _read_pools(ctx: Ctx, data: object, path: str) -> tuple[Pool, ...]:
             max_connections=sec.integer("max_connections", _POOL.max_connections, 1, 1_000_000),
             keepalive_timeout=sec.duration("keepalive_timeout", _POOL.keepalive_timeout),
             preserve_host=sec.flag("preserve_host", _POOL.preserve_host),
+            health=read_health(ctx, sec.raw("health", None), sec.sub("health")),
+            outlier=read_outlier(ctx, sec.raw("outlier", None), sec.sub("outlier")),
+            retries=read_retries(ctx, sec.raw("retries", None), sec.sub("retries")),
         )
         sec.close()
         pools.append(pool)
@@ -247,6 +259,7 @@ def _read_route(ctx: Ctx, data: object, path: str, pool_names: set[str]) -> Rout
     override = read_override(ctx, sec.raw("override", None), sec.sub("override"))
     decision = read_decision_headers(ctx, sec.raw("decision", None), sec.sub("decision"))
     analysis = read_analysis(ctx, sec.raw("analysis", None), sec.sub("analysis"))
+    max_body = read_max_body(ctx, sec)
     if read_rollback(ctx, sec.raw("rollback", None), sec.sub("rollback")) and analysis:
         analysis = replace(analysis, rollback_to_previous=True)
     rings: list[Ring] = []
@@ -262,6 +275,10 @@ def _read_route(ctx: Ctx, data: object, path: str, pool_names: set[str]) -> Rout
         seen.setdefault(ring.name, j)
         rings.append(ring)
     _check_default_and_weights(ctx, sec, rings, sticky)
+    if rings and rings[-1].on_pool_down is PoolDown.NEXT_RING:
+        ctx.err(join(join(sec.sub("rings"), len(rings) - 1), "on_pool_down"),
+                f"next_ring on the last ring ({rings[-1].name!r}): no ring comes after it "
+                "(a ring may only send its users to a later ring, toward less exposure)")
     if analysis is not None and analysis.baseline is not None and rings and \
             analysis.baseline not in {r.name for r in rings}:
         ctx.err(sec.sub("analysis.baseline"), f"unknown ring {analysis.baseline!r} "
@@ -274,7 +291,8 @@ def _read_route(ctx: Ctx, data: object, path: str, pool_names: set[str]) -> Rout
     sec.close()
     if not sec.ok:
         return None
-    return Route(name, tuple(rings), hosts, prefix, sticky, override, decision, analysis)
+    return Route(name, tuple(rings), hosts, prefix, sticky, override, decision, analysis,
+                 max_body)
 
 
 def _check_default_and_weights(
@@ -337,8 +355,9 @@ def _read_ring(
     if progression is not None and progression.steps:
         weight = progression.steps[0].weight
     pinned = sec.flag("pinned", _RING.pinned)
+    on_pool_down = read_pool_down(ctx, sec, _RING.on_pool_down)
     sec.close()
-    return Ring(name, pool, tuple(groups), policy, weight, progression, pinned)
+    return Ring(name, pool, tuple(groups), policy, weight, progression, pinned, on_pool_down)
 
 
 _FORMATTER = string.Formatter()

@@ -13,6 +13,8 @@ from enum import StrEnum
 from proxy.config.admin import Admin
 from proxy.config.analysis import Analysis
 from proxy.config.assignment import DecisionHeaders, Override, Sticky
+from proxy.config.health import HealthCheck, Outlier, PoolDown, Retries
+from proxy.config.limits import Limits, ListenTLS
 from proxy.config.rollout import Progression, StateFiles, Webhook
 from proxy.config.rules import Rule
 from proxy.config.values import Listen, Upstream
@@ -32,6 +34,9 @@ class Pool:
     max_connections: int = 1000  # per pool, over all its servers
     keepalive_timeout: float = 15.0  # idle pooled connections are closed after this
     preserve_host: bool = True  # send the client's Host; False sends the server's host:port
+    health: HealthCheck | None = None  # active checks; None: none
+    outlier: Outlier | None = field(default_factory=Outlier)  # passive ejection; None: off
+    retries: Retries | None = None  # None: no retries
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +56,7 @@ class Ring:
     weight: int | None = None  # share of sticky buckets in basis points (0.01 %); None: none
     progression: Progression | None = None  # steps the weight advances along
     pinned: bool = False  # keeps its pool when a rollback takes the pool's other rings off
+    on_pool_down: PoolDown = PoolDown.REFUSE  # no healthy server in its pool: 503 or next ring
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +69,7 @@ class Route:
     override: Override | None = None
     decision: DecisionHeaders = field(default_factory=DecisionHeaders)
     analysis: Analysis | None = None
+    max_body: int | None = None  # request body bytes; more -> 413; None: no limit
 
     @property
     def default_ring(self) -> Ring:
@@ -91,6 +98,8 @@ class Config:
     metrics: Metrics = field(default_factory=Metrics)
     state: StateFiles = field(default_factory=StateFiles)
     webhooks: tuple[Webhook, ...] = ()
+    limits: Limits = field(default_factory=Limits)  # what a client connection may take
+    listen_tls: ListenTLS | None = None  # a second, TLS listener; None: none
     revision: str = ""  # short hash of the file's bytes
     source: str = ""
 

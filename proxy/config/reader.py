@@ -12,12 +12,11 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from proxy.config.source import join
-from proxy.config.values import parse_duration
+from proxy.config.values import format_size, parse_duration, parse_size
 from proxy.errors import ConfigIssue
 
 T = TypeVar("T")
 D = TypeVar("D", int, int | None)  # an integer's default: a number, or None for "no limit"
-
 
 
 class Ctx:
@@ -116,6 +115,21 @@ class Section:
         value = self.parsed(key, parse_duration, default)
         if value < minimum:
             self.ctx.err(self.sub(key), f"{self.data.get(key)!r} is below the minimum {minimum}s")
+            return default
+        return value
+
+    def size(self, key: str, default: D, lo: int, hi: int) -> int | D:
+        """Bytes (``parse_size``) within ``lo..hi``; the message shows the bounds as sizes."""
+        if key not in self.data:
+            self.seen.add(key)
+            return default
+        value = self.parsed(key, parse_size, None)
+        if value is None:
+            return default
+        if not lo <= value <= hi:
+            shown = self.data[key]
+            self.ctx.err(self.sub(key), f"{shown!r} is outside {format_size(lo)}.."
+                         f"{format_size(hi)}")
             return default
         return value
 

@@ -15,6 +15,24 @@ from typing import Any
 from proxy.config.admin import ROLES
 from proxy.config.analysis import QUANTILES, Analysis, Criteria, FastRollback
 from proxy.config.assignment import AnonymousCookie
+from proxy.config.health import (
+    RETRY_FAILURES,
+    RETRY_METHODS,
+    RETRY_STATUSES,
+    HealthCheck,
+    Outlier,
+    PoolDown,
+    Retries,
+)
+from proxy.config.limits import (
+    CONNECTIONS_RANGE,
+    HEAD_SIZE_RANGE,
+    HEADERS_RANGE,
+    MAX_BODY_RANGE,
+    REQUEST_BUFFER_RANGE,
+    REQUEST_LINE_RANGE,
+    Limits,
+)
 from proxy.config.model import AccessLog, Balance, Config, Metrics, Policy, Pool, Ring
 from proxy.config.rollout import Progression, StateFiles, Webhook
 from proxy.config.rules import Op
@@ -71,6 +89,41 @@ def _int(text: str, lo: int, hi: int, default: int | None = None) -> Schema:
     if default is not None:
         out["default"] = default
     return out
+
+
+_SIZE_PATTERN = r"^\d+ ?(B|KiB|MiB|GiB)$"
+
+
+def _size(text: str, bounds: tuple[int, int], default: int | None = None) -> Schema:
+    """Bytes as an integer, or a whole number with a binary unit (64KiB, 10 MiB)."""
+    lo, hi = bounds
+    out: Schema = {"anyOf": [{"type": "integer", "minimum": lo, "maximum": hi},
+                             {"type": "string", "pattern": _SIZE_PATTERN}],
+                   "description": f"{text} (bytes, or 512B, 64KiB, 10MiB, 1GiB)"}
+    if default is not None:
+        out["default"] = default
+    return out
+
+
+def _limits() -> Schema:
+    d = Limits()
+    return _obj({
+        "head_timeout": _duration(d.head_timeout, "time to receive a request head (408)"),
+        "body_timeout": _duration(d.body_timeout, "longest silence in a request body (408)"),
+        "keepalive_timeout": _duration(d.keepalive_timeout, "idle keep-alive connection"),
+        "max_request_line": _size("request line (414)", REQUEST_LINE_RANGE,
+                                  d.max_request_line),
+        "max_head_size": _size("request head (431); upstream response head (502)",
+                               HEAD_SIZE_RANGE, d.max_head_size),
+        "max_headers": _int("header fields (431)", *HEADERS_RANGE, d.max_headers),
+        "max_connections": _int("client connections per process (default: from "
+                                "RLIMIT_NOFILE)", *CONNECTIONS_RANGE),
+        "request_buffer": _size("bodies up to this are read whole before an upstream "
+                                "connection is taken; 0 always streams",
+                                REQUEST_BUFFER_RANGE, d.request_buffer),
+        "underscores_in_headers": _bool("forward header names containing _",
+                                        d.underscores_in_headers),
+    }, text="what the proxy accepts from clients (README: Client limits and TLS)")
 
 
 def _percent(text: str, default: float | None = None) -> Schema:
@@ -141,6 +194,9 @@ def _ring() -> Schema:
         "progression": _progression(),
         "pinned": _bool("keeps its pool when a rollback takes that pool's other rings off",
                         base.pinned),
+        "on_pool_down": {"enum": [p.value for p in PoolDown], "default": base.on_pool_down.value,
+                         "description": "no healthy server in the ring's pool: refuse (503 "
+                         "with Retry-After) or send to the next later ring with one"},
     }, required=("name", "pool"), text="an audience segment, sent to one pool")
 
 
@@ -230,6 +286,7 @@ def _route() -> Schema:
         }),
         "analysis": {"anyOf": [_analysis(), {"type": "null"}]},
         "rollback": _obj({"to": {"enum": ["zero", "previous_step"], "default": "zero"}}),
+        "max_body": _size("largest request body (413)", MAX_BODY_RANGE),
         "rings": {"type": "array", "items": _ring(), "minItems": 1,
                   "description": "in order; the last ring is the default"},
     }, required=("name", "rings"), text="matches requests and owns an ordered list of rings")
@@ -248,7 +305,63 @@ def _pool() -> Schema:
         "keepalive_timeout": _duration(base.keepalive_timeout, "idle pooled connections "
                                        "close after this"),
         "preserve_host": _bool("send the client's Host header", base.preserve_host),
+        "health": {"anyOf": [_health(), _OFF]},
+        "outlier": {"anyOf": [_outlier(), _OFF]},
+        "retries": {"anyOf": [_retries(), _OFF]},
     }, required=("servers",))
+
+
+def _health() -> Schema:
+    d = HealthCheck(path="/")
+    status: Schema = {"anyOf": [{"type": "integer", "minimum": 100, "maximum": 599},
+                                {"type": "string", "pattern": r"^(\d{3}(-\d{3})?|[1-5]xx)$"}],
+                      "default": f"{d.expect_status[0]}-{d.expect_status[1]}",
+                      "description": "the statuses that pass: 200, 200-399 or 2xx"}
+    return _obj({
+        "path": _str("the path each server is asked (GET)", pattern="^/"),
+        "interval": _duration(d.interval, "time between checks of one server (jittered, "
+                              "never shorter)"),
+        "timeout": _duration(d.timeout, "a check without a response head by then fails"),
+        "healthy_threshold": _int("successes in a row that bring a server back", 1, 100,
+                                  d.healthy_threshold),
+        "unhealthy_threshold": _int("failures in a row that take a server out", 1, 100,
+                                    d.unhealthy_threshold),
+        "expect_status": status,
+        "headers": {"type": "object", "additionalProperties": {"type": "string"},
+                    "description": "headers each check sends"},
+    }, required=("path",), text="active health checks (README: Upstream health)")
+
+
+def _outlier() -> Schema:
+    d = Outlier()
+    return _obj({
+        "consecutive_failures": _int("failures in a row that eject a server", 1, 1000,
+                                     d.consecutive_failures),
+        "base_ejection": _duration(d.base_ejection, "the first ejection's length (times the "
+                                   "number of ejections in a row)"),
+        "max_ejection": _duration(d.max_ejection, "the longest ejection"),
+        "max_ejection_percent": _int("at most this share of the pool's servers ejected at "
+                                     "once (rounded down)", 0, 100, d.max_ejection_percent),
+        "on_5xx": _bool("5xx answers count as failures", d.on_5xx),
+    }, text="passive outlier ejection from real traffic (on by default; off to disable)")
+
+
+def _retries() -> Schema:
+    d = Retries()
+    on: Schema = {"type": "array", "items": {"enum": [*RETRY_FAILURES, *RETRY_STATUSES,
+                                                      *map(str, RETRY_STATUSES)]},
+                  "default": sorted(d.on)}
+    return _obj({
+        "attempts": _int("retries after the first attempt", 1, 10, d.attempts),
+        "on": on,
+        "methods": {"type": "array", "items": {"enum": list(RETRY_METHODS)},
+                    "default": sorted(d.methods)},
+        "budget": {"anyOf": [_percent("share of the pool's requests that may be retried"),
+                             {"type": "string", "pattern": r"^\d+(\.\d+)?%$"}],
+                   "default": f"{d.budget * 100:g}%"},
+        "min_retries": _int("retries allowed in any 10 s whatever the budget", 0, 1_000_000,
+                            d.min_retries),
+    }, text="retries on another server of the same pool (off unless set)")
 
 
 def config_schema() -> Schema:
@@ -287,6 +400,12 @@ def config_schema() -> Schema:
                            "audit": _str("audit trail (JSON lines)", state.audit)}),
             "webhooks": {"type": "array", "items": {"anyOf": [_str("an http(s) URL"),
                                                                webhook]}},
+            "limits": _limits(),
+            "listen_tls": _obj({
+                "listen": _ADDRESS,
+                "cert": _str("PEM certificate chain file (reloaded when it changes)"),
+                "key": _str("PEM private key file, unencrypted"),
+            }, required=("listen", "cert", "key"), text="an HTTPS listener"),
             "pools": {"type": "object", "additionalProperties": _pool(),
                       "propertyNames": {"pattern": _NAME["pattern"]}, "minProperties": 1},
             "routes": {"type": "array", "items": _route(), "minItems": 1},

@@ -1,4 +1,4 @@
-"""Parsers for the small value types of the config: durations, addresses, URLs, names.
+"""Parsers for the small value types of the config: durations, sizes, addresses, URLs, names.
 
 Each returns the parsed value or raises ``ValueError`` with a message that says what was
 expected; the config reader adds the path.  No I/O, no DNS.
@@ -14,6 +14,11 @@ from urllib.parse import urlsplit
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION_RE = re.compile(r"^(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+# Sizes: binary units only.  "KB" means 1000 to some readers and 1024 to others (NGINX's
+# "k" is 1024); refusing it costs one edit, guessing wrong costs a limit off by 2.4 %.
+_SIZE_RE = re.compile(r"^(\d+)\s*(b|kib|mib|gib)$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+_SIZE_FORMS = "a whole number of bytes, or with a binary unit: 512B, 64KiB, 8 KiB, 10MiB, 1GiB"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 # RFC 9110 token: what a header field name may be.
 TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -37,6 +42,36 @@ def parse_duration(value: object) -> float:
     raise ValueError(
         f"{_describe(value)} is not a duration; expected e.g. 250ms, 30s, 5m, 1h or 7d"
     )
+
+
+def parse_size(value: object) -> int:
+    """Bytes: ``65536 | "64KiB" | "64 KiB" | "10MiB" | "1GiB" | "512B"``; never negative.
+
+    Only binary units (KiB = 1024 bytes): ``KB``/``MB``/``GB`` and NGINX's ``k``/``m`` are
+    refused with the forms that are accepted, since readers disagree on what they mean.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"{value} is negative; expected {_SIZE_FORMS}")
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value.strip())
+        if m:
+            return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+        if re.match(r"^\d+(\.\d+)?\s*[kmgt]i?b?$", value.strip(), re.IGNORECASE):
+            raise ValueError(
+                f"{value!r} is not a size; expected {_SIZE_FORMS} (KiB/MiB/GiB are 1024-based; "
+                "KB/MB/GB, k/m/g and fractions are not accepted)"
+            )
+    raise ValueError(f"{_describe(value)} is not a size; expected {_SIZE_FORMS}")
+
+
+def format_size(size: int) -> str:
+    """The shortest exact binary form: ``65536`` -> ``64KiB``, ``1000`` -> ``1000B``."""
+    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return f"{size}B"
 
 
 def parse_weight(value: object) -> int:

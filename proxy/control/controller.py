@@ -38,6 +38,7 @@ from proxy.control.statefile import (
 )
 from proxy.control.webhooks import WebhookSender
 from proxy.errors import RolloutConflict, StateError
+from proxy.health.state import Transition
 from proxy.rollout.judge import Verdict, errors_worse, judge_fast, judge_marks
 from proxy.rollout.machine import Trigger, act, on_fast_failure, on_verdicts, restore
 from proxy.rollout.plan import RoutePlan, build_plan
@@ -439,6 +440,25 @@ class Controller:
         await asyncio.to_thread(append_audit, self.audit_path, events)
         for event in events:
             self.webhooks.send(event)
+
+    def server_changed(self, change: Transition, rings: list[tuple[str, str]]) -> None:
+        """A server of a pool went out of rotation or came back: an event on every ring
+        using the pool (``server_ejected``, ``server_unhealthy``, ``server_readmitted``,
+        ``server_healthy``), in memory with the others (not judged, not sent to webhooks:
+        hosts come and go), its reason saying whether it is one host's fault."""
+        now = self.wall()
+        for route, ring in rings:
+            state = self.states.get(route, {}).get(ring)
+            phase = state.phase.value if state is not None else ""
+            weight = state.weight if state is not None else None
+            event = Event(now, route, ring, f"server_{change.kind}", weight, weight, phase,
+                          phase, change.text(), numbers={
+                              "pool": change.pool, "server": change.server,
+                              "one_host": change.one_host, "available": change.available,
+                              "servers": change.servers, "ejection_seconds": change.duration},
+                          actor="health")
+            self.events.append(event)
+            self.history.append(event.as_dict())
 
     def __repr__(self) -> str:
         phases = collections.Counter(

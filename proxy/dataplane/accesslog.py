@@ -12,6 +12,8 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Callable
+from json.encoder import encode_basestring_ascii as _string  # C; as json.dumps writes a str
 from typing import IO
 
 # One field's value: the access log writes flat objects of JSON scalars.
@@ -27,6 +29,26 @@ def _iso(ts: float) -> str:
             f"{t.tm_sec:02d}.{int(ts % 1 * 1000):03d}Z")
 
 
+# One request's line, the fields in the order ``log`` would print them; each string field
+# goes through the JSON encoder's own (C) string escaping, None is null.  The same bytes as
+# json.dumps of the dict, for about a third of its cost.
+_REQUEST_LINE = (
+    '{"time":"%s.%03dZ","request_id":%s,%s,"path":%s,"status":%d,'
+    '"duration_ms":%s,%s,"bytes_in":%d,"bytes_out":%d,"error":%s,"revision":%s}\n'
+)
+# The client's fields, as printed, by their values (few clients send most requests).
+_CLIENT_FIELDS = '"client":%s,"method":%s,"host":%s'
+
+# The fields a request shares with many others (the decision's: route to upstream), as
+# printed, by their values: formatted once per combination, not per request.
+_DECISION_FIELDS = '"route":%s,"ring":%s,"reason":%s,"bucket":%s,"pool":%s,"upstream":%s'
+_DECISIONS_MAX = 4096
+
+
+def _opt(value: str | None) -> str:
+    return "null" if value is None else _string(value)
+
+
 class AccessLog:
     def __init__(self, path: str) -> None:
         self.path = path
@@ -36,11 +58,70 @@ class AccessLog:
         self._buffer: list[str] = []
         self._timer: asyncio.TimerHandle | None = None
         self._dumps = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
+        self._second = -1  # the second _stamp is for
+        self._stamp = ""  # its ISO form up to the seconds
+        self._decisions: dict[tuple[str | int | None, ...], str] = {}
+        self._revisions: dict[str, str] = {}
+        self._clients: dict[tuple[str, str, str], str] = {}
+        # Requests whose id this says yes to are not logged (the demo's background traffic).
+        self.skip: Callable[[str], bool] | None = None
 
     def log(self, fields: dict[str, Field]) -> None:
         """Queue one line; ``fields["time"]`` is set here (put it first to print it first)."""
         fields["time"] = _iso(time.time())
         self._buffer.append(self._dumps(fields) + "\n")
+        if len(self._buffer) >= _FLUSH_LINES:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(_FLUSH_EVERY, self.flush)
+
+    def log_request(
+        self, request_id: str, client: str, method: str, host: str, path: str, status: int,
+        duration_ms: float, route: str | None, ring: str | None, reason: str | None,
+        bucket: int | None, pool: str | None, upstream: str | None, bytes_in: int,
+        bytes_out: int, error: str | None, revision: str,
+    ) -> None:
+        """Queue one request's line (what ``log`` writes for these fields, faster)."""
+        if self.skip is not None and self.skip(request_id):
+            return
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._stamp = _iso(second)[:-5]  # without ".mmmZ"
+        key = (route, ring, reason, bucket, pool, upstream)
+        decision = self._decisions.get(key)
+        if decision is None:
+            if len(self._decisions) >= _DECISIONS_MAX:
+                self._decisions.clear()
+            decision = self._decisions[key] = _DECISION_FIELDS % (
+                _opt(route), _opt(ring), _opt(reason), "null" if bucket is None else bucket,
+                _opt(pool), _opt(upstream))
+        who = (client, method, host)
+        fields = self._clients.get(who)
+        if fields is None:
+            if len(self._clients) >= _DECISIONS_MAX:
+                self._clients.clear()
+            fields = self._clients[who] = _CLIENT_FIELDS % (
+                _string(client), _string(method), _string(host))
+        rev = self._revisions.get(revision)
+        if rev is None:
+            if len(self._revisions) >= 64:
+                self._revisions.clear()
+            rev = self._revisions[revision] = _string(revision)
+        # duration_ms as repr(round(duration_ms, 3)) would print it, from integers.
+        whole, frac = divmod(int(duration_ms * 1000.0 + 0.5), 1000)
+        if not frac:
+            millis = "%d.0" % whole  # noqa: UP031 - the fast one
+        else:
+            millis = "%d.%03d" % (whole, frac)  # noqa: UP031
+            if frac % 10 == 0:
+                millis = millis.rstrip("0")
+        self._buffer.append(_REQUEST_LINE % (
+            self._stamp, int(now % 1 * 1000), _string(request_id), fields, _string(path),
+            status, millis, decision, bytes_in, bytes_out,
+            "null" if error is None else _string(error), rev,
+        ))
         if len(self._buffer) >= _FLUSH_LINES:
             self.flush()
         elif self._timer is None:

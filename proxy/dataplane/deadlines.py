@@ -1,76 +1,105 @@
-"""Ring timeouts: the deadlines of all requests that share one timeout, on a single timer."""
+"""Timeouts of the data plane: all entries that share one timeout value, on a single timer.
+
+``loop.call_later`` per request (or per read) costs a timer handle scheduled and cancelled
+in the event loop: several microseconds, for a deadline that almost never fires.  Here a
+deadline is one dict insertion and one removal.  All entries of a ``Deadlines`` have the
+same timeout, so insertion order is deadline order (a restart moves the entry to the end):
+the one timer is armed for the oldest entry; when it fires, finished entries are long gone
+from the dict, expired ones get their callback, and the timer is re-armed for the oldest
+entry still waiting.  With steady traffic it fires about once per ``timeout``.
+
+Used for ring timeouts, idle timeouts of response bodies, the client connections' head,
+body and keep-alive timeouts, and the pool's idle keep-alive connections.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable, Hashable
 
-IDLE, ARMED, OVER = 0, 1, 2  # where a request's deadline stands
-
-
-class Waiter:
-    """A request as a deadline sees it: ``task`` is what to cancel, ``timer`` where the
-    deadline stands (``IDLE``, ``ARMED``, ``OVER``), ``expired`` whether it fired."""
-
-    __slots__ = ("expired", "task", "timer")
-
-    def __init__(self) -> None:
-        self.task: asyncio.Task[object] | None = None
-        self.timer = IDLE
-        self.expired = False
+log = logging.getLogger("ringproxy.dataplane")
 
 
 class Deadlines:
-    """The ring timeouts of all requests that share one timeout value, on a single timer.
-
-    ``asyncio.timeout()`` per request costs a Timeout object, a timer handle scheduled and
-    cancelled in the event loop, and its enter/exit: several microseconds, for a deadline
-    that almost never fires.  Here a request's deadline is one dict insertion and one
-    removal.  All entries have the same timeout, so insertion order is deadline order: the
-    one timer is armed for the oldest entry; when it fires, finished requests are long gone
-    from the dict, expired ones are cancelled (as ``asyncio.timeout`` does: the task is
-    cancelled and the handler turns that CancelledError into a timeout), and the timer is
-    re-armed for the oldest request still waiting.  With steady traffic it fires about once
-    per ``timeout``.
-    """
+    """Deadlines of ``timeout`` seconds; ``arm(key, callback)`` (re)starts one for ``key``."""
 
     __slots__ = ("_handle", "_loop", "_pending", "timeout")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
         self._loop = loop
         self.timeout = timeout
-        self._pending: dict[Waiter, float] = {}  # insertion order is deadline order
+        # key -> (when, callback); insertion order is deadline order.
+        self._pending: dict[Hashable, tuple[float, Callable[[], None]]] = {}
         self._handle: asyncio.TimerHandle | None = None
 
-    def arm(self, waiter: Waiter) -> None:
-        """Start the deadline now (no-op once it is over: a late end of an upload)."""
-        if waiter.timer != IDLE:
-            return
-        waiter.timer = ARMED
+    def arm(self, key: Hashable, callback: Callable[[], None]) -> None:
+        """Start (or restart) ``key``'s deadline now; ``callback`` runs when it passes."""
+        pending = self._pending
+        if key in pending:
+            del pending[key]  # to the end: the order stays the deadline order
         when = self._loop.time() + self.timeout
-        self._pending[waiter] = when
+        pending[key] = (when, callback)
         if self._handle is None:
             self._handle = self._loop.call_at(when, self._fire)
 
-    def disarm(self, waiter: Waiter) -> None:
-        """The wait is over (answer, error or cancellation): the deadline no longer applies."""
-        waiter.timer = OVER
-        self._pending.pop(waiter, None)
+    def disarm(self, key: Hashable) -> None:
+        """The wait is over: the deadline no longer applies (no-op if not armed)."""
+        self._pending.pop(key, None)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._pending
+
+    def __len__(self) -> int:
+        return len(self._pending)
 
     def _fire(self) -> None:
         self._handle = None
         now = self._loop.time()
         pending = self._pending
         while pending:
-            waiter = next(iter(pending))
-            when = pending[waiter]
+            key = next(iter(pending))
+            when, callback = pending[key]
             if when > now:
                 self._handle = self._loop.call_at(when, self._fire)
                 return
-            del pending[waiter]
-            waiter.timer = OVER
-            waiter.expired = True
-            if waiter.task is not None:
-                waiter.task.cancel()
+            del pending[key]
+            try:
+                callback()
+            except Exception:  # one entry's defect must not stop the others' deadlines
+                log.exception("a deadline's callback failed")
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self._pending.clear()
 
     def __repr__(self) -> str:
         return f"<Deadlines {self.timeout:g}s pending={len(self._pending)}>"
+
+
+class Timers:
+    """One ``Deadlines`` per timeout value in use (a handful), made on first use."""
+
+    __slots__ = ("_by_timeout", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._by_timeout: dict[float, Deadlines] = {}
+
+    def __call__(self, timeout: float) -> Deadlines:
+        deadlines = self._by_timeout.get(timeout)
+        if deadlines is None:
+            deadlines = self._by_timeout[timeout] = Deadlines(self._loop, timeout)
+        return deadlines
+
+    def pending(self) -> int:
+        return sum(len(d) for d in self._by_timeout.values())
+
+    def close(self) -> None:
+        for deadlines in self._by_timeout.values():
+            deadlines.close()
+
+    def __repr__(self) -> str:
+        return f"<Timers {sorted(self._by_timeout)}>"

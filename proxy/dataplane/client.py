@@ -1,0 +1,495 @@
+"""The client side: one ``ClientConnection`` Protocol per accepted connection.
+
+llhttp (httptools) parses the requests; each complete head becomes an ``Exchange``.
+Requests are answered in order: a pipelined request waits, parsed, while the one before
+it is answered, and reading pauses until it is its turn.  Reading also pauses while the
+upstream's write buffer is full (back-pressure on uploads) and while an exchange waits for
+an upstream connection with body bytes in hand; writing back-pressure (the client reads
+slowly) pauses the upstream connection's reading.
+
+Timeouts (``limits``): the head (from the connection's open, or the first byte after an
+idle keep-alive wait, to the complete head: 408 if any of it came, else a silent close),
+the body (longest silence between reads: 408), the keep-alive wait (a silent close).
+Limits on the request line (414), the head's size and header count (431); everything a
+client can get wrong is one log line at info with the reason and its address, an answer
+with ``Connection: close``, and the access log's ``bad_request``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from proxy.dataplane import framing
+from proxy.dataplane.accesslog import AccessLog
+from proxy.dataplane.deadlines import Timers
+from proxy.dataplane.exchange import BAD_REQUEST, Exchange
+from proxy.dataplane.headers import REQUEST_KIND
+from proxy.dataplane.request import Request, RequestError, check_head, special_header
+
+if TYPE_CHECKING:
+    from proxy.dataplane.listener import ConnectionGate
+    from proxy.dataplane.tunnel import Tunnel
+    from proxy.runtime import Runtime
+
+log = logging.getLogger("ringproxy.dataplane")
+
+_METHODS: dict[bytes, str] = {}
+
+# b"_" as a byte value: ``int in bytes`` is a plain scan, where ``b"_" in bytes`` first tries
+# the operand as an integer and raises (and clears) a TypeError, about 8x the cost.
+_UNDERSCORE = framing.UNDERSCORE
+
+# Timers a connection can have armed (one at a time, besides the body's).
+_NONE, _HEAD, _KEEPALIVE = 0, 1, 2
+
+
+class DataPlane:
+    """What every client connection shares: the live runtime (swapped whole on reload,
+    read once per request), the access log, the limits, the timers, the connection gate."""
+
+    def __init__(self, runtime: Runtime, access_log: AccessLog | None,
+                 gate: ConnectionGate | None = None) -> None:
+        self.runtime = runtime
+        self.access_log = access_log
+        self.gate = gate
+        self.timers = Timers(asyncio.get_running_loop())
+        self.connections: set[ClientConnection] = set()
+        self.closing = False
+
+    def protocol(self, scheme: str = "http") -> ClientConnection:
+        return ClientConnection(self, scheme)
+
+    def close_idle(self) -> None:
+        """Shutdown: no new requests; idle connections close now, busy ones after their
+        exchange."""
+        self.closing = True
+        for conn in list(self.connections):
+            conn.shutdown()
+
+    def abort_all(self) -> None:
+        for conn in list(self.connections):
+            conn.abort()
+
+    def busy(self) -> int:
+        return sum(1 for conn in self.connections if conn.current is not None)
+
+    def __repr__(self) -> str:
+        return f"<DataPlane connections={len(self.connections)} closing={self.closing}>"
+
+
+class ClientConnection(asyncio.Protocol):
+    # Why reading is paused (bits; reading resumes when none is left).
+    PIPELINE, UPSTREAM, WAIT, TUNNEL, DONE = 1, 2, 4, 8, 16
+
+    # (Slots: an idle keep-alive connection is this object, its parser and its transport.)
+    __slots__ = (
+        "_advancing", "_body_deadlines", "_head_deadlines", "_keepalive_deadlines",
+        "admitted", "closed", "closing", "current", "early", "head_bytes", "limits",
+        "parser", "parsing", "paused_writing", "pausing", "plane", "queue", "remote", "req",
+        "scheme", "timer", "transport", "tunnel", "upgrading", "url_bytes",
+    )
+
+    def __init__(self, plane: DataPlane, scheme: str) -> None:
+        self.plane = plane
+        # The limits at accept time: a reload applies to connections accepted after it.
+        self.limits = plane.runtime.config.limits
+        self.scheme = scheme
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.remote = ""
+        self.req: Request | None = None  # the head being parsed
+        self.parsing: Exchange | None = None  # the exchange whose body is being parsed
+        self.current: Exchange | None = None  # the exchange answering now
+        self.queue: deque[Exchange] = deque()  # pipelined, waiting for their turn
+        self.tunnel: Tunnel | None = None
+        self.early: list[bytes] = []  # bytes after an upgrade request, before the tunnel
+        self.upgrading = False
+        self.pausing = 0
+        self.paused_writing = False
+        self.closing = False
+        self.closed = False
+        self.admitted = False
+        self.timer = _NONE
+        self.head_bytes = 0
+        self.url_bytes = 0
+        self._advancing = False
+        timers = plane.timers
+        limits = self.limits
+        self._head_deadlines = timers(limits.head_timeout)
+        self._body_deadlines = timers(limits.body_timeout)
+        self._keepalive_deadlines = timers(limits.keepalive_timeout)
+
+    # ------------------------------------------------------------------ asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # (uvloop's transports are not asyncio.Transport subclasses, but behave as one.)
+        self.transport = cast(asyncio.Transport, transport)
+        gate = self.plane.gate
+        if self.plane.closing or (gate is not None and not gate.admit()):
+            self.closed = True
+            self.transport.abort()  # over the connection cap: closed at once
+            return
+        self.admitted = True
+        peer = transport.get_extra_info("peername")
+        self.remote = peer[0] if peer else ""
+        self.plane.connections.add(self)
+        self._arm_head()
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.from_client(data)
+            return
+        if self.upgrading:
+            self.early.append(data)
+            self.pause(self.TUNNEL)
+            return
+        if self.closing and self.current is None:
+            return
+        # (The keep-alive deadline is left armed: its callback sees the connection busy.
+        # A head that does not come whole in this read gets the head deadline below.)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self.upgrading = True
+            rest = data[exc.args[0]:]
+            if rest:
+                self.early.append(rest)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, RequestError):
+                self.reject(cause.rejection)
+            else:
+                self._defect(cause)
+        except httptools.HttpParserError:
+            self.reject(framing.BAD_BODY if self.parsing is not None else framing.MALFORMED)
+        else:
+            req = self.req
+            if req is not None:
+                if self.timer != _HEAD:
+                    self._arm_head()
+                self.head_bytes += len(data)
+                if self.head_bytes > self.limits.max_head_size + self.limits.max_request_line:
+                    self.reject(framing.HEAD_TOO_LARGE)
+                elif not req.header_count and self._http09(req, data):
+                    self.reject(framing.BAD_VERSION)
+
+    def _http09(self, req: Request, data: bytes) -> bool:
+        """A request line without a version (HTTP/0.9), which llhttp would wait on."""
+        return self.parser.get_http_version() in ("0.0", "0.9") and bool(req.target) \
+            and req.target + b"\r\n" in data
+
+    def eof_received(self) -> bool | None:
+        if self.tunnel is not None:
+            return self.tunnel.client_eof()
+        return None  # the client is gone: its exchanges end (as NGINX's, by default)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.admitted:
+            return
+        self.admitted = False
+        self.closed = True
+        plane = self.plane
+        if plane.gate is not None:
+            plane.gate.release()
+        plane.connections.discard(self)
+        self._disarm()
+        self._disarm_body()
+        if self.tunnel is not None:
+            self.tunnel.client_lost()
+            return
+        current = self.current
+        if current is not None:
+            current.client_lost()
+        while self.queue:
+            self.queue.popleft().client_lost()
+
+    def pause_writing(self) -> None:
+        self.paused_writing = True
+        if self.tunnel is not None:
+            self.tunnel.pause_upstream()
+        elif self.current is not None:
+            self.current.client_write_paused(True)
+
+    def resume_writing(self) -> None:
+        self.paused_writing = False
+        if self.tunnel is not None:
+            self.tunnel.resume_upstream()
+        elif self.current is not None:
+            self.current.client_write_paused(False)
+
+    # ------------------------------------------------------------------ httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self.req = Request(self.remote, self.scheme)
+        self.head_bytes = 0
+        self.url_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        req = self.req
+        assert req is not None
+        self.url_bytes += len(url)
+        if self.url_bytes > self.limits.max_request_line:
+            raise RequestError(framing.URI_TOO_LONG)
+        req.target += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        req = self.req
+        limits = self.limits
+        if req is None:
+            # A trailer field after a chunked body: dropped (as NGINX does), within the
+            # head's limits.
+            self.head_bytes += len(name) + len(value) + 4
+            if self.head_bytes > limits.max_head_size:
+                raise RequestError(framing.HEAD_TOO_LARGE)
+            return
+        # take_header, inline for the plain headers (most of them): one call less each.
+        req.header_count += 1
+        req.head_size += len(name) + len(value) + 4
+        if req.head_size > limits.max_head_size:
+            raise RequestError(framing.HEAD_TOO_LARGE)
+        if req.header_count > limits.max_headers:
+            raise RequestError(framing.TOO_MANY_HEADERS)
+        if _UNDERSCORE in name and not limits.underscores_in_headers:
+            return  # dropped, as NGINX does by default
+        lname = name.lower()
+        by_name = req.by_name
+        if lname not in by_name:
+            by_name[lname] = value
+        kind = REQUEST_KIND.get(lname)
+        if kind is None:
+            req.fields.append(name + b": " + value + b"\r\n")
+        else:
+            special_header(req, name, value, kind)
+
+    def on_headers_complete(self) -> None:
+        req = self.req
+        assert req is not None
+        self.req = None
+        parser = self.parser
+        method = parser.get_method()
+        name = _METHODS.get(method)
+        if name is None:
+            name = _METHODS[method] = method.decode("latin-1")
+        req.method = name
+        check_head(req, parser.get_http_version())
+        if name == "CONNECT":
+            raise RequestError(framing.METHOD_NOT_ALLOWED)
+        ex = Exchange(self, req, parser.should_keep_alive())
+        self.parsing = ex
+        self.head_bytes = 0  # from here on: the trailers' size, if any
+        if self.timer == _HEAD:
+            self._disarm()
+        if req.has_body:
+            self._arm_body()
+        if self.current is None and not self._advancing:
+            self.current = ex
+            ex.begin()
+        else:
+            self.queue.append(ex)
+            self.pause(self.PIPELINE)
+
+    def on_body(self, data: bytes) -> None:
+        ex = self.parsing
+        if ex is not None:
+            if self.pausing == 0:
+                self._arm_body()
+            ex.request_body(data)
+
+    def on_message_complete(self) -> None:
+        ex = self.parsing
+        if ex is not None:
+            self.parsing = None
+            self._disarm_body()
+            ex.request_complete()
+
+    # ------------------------------------------------------------------ the exchanges' side
+
+    def write(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    def cut(self) -> None:
+        """End the connection after what was written (a response cut short)."""
+        self.closing = True
+        self.close()
+
+    def close(self) -> None:
+        self.closing = True
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
+    def shutdown(self) -> None:
+        self.closing = True
+        if self.current is None and self.tunnel is None:
+            self.close()
+
+    def pause(self, reason: int) -> None:
+        if not self.pausing and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+            self._disarm_body()
+        self.pausing |= reason
+
+    def resume(self, reason: int) -> None:
+        if self.pausing & reason:
+            self.pausing &= ~reason
+            if not self.pausing and self.transport is not None and not self.closed:
+                self.transport.resume_reading()
+                if self.parsing is not None:
+                    self._arm_body()
+
+    def exchange_done(self, ex: Exchange) -> None:
+        """``ex`` answered: the next pipelined request's turn, or the keep-alive wait."""
+        if ex is not self.current:
+            if ex in self.queue:
+                self.queue.remove(ex)
+            return
+        self.current = None
+        if self.parsing is ex and not ex.request.complete:
+            self.parsing = None
+        if self.closed:
+            return
+        if not ex.keep_alive or (self.closing and not self.queue):
+            self.close()
+            return
+        if self._advancing:
+            return  # the loop below takes the next one
+        if self.queue:
+            self._advance()
+        elif not self.pausing:
+            # The common case: nothing waits; the keep-alive wait (or a head that came
+            # in part) starts.
+            if self.req is not None:
+                self._arm_head()
+            elif self.parsing is None:
+                self._arm_keepalive()
+        else:
+            self._advance()
+
+    def _advance(self) -> None:
+        self._advancing = True
+        try:
+            while self.current is None and self.queue and not self.closed:
+                ex = self.current = self.queue.popleft()
+                if not self.queue and self.pausing & self.PIPELINE:
+                    self.resume(self.PIPELINE)
+                ex.begin()
+        finally:
+            self._advancing = False
+        if self.current is None and self.closing:
+            self.close()
+        elif self.current is None and not self.closed:
+            if self.pausing & self.PIPELINE:
+                self.resume(self.PIPELINE)
+            if self.req is not None or self.parsing is not None:
+                if self.req is not None:
+                    self._arm_head()
+            else:
+                self._arm_keepalive()
+
+    def start_tunnel(self, tunnel: Tunnel) -> None:
+        self.tunnel = tunnel
+        self.upgrading = False
+        self._disarm()
+        self._disarm_body()
+        self.resume(self.TUNNEL)
+
+    def take_early(self) -> bytes:
+        early, self.early = b"".join(self.early), []
+        return early
+
+    # ------------------------------------------------------------------ refusals, defects
+
+    def reject(self, rejection: framing.Rejection) -> None:
+        """The client's request is refused: one line at info, an answer, then a close."""
+        log.info("rejected a request from %s: %s", self.remote, rejection.reason)
+        self.closing = True
+        self.pause(self.DONE)
+        ex = self.parsing
+        if ex is not None:
+            self.parsing = None
+            if ex.state != 0:  # begun: it has an upstream side to close as well
+                ex.request_broken(rejection)
+                return
+            ex.error = BAD_REQUEST
+            ex.keep_alive = False
+            if ex is self.current:
+                ex.answer(*rejection)
+            else:
+                ex.pending_answer_rejection(rejection)
+            return
+        req = self.req or Request(self.remote, self.scheme)
+        self.req = None
+        ex = Exchange(self, req, False)
+        ex.error = BAD_REQUEST
+        if self.current is None and not self._advancing:
+            self.current = ex
+            ex.answer(*rejection)
+        else:
+            ex.pending_answer_rejection(rejection)
+            self.queue.append(ex)
+
+    def _defect(self, exc: BaseException | None) -> None:
+        ex = self.parsing or self.current
+        if ex is not None and exc is not None:
+            ex.defect(exc)
+        else:
+            log.error("internal error on a connection from %s", self.remote, exc_info=exc)
+            self.close()
+
+    # ------------------------------------------------------------------ timers
+
+    def _arm_head(self) -> None:
+        if self.timer == _KEEPALIVE:
+            self._keepalive_deadlines.disarm(self)
+        self.timer = _HEAD
+        self._head_deadlines.arm(self, self._head_timeout)
+
+    def _arm_keepalive(self) -> None:
+        if self.timer == _HEAD:
+            self._head_deadlines.disarm(self)
+        self.timer = _KEEPALIVE
+        self._keepalive_deadlines.arm(self, self._keepalive_timeout)
+
+    def _disarm(self) -> None:
+        if self.timer == _HEAD:
+            self._head_deadlines.disarm(self)
+        elif self.timer == _KEEPALIVE:
+            self._keepalive_deadlines.disarm(self)
+        self.timer = _NONE
+
+    def _keepalive_timeout(self) -> None:
+        self.timer = _NONE
+        if self.current is None and self.req is None and not self.closed:
+            self.close()
+
+    def _head_timeout(self) -> None:
+        self.timer = _NONE
+        if self.current is not None or self.closed:
+            return
+        if self.req is not None:
+            self.reject(framing.HEAD_TIMEOUT)
+        else:
+            self.close()  # nothing of a request came: closed without a word
+
+    def _arm_body(self) -> None:
+        self._body_deadlines.arm(self.parser, self._body_timeout)
+
+    def _disarm_body(self) -> None:
+        self._body_deadlines.disarm(self.parser)
+
+    def _body_timeout(self) -> None:
+        if self.parsing is not None and not self.closed:
+            self.reject(framing.BODY_TIMEOUT)
+
+    def __repr__(self) -> str:
+        return (f"<ClientConnection {self.remote} queued={len(self.queue)} "
+                f"busy={self.current is not None}>")

@@ -1,0 +1,562 @@
+"""One request's life: decide, buffer or stream the body, send, relay the answer, record.
+
+An ``Exchange`` is driven by callbacks, not a task: the client connection gives it the
+request's head (``begin``), body pieces and end; the pool gives it an upstream connection;
+the upstream connection gives it the response's head, body pieces and end.  Each step
+does its I/O at once (a write to a transport) and returns.
+
+- A body up to ``limits.request_buffer`` bytes is read whole before an upstream
+  connection is taken (slow uploads never hold the pool); a larger one streams.
+- The ring timeout runs from the request fully sent to the response head; the ring's
+  idle timeout bounds silences in the response body.
+- The client's framing is the proxy's: Content-Length passes through, anything else is
+  re-framed chunked for HTTP/1.1 clients and close-delimited for HTTP/1.0 ones.
+- An upstream failure before the response head is the proxy's own 502/503/504 with a short
+  body; after it, the client connection is cut (a short body, never a complete-looking one).
+- Anything else raised is a defect of the proxy: a 500 (or a cut), logged once with its
+  traceback, recorded as ``internal`` and never judged against the ring's version.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from proxy.dataplane import framing
+from proxy.dataplane.deadlines import Deadlines
+from proxy.dataplane.decide import Forward, LocalAnswer, decide
+from proxy.dataplane.headers import VIA_VALUE, joined, new_request_id, request_id_ok
+from proxy.dataplane.request import Request
+from proxy.dataplane.tunnel import Tunnel
+from proxy.dataplane.upstream import UpstreamConnection
+from proxy.errors import UpstreamError, UpstreamTimeout
+
+if TYPE_CHECKING:
+    from proxy.dataplane.client import ClientConnection
+
+log = logging.getLogger("ringproxy.dataplane")
+
+INTERNAL = "internal"  # the error of a request that failed on a defect of the proxy
+BAD_REQUEST = "bad_request"  # the error of a client's request the proxy refused
+CLIENT_CLOSED = "client_closed"
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CHUNKED = b"Transfer-Encoding: chunked\r\n"
+_CLOSE = b"Connection: close\r\n"
+_KEEP_ALIVE = b"Connection: keep-alive\r\n"
+_VIA_LINE = b"Via: " + VIA_VALUE + b"\r\n"
+_NO_BODY_STATUS = frozenset({204, 304})
+_ZERO_LENGTH = b"Content-Length: 0\r\n\r\n"
+
+# States of an exchange.
+NEW, BUFFERING, CONNECTING, SENDING, RESPONDING, TUNNEL, DONE = range(7)
+# How the response body is framed for the client.
+F_NONE, F_LENGTH, F_CHUNKED, F_CLOSE = range(4)
+
+_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
+
+
+def _status_line(status: int, reason: bytes) -> bytes:
+    key = (status, reason)
+    line = _STATUS_LINES.get(key)
+    if line is None:
+        line = b"HTTP/1.1 %d %b\r\n" % (status, reason)
+        if len(_STATUS_LINES) < 256:
+            _STATUS_LINES[key] = line
+    return line
+
+
+class Exchange:
+    """What one request did, for the access log and the ring's metrics recorder."""
+
+    __slots__ = (
+        "buffer",
+        "buffered",
+        "bytes_in",
+        "bytes_out",
+        "client",
+        "conn",
+        "deadlines",
+        "error",
+        "framing",
+        "idle_armed",
+        "keep_alive",
+        "max_body",
+        "pending_answer",
+        "pending_head",
+        "request",
+        "request_id",
+        "server_url",
+        "started",
+        "state",
+        "status",
+        "step",
+        "stream_chunked",
+        "upstream_paused",
+    )
+
+    def __init__(self, client: ClientConnection, request: Request, keep_alive: bool) -> None:
+        self.client = client
+        self.request = request
+        self.keep_alive = keep_alive
+        rid = request.request_id
+        self.request_id = rid.decode() if rid and request_id_ok(rid) else new_request_id()
+        self.started = time.monotonic()
+        self.state = NEW
+        self.step: Forward | LocalAnswer | None = None
+        self.conn: UpstreamConnection | None = None
+        self.deadlines: Deadlines | None = None  # the ring timeout's, while it runs
+        self.buffer: list[bytes] = []
+        self.buffered = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.status = 0
+        self.error = ""
+        self.server_url = ""
+        self.framing = F_NONE
+        self.pending_head = b""
+        self.pending_answer: LocalAnswer | None = None
+        self.max_body: int | None = None
+        self.stream_chunked = False
+        self.upstream_paused = False
+        self.idle_armed = False
+
+    # ------------------------------------------------------------------ the client's side
+
+    def begin(self) -> None:
+        """The request's turn: decide, then answer, buffer or connect."""
+        try:
+            self._begin()
+        except Exception as exc:
+            self.defect(exc)
+
+    def pending_answer_rejection(self, rejection: framing.Rejection) -> None:
+        """Refuse this request when its turn comes (a pipelined one)."""
+        self.error = BAD_REQUEST
+        self.keep_alive = False
+        self.pending_answer = LocalAnswer(rejection.status, rejection.reason, BAD_REQUEST)
+
+    def _begin(self) -> None:
+        request = self.request
+        refused = self.pending_answer
+        if refused is not None:
+            self.pending_answer = None
+            self.answer(refused.status, refused.message)
+            return
+        step = self.step = decide(self.client.plane.runtime, request, self.request_id)
+        if isinstance(step, LocalAnswer):
+            self.error = step.error
+            if request.complete or not request.has_body:
+                self.answer(step.status, step.message, step.retry_after, step.extra)
+            elif request.expect_continue or not self._small_body():
+                # The body is not wanted: answer now and close rather than read it.
+                self.keep_alive = False
+                self.answer(step.status, step.message, step.retry_after, step.extra)
+            else:
+                self.pending_answer = step  # answered once the (small) body is in
+            return
+        ring = step.ring
+        max_body = ring.max_body
+        if max_body is not None:
+            self.max_body = max_body
+            length = request.content_length
+            if (length is not None and length > max_body) or self.bytes_in > max_body:
+                self.error = BAD_REQUEST
+                self.keep_alive = False
+                self.answer(*framing.BODY_TOO_LARGE, extra=step.extra)
+                return
+        self.server_url = step.server.upstream.url
+        ring.inflight += 1
+        step.server.inflight += 1
+        if request.complete or not request.has_body or request.upgrade:
+            self._acquire()
+            return
+        if request.expect_continue and request.version == "1.1" and not self.bytes_in:
+            self.client.write(_CONTINUE)
+        if self._small_body():
+            self.state = BUFFERING  # taken whole before an upstream connection
+            if self.buffered > self.client.limits.request_buffer:
+                self._acquire()
+        else:
+            self._acquire()
+
+    def _small_body(self) -> bool:
+        limit = self.client.limits.request_buffer
+        length = self.request.content_length
+        return limit > 0 and (length is None or length <= limit)
+
+    def request_body(self, data: bytes) -> None:
+        """A piece of the request body arrived."""
+        self.bytes_in += len(data)
+        if self.max_body is not None and self.bytes_in > self.max_body:
+            self.error = BAD_REQUEST
+            self.keep_alive = False
+            self._close_upstream()
+            self.answer_or_cut(*framing.BODY_TOO_LARGE)
+            return
+        state = self.state
+        conn = self.conn
+        if state >= SENDING and conn is not None:
+            if not self.request.complete:
+                conn.write(framing.chunk(data) if self.stream_chunked else data)
+            return
+        if state == DONE or self.pending_answer is not None:
+            return  # a body nobody reads (an answer already given, or about to be)
+        self.buffer.append(data)
+        self.buffered += len(data)
+        if state == BUFFERING and self.buffered > self.client.limits.request_buffer:
+            self._acquire()
+        if state == CONNECTING or self.state == CONNECTING:
+            self.client.pause(self.client.WAIT)
+
+    def request_complete(self) -> None:
+        """The request body is complete (called after its last ``request_body``)."""
+        request = self.request
+        request.complete = True
+        if self.pending_answer is not None:
+            answer, self.pending_answer = self.pending_answer, None
+            self.answer(answer.status, answer.message, answer.retry_after, answer.extra)
+            return
+        state = self.state
+        if state == BUFFERING:
+            self._acquire()
+        elif state >= SENDING and self.conn is not None and state != DONE:
+            if self.stream_chunked:
+                self.conn.write(framing.LAST_CHUNK)
+            self._request_sent()
+
+    def request_broken(self, rejection: framing.Rejection) -> None:
+        """The request body turned malformed: both connections are closed."""
+        self.error = BAD_REQUEST
+        self.keep_alive = False
+        self._close_upstream()
+        self.answer_or_cut(*rejection)
+
+    def client_lost(self) -> None:
+        """The client went away before the exchange was done."""
+        if self.state == DONE:
+            return
+        if self.state == TUNNEL:
+            return  # the tunnel finishes it
+        self.error = self.error or CLIENT_CLOSED
+        self._close_upstream()
+        self.finish()
+
+    def client_write_paused(self, paused: bool) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        if paused:
+            conn.pause_reading()
+            if self.step is not None and isinstance(self.step, Forward):
+                self.client.plane.timers(self.step.ring.idle_timeout).disarm(self)
+        else:
+            conn.resume_reading()
+            if self.state == RESPONDING:
+                self._arm_idle()
+
+    # ------------------------------------------------------------------ the pool's side
+
+    def _acquire(self) -> None:
+        step = self.step
+        assert isinstance(step, Forward)
+        self.state = CONNECTING
+        conn = step.ring.pool.acquire(step.server, self)
+        if conn is not None:
+            self._send(conn)  # (a defect here is begin's or request_body's to catch)
+        elif self.state == CONNECTING and not self.request.complete:
+            self.client.pause(self.client.WAIT)
+
+    def upstream_ready(self, conn: UpstreamConnection) -> None:
+        if self.state != CONNECTING:
+            conn.pool.release(conn)  # the client left meanwhile: a fresh, unused connection
+            return
+        try:
+            self._send(conn)
+        except Exception as exc:
+            self.defect(exc)
+
+    def _send(self, conn: UpstreamConnection) -> None:
+        step = self.step
+        assert isinstance(step, Forward)
+        request = self.request
+        self.conn = conn
+        self.state = SENDING
+        body = b"".join(self.buffer) if self.buffer else b""
+        self.buffer = []
+        complete = request.complete
+        if request.upgrade and step.upgrade:
+            framing_line = b"\r\n"
+            body = b""
+        elif not request.has_body:
+            framing_line = b"\r\n" if request.content_length is None else _ZERO_LENGTH
+        elif complete:
+            framing_line = b"Content-Length: %d\r\n\r\n" % len(body)
+        elif request.content_length is not None:
+            framing_line = b"Content-Length: %d\r\n\r\n" % request.content_length
+        else:
+            framing_line = b"Transfer-Encoding: chunked\r\n\r\n"
+            self.stream_chunked = True
+            if body:
+                body = framing.chunk(body)
+        conn.send(self, step.head + framing_line + body, no_body=request.method == "HEAD",
+                  upgrade=step.upgrade, complete=complete)
+        client = self.client
+        if client.pausing & client.WAIT:
+            client.resume(client.WAIT)
+        if complete:
+            self._request_sent()
+
+    def _request_sent(self) -> None:
+        if self.conn is not None:
+            self.conn.request_sent = True
+        if self.state == SENDING:
+            step = self.step
+            assert isinstance(step, Forward)
+            deadlines = self.deadlines = self.client.plane.timers(step.ring.timeout)
+            deadlines.arm(self, self._timed_out)
+
+    def _timed_out(self) -> None:
+        if self.state == SENDING:
+            self._close_upstream()
+            self.upstream_failed(UpstreamTimeout("no response within the ring timeout"))
+
+    def upstream_failed(self, exc: UpstreamError) -> None:
+        if self.state == DONE:
+            return
+        self.error = exc.kind
+        self._close_upstream()
+        if self.state == TUNNEL:
+            return
+        self.keep_alive = self.keep_alive and self.request.complete
+        step = self.step
+        extra = step.extra if step is not None else b""
+        self.answer_or_cut(exc.status, exc.reason, exc.status == 503, extra)
+
+    def upstream_defect(self, exc: BaseException) -> None:
+        self._close_upstream()
+        self.defect(exc)
+
+    def upstream_write_paused(self, paused: bool) -> None:
+        self.upstream_paused = paused
+        if paused:
+            self.client.pause(self.client.UPSTREAM)
+        else:
+            self.client.resume(self.client.UPSTREAM)
+
+    # ------------------------------------------------------------------ the upstream's side
+
+    def response_head(self, conn: UpstreamConnection) -> None:
+        step = self.step
+        assert isinstance(step, Forward)
+        if self.deadlines is not None:
+            self.deadlines.disarm(self)
+            self.deadlines = None
+        self.state = RESPONDING
+        self.status = status = conn.status
+        request = self.request
+        client = self.client
+        parts = [_status_line(status, conn.reason), *conn.lines]
+        parts.append(b"Via: " + joined(conn.via, VIA_VALUE) + b"\r\n" if conn.via else _VIA_LINE)
+        if not conn.has_request_id:
+            parts.append(b"X-Request-Id: " + self.request_id.encode() + b"\r\n")
+        if step.extra:
+            parts.append(step.extra)
+        if request.method == "HEAD" or status in _NO_BODY_STATUS:
+            self.framing = F_NONE
+        elif conn.content_length is not None:
+            self.framing = F_LENGTH
+        elif request.version == "1.1":
+            self.framing = F_CHUNKED
+            parts.append(_CHUNKED)
+        else:
+            self.framing = F_CLOSE
+            self.keep_alive = False
+        if request.upgrade:
+            self.keep_alive = False  # the client's parser stopped at the upgrade
+        if not request.complete:
+            self.keep_alive = False  # answered before the body was read: no reuse
+        if client.closing and not client.queue:
+            self.keep_alive = False
+        if not self.keep_alive:
+            parts.append(_CLOSE)
+        elif request.version == "1.0":
+            parts.append(_KEEP_ALIVE)
+        parts.append(b"\r\n")
+        self.pending_head = b"".join(parts)
+
+    def _arm_idle(self) -> None:
+        step = self.step
+        assert isinstance(step, Forward)
+        idle = step.ring.idle_timeout
+        if idle:
+            self.idle_armed = True
+            self.client.plane.timers(idle).arm(self, self._idle_expired)
+
+    def _idle_expired(self) -> None:
+        if self.state == RESPONDING:
+            self.error = "timeout"
+            self._close_upstream()
+            self.answer_or_cut(504, "upstream timed out")
+
+    def response_body(self, data: bytes) -> None:
+        if self.state != RESPONDING:
+            return
+        self.bytes_out += len(data)
+        fr = self.framing
+        if fr == F_NONE:
+            return
+        if fr == F_CHUNKED:
+            data = framing.chunk(data)
+        head = self.pending_head
+        if head:
+            self.pending_head = b""
+            data = head + data
+        self.client.write(data)
+
+    def response_pending(self) -> None:
+        """The upstream's data so far is relayed and the response is not complete: its
+        idle timeout (re)starts (once per read, not per piece; never for a response that
+        came whole)."""
+        if self.state == RESPONDING and not self.client.paused_writing:
+            self._arm_idle()
+
+    def response_complete(self) -> None:
+        if self.state != RESPONDING:
+            return
+        self.conn = None
+        tail = framing.LAST_CHUNK if self.framing == F_CHUNKED else b""
+        head = self.pending_head
+        if head or tail:
+            self.pending_head = b""
+            self.client.write(head + tail)
+        if self.framing == F_CLOSE:
+            self.keep_alive = False
+        self.finish()
+
+    def upstream_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None:
+        """The upstream switched protocols: a byte tunnel from now on."""
+        if self.deadlines is not None:
+            self.deadlines.disarm(self)
+            self.deadlines = None
+        self.status = 101
+        self.state = TUNNEL
+        self.conn = None
+        parts = [_status_line(101, conn.reason), *conn.lines]
+        if conn.upgrade:
+            parts += (b"Connection: upgrade\r\nUpgrade: ", conn.upgrade, b"\r\n")
+        parts += (b"Via: " + joined(conn.via, VIA_VALUE) + b"\r\n" if conn.via else _VIA_LINE,
+                  b"\r\n")
+        self.client.write(b"".join(parts))
+        Tunnel(self, self.client, conn, rest)
+
+    def tunnel_closed(self, bytes_in: int, bytes_out: int) -> None:
+        # (A tunnel's bytes are another protocol's, not a body's: the Tunnel counts them,
+        # the ring's body byte counters do not, as before.)
+        self.keep_alive = False
+        self.finish()
+
+    # ------------------------------------------------------------------ answers, the end
+
+    def answer(self, status: int, message: str, retry_after: bool = False,
+               extra: bytes = b"") -> None:
+        """The proxy's own answer (nothing of a response was sent yet)."""
+        self.status = status
+        if not self.request.complete:
+            self.keep_alive = False
+        client = self.client
+        if client.closing and not client.queue:
+            self.keep_alive = False
+        client.write(framing.local_response(
+            status, message, self.request_id.encode(), close=not self.keep_alive,
+            retry_after=retry_after, extra=extra, head_only=self.request.method == "HEAD"))
+        self.finish()
+
+    def answer_or_cut(self, status: int, message: str, retry_after: bool = False,
+                      extra: bytes = b"") -> None:
+        """The proxy's answer if no response head went out yet, else a cut connection."""
+        if self.state == DONE:
+            return
+        if self.state == RESPONDING and not self.pending_head:
+            self.keep_alive = False
+            self.client.cut()
+            self.finish()
+            return
+        self.pending_head = b""
+        self.answer(status, message, retry_after, extra)
+
+    def defect(self, exc: BaseException) -> None:
+        """A defect of the proxy: logged once with its traceback, recorded as ``internal``."""
+        log.error("internal error on %s %s (request %s)", self.request.method,
+                  self.request.path, self.request_id, exc_info=exc)
+        self.error = INTERNAL
+        self._close_upstream()
+        if self.state == DONE:
+            return
+        self.keep_alive = False
+        if self.state == TUNNEL:
+            self.client.cut()
+            return
+        self.answer_or_cut(500, "internal error")
+
+    def _close_upstream(self) -> None:
+        conn = self.conn
+        step = self.step
+        if isinstance(step, Forward):
+            if self.state == CONNECTING:
+                step.ring.pool.forget(self)
+            if self.deadlines is not None:
+                self.deadlines.disarm(self)
+                self.deadlines = None
+            if self.idle_armed:
+                self.client.plane.timers(step.ring.idle_timeout).disarm(self)
+        if conn is not None:
+            self.conn = None
+            conn.abort()
+
+    def finish(self) -> None:
+        """Record the exchange (metrics, access log) and hand the connection on."""
+        if self.state == DONE:
+            return
+        state = self.state
+        self.state = DONE
+        step = self.step
+        client = self.client
+        plane = client.plane
+        ring = step.ring if step is not None else None
+        if isinstance(step, Forward):
+            if self.idle_armed:
+                plane.timers(step.ring.idle_timeout).disarm(self)
+            if state != NEW:
+                step.ring.inflight -= 1
+                step.server.inflight -= 1
+        if self.upstream_paused:
+            self.upstream_paused = False
+            client.resume(client.UPSTREAM)
+        if client.pausing & client.WAIT:
+            client.resume(client.WAIT)
+        now = time.monotonic()
+        duration = now - self.started
+        if ring is not None and ring.recorder is not None:
+            ring.recorder.record(self.status, self.error, duration, self.bytes_in,
+                                 self.bytes_out, now)
+        access_log = plane.access_log
+        if access_log is not None:
+            request = self.request
+            decision = step.decision if step is not None else None
+            access_log.log_request(
+                self.request_id, request.remote, request.method, request.host_name,
+                request.path, self.status, duration * 1000.0,
+                ring.route if ring else None, ring.name if ring else None,
+                decision.reason.value if decision else None,
+                decision.bucket if decision else None,
+                ring.pool.config.name if ring else None, self.server_url or None,
+                self.bytes_in, self.bytes_out, self.error or None,
+                decision.revision if decision else plane.runtime.config.revision,
+            )
+        client.exchange_done(self)
+
+    def __repr__(self) -> str:
+        return (f"<Exchange {self.request.method} {self.request.target[:40]!r} "
+                f"state={self.state} status={self.status}>")

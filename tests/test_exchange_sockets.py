@@ -1,0 +1,134 @@
+"""The data plane's exchanges over real sockets: pipelining, re-framing, the pool's limit,
+graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+
+import aiohttp
+
+from proxy.server import Proxy
+from tests.conftest import ProxyFactory, Upstream, raw_exchange
+
+
+def _config(upstream: str, pool: str = "", grace: str = "2s") -> str:
+    return textwrap.dedent(
+        f"""
+        listen: 127.0.0.1:0
+        admin: {{listen: 127.0.0.1:0}}
+        access_log: {{enabled: false}}
+        shutdown_grace: {grace}
+        pools:
+          p: {{servers: ["{upstream}"]{pool}}}
+        routes:
+          - name: r
+            rings:
+              - name: only
+                pool: p
+        """
+    )
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return host, int(port)
+
+
+async def _raw_upstream(reply: bytes) -> tuple[asyncio.Server, str]:
+    """A TCP server that answers every request head with ``reply``, then closes."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(reply)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+async def test_pipelined_requests_are_answered_in_order(
+    make_proxy: ProxyFactory, stable: Upstream
+) -> None:
+    proxy = await make_proxy(_config(stable.url))
+    raw = await raw_exchange(
+        proxy.url,
+        b"GET /slow?s=0.2 HTTP/1.1\r\nHost: h\r\n\r\n"
+        b"GET /first-fast HTTP/1.1\r\nHost: h\r\n\r\n"
+        b"GET /last HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+    )
+    assert raw.count(b"HTTP/1.1 200") == 3
+    slow, fast, last = (raw.index(x) for x in (b"slow done", b"/first-fast", b"/last"))
+    assert slow < fast < last
+
+
+async def test_a_close_delimited_upstream_body_is_chunked_for_http_11_and_not_for_10(
+    make_proxy: ProxyFactory,
+) -> None:
+    server, url = await _raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n"
+                                      b"no length, the close ends it")
+    async with server:
+        proxy = await make_proxy(_config(url))
+        raw = await raw_exchange(proxy.url, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n", wait=2)
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert b"Transfer-Encoding: chunked" in head
+        assert body == b"1c\r\nno length, the close ends it\r\n0\r\n\r\n"
+        raw = await raw_exchange(proxy.url, b"GET / HTTP/1.0\r\nHost: h\r\n\r\n", wait=2)
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert b"transfer-encoding" not in head.lower() and b"Connection: close" in head
+        assert body == b"no length, the close ends it"
+
+
+async def test_a_full_pool_queues_requests_until_a_connection_is_free(
+    make_proxy: ProxyFactory, stable: Upstream, client: aiohttp.ClientSession
+) -> None:
+    proxy = await make_proxy(_config(stable.url, ", max_connections: 1"))
+
+    async def get(path: str) -> int:
+        async with client.get(proxy.url + path) as r:
+            await r.read()
+            return r.status
+
+    statuses = await asyncio.gather(*(get(f"/slow?s=0.1&i={i}") for i in range(4)))
+    assert statuses == [200] * 4
+    pool = proxy.runtime.pools["p"]
+    assert pool.open == 1
+
+
+async def test_shutdown_closes_idle_connections_and_lets_requests_in_flight_finish(
+    make_proxy: ProxyFactory, stable: Upstream
+) -> None:
+    proxy: Proxy = await make_proxy(_config(stable.url))
+    idle_reader, idle_writer = await asyncio.open_connection(*_host_port(proxy.url))
+    idle_writer.write(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+    await asyncio.wait_for(idle_reader.readuntil(b"\r\n\r\n"), 5)  # served: now idle
+    busy_reader, busy_writer = await asyncio.open_connection(*_host_port(proxy.url))
+    busy_writer.write(b"GET /slow?s=0.5 HTTP/1.1\r\nHost: h\r\n\r\n")
+    await asyncio.sleep(0.1)
+    stopping = asyncio.ensure_future(proxy.stop())
+    rest = await asyncio.wait_for(idle_reader.read(), 1)  # closed at once
+    assert b"HTTP/1.1" not in rest
+    answer = await asyncio.wait_for(busy_reader.read(), 5)
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"slow done")
+    assert b"Connection: close" in answer
+    await asyncio.wait_for(stopping, 5)
+    for writer in (idle_writer, busy_writer):
+        writer.close()
+
+
+async def test_idle_pooled_connections_close_after_keepalive_timeout(
+    make_proxy: ProxyFactory, stable: Upstream, client: aiohttp.ClientSession
+) -> None:
+    proxy = await make_proxy(_config(stable.url, ", keepalive_timeout: 200ms"))
+    async with client.get(proxy.url + "/x") as r:
+        assert r.status == 200
+    pool = proxy.runtime.pools["p"]
+    assert (pool.open, pool.idle_connections()) == (1, 1)
+    for _ in range(40):
+        if pool.open == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert (pool.open, pool.idle_connections()) == (0, 0)
+    async with client.get(proxy.url + "/y") as r:  # a new one is opened
+        assert r.status == 200
