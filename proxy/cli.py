@@ -203,8 +203,10 @@ def _add_objects(sub: Subparsers, common: _Parser) -> None:
         cmd = verb(verbs, name, text)
         cmd.add_argument("route")
         cmd.add_argument("ring")
-        cmd.add_argument("--pool", required=name == "create")
-        cmd.add_argument("--weight", type=float, metavar="PERCENT")
+        cmd.add_argument("--pool", required=name == "create",
+                         help="the pool its requests go to")
+        cmd.add_argument("--weight", type=float, metavar="PERCENT",
+                         help="its share of sticky buckets (0.01 steps)")
         cmd.add_argument("--spec", type=_spec, metavar="YAML|@FILE",
                          help="more of the ring, as YAML or JSON (or @FILE holding it), "
                          "e.g. '{rules: [{attr: \"header:X-Beta\", exists: true}]}'")
