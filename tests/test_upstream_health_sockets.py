@@ -29,6 +29,7 @@ class Backend:
         self.check_agents: set[str] = set()
         self.rings: list[str] = []
         self.health_status = 200
+        self.answer_status = 200
         self._runner: web.AppRunner | None = None
 
     async def health(self, request: web.Request) -> web.Response:
@@ -40,7 +41,8 @@ class Backend:
         await request.read()
         self.hits += 1
         self.rings.append(request.headers.get("X-Ring", ""))
-        return web.Response(text=self.name, headers={"X-Upstream": self.name})
+        return web.Response(status=self.answer_status, text=self.name,
+                            headers={"X-Upstream": self.name})
 
     async def start(self, port: int = 0) -> str:
         app = web.Application()
@@ -353,3 +355,19 @@ async def test_on_pool_down_next_ring_sends_users_to_a_later_ring(
     await until(lambda: a.checks >= 2 and b.checks >= 2)
     statuses = [s for s, _ in await get(client, proxy, 5)]
     assert statuses == [200] * 5 and stable.hits == 5 and stable.rings == ["main"] * 5
+
+
+async def test_a_503_is_retried_on_the_other_server_and_judged(
+        make_proxy: ProxyFactory, backends: list[Backend], client: aiohttp.ClientSession) -> None:
+    a, b, stable = backends
+    a.answer_status = 503  # a answers every request with a 503 (its checks pass)
+    proxy = await make_proxy(config(f'"{a.url}", "{b.url}"', stable.url,
+                                    "outlier: off\nretries: {budget: 100%}"))
+    results = await get(client, proxy, 10)
+    assert results == [(200, "b1")] * 10
+    assert a.hits >= 5 and stable.hits == 0
+    tally = proxy.metrics.tally("api", "beta")
+    assert (tally.requests, tally.errors) == (10 + a.hits, a.hits)
+    text = await scrape(client, proxy)
+    assert metric(text, "ringproxy_upstream_retries_total", pool="canary",
+                  reason="503") == a.hits
