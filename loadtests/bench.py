@@ -17,6 +17,8 @@ Targets (default: all but minimal-aiohttp; ringproxy-before only with --before-c
     ringproxy-accesslog  the same with the access log on (to /dev/null)
     ringproxy-nometrics  the same with metrics off (access log off)
     ringproxy-before     the ringproxy config run by --before-cmd (another build)
+    ringproxy-health     ringproxy with active health checks (1 s) and outlier detection on
+    ringproxy-nohealth   ringproxy with both off (--only ringproxy-nohealth,ringproxy-health)
 
     .venv/bin/python loadtests/bench.py [--duration 10] [--connections 50]
         [--threads 1] [--only T,T] [--rounds 1] [--before-cmd CMD] [--pin]
@@ -56,6 +58,8 @@ TARGETS = (
     "ringproxy-accesslog",
     "ringproxy-nometrics",
     "ringproxy-before",
+    "ringproxy-health",
+    "ringproxy-nohealth",
 )
 DEFAULT_TARGETS = (
     "direct",
@@ -71,6 +75,14 @@ RINGPROXY_VARIANTS = {
     "ringproxy-accesslog": (True, True),
     "ringproxy-nometrics": (False, False),
     "ringproxy-before": (False, True),
+    "ringproxy-health": (False, True),
+    "ringproxy-nohealth": (False, True),
+}
+# Upstream health per ringproxy variant: each pool's health:/outlier: (issue 15).
+HEALTH_POOL = {
+    "ringproxy-health": "\n    health: {path: /, interval: 1s, timeout: 500ms}"
+                        "\n    outlier: {consecutive_failures: 5}",
+    "ringproxy-nohealth": "\n    outlier: off",
 }
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -354,7 +366,8 @@ def nginx_proxy_body(port: int, upstream_port: int) -> str:
 
 
 def ringproxy_yaml(
-    port: int, upstream_port: int, workdir: Path, access_log: bool, metrics: bool
+    port: int, upstream_port: int, workdir: Path, access_log: bool, metrics: bool,
+    pool_extra: str = "",
 ) -> str:
     """Two rings on one route with sticky assignment: half the buckets to ``canary``.
 
@@ -374,9 +387,9 @@ state:
   audit: {workdir / "audit.jsonl"}
 pools:
   stable:
-    servers: [http://127.0.0.1:{upstream_port}]
+    servers: [http://127.0.0.1:{upstream_port}]{pool_extra}
   canary:
-    servers: [http://127.0.0.1:{upstream_port}]
+    servers: [http://127.0.0.1:{upstream_port}]{pool_extra}
 routes:
   - name: bench
     sticky:
@@ -605,7 +618,8 @@ def start_target(
         for stale in ("state.json", "audit.jsonl"):  # each run starts from the config
             (workdir / stale).unlink(missing_ok=True)
         config = workdir / "ringproxy.yaml"
-        config.write_text(ringproxy_yaml(port, upstream_port, workdir, access_log, metrics))
+        config.write_text(ringproxy_yaml(port, upstream_port, workdir, access_log, metrics,
+                                         HEALTH_POOL.get(target, "")))
         command = args.before_cmd if target == "ringproxy-before" else args.ringproxy_cmd
         argv = [*ringproxy_argv(command), "run", "--config", str(config)]
         # Another build must not import this tree's package from the working directory.
@@ -651,6 +665,7 @@ def run_target(target: str, root: Path, upstream: Server, args: argparse.Namespa
 RINGPROXY_LIKE = ("minimal-aiohttp", *RINGPROXY_VARIANTS)
 GOAL_CPU_X_NGINX = 2.0  # issue 13: CPU per request and p99 within 2x NGINX's
 GOAL_P99_X_NGINX = 2.0
+GOAL_HEALTH_PERCENT = 3.0  # issue 15: health checks + outlier detection within 3 % CPU/request
 GOAL_FEATURE_US = 3.0  # issue 13: the access log and metrics each at most 3 us per request
 
 
@@ -719,7 +734,14 @@ def compute_costs(results: dict[str, TargetResult]) -> dict[str, float | None]:
     return {
         "access_log_us_per_req": difference(cpu["ringproxy-accesslog"], cpu["ringproxy"]),
         "metrics_us_per_req": difference(cpu["ringproxy"], cpu["ringproxy-nometrics"]),
+        "health_us_per_req": difference(cpu["ringproxy-health"], cpu["ringproxy-nohealth"]),
+        "health_cpu_percent": _percent_more(cpu["ringproxy-health"], cpu["ringproxy-nohealth"]),
     }
+
+
+def _percent_more(a: float | None, b: float | None) -> float | None:
+    r = ratio(a, b)
+    return None if r is None else (r - 1) * 100
 
 
 def paired_costs(rounds: dict[str, list[TargetResult]]) -> dict[str, list[float]]:
@@ -727,6 +749,7 @@ def paired_costs(rounds: dict[str, list[TargetResult]]) -> dict[str, list[float]
     pairs = {
         "access_log_us_per_req": ("ringproxy-accesslog", "ringproxy"),
         "metrics_us_per_req": ("ringproxy", "ringproxy-nometrics"),
+        "health_us_per_req": ("ringproxy-health", "ringproxy-nohealth"),
     }
     out: dict[str, list[float]] = {}
     for key, (a, b) in pairs.items():
@@ -831,6 +854,10 @@ def render(
         value = costs.get(key)
         shown = "n/a" if value is None else f"{value:+.1f}"
         lines.append(f"  {label:<48} {shown:>7} {_verdict(value, GOAL_FEATURE_US)}")
+    health = costs.get("health_cpu_percent")
+    if health is not None:
+        lines.append(f"  {'health checks + outlier (health - nohealth)':<48} "
+                     f"{health:+6.1f}% {_verdict(health, GOAL_HEALTH_PERCENT)}")
     for r in results:
         errors = sum(r.socket_errors.values()) + r.non_2xx_3xx
         if r.ok and errors:

@@ -40,6 +40,8 @@ from prometheus_client.process_collector import ProcessCollector
 
 from proxy.config.analysis import SERVER_ERRORS
 from proxy.dataplane.exchange import INTERNAL
+from proxy.dataplane.upstream import UpstreamPool
+from proxy.health.retry import REASONS as RETRY_REASONS
 from proxy.rollout.evidence import Tally
 from proxy.rollout.window import LATENCY_BUCKETS, RingWindow, Summary
 from proxy.runtime import RingRuntime, Runtime
@@ -51,7 +53,7 @@ from proxy.runtime import RingRuntime, Runtime
 # 503 itself because the ring's max_concurrency was full.
 CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "error", "client_closed", "internal",
                 "refused")
-ERROR_KINDS = ("connect", "timeout", "reset", "bad_response", "overload")
+ERROR_KINDS = ("connect", "timeout", "reset", "bad_response", "overload", "no_server")
 DIRECTIONS = ("sent", "received")  # request body bytes sent upstream / response body received
 RELOAD_RESULTS = ("success", "failure")
 
@@ -135,6 +137,20 @@ class RingRecorder:
         self.tally.record(failed, duration)
         self.window.add(now, bucket, failed)
 
+    def attempt(self, status: int, error: str, duration: float, now: float) -> None:
+        """A failed attempt that a retry follows: judged for the ring's version like a
+        request (the tally, the window, the upstream errors by kind), though no request
+        ended with it (``requests`` and the latency histogram count requests)."""
+        kind = _KIND_INDEX.get(error)
+        if kind is not None:
+            self.upstream_errors[kind] += 1
+            failed = True
+        else:
+            failed = status in self.error_statuses
+        bucket = bisect_left(LATENCY_BUCKETS, duration)
+        self.tally.record(failed, duration)
+        self.window.add(now, bucket, failed)
+
     def _unusual(self, status: int, error: str, duration: float, now: float) -> None:
         """Everything but a plain upstream answer: failures, refusals, clients, defects."""
         if error == INTERNAL:
@@ -203,6 +219,7 @@ class Metrics:
         self._recorders: dict[tuple[str, str, str], RingRecorder] = {}
         self._by_ring: dict[tuple[str, str], RingRecorder] = {}
         self._rings: tuple[RingRuntime, ...] = ()
+        self._pools: tuple[UpstreamPool, ...] = ()
         self._rollbacks: dict[tuple[str, str, str], int] = {}
         self._revision = ""
         self._reload_ok = 1.0
@@ -214,6 +231,7 @@ class Metrics:
     def attach(self, runtime: Runtime) -> None:
         """Give every ring of ``runtime`` its recorder (or none, when metrics are off)."""
         rings = tuple(r for route_rings in runtime.rings.values() for r in route_rings)
+        self._pools = tuple(runtime.pools.values())
         if not runtime.config.metrics.enabled:
             for ring in rings:
                 ring.recorder = None
@@ -285,6 +303,7 @@ class Metrics:
     def collect(self) -> Iterator[Metric]:
         yield from self._traffic()
         yield from self._rings_now()
+        yield from self._upstreams()
         yield from self._config_and_rollbacks()
 
     def _traffic(self) -> Iterator[Metric]:
@@ -360,6 +379,30 @@ class Metrics:
         yield phase
         yield starved
         yield progress
+
+    def _upstreams(self) -> Iterator[Metric]:
+        """Each pool's servers: in rotation or not, ejections; its retries by reason."""
+        healthy = GaugeMetricFamily(
+            "ringproxy_upstream_server_healthy", "1 while the server is in its pool's "
+            "rotation (not ejected by outlier detection, not failing its health checks).",
+            labels=("pool", "server"))
+        ejections = CounterMetricFamily(
+            "ringproxy_upstream_ejections", "Outlier ejections of the server.",
+            labels=("pool", "server"))
+        retries = CounterMetricFamily(
+            "ringproxy_upstream_retries", "Retries made on another server of the pool, by "
+            "what failed.", labels=("pool", "reason"))
+        for pool in self._pools:
+            name = pool.config.name
+            for server in pool.health.state.servers:
+                healthy.add_metric((name, server.url), float(server.available))
+                ejections.add_metric((name, server.url), server.ejections_total)
+            if pool.config.retries is not None:
+                for reason in RETRY_REASONS:
+                    retries.add_metric((name, reason), pool.retried.get(reason, 0))
+        yield healthy
+        yield ejections
+        yield retries
 
     def _config_and_rollbacks(self) -> Iterator[Metric]:
         rollbacks = CounterMetricFamily(

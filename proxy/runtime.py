@@ -26,6 +26,8 @@ class Recorder(Protocol):
         now: float,
     ) -> None: ...
 
+    def attempt(self, status: int, error: str, duration: float, now: float) -> None: ...
+
 
 class RingRuntime:
     """A ring's policy in the form the request path wants, and its in-flight count."""

@@ -14,6 +14,7 @@ admin listener is aiohttp's.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import signal
@@ -38,6 +39,7 @@ from proxy.dataplane.listener import (
     raise_nofile_limit,
 )
 from proxy.dataplane.upstream import UpstreamPool
+from proxy.health.state import Transition
 from proxy.metrics import Metrics
 from proxy.reload import Reloader, ReloadResult
 from proxy.runtime import Runtime
@@ -64,6 +66,7 @@ class Proxy:
         self.metrics.attach(self.runtime)
         self.metrics.config_loaded(config.revision)
         self.controller = Controller(config, self.metrics)
+        self._watch_health(self.runtime)
         self._fresh_state = fresh_state
         self.access_log = AccessLog(config.access_log.path) if config.access_log.enabled else None
         self.plane: DataPlane | None = None  # made at start, inside the event loop
@@ -123,6 +126,7 @@ class Proxy:
         if self.plane is not None:
             self.plane.runtime = runtime  # the swap: the next request sees the new config
         self.runtime, self.config = runtime, config
+        self._watch_health(runtime)
         for change in plan.changes:
             log.log(logging.INFO if change.applies is Applies.LIVE else logging.WARNING,
                     "%s", change.message)
@@ -158,6 +162,17 @@ class Proxy:
         for pool in runtime.pools.values():
             if id(pool) not in running:
                 await pool.close()
+
+    def _watch_health(self, runtime: Runtime) -> None:
+        """Servers of ``runtime``'s pools going out of rotation or back become events of
+        the rings using them (the rings of the runtime serving when it happens)."""
+        for name, pool in runtime.pools.items():
+            pool.health.listener = functools.partial(self._server_changed, name)
+
+    def _server_changed(self, pool: str, change: Transition) -> None:
+        rings = [(r.route, r.name) for rings in self.runtime.rings.values() for r in rings
+                 if r.pool.config.name == pool]
+        self.controller.server_changed(change, rings)
 
     def _reloaded(self, result: ReloadResult) -> None:
         if result.ok:

@@ -100,6 +100,9 @@ def test_a_pool_whose_every_server_is_out_is_not_one_hosts_fault() -> None:
     assert first is not None and first.one_host
     assert second is not None and not second.one_host and state.available_count() == 0
     assert "0 of 2 servers in rotation" in second.text()
+    alone = PoolHealthState("p", URLS[:1], None, HealthCheck("/hz", unhealthy_threshold=1))
+    change = alone.checked(0, False, "timeout")
+    assert change is not None and not change.one_host  # no other server to be healthy
 
 
 def test_retry_budget_is_a_share_of_requests_in_the_last_ten_seconds() -> None:

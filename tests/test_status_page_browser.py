@@ -22,6 +22,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -1088,3 +1089,32 @@ async def make_screenshot(out: Path) -> None:
 
 if __name__ == "__main__":
     asyncio.run(make_screenshot(Path(sys.argv[1] if len(sys.argv) > 1 else "status-page.png")))
+
+
+async def test_the_page_shows_a_server_out_of_rotation_as_one_hosts_fault(
+    browser, running, stable: Upstream, canary: Upstream, tmp_path: Path
+) -> None:
+    # The canary pool's second server refuses its health checks: out of rotation, while
+    # the pool's other server is in; the pool cell says so and its title lists both.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # closed again: refuses
+    text = page_config(stable, canary, tmp_path).replace(
+        f'canary: {{servers: ["{canary.url}"]}}',
+        f'canary: {{servers: ["{canary.url}", "{dead}"], health: {{path: /, interval: 100ms, '
+        f'timeout: 100ms, unhealthy_threshold: 1}}}}')
+    proxy, _ = await running(text, workers=0)
+    deadline = time.monotonic() + 5
+    while (await api(proxy, "/api/routes"))["routes"][0]["rings"][1]["health"]["available"] != 1:
+        assert time.monotonic() < deadline, "the dead server was not taken out"
+        await asyncio.sleep(0.05)
+    tab = await browser()
+    await tab.goto(proxy.admin_url + "/")
+    selector = "[data-route=api] tr[data-ring=canary] [data-field=servers_up]"
+    await tab.wait(f"!!document.querySelector('{selector}')", REFRESH + 1.5)
+    shown = await tab.eval(f"(() => {{ const e = document.querySelector('{selector}'); "
+                           "return [e.textContent, e.title, e.dataset.value]; })()")
+    assert shown[0] == "1/2 up · one host unhealthy"
+    assert f"{dead}: unhealthy" in shown[1] and f"{canary.url}: healthy" in shown[1]
+    assert shown[2] == "1"
+    assert tab.problems() == []

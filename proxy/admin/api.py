@@ -325,9 +325,12 @@ async def healthz(request: web.Request, caller: Caller) -> web.Response:
 async def readyz(request: web.Request, caller: Caller) -> web.Response:
     proxy = proxy_of(request)
     missing = [name for name, pool in proxy.runtime.pools.items() if not pool.started]
-    ready = not missing
+    # A pool without a server in rotation: its rings' users get 503s (or a later ring).
+    down = [name for name, pool in proxy.runtime.pools.items() if pool.health.down]
+    ready = not missing and not down
     return web.json_response(
-        {"ready": ready, "revision": proxy.config.revision, "pools_not_started": missing},
+        {"ready": ready, "revision": proxy.config.revision, "pools_not_started": missing,
+         "pools_down": down},
         status=200 if ready else 503,
     )
 

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Literal, TypedDict
 
 from proxy.config.analysis import Analysis, quantile_name
+from proxy.health.monitor import ServerView
 from proxy.rollout.judge import Check, Finding, Outcome, Verdict
 
 if TYPE_CHECKING:
@@ -88,10 +89,22 @@ class EvidenceView(TypedDict):
     baseline_errors: int | None
 
 
+class PoolHealthView(TypedDict):
+    """The ring's pool's servers as its health keeping sees them."""
+
+    checks: bool  # active health checks configured
+    outlier: bool  # passive outlier ejection on
+    retries: bool
+    available: int  # servers in rotation
+    one_host: str | None  # the one server out while all the others are in (its URL)
+    servers: list[ServerView]
+
+
 class RingView(TypedDict):
     name: str
     pool: str
     servers: list[str]
+    health: PoolHealthView
     rules: list[str]
     default: bool
     weight: float | None
@@ -307,6 +320,21 @@ def traffic_view(metrics: Metrics, route: str, ring: str, now: float,
     }
 
 
+def pool_health_view(ring: RingRuntime) -> PoolHealthView:
+    pool = ring.pool
+    servers = pool.health.view()
+    up = [s for s in servers if s["up"]]
+    out = [s["url"] for s in servers if not s["up"]]
+    return {
+        "checks": pool.config.health is not None,
+        "outlier": pool.config.outlier is not None,
+        "retries": pool.config.retries is not None,
+        "available": len(up),
+        "one_host": out[0] if len(out) == 1 and len(servers) > 1 else None,
+        "servers": servers,
+    }
+
+
 def ring_views(
     compiled: CompiledRoute,
     ring_runtimes: Sequence[RingRuntime],
@@ -333,6 +361,7 @@ def ring_views(
             "name": ring.name,
             "pool": ring.pool,
             "servers": [s.url for s in ring_rt.pool.config.servers],
+            "health": pool_health_view(ring_rt),
             "rules": [" and ".join(r.describe() for r in group) for group in ring.rules],
             "default": ring is compiled.route.rings[-1],
             "weight": ring_rt.weight,

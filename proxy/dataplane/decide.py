@@ -13,15 +13,17 @@ kept are joined as they came, the forwarding headers after them, prebuilt where 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from proxy.config import Route
+from proxy.config.health import PoolDown
 from proxy.dataplane import framing
 from proxy.dataplane.headers import VIA_VALUE, joined, new_request_id
 from proxy.dataplane.request import Request
 from proxy.dataplane.upstream import Server
 from proxy.errors import Overloaded
+from proxy.rollout.state import Phase
 from proxy.routing.assign import Decision, assign
 from proxy.runtime import RingRuntime, Runtime
 
@@ -63,6 +65,7 @@ class LocalAnswer:
 
 
 NO_ROUTE = LocalAnswer(404, "no route for this host and path", "no_route")
+NO_SERVER = "no_server"  # the error of a request whose ring's pool had no server in rotation
 
 
 def decide(runtime: Runtime, request: Request, request_id: str) -> Forward | LocalAnswer:
@@ -83,10 +86,42 @@ def decide(runtime: Runtime, request: Request, request_id: str) -> Forward | Loc
                            ring, decision, extra)
     pool = ring.pool
     server = pool.pick()
+    if server is None:
+        # No server of the ring's pool in rotation: 503, or a later ring's pool.
+        later = _later_ring(runtime, route.name, ring, decision)
+        if later is None:
+            return LocalAnswer(503, pool.down_message, NO_SERVER, True, ring, decision, extra)
+        ring, server, decision = later
+        pool = ring.pool
+        if decision.new_id is not None or route.decision.response:
+            extra = response_extras(request, route, decision)
+        if ring.limit is not None and ring.inflight >= ring.limit:
+            return LocalAnswer(Overloaded.status, Overloaded.reason, Overloaded.kind, True,
+                               ring, decision, extra)
     upgrade = bool(request.upgrade)  # (set only with Connection: upgrade: check_head)
     head = upstream_head(request, ring, server, pool.config.preserve_host, request_id,
                          decision, upgrade)
     return Forward(ring, decision, server, head, extra, upgrade)
+
+
+def _later_ring(runtime: Runtime, route: str, ring: RingRuntime,
+                decision: Decision) -> tuple[RingRuntime, Server, Decision] | None:
+    """``on_pool_down: next_ring``: the first later ring (never an earlier one: later is
+    less exposure) that is not rolled back and whose pool has a server in rotation."""
+    if ring.ring.on_pool_down is not PoolDown.NEXT_RING:
+        return None
+    rings = runtime.rings[route]
+    for index in range(decision.index + 1, len(rings)):
+        later = rings[index]
+        if later.phase is Phase.ROLLED_BACK:
+            continue
+        server = later.pool.pick()
+        if server is not None:
+            detail = (f"{decision.detail}; pool {ring.pool.config.name} of ring {ring.name} "
+                      f"has no healthy server (on_pool_down: next_ring)")
+            return later, server, replace(decision, ring=later.name, index=index,
+                                          detail=detail)
+    return None
 
 
 def upstream_head(

@@ -25,12 +25,13 @@ from typing import TYPE_CHECKING
 
 from proxy.dataplane import framing
 from proxy.dataplane.deadlines import Deadlines
-from proxy.dataplane.decide import Forward, LocalAnswer, decide
+from proxy.dataplane.decide import Forward, LocalAnswer, decide, upstream_head
 from proxy.dataplane.headers import VIA_VALUE, joined, new_request_id, request_id_ok
 from proxy.dataplane.request import Request
 from proxy.dataplane.tunnel import Tunnel
 from proxy.dataplane.upstream import UpstreamConnection
 from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.health.retry import failure_reason, retryable
 
 if TYPE_CHECKING:
     from proxy.dataplane.client import ClientConnection
@@ -71,6 +72,8 @@ class Exchange:
     """What one request did, for the access log and the ring's metrics recorder."""
 
     __slots__ = (
+        "attempt",
+        "attempt_started",
         "buffer",
         "buffered",
         "bytes_in",
@@ -87,6 +90,7 @@ class Exchange:
         "pending_head",
         "request",
         "request_id",
+        "resend",
         "server_url",
         "started",
         "state",
@@ -121,6 +125,9 @@ class Exchange:
         self.stream_chunked = False
         self.upstream_paused = False
         self.idle_armed = False
+        self.attempt = 1  # the upstream attempt (2: the first retry)
+        self.attempt_started = self.started
+        self.resend: bytes | None = None  # the whole body sent (a retry sends it again)
 
     # ------------------------------------------------------------------ the client's side
 
@@ -169,6 +176,9 @@ class Exchange:
         self.server_url = step.server.upstream.url
         ring.inflight += 1
         step.server.inflight += 1
+        budget = ring.pool.budget
+        if budget is not None:
+            budget.request(self.started)
         if request.complete or not request.has_body or request.upgrade:
             self._acquire()
             return
@@ -300,6 +310,8 @@ class Exchange:
             self.stream_chunked = True
             if body:
                 body = framing.chunk(body)
+        if complete or not request.has_body:
+            self.resend = body  # sent whole (a reference): a retry may send it again
         conn.send(self, step.head + framing_line + body, no_body=request.method == "HEAD",
                   upgrade=step.upgrade, complete=complete)
         client = self.client
@@ -325,6 +337,13 @@ class Exchange:
     def upstream_failed(self, exc: UpstreamError) -> None:
         if self.state == DONE:
             return
+        step = self.step
+        if isinstance(step, Forward) and self.state != TUNNEL:
+            # The server's record (outlier ejection), then perhaps another server.
+            step.ring.pool.health.failure(step.server, exc.kind)
+            if self.state < RESPONDING and self._retry(step, failure_reason(exc.kind),
+                                                      exc.kind, exc.status):
+                return
         self.error = exc.kind
         self._close_upstream()
         if self.state == TUNNEL:
@@ -350,11 +369,17 @@ class Exchange:
     def response_head(self, conn: UpstreamConnection) -> None:
         step = self.step
         assert isinstance(step, Forward)
+        status = conn.status
+        if status >= 500:
+            if self._server_error(step, status):
+                return  # retried on another server
+        elif step.server.failures:
+            step.ring.pool.health.success(step.server)
         if self.deadlines is not None:
             self.deadlines.disarm(self)
             self.deadlines = None
         self.state = RESPONDING
-        self.status = status = conn.status
+        self.status = status
         request = self.request
         client = self.client
         parts = [_status_line(status, conn.reason), *conn.lines]
@@ -386,6 +411,58 @@ class Exchange:
         parts.append(b"\r\n")
         self.pending_head = b"".join(parts)
 
+    def _server_error(self, step: Forward, status: int) -> bool:
+        """A 5xx answer: a failure for outlier detection if the pool says so; retried (the
+        response dropped with its connection) if the pool's retries name the status."""
+        pool = step.ring.pool
+        if pool.outlier_5xx:
+            pool.health.failure(step.server, "5xx")
+        elif step.server.failures:
+            pool.health.success(step.server)
+        return pool.budget is not None and self._retry(step, str(status), "", status)
+
+    def _retry(self, step: Forward, reason: str | None, error: str, status: int) -> bool:
+        """Send the request again to another server of the same pool, if allowed: a
+        retryable failure and method, a body sent whole, attempts and budget left.  The
+        failed attempt counts for the ring's version first (retries never hide errors)."""
+        pool = step.ring.pool
+        retries = pool.config.retries
+        budget = pool.budget
+        request = self.request
+        # Whole: still all in the buffer (no connection yet), or sent whole.
+        whole = ((request.complete or not request.has_body) if self.state == CONNECTING
+                 else self.resend is not None)
+        if (retries is None or budget is None or reason is None or reason not in retries.on
+                or step.upgrade or not retryable(retries, request.method, whole, self.attempt)):
+            return False
+        server = pool.pick_other(step.server)
+        if server is None:
+            return False
+        now = time.monotonic()
+        if not budget.allow(now):
+            return False
+        recorder = step.ring.recorder
+        if recorder is not None:
+            recorder.attempt(status if not error else 0, error, now - self.attempt_started, now)
+        pool.retried[reason] = pool.retried.get(reason, 0) + 1
+        self._close_upstream()
+        head = step.head
+        if not pool.config.preserve_host or request.host_index < 0:
+            head = upstream_head(request, step.ring, server, pool.config.preserve_host,
+                                 self.request_id, step.decision, step.upgrade)
+        step.server.inflight -= 1
+        server.inflight += 1
+        self.step = step._replace(server=server, head=head)
+        self.server_url = server.upstream.url
+        self.attempt += 1
+        self.attempt_started = now
+        if self.resend is not None:
+            self.buffer = [self.resend] if self.resend else []
+            self.resend = None
+        self.status = 0
+        self._acquire()
+        return True
+
     def _arm_idle(self) -> None:
         step = self.step
         assert isinstance(step, Forward)
@@ -396,6 +473,9 @@ class Exchange:
 
     def _idle_expired(self) -> None:
         if self.state == RESPONDING:
+            step = self.step
+            if isinstance(step, Forward):
+                step.ring.pool.health.failure(step.server, "timeout")
             self.error = "timeout"
             self._close_upstream()
             self.answer_or_cut(504, "upstream timed out")

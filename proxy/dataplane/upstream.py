@@ -39,6 +39,8 @@ from proxy.errors import (
     UpstreamResetError,
     UpstreamTimeout,
 )
+from proxy.health.monitor import PoolHealth
+from proxy.health.retry import RetryBudget
 
 if TYPE_CHECKING:
     from proxy.dataplane.tunnel import Tunnel
@@ -76,10 +78,13 @@ class HeadLimits:
 class Server:
     """One upstream server of a pool: its live in-flight count and idle connections."""
 
-    __slots__ = ("host", "host_header", "idle", "inflight", "port", "scheme", "upstream")
+    __slots__ = ("failures", "host", "host_header", "idle", "inflight", "port", "scheme", "up",
+                 "upstream")
 
     def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
+        self.up = True  # in rotation (PoolHealth keeps it)
+        self.failures = 0  # failed attempts in a row (PoolHealth keeps it)
         self.scheme = upstream.scheme
         self.host = upstream.host
         self.port = upstream.port
@@ -91,7 +96,8 @@ class Server:
         self.host_header = (host if self.port == default else f"{host}:{self.port}").encode()
 
     def __repr__(self) -> str:
-        return f"<Server {self.upstream.url} inflight={self.inflight} idle={len(self.idle)}>"
+        return (f"<Server {self.upstream.url} {'up' if self.up else 'out'} "
+                f"inflight={self.inflight} idle={len(self.idle)}>")
 
 
 class UpstreamPool:
@@ -112,6 +118,14 @@ class UpstreamPool:
         self._loop_time: Callable[[], float] = lambda: 0.0
         self._ssl: ssl.SSLContext | None = None
         self.closed = False
+        # Health: pick() skips servers out of rotation; all_up is its fast path.
+        self.all_up = True
+        self.health = PoolHealth(config, self.servers, self._health_changed)
+        self.outlier_5xx = config.outlier is not None and config.outlier.on_5xx
+        retries = config.retries
+        self.budget = RetryBudget(retries.budget, retries.min_retries) if retries else None
+        self.retried: dict[str, int] = {}  # retries made, by reason
+        self.down_message = f"no healthy server in pool {config.name}"
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -119,13 +133,20 @@ class UpstreamPool:
         self._loop_time = loop.time
         if any(s.scheme == "https" for s in self.servers):
             self._ssl = ssl.create_default_context()
+        self.health.start(self._ssl)
+
+    def _health_changed(self, all_up: bool) -> None:
+        self.all_up = all_up
 
     @property
     def started(self) -> bool:
         return self._timers is not None
 
-    def pick(self) -> Server:
-        return self._pick_least() if self._least else next(self._rr)
+    def pick(self) -> Server | None:
+        """The server for a request; None when no server is in rotation."""
+        if self.all_up:
+            return self._pick_least() if self._least else next(self._rr)
+        return self.pick_other(None)
 
     def _pick_least(self) -> Server:
         # Fewest in-flight wins; the round-robin cursor breaks ties so equal servers share.
@@ -134,6 +155,19 @@ class UpstreamPool:
         for server in self.servers:
             if server.inflight < best.inflight:
                 best = server
+        return best
+
+    def pick_other(self, failed: Server | None) -> Server | None:
+        """A server in rotation other than ``failed`` (a retry's), by the pool's balance;
+        None if there is none."""
+        best: Server | None = None
+        for _ in range(len(self.servers)):
+            server = next(self._rr)
+            if server.up and server is not failed:
+                if not self._least:
+                    return server
+                if best is None or server.inflight < best.inflight:
+                    best = server
         return best
 
     # -- connections
@@ -258,6 +292,7 @@ class UpstreamPool:
 
     async def close(self) -> None:
         self.closed = True
+        await self.health.close()
         for task in list(self._connecting):
             task.cancel()
         await asyncio.gather(*self._connecting, return_exceptions=True)

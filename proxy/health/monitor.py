@@ -97,10 +97,11 @@ class PoolHealth:
         """An attempt on ``server`` failed (``kind``: connect, reset, timeout, 5xx...)."""
         i = self._index[id(server)]
         loop = self._loop
-        now = loop.time() if loop is not None else 0.0
-        change = self.state.failure(i, kind, now)
+        if loop is None:
+            return  # not started: nothing could readmit it (no request comes before start)
+        change = self.state.failure(i, kind, loop.time())
         server.failures = self.state.servers[i].failures
-        if change is not None and change.duration is not None and loop is not None:
+        if change is not None and change.duration is not None:
             self._timers[i] = loop.call_later(change.duration, self._readmit, i)
             self._apply(change)
 

@@ -46,7 +46,8 @@ class Transition:
     def one_host(self) -> bool:
         """The server went out while every other server of its pool is in rotation: one
         host's fault, not the version's."""
-        return self.kind in (EJECTED, UNHEALTHY) and self.available == self.servers - 1
+        return (self.kind in (EJECTED, UNHEALTHY) and self.servers > 1
+                and self.available == self.servers - 1)
 
     def text(self) -> str:
         where = f"{self.pool}: {self.server}"
