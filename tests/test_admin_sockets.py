@@ -538,9 +538,10 @@ async def test_cli_remote_commands(admin: Proxy) -> None:
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0] == f"revision {admin.config.revision}"
-    assert lines[1].split() == ["ROUTE", "RING", "POOL", "WEIGHT", "PHASE", "STEP", "REQ/S",
-                                "ERR", "P95", "VERDICT", "EVIDENCE"]
-    assert lines[2].split()[:6] == ["api", "canary", "canary", "5%", "progressing", "1/3"]
+    assert lines[1].split() == ["ROUTE", "RING", "POOL", "SERVERS", "WEIGHT", "PHASE", "STEP",
+                                "REQ/S", "ERR", "P95", "VERDICT", "EVIDENCE"]
+    assert lines[2].split()[:8] == ["api", "canary", "canary", "1/1", "up", "5%", "progressing",
+                                    "1/3"]
     code, out, err = await acli("status", "--json", env=env)
     assert json.loads(out)["routes"][0]["name"] == "api"
     code, out, err = await acli("promote", "api", "canary", "--reason", "ok", env=env)

@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from proxy.admin.client import format_status
 from proxy.server import Proxy
 from tests.conftest import ProxyFactory, raw_exchange
 
@@ -181,6 +182,13 @@ async def test_a_server_that_stops_answering_is_ejected_and_users_see_at_most_co
     assert proxy.metrics.tally("api", "beta").errors == statuses.count(502)
     views = await server_views(client, proxy)
     assert views[b.url]["state"] == "ejected" and views[a.url]["state"] == "healthy"
+    # `ringproxy status` names the server out, its ejection left, and whose fault it is.
+    async with client.get(proxy.admin_url + "/api/routes") as r:
+        shown = format_status(await r.json())
+    row = next(line for line in shown.splitlines() if line.split()[:2] == ["api", "beta"])
+    assert f" 1/2 up, out: {b.url} " in row and "s (one host)" in row, shown
+    stable_row = next(line for line in shown.splitlines() if line.split()[:2] == ["api", "main"])
+    assert " 1/1 up " in stable_row, shown
     text = await scrape(client, proxy)
     assert metric(text, "ringproxy_upstream_server_healthy", pool="canary", server=b.url) == 0
     assert metric(text, "ringproxy_upstream_server_healthy", pool="canary", server=a.url) == 1

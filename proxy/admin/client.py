@@ -98,9 +98,29 @@ def lead_check(verdict: Answer) -> str:
     return f"{lead.get('name')} {_progress(lead) * 100:.0f}% {finding}"
 
 
+def servers_text(health: Answer) -> str:
+    """The pool's servers in rotation: ``2/2 up``, or ``1/2 up, out: URL 25s (one host)``
+    naming each server out and how long its ejection has left (when it is ejected)."""
+    servers = _objects(health.get("servers"))
+    if not servers:
+        return "-"
+    text = f"{health.get('available', '?')}/{len(servers)} up"
+    out = []
+    for server in servers:
+        if server.get("up") is False:
+            left = server.get("ejected_for")
+            out.append(f"{server.get('url')}" + (f" {left:g}s" if isinstance(left, int | float)
+                                                  else f" {server.get('state')}"))
+    if out:
+        text += ", out: " + " ".join(out)
+        if health.get("one_host"):
+            text += " (one host)"
+    return text
+
+
 def format_status(data: Answer) -> str:
-    rows = [["ROUTE", "RING", "POOL", "WEIGHT", "PHASE", "STEP", "REQ/S", "ERR", "P95",
-             "VERDICT", "EVIDENCE"]]
+    rows = [["ROUTE", "RING", "POOL", "SERVERS", "WEIGHT", "PHASE", "STEP", "REQ/S", "ERR",
+             "P95", "VERDICT", "EVIDENCE"]]
     for route in _objects(data.get("routes")):
         for ring in _objects(route.get("rings")):
             traffic = _object(ring.get("traffic"))
@@ -110,6 +130,7 @@ def format_status(data: Answer) -> str:
             name = f"{ring.get('name')}" + (" (baseline)" if ring.get("baseline") else "")
             rows.append([
                 str(route.get("name")), name, str(ring.get("pool")),
+                servers_text(_object(ring.get("health"))),
                 _num(ring.get("weight"), "g", suffix="%"),
                 str(ring.get("phase") or "-"),
                 f"{step + 1}/{len(steps)}" if isinstance(steps, list) and steps
