@@ -76,6 +76,7 @@ class Proxy:
         self._runners: list[web.BaseRunner] = []
         self._draining: set[asyncio.Task[None]] = set()
         self._cert_task: asyncio.Task[None] | None = None
+        self.draining = False  # SIGTERM came: /readyz answers 503 while the listener serves
         self.url = ""
         self.tls_url = ""
         self.admin_url = ""
@@ -229,6 +230,15 @@ class Proxy:
             raise OSError(exc.errno, f"cannot listen on {listen}: {exc.strerror}") from exc
         return _url(runner.addresses[0])
 
+    async def drain(self) -> None:
+        """Say not ready (/readyz 503) for ``drain_delay`` while still serving, so load
+        balancers and Kubernetes endpoints stop sending here before the listener closes."""
+        self.draining = True
+        delay = self.config.drain_delay
+        if delay > 0:
+            log.info("draining: /readyz answers 503 for %gs; still serving", delay)
+            await asyncio.sleep(delay)
+
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to shutdown_grace), close."""
         if self.reloader is not None:
@@ -286,11 +296,20 @@ async def serve(
     watch: bool = True,
     fresh_state: bool = False,
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully.  SIGHUP reloads."""
+    """Serve until SIGTERM or SIGINT, then shut down gracefully.  SIGHUP reloads.
+
+    SIGTERM (Kubernetes, Docker) first drains: /readyz answers 503 for ``drain_delay``
+    while the listener still serves; SIGINT (Ctrl-C) stops without that pause."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    received: list[int] = []  # the stopping signal: SIGTERM drains first, SIGINT does not
+
+    def stopping(sig: int) -> None:
+        received.append(sig)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stopping, sig)
     proxy = Proxy(config, watch=watch, fresh_state=fresh_state)
     proxy.freeze_gc = True
     reloader = proxy.reloader
@@ -312,11 +331,13 @@ async def serve(
             if result is not None:
                 await result
         await stop.wait()
-        log.info("shutting down: waiting up to %gs for in-flight requests",
-                 config.shutdown_grace)
-        # A second signal stops waiting.
+        # A second signal stops waiting (the drain, then the in-flight requests).
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, _cancel_current(asyncio.current_task()))
+        if received[0] == signal.SIGTERM:
+            await proxy.drain()
+        log.info("shutting down: waiting up to %gs for in-flight requests",
+                 config.shutdown_grace)
     finally:
         await proxy.stop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

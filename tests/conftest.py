@@ -388,6 +388,7 @@ def write_config(
         listen: {listen}
         admin: {{listen: 127.0.0.1:0}}
         shutdown_grace: 5s
+        drain_delay: 0s
         pools:
           app: {{servers: ["{upstream}"]}}
         routes:

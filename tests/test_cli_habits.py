@@ -69,7 +69,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     try:
         yield Served(proc, admin.group(1).decode(), url.group(1).decode(), config)
     finally:
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGINT)  # (SIGTERM would drain for drain_delay first)
         proc.wait(15)
         proc.stderr.close()
 

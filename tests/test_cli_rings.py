@@ -69,7 +69,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         yield Served(url, config, {**base, "RINGPROXY_ADMIN_URL": url,
                                    "RINGPROXY_ADMIN_TOKEN": TOKEN})
     finally:
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGINT)  # (SIGTERM would drain for drain_delay first)
         proc.wait(15)
         proc.stderr.close()
 

@@ -131,5 +131,5 @@ def test_the_configmaps_config_passes_check_and_listens_where_the_pod_expects(
     assert config.admin.tokens, "an admin listener on the pod's address needs tokens"
     assert Path(config.state.path).parent == Path("/var/lib/ringproxy")
     grace = one("Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    pause = container["lifecycle"]["preStop"]["sleep"]["seconds"]
-    assert grace > config.shutdown_grace + pause
+    assert "lifecycle" not in container, "no preStop pause: ringproxy drains on SIGTERM"
+    assert grace > config.drain_delay + config.shutdown_grace

@@ -75,6 +75,20 @@ TABLE: dict[str, tuple[tuple[str, str], Applies, str]] = {
         "config reload: shutdown_grace changed from 30s to 0.25s; "
         "it takes effect at the next restart",
     ),
+    "drain_delay": (
+        ("shutdown_grace: 30s", "shutdown_grace: 30s\ndrain_delay: 1s"), Applies.RESTART,
+        "config reload: drain_delay changed from 5s to 1s; it takes effect at the next restart",
+    ),
+    # (trusted_hops is part of it: read when a connection is accepted)
+    "trusted_proxies": (
+        ("shutdown_grace: 30s", "shutdown_grace: 30s\ntrusted_proxies: [10.0.0.0/8]"),
+        Applies.LIVE, LIVE.format(key="trusted_proxies"),
+    ),
+    "admin.hosts": (
+        ("tokens: [{env: TOKEN_A, role: admin}]",
+         "tokens: [{env: TOKEN_A, role: admin}]\n  hosts: [ops.internal]"), Applies.LIVE,
+        LIVE.format(key="admin.hosts"),
+    ),
     "metrics.enabled": (
         ("metrics: {enabled: true}", "metrics: {enabled: false}"), Applies.LIVE,
         LIVE.format(key="metrics.enabled"),

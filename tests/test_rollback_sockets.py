@@ -297,7 +297,7 @@ async def test_a_rollback_survives_kill_9(
     assert [(x["ring"], x["kind"]) for x in lines] == [("canary", "rollback")]
     state = json.loads((tmp_path / "state.json").read_text())
     assert state["routes"]["api"]["canary"]["phase"] == "rolled_back"
-    code, _, err = await again.finish(signal.SIGTERM)
+    code, _, err = await again.finish(signal.SIGINT)  # (SIGTERM drains first)
     assert code == 0, err
 
 

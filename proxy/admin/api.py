@@ -41,6 +41,7 @@ from proxy.admin.auth import (
     Target,
     admin_only,
     authorize,
+    host_allowed,
 )
 from proxy.admin.configfile import WRITE_LOCK_KEY
 from proxy.admin.context import PROXY_KEY, Proxy, json_body, proxy_of
@@ -139,10 +140,13 @@ def _guarded(requirement: Requirement, handler: EndpointHandler,
 
     async def guarded(request: web.Request) -> web.StreamResponse:
         target = await resolve(request) if requirement.access is Access.ACT else None
+        admin = proxy_of(request).config.admin
+        host = request.headers.get("Host", "")
         decision = authorize(
-            requirement, proxy_of(request).config.admin.tokens,
+            requirement, admin.tokens,
             request.headers.get("Authorization", ""), is_loopback=_is_loopback(request),
-            method=request.method, target=target)
+            method=request.method, target=target,
+            host_allowed=bool(admin.tokens) or host_allowed(host, admin.hosts))
         if isinstance(decision, Denied):
             raise ApiError(decision.status, decision.message)
         return await handler(request, decision)
@@ -327,10 +331,12 @@ async def readyz(request: web.Request, caller: Caller) -> web.Response:
     missing = [name for name, pool in proxy.runtime.pools.items() if not pool.started]
     # A pool without a server in rotation: its rings' users get 503s (or a later ring).
     down = [name for name, pool in proxy.runtime.pools.items() if pool.health.down]
-    ready = not missing and not down
+    # After SIGTERM, for drain_delay: load balancers take this replica out while it serves.
+    draining = proxy.draining
+    ready = not missing and not down and not draining
     return web.json_response(
         {"ready": ready, "revision": proxy.config.revision, "pools_not_started": missing,
-         "pools_down": down},
+         "pools_down": down, "draining": draining},
         status=200 if ready else 503,
     )
 

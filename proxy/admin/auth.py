@@ -13,7 +13,10 @@ The rules:
 * ``ACT`` on a route's ring: operator (within its ``routes``/``rings`` limits) or admin.
 * ``ADMIN``: admin tokens only.
 
-With no token configured the API is read-only and loopback-only.  The order of the checks
+With no token configured the API is read-only and loopback-only, and it answers only
+requests whose ``Host`` is a loopback name (``localhost``, ``*.localhost``, a loopback
+address) or one of ``admin.hosts``: a web page the operator's browser opens cannot rebind
+its own name to 127.0.0.1 and read the API (DNS rebinding).  The order of the checks
 is part of the contract: authentication (401) first, then an unknown target (404), then
 the role (403), so an unauthenticated caller learns nothing about routes and rings.
 """
@@ -21,7 +24,8 @@ the role (403), so an unauthenticated caller learns nothing about routes and rin
 from __future__ import annotations
 
 import hmac
-from collections.abc import Sequence
+import ipaddress
+from collections.abc import Sequence, Set
 from dataclasses import dataclass
 from enum import Enum
 
@@ -89,6 +93,8 @@ ANONYMOUS = Caller()
 READ_ONLY = Denied(403, "no admin tokens are configured: the API is read-only "
                         "(set admin.tokens to allow actions)")
 LOOPBACK_ONLY = Denied(403, "no admin tokens are configured: only loopback may read")
+FOREIGN_HOST = Denied(403, "no admin tokens are configured: the Host header must be a "
+                           "loopback name or one of admin.hosts (DNS rebinding protection)")
 MISSING_BEARER = Denied(401, "missing bearer token (Authorization: Bearer <token>)")
 INVALID_TOKEN = Denied(401, "invalid token")
 
@@ -101,16 +107,20 @@ def authorize(
     is_loopback: bool,
     method: str,
     target: Target | Denied | None = None,
+    host_allowed: bool = True,
 ) -> Caller | Denied:
     """The caller a request may proceed as, or why not.
 
     ``authorization`` is the Authorization header ("" when absent).  ``target`` is what an
     ACT request acts on, or the ``Denied`` (404) the listener found resolving it: shown
-    only to an authenticated caller.
+    only to an authenticated caller.  ``host_allowed``: what ``host_allowed`` said of the
+    request's Host (checked only when no token is configured).
     """
     if requirement.access is Access.PUBLIC:
         return ANONYMOUS
     if not tokens:
+        if not host_allowed:
+            return FOREIGN_HOST
         if method != "GET" or requirement.access is not Access.READ:
             return READ_ONLY
         return ANONYMOUS if is_loopback else LOOPBACK_ONLY
@@ -148,3 +158,22 @@ def _act(token: AdminToken, target: Target | Denied | None) -> Caller | Denied:
     if not token.may_act_on(target.route, target.ring):
         return Denied(403, f"this operator token may not act on {target.route}/{target.ring}")
     return Caller(token)
+
+
+def host_allowed(host: str, hosts: Set[str]) -> bool:
+    """Is ``host`` (a Host header, port and all) a loopback name or one of ``hosts``?
+    No Host at all (HTTP/1.0 from a tool) is allowed: a browser always sends one."""
+    if not host:
+        return True
+    name = host.strip().lower()
+    if name.startswith("["):
+        name = name[1:].partition("]")[0]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    name = name.rstrip(".")
+    if name == "localhost" or name.endswith(".localhost") or name in hosts:
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False

@@ -37,6 +37,8 @@ class Proxy(Protocol):
     def metrics(self) -> Metrics: ...
     @property
     def reloader(self) -> Reloader | None: ...
+    @property
+    def draining(self) -> bool: ...  # after SIGTERM, for drain_delay: /readyz says 503
 
 
 PROXY_KEY = web.AppKey("proxy", Proxy)

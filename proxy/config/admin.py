@@ -42,6 +42,9 @@ class Admin:
     # May the Rings API write the config file?  None: when the file is writable (a
     # ConfigMap is not), decided when a write comes; False: never, the file lives in Git.
     config_writes: bool | None = None
+    # Host names (lower case, no port) the API answers besides loopback names when it
+    # runs without tokens: a browser tricked by DNS rebinding sends another name.
+    hosts: frozenset[str] = frozenset()
 
 
 def read_admin(ctx: Ctx, data: object, path: str, environ: dict[str, str]) -> Admin:
@@ -78,12 +81,14 @@ def read_admin(ctx: Ctx, data: object, path: str, environ: dict[str, str]) -> Ad
             ctx.err(tsec.sub("env"), f"{env} holds the same token as another entry")
             continue
         tokens.append(AdminToken(env, role, secret, routes, rings))
+    hosts = _names(ctx, sec, "hosts")
     writes = sec.raw("config_writes", None)
     if writes is not None and not isinstance(writes, bool):
         ctx.err(sec.sub("config_writes"), f"expected true or false, got {writes!r}")
         writes = None
     sec.close()
-    return Admin(listen, tuple(tokens), writes)
+    return Admin(listen, tuple(tokens), writes,
+                 frozenset(h.lower() for h in hosts) if hosts else frozenset())
 
 
 def _names(ctx: Ctx, sec: Section, key: str) -> frozenset[str] | None:

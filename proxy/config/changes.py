@@ -42,6 +42,10 @@ KEYS: tuple[Key, ...] = (
     Key("admin.config_writes", Applies.LIVE, lambda c: c.admin.config_writes),
     Key("access_log", Applies.LIVE, lambda c: c.access_log),
     Key("shutdown_grace", Applies.RESTART, lambda c: c.shutdown_grace),
+    Key("drain_delay", Applies.RESTART, lambda c: c.drain_delay),
+    # Read when a connection is accepted, as limits are.
+    Key("trusted_proxies", Applies.LIVE, lambda c: c.trusted_proxies),
+    Key("admin.hosts", Applies.LIVE, lambda c: c.admin.hosts),
     # Metrics.attach reads it for every new runtime: off drops the per-ring series.
     Key("metrics.enabled", Applies.LIVE, lambda c: c.metrics.enabled),
     Key("state.path", Applies.RESTART, lambda c: c.state.path),

@@ -37,6 +37,7 @@ from proxy.config.model import (
     Ring,
     Route,
 )
+from proxy.config.proxies import read_trusted_proxies
 from proxy.config.reader import Ctx, Section, kind
 from proxy.config.rollout import (
     read_progression,
@@ -119,6 +120,8 @@ def _read_config(ctx: Ctx, data: object, environ: Mapping[str, str]) -> Config |
     admin = read_admin(ctx, top.raw("admin", {}), "admin", dict(environ))
     access_log = _read_access_log(ctx, top.raw("access_log", {}), "access_log")
     grace = top.duration("shutdown_grace", _CONFIG.shutdown_grace, minimum=0.0)
+    drain_delay = top.duration("drain_delay", _CONFIG.drain_delay, minimum=0.0)
+    trusted = read_trusted_proxies(ctx, top)
     msec = Section(ctx, top.raw("metrics", {}), "metrics")
     metrics = Metrics(msec.flag("enabled", _CONFIG.metrics.enabled))
     msec.close()
@@ -143,7 +146,7 @@ def _read_config(ctx: Ctx, data: object, environ: Mapping[str, str]) -> Config |
                 ctx.err(f"routes[{i}].analysis", "analysis reads the per-ring metrics; "
                         "it needs metrics.enabled: true")
     return Config(listen, pools, routes, admin, access_log, grace, metrics, state, webhooks,
-                  limits, listen_tls)
+                  limits, listen_tls, trusted_proxies=trusted, drain_delay=drain_delay)
 
 
 def _read_access_log(ctx: Ctx, data: object, path: str) -> AccessLog:

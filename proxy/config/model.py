@@ -15,6 +15,7 @@ from proxy.config.analysis import Analysis
 from proxy.config.assignment import DecisionHeaders, Override, Sticky
 from proxy.config.health import HealthCheck, Outlier, PoolDown, Retries
 from proxy.config.limits import Limits, ListenTLS
+from proxy.config.proxies import TrustedProxies
 from proxy.config.rollout import Progression, StateFiles, Webhook
 from proxy.config.rules import Rule
 from proxy.config.values import Listen, Upstream
@@ -100,6 +101,9 @@ class Config:
     webhooks: tuple[Webhook, ...] = ()
     limits: Limits = field(default_factory=Limits)  # what a client connection may take
     listen_tls: ListenTLS | None = None  # a second, TLS listener; None: none
+    # Peers whose X-Forwarded-For/Forwarded name the client (none: the peer is the client).
+    trusted_proxies: TrustedProxies = field(default_factory=TrustedProxies)
+    drain_delay: float = 5.0  # after SIGTERM: /readyz says 503 this long, still serving
     revision: str = ""  # short hash of the file's bytes
     source: str = ""
 

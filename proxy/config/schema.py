@@ -386,6 +386,9 @@ def config_schema() -> Schema:
             "listen": {**_ADDRESS, "default": str(config.listen)},
             "admin": _obj({"listen": {**_ADDRESS, "default": str(config.admin.listen)},
                            "tokens": {"type": "array", "items": token},
+                           "hosts": {"type": "array", "items": _str(
+                               "a Host name the admin API answers besides loopback names "
+                               "(checked only without tokens: DNS rebinding)")},
                            "config_writes": _bool_or_auto(
                                "may the Rings API write this file (default: when it is "
                                "writable; false: change it in Git)")}),
@@ -394,6 +397,14 @@ def config_schema() -> Schema:
                                 "path": _str('"-" is standard output', AccessLog().path)}),
             "shutdown_grace": _duration(config.shutdown_grace,
                                         "how long in-flight requests may finish"),
+            "drain_delay": _duration(config.drain_delay, "after SIGTERM, /readyz answers "
+                                     "503 this long while the listener still serves"),
+            "trusted_proxies": {"type": "array", "items": _str(
+                "a network (CIDR) of load balancers whose X-Forwarded-For/Forwarded name "
+                "the client")},
+            "trusted_hops": _int("0: the right-most untrusted X-Forwarded-For entry is "
+                                 "the client; N: the N-th entry from the right", 0, 64,
+                                 config.trusted_proxies.hops),
             "metrics": _obj({"enabled": _bool("per-ring metrics (the analysis needs them)",
                                               Metrics().enabled)}),
             "state": _obj({"path": _str("rollout state file", state.path),

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
+from proxy.config.proxies import TrustedProxies
 from proxy.dataplane import framing
 from proxy.dataplane.accesslog import AccessLog
 from proxy.dataplane.deadlines import Timers
@@ -90,8 +91,8 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "_advancing", "_body_deadlines", "_head_deadlines", "_keepalive_deadlines",
         "admitted", "closed", "closing", "current", "early", "head_bytes", "limits",
-        "parser", "parsing", "paused_writing", "pausing", "plane", "queue", "remote", "req",
-        "scheme", "timer", "transport", "tunnel", "upgrading", "url_bytes",
+        "parser", "parsing", "paused_writing", "pausing", "plane", "proxies", "queue", "remote",
+        "req", "scheme", "timer", "transport", "tunnel", "upgrading", "url_bytes",
     )
 
     def __init__(self, plane: DataPlane, scheme: str) -> None:
@@ -102,6 +103,9 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.remote = ""
+        # The trusted proxies when the peer is one of them (checked once, at accept time,
+        # under the config of that time, as limits are); None: the peer is the client.
+        self.proxies: TrustedProxies | None = None
         self.req: Request | None = None  # the head being parsed
         self.parsing: Exchange | None = None  # the exchange whose body is being parsed
         self.current: Exchange | None = None  # the exchange answering now
@@ -137,6 +141,9 @@ class ClientConnection(asyncio.Protocol):
         self.admitted = True
         peer = transport.get_extra_info("peername")
         self.remote = peer[0] if peer else ""
+        trusted = self.plane.runtime.config.trusted_proxies
+        if trusted.networks and trusted.trusts(self.remote):
+            self.proxies = trusted
         self.plane.connections.add(self)
         self._arm_head()
 
@@ -277,6 +284,8 @@ class ClientConnection(asyncio.Protocol):
             name = _METHODS[method] = method.decode("latin-1")
         req.method = name
         check_head(req, parser.get_http_version())
+        if self.proxies is not None:
+            req.remote = self.proxies.client(req.peer, req.forwarded_for, req.forwarded)
         if name == "CONNECT":
             raise RequestError(framing.METHOD_NOT_ALLOWED)
         ex = Exchange(self, req, parser.should_keep_alive())

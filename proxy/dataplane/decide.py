@@ -158,7 +158,7 @@ def upstream_head(
     parts = [
         request.method.encode(), b" ", request.target, b" HTTP/1.1\r\n",
         *fields,
-        b"X-Forwarded-For: ", joined(forwarded_for, request.remote.encode()), b"\r\n",
+        b"X-Forwarded-For: ", joined(forwarded_for, request.peer.encode()), b"\r\n",
         _PROTO[request.scheme],
     ]
     if request.host:

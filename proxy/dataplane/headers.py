@@ -39,6 +39,7 @@ VIA = 9
 REQUEST_ID = 10
 FORWARDED_PROTO = 11  # replaced by what this hop saw (kept for the cookie's Secure rule)
 COOKIE = 12  # forwarded as it came; kept for cookie rules
+FORWARDED = 13  # forwarded as it came; kept for trusted_proxies
 
 REQUEST_KIND: dict[bytes, int] = {
     **{name.encode(): DROP for name in HOP_BY_HOP},
@@ -57,6 +58,7 @@ REQUEST_KIND: dict[bytes, int] = {
     b"x-request-id": REQUEST_ID,
     b"x-forwarded-proto": FORWARDED_PROTO,
     b"cookie": COOKIE,
+    b"forwarded": FORWARDED,
 }
 
 # Response headers: dropped, or handled by kind.

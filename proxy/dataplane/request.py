@@ -75,6 +75,7 @@ class Request:
         "cookie",
         "expect_continue",
         "fields",
+        "forwarded",
         "forwarded_for",
         "forwarded_proto",
         "has_body",
@@ -84,6 +85,7 @@ class Request:
         "host_count",
         "host_index",
         "method",
+        "peer",
         "remote",
         "request_id",
         "scheme",
@@ -95,7 +97,8 @@ class Request:
     )
 
     def __init__(self, remote: str, scheme: str) -> None:
-        self.remote = remote
+        self.remote = remote  # the client: the peer, or from a trusted proxy's headers
+        self.peer = remote  # the TCP peer (appended to X-Forwarded-For upstream)
         self.scheme = scheme
         self.secure = scheme == "https"
         self.method = ""
@@ -114,6 +117,7 @@ class Request:
         self.upgrade = b""
         self.expect_continue = False
         self.forwarded_for: bytes | None = None
+        self.forwarded: bytes | None = None
         self.forwarded_proto = b""
         self.via: bytes | None = None
         self.request_id = b""
@@ -227,6 +231,9 @@ def special_header(request: Request, name: bytes, value: bytes, kind: int) -> No
         request.expect_continue = value.strip().lower() == b"100-continue"
     elif kind == h.FORWARDED_FOR:
         request.forwarded_for = h.joined(request.forwarded_for, value)
+    elif kind == h.FORWARDED:
+        request.forwarded = h.joined(request.forwarded, value)
+        request.fields.append(name + b": " + value + b"\r\n")
     elif kind == h.VIA:
         request.via = h.joined(request.via, value)
     elif kind == h.REQUEST_ID:
