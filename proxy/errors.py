@@ -132,3 +132,11 @@ class Overloaded(UpstreamError):
     status = 503
     kind = "overload"
     reason = "ring is at its concurrency limit"
+
+
+class PoolExhausted(Overloaded):
+    """No connection of the pool came free within its connect timeout: the proxy's own
+    refusal (503 with Retry-After), like a full ``max_concurrency``; never blamed on a
+    server nor judged against the ring's version."""
+
+    reason = "no free upstream connection"

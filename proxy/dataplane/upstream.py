@@ -32,6 +32,7 @@ from proxy.config.values import Upstream
 from proxy.dataplane import headers as h
 from proxy.dataplane.deadlines import Timers
 from proxy.errors import (
+    PoolExhausted,
     UpstreamBadResponse,
     UpstreamConnectError,
     UpstreamConnectTimeout,
@@ -187,15 +188,34 @@ class UpstreamPool:
         if self.open < self.config.max_connections:
             self._connect(server, listener)
         else:
+            # Every connection is busy: wait for one, at most connect_timeout (then 503).
             self._waiters.append((server, listener))
+            self._timers(self.config.connect_timeout).arm(
+                id(listener), lambda: self._wait_expired(listener))
         return None
 
-    def forget(self, listener: Listener) -> None:
-        """``listener`` no longer waits for a connection (its client left)."""
+    def _wait_expired(self, listener: Listener) -> None:
+        if self._unwait(listener):
+            listener.upstream_failed(PoolExhausted(
+                f"pool {self.config.name}: all {self.config.max_connections} connections busy "
+                f"for {self.config.connect_timeout:g}s"))
+
+    def _unwait(self, listener: Listener) -> bool:
         for i, (_, waiting) in enumerate(self._waiters):
             if waiting is listener:
                 del self._waiters[i]
-                return
+                return True
+        return False
+
+    def _served(self, listener: Listener) -> None:
+        """``listener`` leaves the waiters (served): its wait's deadline no longer applies."""
+        if self._timers is not None:
+            self._timers(self.config.connect_timeout).disarm(id(listener))
+
+    def forget(self, listener: Listener) -> None:
+        """``listener`` no longer waits for a connection (its client left)."""
+        if self._unwait(listener):
+            self._served(listener)
 
     def _connect(self, server: Server, listener: Listener) -> None:
         self.open += 1
@@ -241,10 +261,14 @@ class UpstreamPool:
         if self.closed or self._timers is None or conn.closed or conn.broken:
             conn.close()
             return
+        # Reading may have been paused for a slow client of the exchange that just ended
+        # (its last read completed the response): the next exchange starts it reading.
+        conn.resume_reading()
         # A waiter for this server takes it at once.
         for i, (server, listener) in enumerate(self._waiters):
             if server is conn.server:
                 del self._waiters[i]
+                self._served(listener)
                 listener.upstream_ready(conn)
                 return
         conn.idle_since = self._loop_time()
@@ -285,6 +309,7 @@ class UpstreamPool:
     def _serve_waiters(self) -> None:
         while self._waiters and self.open < self.config.max_connections and not self.closed:
             server, listener = self._waiters.popleft()
+            self._served(listener)
             self._connect(server, listener)
 
     def idle_connections(self) -> int:
@@ -298,6 +323,7 @@ class UpstreamPool:
         await asyncio.gather(*self._connecting, return_exceptions=True)
         while self._waiters:
             _, listener = self._waiters.popleft()
+            self._served(listener)
             listener.upstream_failed(UpstreamConnectError(f"pool {self.config.name} is closed"))
         for conn in list(self._conns):
             conn.close()
