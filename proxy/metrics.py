@@ -23,6 +23,8 @@ Label values come only from config names (route, ring, pool) and the fixed sets 
 
 from __future__ import annotations
 
+import importlib.metadata
+import platform
 import time
 from bisect import bisect_left
 from collections.abc import Iterator
@@ -43,6 +45,7 @@ from proxy.dataplane.exchange import INTERNAL
 from proxy.dataplane.upstream import UpstreamPool
 from proxy.health.retry import REASONS as RETRY_REASONS
 from proxy.rollout.evidence import Tally
+from proxy.rollout.judge import Finding
 from proxy.rollout.window import LATENCY_BUCKETS, RingWindow, Summary
 from proxy.runtime import RingRuntime, Runtime
 
@@ -68,6 +71,17 @@ _LOCAL_STATUS = frozenset({502, 503, 504})  # what the proxy answers for an Upst
 _LE = (*(repr(float(b)) for b in LATENCY_BUCKETS), "+Inf")  # "0.001" ... "10.0", as Go writes them
 
 RING_LABELS = ("route", "ring", "pool")
+FINDINGS = tuple(f.value for f in Finding)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("ringproxy")
+    except importlib.metadata.PackageNotFoundError:  # run from a tree that is not installed
+        return "unknown"
+
+
+BUILD = {"version": _version(), "python": platform.python_version()}
 
 
 class RingRecorder:
@@ -220,6 +234,7 @@ class Metrics:
         self._by_ring: dict[tuple[str, str], RingRecorder] = {}
         self._rings: tuple[RingRuntime, ...] = ()
         self._pools: tuple[UpstreamPool, ...] = ()
+        self._runtime: Runtime | None = None
         self._rollbacks: dict[tuple[str, str, str], int] = {}
         self._revision = ""
         self._reload_ok = 1.0
@@ -232,6 +247,7 @@ class Metrics:
         """Give every ring of ``runtime`` its recorder (or none, when metrics are off)."""
         rings = tuple(r for route_rings in runtime.rings.values() for r in route_rings)
         self._pools = tuple(runtime.pools.values())
+        self._runtime = runtime
         if not runtime.config.metrics.enabled:
             for ring in rings:
                 ring.recorder = None
@@ -301,6 +317,11 @@ class Metrics:
         return encode(self.registry), content_type
 
     def collect(self) -> Iterator[Metric]:
+        build = GaugeMetricFamily(
+            "ringproxy_build_info", "Always 1; the running ringproxy's version and Python "
+            "(the config's revision is ringproxy_config_info).", labels=tuple(BUILD))
+        build.add_metric(tuple(BUILD.values()), 1.0)
+        yield build
         yield from self._traffic()
         yield from self._rings_now()
         yield from self._upstreams()
@@ -341,6 +362,10 @@ class Metrics:
         yield durations
         yield errors
         yield sent_received
+        unrouted = CounterMetricFamily(
+            "ringproxy_unrouted_requests", "Requests that matched no route (answered 404 by "
+            "the proxy).", value=self._runtime.unrouted.value if self._runtime else 0)
+        yield unrouted
 
     def _rings_now(self) -> Iterator[Metric]:
         """The live state of each ring: in flight, weight, phase, its analysis."""
@@ -362,6 +387,16 @@ class Metrics:
             "verdict is toward a rollback, per check: 0 none, 1 rolled back (log scale of "
             "the anytime-valid p-value against the check's alpha).",
             labels=("route", "ring", "check"))
+        finding = GaugeMetricFamily(
+            "ringproxy_ring_check_finding", "1 for what the ring's last verdict found, per "
+            "check (worse: rolls back; within: tolerance held; undecided), 0 for the others.",
+            labels=("route", "ring", "check", "finding"))
+        p_value = GaugeMetricFamily(
+            "ringproxy_ring_check_p_value", "The anytime-valid p-value of \"within tolerance\" "
+            "in the ring's last verdict, per check (it rolls back at the check's alpha).",
+            labels=("route", "ring", "check"))
+        # Read off RingRuntime.verdict, which the controller sets once per analysis round:
+        # nothing is kept or updated per request.
         for ring in self._rings:
             inflight.add_metric((ring.route, ring.name), ring.inflight)
             # A ring with only rules has no weight; one the rollout loop does not run
@@ -373,12 +408,18 @@ class Metrics:
                 starved.add_metric((ring.route, ring.name), float(ring.starved))
             if ring.verdict is not None:
                 for check in ring.verdict.checks:  # names from the config: a bounded set
-                    progress.add_metric((ring.route, ring.name, check.name), check.progress)
+                    labels = (ring.route, ring.name, check.name)
+                    progress.add_metric(labels, check.progress)
+                    p_value.add_metric(labels, check.p_value)
+                    for value in FINDINGS:
+                        finding.add_metric((*labels, value), float(check.finding == value))
         yield inflight
         yield weight
         yield phase
         yield starved
         yield progress
+        yield finding
+        yield p_value
 
     def _upstreams(self) -> Iterator[Metric]:
         """Each pool's servers: in rotation or not, ejections; its retries by reason."""
@@ -408,7 +449,16 @@ class Metrics:
         rollbacks = CounterMetricFamily(
             "ringproxy_rollbacks", "Rings moved back by analysis or an operator, by reason.",
             labels=("route", "ring", "reason"))
-        for (route, ring_name, reason), n in self._rollbacks.items():
+        # Every ring the rollout loop runs has its series from the start (at 0), so that
+        # increase() sees the first rollback: "manual" and each check of its last verdict.
+        counts: dict[tuple[str, str, str], int] = {}
+        for ring in self._rings:
+            if ring.phase is not None:
+                checks = ring.verdict.checks if ring.verdict is not None else ()
+                for reason in ("manual", *(c.name for c in checks)):
+                    counts[ring.route, ring.name, reason] = 0
+        counts.update(self._rollbacks)
+        for (route, ring_name, reason), n in counts.items():
             rollbacks.add_metric((route, ring_name, reason), n)
         yield rollbacks
         if self._revision:

@@ -114,6 +114,18 @@ class RingRuntime:
                 f"inflight={self.inflight}/{limit}>")
 
 
+class Count:
+    """A plain counter the data plane adds to (no lock: one event loop thread)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def __repr__(self) -> str:
+        return f"<Count {self.value}>"
+
+
 class Runtime:
     """Live objects for ``config``.  Given the ``previous`` runtime (a reload), pools whose
     settings did not change and rings whose settings did not change are carried over, so
@@ -123,6 +135,8 @@ class Runtime:
     def __init__(self, config: Config, previous: Runtime | None = None) -> None:
         self.config = config
         self.table = RoutingTable(config)
+        # Requests that matched no route (answered 404), counted across reloads.
+        self.unrouted: Count = previous.unrouted if previous is not None else Count()
         old_pools = previous.pools if previous is not None else {}
         self.pools: dict[str, UpstreamPool] = {}
         # Upstream response heads are held to the client heads' limits.

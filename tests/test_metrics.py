@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import platform
 import textwrap
 
 import pytest
@@ -304,6 +306,60 @@ def test_phase_starved_and_evidence_come_from_what_the_runtime_rings_carry() -> 
     assert value(s, "ringproxy_inflight_requests", route="api", ring="main") == 2
 
 
+def test_each_check_of_the_last_verdict_is_exported_with_its_finding_and_p_value() -> None:
+    runtime = Runtime(parse_config(config(RINGS)))
+    metrics = Metrics(process_metrics=False)
+    metrics.attach(runtime)
+    beta = runtime.rings["api"][0]
+    ring, base = Tally(), Tally()
+    for i in range(200):
+        base.record(False, 0.010)
+        ring.record(i % 2 == 0, 0.010)
+    verdict = judge(ring.evidence(), base.evidence(), Criteria(latency=(LatencyLimit(0.95, 2),)))
+    beta.phase, beta.verdict = Phase.ROLLED_BACK, verdict
+    s = scrape(metrics)
+    for check in verdict.checks:
+        labels = {"route": "api", "ring": "beta", "check": check.name}
+        assert value(s, "ringproxy_ring_check_p_value", **labels) == check.p_value
+        findings = {f: value(s, "ringproxy_ring_check_finding", **labels, finding=f)
+                    for f in ("worse", "within", "undecided")}
+        assert findings == {f: float(f == check.finding.value) for f in findings}
+    assert value(s, "ringproxy_ring_check_finding", route="api", ring="beta",
+                 check="error_rate_increase", finding="worse") == 1
+    p = value(s, "ringproxy_ring_check_p_value", route="api", ring="beta",
+              check="error_rate_increase")
+    assert p is not None and p < 0.05
+    assert not [k for k in s if k[0].startswith("ringproxy_ring_check_")
+                and ("ring", "main") in k[1]]  # no verdict, no series
+
+
+def test_rollbacks_are_exported_at_zero_from_the_start_for_rings_in_a_rollout() -> None:
+    runtime = Runtime(parse_config(config(RINGS)))
+    metrics = Metrics(process_metrics=False)
+    metrics.attach(runtime)
+    beta = runtime.rings["api"][0]
+    assert not [k for k in scrape(metrics) if k[0] == "ringproxy_rollbacks_total"]
+    beta.phase = Phase.STEADY  # the rollout loop runs it
+    s = scrape(metrics)
+    assert [k for k in s if k[0] == "ringproxy_rollbacks_total"] == [
+        ("ringproxy_rollbacks_total",
+         frozenset({"route": "api", "ring": "beta", "reason": "manual"}.items()))]
+    assert value(s, "ringproxy_rollbacks_total", route="api", ring="beta", reason="manual") == 0
+    metrics.rollback("api", "beta", "manual")
+    metrics.rollback("api", "beta", "p95")
+    s = scrape(metrics)
+    assert value(s, "ringproxy_rollbacks_total", route="api", ring="beta", reason="manual") == 1
+    assert value(s, "ringproxy_rollbacks_total", route="api", ring="beta", reason="p95") == 1
+
+
+def test_build_info_names_the_installed_version_and_python() -> None:
+    metrics = Metrics(process_metrics=False)
+    s = scrape(metrics)
+    assert value(s, "ringproxy_build_info", version=importlib.metadata.version("ringproxy"),
+                 python=platform.python_version()) == 1
+    assert value(s, "ringproxy_unrouted_requests_total") == 0
+
+
 def test_openmetrics_is_served_when_asked_and_parses() -> None:
     metrics = Metrics()
     runtime = Runtime(parse_config(config(RINGS)))
@@ -315,5 +371,6 @@ def test_openmetrics_is_served_when_asked_and_parses() -> None:
     assert content_type.startswith("application/openmetrics-text; version=1.0.0")
     names = {f.name for f in openmetrics_families(body.decode())}
     assert {"ringproxy_requests", "ringproxy_request_duration_seconds", "ringproxy_config",
-            "ringproxy_upstream_errors", "ringproxy_rollbacks"} <= names
+            "ringproxy_upstream_errors", "ringproxy_rollbacks", "ringproxy_build_info",
+            "ringproxy_unrouted_requests"} <= names
     assert any(n.startswith("process_") for n in names)

@@ -130,7 +130,9 @@ async def test_every_request_is_counted_once_in_the_right_ring_exactly(
     await get("/status/302", api, 302, "main")
     await get("/status/503", api, 503, "main")  # the upstream's own 503: 5xx, not an error kind
     await get("/sized", {"Host": "web.test"}, 200, "main", route="web")
-    await get("/sized", {"Host": "nowhere.test"}, 404, "-", route="-")  # no route: not counted
+    # No route: in no ring, counted apart (twice: once per request, not per connection).
+    await get("/sized", {"Host": "nowhere.test"}, 404, "-", route="-")
+    await get("/other", {"Host": "nowhere.test"}, 404, "-", route="-")
 
     # Uploads: request body bytes are counted as sent.
     for size in (1000, 2345):
@@ -195,6 +197,7 @@ async def test_every_request_is_counted_once_in_the_right_ring_exactly(
         ("web", "main", "2xx"): 1,
     })
     assert requests == expected_requests
+    assert s["ringproxy_unrouted_requests_total", frozenset()] == 2
 
     errors = ring_values(s, "ringproxy_upstream_errors_total", "kind")
     assert len(errors) == 4 * len(ERROR_KINDS)

@@ -5,13 +5,15 @@ Prometheus (Debian package ``prometheus``, installed by .ci/run) runs on 127.0.0
 test's event loop.  The test paces traffic at known rates through several rings, then
 evaluates every PromQL expression of config/grafana/ringproxy-dashboard.json through the
 HTTP API at a moment inside the traffic: each must return a non-empty result, and the
-per-ring request rate must agree with what was sent within 10 %.
+per-ring request rate must agree with what was sent within 10 %.  An operator's rollback
+afterwards must show in the dashboard's annotations.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import json
 import re
 import shutil
@@ -22,6 +24,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy.rollout.machine import Trigger
 from proxy.server import Proxy
 from tests.conftest import ROOT, ProxyFactory, Upstream
 from tests.test_metrics_sockets import config, refused_port
@@ -50,6 +53,7 @@ STREAMS = [
     ("api", "beta", "/hang", BETA, 2),  # 504 after the ring's 300 ms timeout
     ("api", "broken", "/sized", BROKEN, 10),  # 502, connection refused
     ("web", "main", "/sized", WEB, 10),
+    ("-", "-", "/sized", {"Host": "nowhere.test"}, 5),  # no route: 404
 ]
 RATES = {("api", "main"): 30.0, ("api", "beta"): 16.0, ("api", "broken"): 10.0,
          ("web", "main"): 10.0}
@@ -58,12 +62,21 @@ QUERY_TIMEOUT = aiohttp.ClientTimeout(total=5)
 VARIABLES = {
     "__rate_interval": RANGE, "__interval": "1s", "__range": "20s",
     "route": "(api|web)", "ring": ".*",
+    "job": "ringproxy", "namespace": ".*", "instance": ".*",
 }
+# The api route is analysed (so its rings have phases and verdicts) with tolerances no
+# traffic here can break: nothing is rolled back while the rates are measured.
+ANALYSIS = ("    analysis: {interval: 1s, max_error_rate_increase: 100, latency: {p99: 1000}, "
+            "latency_floor: 60s}\n")
 
 
-def expressions(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
-    """(panel title, expr) for every query target, rows' nested panels included."""
+def expressions(dashboard: dict[str, Any], annotations: bool = False) -> list[tuple[str, str]]:
+    """(panel title, expr) for every query target, rows' nested panels included; with
+    ``annotations``, also ("annotation: NAME", expr) for each Prometheus annotation."""
     found = []
+    if annotations:
+        found = [(f"annotation: {a['name']}", a["expr"])
+                 for a in dashboard["annotations"]["list"] if a.get("expr")]
     stack = list(dashboard["panels"])
     while stack:
         panel = stack.pop(0)
@@ -173,7 +186,10 @@ async def test_dashboard_queries_answer_from_a_real_prometheus_scraping_the_prox
     tmp_path: Path, make_proxy: ProxyFactory, stable: Upstream, canary: Upstream,
     client: aiohttp.ClientSession,
 ) -> None:
-    proxy = await make_proxy(config(stable.url, canary.url, refused_port(), beta_limit=None))
+    text = config(stable.url, canary.url, refused_port(), beta_limit=None)
+    api = "    match: {host: api.test}\n"
+    assert api in text
+    proxy = await make_proxy(text.replace(api, api + ANALYSIS))
     prometheus = Prometheus(tmp_path, proxy.admin_url.removeprefix("http://"))
     try:
         async with asyncio.timeout(LIMIT_S):
@@ -239,10 +255,53 @@ async def check_dashboard(
     inflight = by_ring(panel("In-flight requests per ring"))
     assert inflight.keys() == RATES.keys()
 
+    # Phases: every ring is steady (1 in the timeline's value mapping).
+    assert by_ring(panel("Ring phase timeline")) == dict.fromkeys(RATES, 1.0)
+
+    # Canary vs baseline: error rate, p95, p99 of every ring, each its own column.
+    side = {i: by_ring(panel("Canary vs baseline", i)) for i in range(3)}
+    assert side[0].keys() == side[1].keys() == side[2].keys() == RATES.keys()
+    assert side[0]["api", "broken"] == 1.0 and side[0]["api", "main"] == 0.0
+    assert side[2]["api", "beta"] > 0.1 > side[2]["api", "main"], side
+
+    # The judge's last verdict for each analysed ring but the baseline, per check.
+    verdicts = {(r["metric"]["ring"], r["metric"]["check"]): r["metric"]["finding"]
+                for r in panel("Analysis: last verdict per check")}
+    assert {ring for ring, _ in verdicts} == {"beta", "broken"}, verdicts
+    assert set(verdicts.values()) <= {"within", "undecided"}, verdicts
+    p_values = panel("Analysis: last verdict per check", 1)
+    assert {(r["metric"]["ring"], r["metric"]["check"]) for r in p_values} == verdicts.keys()
+    assert all(0 <= float(r["value"][1]) <= 1 for r in p_values)
+    assert panel("Analysis: evidence toward a rollback per check")
+
+    unrouted = panel("Requests with no route")
+    assert len(unrouted) == 1 and abs(float(unrouted[0]["value"][1]) - 5) <= 0.5, unrouted
+    build = panel("Replicas: version and config revision")
+    assert [r["metric"]["version"] for r in build] == [importlib.metadata.version("ringproxy")]
+
     # The template variables' label_values() queries find the config's names.
+    jobs = await prometheus.get(client, "/api/v1/label/job/values",
+                                **{"match[]": "ringproxy_build_info"})
+    assert jobs == ["ringproxy"]
+    instances = await prometheus.get(client, "/api/v1/label/instance/values",
+                                     **{"match[]": 'ringproxy_build_info{job="ringproxy"}'})
+    assert instances == [proxy.admin_url.removeprefix("http://")]
     routes = await prometheus.get(client, "/api/v1/label/route/values",
                                   **{"match[]": "ringproxy_requests_total"})
     assert routes == ["api", "web"]
     rings = await prometheus.get(client, "/api/v1/label/ring/values",
                                  **{"match[]": 'ringproxy_requests_total{route=~"api"}'})
     assert rings == ["beta", "broken", "main"]
+
+    # An operator rolls beta back: the annotations mark it.  Its rollbacks_total series
+    # was there at 0 from the start, so increase() sees this first rollback.
+    await proxy.controller.act("api", "beta", Trigger.ROLLBACK, "test", actor="test")
+    await asyncio.sleep(2.5)  # two scrapes
+    marks = {name.removeprefix("annotation: "): await prometheus.query(
+                 client, substitute(expr), time.time())
+             for name, expr in expressions(dashboard, annotations=True)[:-len(exprs)]}
+    assert [r["metric"] for r in marks["Rollbacks"]] == [
+        {"route": "api", "ring": "beta", "reason": "manual"}]
+    assert {"route": "api", "ring": "beta", "phase": "rolled_back"} in [
+        r["metric"] for r in marks["Rollout phases"]]
+    assert marks.keys() == {"Rollbacks", "Rollout phases", "Rollout steps"}

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from proxy.dataplane import framing
 from proxy.dataplane.deadlines import Deadlines
-from proxy.dataplane.decide import Forward, LocalAnswer, decide, upstream_head
+from proxy.dataplane.decide import NO_ROUTE, Forward, LocalAnswer, decide, upstream_head
 from proxy.dataplane.headers import VIA_VALUE, joined, new_request_id, request_id_ok
 from proxy.dataplane.request import Request
 from proxy.dataplane.tunnel import Tunnel
@@ -151,8 +151,11 @@ class Exchange:
             self.pending_answer = None
             self.answer(refused.status, refused.message)
             return
-        step = self.step = decide(self.client.plane.runtime, request, self.request_id)
+        runtime = self.client.plane.runtime
+        step = self.step = decide(runtime, request, self.request_id)
         if isinstance(step, LocalAnswer):
+            if step is NO_ROUTE:
+                runtime.unrouted.value += 1
             self.error = step.error
             if request.complete or not request.has_body:
                 self.answer(step.status, step.message, step.retry_after, step.extra)
