@@ -8,6 +8,7 @@ import textwrap
 
 import aiohttp
 
+from proxy.dataplane.client import MAX_PIPELINED
 from proxy.server import Proxy
 from tests.conftest import ProxyFactory, Upstream, raw_exchange
 
@@ -61,6 +62,25 @@ async def test_pipelined_requests_are_answered_in_order(
     assert raw.count(b"HTTP/1.1 200") == 3
     slow, fast, last = (raw.index(x) for x in (b"slow done", b"/first-fast", b"/last"))
     assert slow < fast < last
+
+
+async def test_a_flood_of_pipelined_requests_is_bounded_per_connection(
+    make_proxy: ProxyFactory, stable: Upstream
+) -> None:
+    """One write of 200 pipelined requests: the one being answered and MAX_PIPELINED
+    queued behind it are served in order, the next is answered 429 and the connection
+    closes (llhttp parses a whole read: without the bound all 200 would be queued)."""
+    proxy = await make_proxy(_config(stable.url))
+    raw = await raw_exchange(
+        proxy.url,
+        b"GET /slow?s=0.3 HTTP/1.1\r\nHost: h\r\n\r\n"
+        + b"".join(b"GET /n%d HTTP/1.1\r\nHost: h\r\n\r\n" % i for i in range(199)),
+        wait=5,
+    )
+    assert raw.count(b"HTTP/1.1 200") == 1 + MAX_PIPELINED
+    assert raw.count(b"HTTP/1.1 429") == 1 and raw.count(b"HTTP/1.1 ") == 2 + MAX_PIPELINED
+    assert raw.index(b"/n%d" % (MAX_PIPELINED - 1)) < raw.index(b"HTTP/1.1 429")
+    assert b"/n%d" % MAX_PIPELINED not in raw
 
 
 async def test_a_close_delimited_upstream_body_is_chunked_for_http_11_and_not_for_10(

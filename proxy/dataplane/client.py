@@ -44,6 +44,9 @@ _METHODS: dict[bytes, str] = {}
 # b"_" as a byte value: ``int in bytes`` is a plain scan, where ``b"_" in bytes`` first tries
 # the operand as an integer and raises (and clears) a TypeError, about 8x the cost.
 _UNDERSCORE = framing.UNDERSCORE
+# Requests a connection may have parsed and queued behind the one being answered; the next
+# is answered 429 in its turn and the connection closes (memory per connection stays small).
+MAX_PIPELINED = 32
 
 # Timers a connection can have armed (one at a time, besides the body's).
 _NONE, _HEAD, _KEEPALIVE = 0, 1, 2
@@ -288,6 +291,8 @@ class ClientConnection(asyncio.Protocol):
             req.remote = self.proxies.client(req.peer, req.forwarded_for, req.forwarded)
         if name == "CONNECT":
             raise RequestError(framing.METHOD_NOT_ALLOWED)
+        if len(self.queue) >= MAX_PIPELINED:
+            raise RequestError(framing.TOO_MANY_PIPELINED)
         ex = Exchange(self, req, parser.should_keep_alive())
         self.parsing = ex
         self.head_bytes = 0  # from here on: the trailers' size, if any

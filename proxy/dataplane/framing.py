@@ -38,6 +38,9 @@ BAD_BODY = Rejection(400, "malformed request body")
 URI_TOO_LONG = Rejection(414, "request line too long")
 HEAD_TOO_LARGE = Rejection(431, "request header fields too large")
 TOO_MANY_HEADERS = Rejection(431, "too many request header fields")
+# More requests pipelined ahead of their answers than a connection may queue (llhttp parses
+# a whole read, so without a bound one read of tiny requests would queue thousands).
+TOO_MANY_PIPELINED = Rejection(429, "too many pipelined requests")
 BODY_TOO_LARGE = Rejection(413, "request body too large")
 HEAD_TIMEOUT = Rejection(408, "request head timed out")
 BODY_TIMEOUT = Rejection(408, "request body timed out")
