@@ -4,6 +4,7 @@ graceful shutdown."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import textwrap
 
 import aiohttp
@@ -81,6 +82,70 @@ async def test_a_flood_of_pipelined_requests_is_bounded_per_connection(
     assert raw.count(b"HTTP/1.1 429") == 1 and raw.count(b"HTTP/1.1 ") == 2 + MAX_PIPELINED
     assert raw.index(b"/n%d" % (MAX_PIPELINED - 1)) < raw.index(b"HTTP/1.1 429")
     assert b"/n%d" % MAX_PIPELINED not in raw
+
+
+def _ring_config(upstream: str, policy: str, pool: str = "") -> str:
+    return _config(upstream, pool).replace(
+        "pool: p\n", f"pool: p\n        policy: {{{policy}}}\n")
+
+
+async def test_a_client_that_stops_reading_is_cut_at_the_ring_idle_timeout_and_not_judged(
+    make_proxy: ProxyFactory, stable: Upstream
+) -> None:
+    """Three clients ask for 64 MB and read nothing: each is cut after the ring's idle
+    timeout of silence (as NGINX's send_timeout), freeing its upstream connection and the
+    ring's in-flight count; the client's doing is never judged against the version."""
+    proxy = await make_proxy(_ring_config(stable.url, "idle_timeout: 500ms"))
+    pool = proxy.runtime.pools["p"]
+    ring = proxy.runtime.rings["r"][0]
+    loop = asyncio.get_running_loop()
+    host, port = _host_port(proxy.url)
+    socks = []
+    for _ in range(3):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.setblocking(False)
+        await loop.sock_connect(s, (host, port))
+        await loop.sock_sendall(s, b"GET /bytes/64000000 HTTP/1.1\r\nHost: h\r\n\r\n")
+        socks.append(s)
+    try:
+        async with asyncio.timeout(10):
+            while ring.inflight < 3:  # noqa: ASYNC110 - a poll of the proxy's counters
+                await asyncio.sleep(0.02)
+            while ring.inflight or pool.open:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+    finally:
+        for s in socks:
+            s.close()
+    tally = proxy.metrics.tally("r", "only")
+    assert (tally.requests, tally.errors) == (0, 0)  # not judged
+    assert all(server.failures == 0 for server in pool.servers)
+
+
+async def test_a_request_waiting_for_a_full_pool_gets_503_after_the_connect_timeout(
+    make_proxy: ProxyFactory, stable: Upstream, client: aiohttp.ClientSession
+) -> None:
+    """Every connection of the pool is busy (two requests that hang): a third waits at
+    most the pool's connect_timeout, then 503 with Retry-After, blaming no server."""
+    proxy = await make_proxy(_ring_config(
+        stable.url, "timeout: 30s", ", max_connections: 2, connect_timeout: 300ms"))
+    hanging = [asyncio.ensure_future(client.get(proxy.url + "/hang")) for _ in range(2)]
+    pool = proxy.runtime.pools["p"]
+    try:
+        async with asyncio.timeout(5):
+            while pool.open < 2:  # noqa: ASYNC110 - a poll of the pool's count
+                await asyncio.sleep(0.02)
+        started = asyncio.get_running_loop().time()
+        async with client.get(proxy.url + "/fast") as r:
+            assert r.status == 503 and r.headers["Retry-After"] == "1"
+            assert "no free upstream connection" in await r.text()
+        assert asyncio.get_running_loop().time() - started < 3
+        assert all(server.failures == 0 for server in pool.servers)
+        assert proxy.metrics.tally("r", "only").errors == 0  # the proxy's refusal
+    finally:
+        for task in hanging:
+            task.cancel()
+        await asyncio.gather(*hanging, return_exceptions=True)
 
 
 async def test_a_close_delimited_upstream_body_is_chunked_for_http_11_and_not_for_10(

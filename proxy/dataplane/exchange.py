@@ -41,6 +41,7 @@ log = logging.getLogger("ringproxy.dataplane")
 INTERNAL = "internal"  # the error of a request that failed on a defect of the proxy
 BAD_REQUEST = "bad_request"  # the error of a client's request the proxy refused
 CLIENT_CLOSED = "client_closed"
+CLIENT_TIMEOUT = "client_timeout"  # the client stopped reading the response
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CHUNKED = b"Transfer-Encoding: chunked\r\n"
@@ -262,12 +263,27 @@ class Exchange:
             return
         if paused:
             conn.pause_reading()
-            if self.step is not None and isinstance(self.step, Forward):
-                self.client.plane.timers(self.step.ring.idle_timeout).disarm(self)
+            # The ring's idle timeout now bounds the client's silence: a client that stops
+            # reading cannot hold the upstream connection, its pool slot and the ring's
+            # in-flight count forever (NGINX's send_timeout).
+            step = self.step
+            if isinstance(step, Forward) and step.ring.idle_timeout:
+                self.idle_armed = True
+                self.client.plane.timers(step.ring.idle_timeout).arm(self, self._client_stalled)
         else:
             conn.resume_reading()
             if self.state == RESPONDING:
                 self._arm_idle()
+
+    def _client_stalled(self) -> None:
+        """The client read nothing for the ring's idle timeout: the client's doing, never
+        the server's nor the version's (recorded as ``client_timeout``)."""
+        if self.state == DONE:
+            return
+        self.error = CLIENT_TIMEOUT
+        self.keep_alive = False
+        self._close_upstream()
+        self.answer_or_cut(408, "client stopped reading")
 
     # ------------------------------------------------------------------ the pool's side
 
@@ -318,6 +334,8 @@ class Exchange:
         conn.send(self, step.head + framing_line + body, no_body=request.method == "HEAD",
                   upgrade=step.upgrade, complete=complete)
         client = self.client
+        if client.paused_writing:
+            conn.pause_reading()  # (a pipelined request behind a slow reader's response)
         if client.pausing & client.WAIT:
             client.resume(client.WAIT)
         if complete:
@@ -341,8 +359,9 @@ class Exchange:
         if self.state == DONE:
             return
         step = self.step
-        if isinstance(step, Forward) and self.state != TUNNEL:
-            # The server's record (outlier ejection), then perhaps another server.
+        if isinstance(step, Forward) and self.state != TUNNEL and exc.kind != "overload":
+            # The server's record (outlier ejection), then perhaps another server (a full
+            # pool, ``overload``, is no server's failure).
             step.ring.pool.health.failure(step.server, exc.kind)
             if self.state < RESPONDING and self._retry(step, failure_reason(exc.kind),
                                                       exc.kind, exc.status):
