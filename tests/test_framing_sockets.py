@@ -712,6 +712,11 @@ BAD_RESPONSES = {
     "status-not-a-number": b"HTTP/1.1 abc\r\nContent-Length: 0\r\n\r\n",
     "not-http": b"hello, this is not HTTP\r\n\r\n",
     "nul-in-value": b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 0\r\n\r\n",
+    # Transfer codings other than chunked (NGINX: "upstream sent unknown Transfer-Encoding").
+    "te-gzip-chunked": (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    ),
+    "te-gzip-close-delimited": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nhello",
 }
 
 

@@ -246,6 +246,7 @@ class UpstreamPool:
             self._lost_one()
             raise
         if self.closed:
+            self._conns.add(conn)  # so that closing it gives its count back
             conn.close()
             listener.upstream_failed(UpstreamConnectError(f"pool {self.config.name} is closed"))
             return
@@ -547,6 +548,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.content_length = int(value)
             self.lines.append(name + b": " + value + b"\r\n")
         elif kind == h.R_TRANSFER_ENCODING:
+            # Only chunked, as NGINX: another coding (gzip, chunked; or gzip alone, which
+            # would end with the connection) cannot be relayed faithfully.
+            if value.strip().lower() != b"chunked":
+                raise UpstreamBadResponse("unsupported Transfer-Encoding from the upstream")
             self.chunked = True
         elif kind == h.R_CONNECTION:
             self.connection = self.connection + b"," + value if self.connection else value
