@@ -148,7 +148,8 @@ def test_the_printed_commands_run_as_printed_and_a_broken_canary_is_rolled_back(
     done = sh("\n".join([block[0], *(f"{b}\necho '-----'" for b in block[1:])]), tmp_path)
     assert done.returncode == 0, done.stderr
     status, explained, events, _ = done.stdout.split("-----\n")
-    assert re.search(r"^api\s+canary\s+canary\s+1/1 up\s+20%\s+progressing\s+1/5", status, re.M), status
+    assert re.search(r"^api\s+canary\s+canary\s+1/1 up\s+20%\s+progressing\s+1/5", status,
+                     re.M), status
     decision = json.loads(explained)
     assert decision["ring"] == "canary" and decision["reason"] == "bucket"
     assert events.strip() in ("no events", "") or "TIME" in events
