@@ -425,6 +425,11 @@ async def test_actions_conflicts_and_the_audit_trail(admin: Proxy) -> None:
         data=b"{not json", headers=bearer(ADMIN),
     ) as r:
         assert r.status == 400 and "not valid JSON" in (await r.json())["error"]
+    async with aiohttp.ClientSession() as client, client.post(
+        admin.admin_url + "/api/routes/api/rings/canary/resume",
+        data=b"[" * 100_000 + b"]" * 100_000, headers=bearer(ADMIN),
+    ) as r:  # nesting deeper than the decoder's recursion: a 400, not a 500
+        assert r.status == 400 and "not valid JSON" in (await r.json())["error"]
     status, body = await call(admin, "GET", "/api/events?route=api")
     kinds = [(e["ring"], e["kind"], e["actor"]) for e in body["events"]]
     assert kinds == [("canary", "advance", "operator:RP_OPS"),

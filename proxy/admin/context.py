@@ -54,7 +54,7 @@ async def json_body(request: web.Request) -> dict[str, object]:
         return {}
     try:
         data = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # (nesting beyond the decoder's recursion limit)
         raise ApiError(400, "the body is not valid JSON") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object")
