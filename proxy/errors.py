@@ -92,6 +92,9 @@ class UpstreamError(RingproxyError):
     status: int = 502
     kind: str = "bad_response"
     reason: str = "bad gateway"
+    # The server's failure (counted toward its outlier ejection); False for the proxy's
+    # own refusals.
+    server_fault: bool = True
 
     def __init__(self, detail: str = "") -> None:
         self.detail = detail
@@ -132,6 +135,7 @@ class Overloaded(UpstreamError):
     status = 503
     kind = "overload"
     reason = "ring is at its concurrency limit"
+    server_fault = False
 
 
 class PoolExhausted(Overloaded):

@@ -359,9 +359,8 @@ class Exchange:
         if self.state == DONE:
             return
         step = self.step
-        if isinstance(step, Forward) and self.state != TUNNEL and exc.kind != "overload":
-            # The server's record (outlier ejection), then perhaps another server (a full
-            # pool, ``overload``, is no server's failure).
+        if isinstance(step, Forward) and self.state != TUNNEL and exc.server_fault:
+            # The server's record (outlier ejection), then perhaps another server.
             step.ring.pool.health.failure(step.server, exc.kind)
             if self.state < RESPONDING and self._retry(step, failure_reason(exc.kind),
                                                       exc.kind, exc.status):
