@@ -16,18 +16,7 @@ import pytest
 from proxy.config import Config, Limits, ListenTLS, parse_config
 from proxy.config.values import Listen, format_size, parse_size
 from proxy.errors import ConfigError
-
-MINIMAL = """
-listen: 127.0.0.1:8080
-pools:
-  stable:
-    servers: [http://127.0.0.1:9001]
-routes:
-  - name: api
-    rings:
-      - name: stable
-        pool: stable
-"""
+from tests.test_config import MINIMAL
 
 
 def self_signed(
