@@ -108,9 +108,9 @@ class Controller:
         self._task: asyncio.Task[None] | None = None
         self._retired: dict[WebhookSender, asyncio.Task[None]] = {}  # senders draining
         self.looks = Looks()  # per ring: where its evidence starts, its recent history
-        # Called with a route's name after its states went into the table (worker
-        # processes are told: proxy.workers.supervisor).
-        self.on_apply: list[Callable[[str], None]] = []
+        # Called with the runtime and a route's name after the route's states went into
+        # that runtime's table (worker processes are told: proxy.workers.supervisor).
+        self.on_apply: list[Callable[[Runtime, str], None]] = []
 
     # ------------------------------------------------------------------ configuration
 
@@ -220,7 +220,7 @@ class Controller:
         self._show(route)
         self._look(route)
         for hook in self.on_apply:
-            hook(route)
+            hook(runtime, route)
 
     def _look(self, route: str) -> None:
         """Start the evidence of every ring whose step began since the last look."""
