@@ -104,8 +104,8 @@ async def run_host(tmp_path: Path) -> AsyncIterator[Callable[[str], Awaitable[Ho
         path = tmp_path / "ringproxy.yaml"
         path.write_text(text)
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy", "run", "--config", str(path), stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE)
+            sys.executable, "-m", "proxy", "run", "--config", str(path),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
         host = Host(proc)
         hosts.append(host)
         return await host.started()
@@ -187,7 +187,7 @@ async def test_two_workers_share_the_traffic_and_the_merged_metrics_are_exact(
     assert await host.finish(signal.SIGTERM) == 0
 
 
-async def test_a_bad_canary_is_rolled_back_once_on_the_merged_evidence_and_both_workers_stop_sending_to_it(
+async def test_a_bad_canary_is_rolled_back_once_and_no_worker_sends_to_it_after(
     run_host: Callable[[str], Awaitable[Host]], stable: Upstream, canary: Upstream,
     tmp_path: Path,
 ) -> None:
@@ -290,7 +290,7 @@ async def test_workers_exit_when_the_supervisor_is_killed(
     host.proc.kill()
     await host.proc.wait()
     deadline = time.monotonic() + 20
-    while any(_alive(pid) for pid in host.pids) and time.monotonic() < deadline:
+    while any(_alive(pid) for pid in host.pids) and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.1)
     assert not any(_alive(pid) for pid in host.pids)
 
