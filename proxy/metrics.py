@@ -207,6 +207,36 @@ class RingRecorder:
                 f"requests={sum(self.requests)}>")
 
 
+def worker_families(ready: int, restarts: list[int], requests: list[int], missed: int,
+                    unmatched: int) -> Iterator[Metric]:
+    """A supervisor's own series (``proxy.workers``): its workers, per worker index."""
+    workers = GaugeMetricFamily(
+        "ringproxy_workers", "Worker processes: configured, and ready (serving).",
+        labels=("state",))
+    workers.add_metric(("configured",), len(restarts))
+    workers.add_metric(("ready",), ready)
+    yield workers
+    restarted = CounterMetricFamily(
+        "ringproxy_worker_restarts", "Worker processes restarted after they exited.",
+        labels=("worker",))
+    served = CounterMetricFamily(
+        "ringproxy_worker_requests", "Finished requests by the worker that served them.",
+        labels=("worker",))
+    for index, (r, n) in enumerate(zip(restarts, requests, strict=True)):
+        restarted.add_metric((str(index),), r)
+        served.add_metric((str(index),), n)
+    yield restarted
+    yield served
+    yield CounterMetricFamily(
+        "ringproxy_worker_reports_missed", "Reports a worker did not send within the "
+        "flush timeout of a scrape or an admin read (those numbers came later).",
+        value=missed)
+    yield CounterMetricFamily(
+        "ringproxy_worker_reports_unmatched", "Per-ring reports for a ring the "
+        "supervisor no longer has (sent just before a reload removed it): dropped.",
+        value=unmatched)
+
+
 class UpstreamView(Protocol):
     """Other processes' view of the upstream servers (a supervisor's workers): merged
     into the pools' series at scrape time."""
@@ -240,7 +270,7 @@ class Metrics:
         # reported yet: proxy.workers.deltas); None: a RingWindow over the horizon.
         self.window_factory = window_factory
         # Set by a supervisor of worker processes (proxy.workers): the workers' view of
-        # the servers, and more metric families (the workers' own).
+        # the servers, and more metric families (``worker_families``).
         self.upstream_view: UpstreamView | None = None
         self.extra: list[Callable[[], Iterable[Metric]]] = []
         self.registry = CollectorRegistry(auto_describe=False)

@@ -155,7 +155,6 @@ class Controller:
             states[route.name] = restore(plan, saved, now)
             kept += [_kept_back(route.name, ring, states[route.name][ring], now)
                      for ring in unmatched(plan, saved)]
-        self._note(kept)
         for name, rings in states.items():
             old = self._known.get(name, {})
             for ring, state in rings.items():
@@ -164,6 +163,7 @@ class Controller:
                     log.info("ring %s/%s changed in the config: its rollout starts over (%s)",
                              name, ring, state.phase.value)
         self.plans, self.states = plans, states
+        self._note(kept)
         self._generation += 1  # a commit whose save spans this call decides again
         self.verdicts = {k: v for k, v in self.verdicts.items() if k in plans}
         self.looks.keep({(p.route, r.name) for p in plans.values() for r in p.rings})
@@ -174,17 +174,20 @@ class Controller:
 
     def _note(self, events: list[Event]) -> None:
         """Say that unmatched saved states kept their rings rolled back: a warning, an
-        event in memory and in the audit file (written now: it happens at start, before
-        anything serves, or on the reload that brings a route back)."""
+        event in memory and in the audit file, and the states saved bound to their rings
+        (written now: it happens at start, before anything serves, or on the reload that
+        brings a route back)."""
         for event in events:
             log.warning("%s", event.text)
             self.events.append(event)
             self.history.append(event.as_dict())
-        if events:
-            try:
-                append_audit(self.audit_path, events)
-            except OSError as exc:
-                log.error("cannot write the audit file %s: %s", self.audit_path, exc)
+        if not events:
+            return
+        try:
+            self._save(self.state_path, self.states)
+            append_audit(self.audit_path, events)
+        except OSError as exc:
+            log.error("cannot save the rollout state or its audit: %s", exc)
 
     def checkpoint(self) -> Checkpoint:
         """What the next ``configure`` would replace (take it before a reload's apply)."""

@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 from proxy.errors import StateError
 from proxy.rollout.state import Event, RingState
@@ -107,20 +108,37 @@ def set_aside(path: Path) -> Path:
 
 
 def append_audit(path: Path, events: list[Event]) -> None:
-    """Append one line per event.  After a line torn by a crash mid-write (the file does
-    not end with a newline) the first new line starts on a line of its own."""
+    """Append one line per event.  A last line torn by a crash mid-write (the file does
+    not end with a newline: its event was never complete, and ``read_audit`` skips it) is
+    cut off first, so every line of the file stays one whole event."""
     if not events:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps(e.as_dict(), sort_keys=True) + "\n" for e in events)
     with open(path, "a+b") as f:
-        if f.tell() > 0:
-            f.seek(-1, os.SEEK_END)
+        end = f.seek(0, os.SEEK_END)
+        if end > 0:
+            f.seek(end - 1)
             if f.read(1) != b"\n":
-                lines = "\n" + lines
+                f.truncate(_last_line_start(f, end))
         f.write(lines.encode("utf-8"))
         f.flush()
         os.fsync(f.fileno())
+
+
+def _last_line_start(f: BinaryIO, end: int) -> int:
+    """The offset just after the file's last newline (0 if it has none)."""
+    block = 4096
+    pos = end
+    while pos > 0:
+        start = max(0, pos - block)
+        f.seek(start)
+        chunk = f.read(pos - start)
+        newline = chunk.rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+        pos = start
+    return 0
 
 
 def read_audit(path: Path, limit: int = 1000) -> list[dict[str, object]]:

@@ -40,16 +40,16 @@ import logging
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from proxy.config import Config
 from proxy.config.values import Listen
 from proxy.health.state import Transition
+from proxy.metrics import worker_families
 from proxy.runtime import Runtime
 from proxy.server import Proxy, _url
 from proxy.workers.channel import Channel, ChannelClosed, Message
@@ -64,8 +64,9 @@ STOP_EXTRA = 5.0  # seconds past shutdown_grace before a stopping worker is kill
 BACKOFF_FIRST, BACKOFF_MAX, BACKOFF_RESET = 0.1, 10.0, 30.0
 
 
-class WorkerFailed(Exception):
-    """A worker could not start or apply what it was sent."""
+class WorkerFailed(OSError):
+    """A worker could not start or apply what it was sent (an OSError: the CLI prints
+    it as one line and exits 1)."""
 
 
 def source_text(config: Config) -> str:
@@ -146,7 +147,9 @@ class Supervisor(Proxy):
         self.reports_unmatched = 0
         self.controller.on_apply.append(self._states_changed)
         self.metrics.upstream_view = self
-        self.metrics.extra.append(self._worker_metrics)
+        self.metrics.extra.append(lambda: worker_families(
+            sum(h.ready for h in self.handles), [h.restarts for h in self.handles],
+            [h.requests for h in self.handles], self.reports_missed, self.reports_unmatched))
 
     # ------------------------------------------------------------------ start, stop
 
@@ -478,33 +481,6 @@ class Supervisor(Proxy):
         body["workers"] = {"ready": ready, "wanted": len(self.handles)}
         body["ready"] = bool(body.get("ready")) and ready == len(self.handles) and not down
         return web.json_response(body, status=200 if body["ready"] else 503)
-
-    def _worker_metrics(self) -> Iterator[Metric]:
-        workers = GaugeMetricFamily(
-            "ringproxy_workers", "Worker processes: configured, and ready (serving).",
-            labels=("state",))
-        workers.add_metric(("configured",), len(self.handles))
-        workers.add_metric(("ready",), sum(h.ready for h in self.handles))
-        yield workers
-        restarts = CounterMetricFamily(
-            "ringproxy_worker_restarts", "Worker processes restarted after they exited.",
-            labels=("worker",))
-        requests = CounterMetricFamily(
-            "ringproxy_worker_requests", "Finished requests by the worker that served them.",
-            labels=("worker",))
-        for h in self.handles:
-            restarts.add_metric((str(h.index),), h.restarts)
-            requests.add_metric((str(h.index),), h.requests)
-        yield restarts
-        yield requests
-        yield CounterMetricFamily(
-            "ringproxy_worker_reports_missed", "Reports a worker did not send within the "
-            "flush timeout of a scrape or an admin read (those numbers came later).",
-            value=self.reports_missed)
-        yield CounterMetricFamily(
-            "ringproxy_worker_reports_unmatched", "Per-ring reports for a ring the "
-            "supervisor no longer has (sent just before a reload removed it): dropped.",
-            value=self.reports_unmatched)
 
     def __repr__(self) -> str:
         ready = sum(h.ready for h in self.handles)
