@@ -22,6 +22,7 @@ import pytest
 
 from tests.conftest import LISTENING, Upstream
 
+TOKEN = "workers-test-admin-token"
 ADMIN = re.compile(rb"admin listening on (http://\S+)")
 PIDS = re.compile(rb"2 workers serving \(pids (\d+), (\d+)\)")
 
@@ -105,7 +106,8 @@ async def run_host(tmp_path: Path) -> AsyncIterator[Callable[[str], Awaitable[Ho
         path.write_text(text)
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "proxy", "run", "--config", str(path),
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "RP_ADMIN_TOKEN": TOKEN})
         host = Host(proc)
         hosts.append(host)
         return await host.started()
@@ -302,3 +304,36 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return "\nState:\tZ" not in status
+
+
+async def test_an_operator_rollback_holds_in_every_worker_across_a_reload(
+    run_host: Callable[[str], Awaitable[Host]], stable: Upstream, canary: Upstream,
+    tmp_path: Path,
+) -> None:
+    text = config_text(stable, canary, tmp_path).replace(
+        "admin: {listen: 127.0.0.1:0}", "admin: {listen: 127.0.0.1:0, tokens: [{env: "
+        "RP_ADMIN_TOKEN, role: admin}]}")
+    assert text != config_text(stable, canary, tmp_path)
+    host = await run_host(text)
+    assert "canary" in set(await send(host.url, 40))
+    async with aiohttp.ClientSession() as s, s.post(
+        host.admin + "/api/routes/api/rings/canary/rollback",
+        headers={"Authorization": f"Bearer {TOKEN}"}, json={"reason": "bad build"},
+    ) as r:
+        assert r.status == 200, await r.text()
+    hits = canary.app_hits
+    assert set(await send(host.url, 100)) == {"stable"}
+    # A reload that changes the ring's neighbour, not the ring: it stays rolled back in
+    # every worker (the states go with the config).
+    changed = text.replace("pool: stable\n", "pool: stable\n        policy: {timeout: 20s}\n")
+    assert changed != text
+    (tmp_path / "ringproxy.yaml").write_text(changed)
+    mark = len(host.log)
+    host.proc.send_signal(signal.SIGHUP)
+    await host.wait_log(re.compile(rb"config reloaded \(signal\)"), mark)
+    before = per_worker(await metrics(host))
+    assert set(await send(host.url, 100)) == {"stable"}
+    after = per_worker(await metrics(host))
+    assert after[0] > before[0] and after[1] > before[1]
+    assert canary.app_hits == hits
+    assert await host.finish(signal.SIGTERM) == 0
