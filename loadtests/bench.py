@@ -19,6 +19,10 @@ Targets (default: all but minimal-aiohttp; ringproxy-before only with --before-c
     ringproxy-before     the ringproxy config run by --before-cmd (another build)
     ringproxy-health     ringproxy with active health checks (1 s) and outlier detection on
     ringproxy-nohealth   ringproxy with both off (--only ringproxy-nohealth,ringproxy-health)
+    ringproxy-workers1   ringproxy with ``workers: 1`` (one process, as ringproxy)
+    ringproxy-workers2   ringproxy with ``workers: 2``: a supervisor and two worker
+                         processes (--only ringproxy-workers1,ringproxy-workers2); CPU is
+                         the whole process tree's
 
     .venv/bin/python loadtests/bench.py [--duration 10] [--connections 50]
         [--threads 1] [--only T,T] [--rounds 1] [--before-cmd CMD] [--pin]
@@ -60,6 +64,8 @@ TARGETS = (
     "ringproxy-before",
     "ringproxy-health",
     "ringproxy-nohealth",
+    "ringproxy-workers1",
+    "ringproxy-workers2",
 )
 DEFAULT_TARGETS = (
     "direct",
@@ -77,7 +83,11 @@ RINGPROXY_VARIANTS = {
     "ringproxy-before": (False, True),
     "ringproxy-health": (False, True),
     "ringproxy-nohealth": (False, True),
+    "ringproxy-workers1": (False, True),
+    "ringproxy-workers2": (False, True),
 }
+# Worker processes per ringproxy variant (issue 14); the others run the default, 1.
+WORKERS = {"ringproxy-workers1": 1, "ringproxy-workers2": 2}
 # Upstream health per ringproxy variant: each pool's health:/outlier: (issue 15).
 HEALTH_POOL = {
     "ringproxy-health": "\n    health: {path: /, interval: 1s, timeout: 500ms}"
@@ -367,7 +377,7 @@ def nginx_proxy_body(port: int, upstream_port: int) -> str:
 
 def ringproxy_yaml(
     port: int, upstream_port: int, workdir: Path, access_log: bool, metrics: bool,
-    pool_extra: str = "",
+    pool_extra: str = "", workers: int = 1,
 ) -> str:
     """Two rings on one route with sticky assignment: half the buckets to ``canary``.
 
@@ -376,6 +386,7 @@ def ringproxy_yaml(
     """
     log = 'enabled: true\n  path: "/dev/null"' if access_log else 'enabled: false\n  path: "-"'
     return f"""listen: 127.0.0.1:{port}
+workers: {workers}
 metrics:
   enabled: {"true" if metrics else "false"}
 admin:
@@ -619,7 +630,7 @@ def start_target(
             (workdir / stale).unlink(missing_ok=True)
         config = workdir / "ringproxy.yaml"
         config.write_text(ringproxy_yaml(port, upstream_port, workdir, access_log, metrics,
-                                         HEALTH_POOL.get(target, "")))
+                                         HEALTH_POOL.get(target, ""), WORKERS.get(target, 1)))
         command = args.before_cmd if target == "ringproxy-before" else args.ringproxy_cmd
         argv = [*ringproxy_argv(command), "run", "--config", str(config)]
         # Another build must not import this tree's package from the working directory.
@@ -666,6 +677,7 @@ RINGPROXY_LIKE = ("minimal-aiohttp", *RINGPROXY_VARIANTS)
 GOAL_CPU_X_NGINX = 2.0  # issue 13: CPU per request and p99 within 2x NGINX's
 GOAL_P99_X_NGINX = 2.0
 GOAL_HEALTH_PERCENT = 3.0  # issue 15: health checks + outlier detection within 3 % CPU/request
+GOAL_WORKERS_CPU_X = 1.10  # issue 14: CPU per request with workers: 2 within 10 % of 1
 GOAL_FEATURE_US = 3.0  # issue 13: the access log and metrics each at most 3 us per request
 
 
@@ -720,6 +732,9 @@ def compute_ratios(results: dict[str, TargetResult]) -> dict[str, float | None]:
     out["ringproxy_vs_direct_rps"] = ratio(
         _get(results, "ringproxy", "rps"), _get(results, "direct", "rps")
     )
+    for attr, key in (("cpu_us_per_req", "cpu_per_req"), ("rps", "rps")):
+        out[f"workers2_vs_workers1_{key}"] = ratio(
+            _get(results, "ringproxy-workers2", attr), _get(results, "ringproxy-workers1", attr))
     if "ringproxy-before" in results:
         out["ringproxy_vs_before_cpu_per_req"] = ratio(
             _get(results, "ringproxy", "cpu_us_per_req"),
@@ -838,6 +853,12 @@ def render(
         ("ringproxy vs nginx  rps", ratios.get("ringproxy_vs_nginx_rps"), ""),
         ("ringproxy vs direct rps", ratios.get("ringproxy_vs_direct_rps"), ""),
     ]
+    if ratios.get("workers2_vs_workers1_rps") is not None:
+        cpu = ratios.get("workers2_vs_workers1_cpu_per_req")
+        entries += [
+            ("workers: 2 vs workers: 1 cpu/req", cpu, _verdict(cpu, GOAL_WORKERS_CPU_X)),
+            ("workers: 2 vs workers: 1 rps", ratios.get("workers2_vs_workers1_rps"), ""),
+        ]
     if "ringproxy_vs_before_cpu_per_req" in ratios:
         entries.append(
             ("ringproxy vs ringproxy-before cpu/req",

@@ -27,7 +27,8 @@ import importlib.metadata
 import platform
 import time
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -206,6 +207,44 @@ class RingRecorder:
                 f"requests={sum(self.requests)}>")
 
 
+def worker_families(ready: int, restarts: list[int], requests: list[int], missed: int,
+                    unmatched: int) -> Iterator[Metric]:
+    """A supervisor's own series (``proxy.workers``): its workers, per worker index."""
+    workers = GaugeMetricFamily(
+        "ringproxy_workers", "Worker processes: configured, and ready (serving).",
+        labels=("state",))
+    workers.add_metric(("configured",), len(restarts))
+    workers.add_metric(("ready",), ready)
+    yield workers
+    restarted = CounterMetricFamily(
+        "ringproxy_worker_restarts", "Worker processes restarted after they exited.",
+        labels=("worker",))
+    served = CounterMetricFamily(
+        "ringproxy_worker_requests", "Finished requests by the worker that served them.",
+        labels=("worker",))
+    for index, (r, n) in enumerate(zip(restarts, requests, strict=True)):
+        restarted.add_metric((str(index),), r)
+        served.add_metric((str(index),), n)
+    yield restarted
+    yield served
+    yield CounterMetricFamily(
+        "ringproxy_worker_reports_missed", "Reports a worker did not send within the "
+        "flush timeout of a scrape or an admin read (those numbers came later).",
+        value=missed)
+    yield CounterMetricFamily(
+        "ringproxy_worker_reports_unmatched", "Per-ring reports for a ring the "
+        "supervisor no longer has (sent just before a reload removed it): dropped.",
+        value=unmatched)
+
+
+class UpstreamView(Protocol):
+    """Other processes' view of the upstream servers (a supervisor's workers): merged
+    into the pools' series at scrape time."""
+
+    def available(self, pool: str, server: str) -> bool: ...  # in rotation everywhere
+    def ejections(self, pool: str, server: str) -> int: ...  # ejections elsewhere, total
+
+
 class Metrics:
     """A proxy's metrics: its own registry, the ring recorders, config and reload state.
 
@@ -222,10 +261,18 @@ class Metrics:
         window_horizon: float = 300.0,
         window_resolution: float = 1.0,
         process_metrics: bool = True,
+        window_factory: Callable[[], RingWindow] | None = None,
     ) -> None:
         RingWindow(window_horizon, window_resolution)  # validate the arguments now
         self.window_horizon = window_horizon
         self.window_resolution = window_resolution
+        # What a new recorder's window is (a worker process's keeps only what it has not
+        # reported yet: proxy.workers.deltas); None: a RingWindow over the horizon.
+        self.window_factory = window_factory
+        # Set by a supervisor of worker processes (proxy.workers): the workers' view of
+        # the servers, and more metric families (``worker_families``).
+        self.upstream_view: UpstreamView | None = None
+        self.extra: list[Callable[[], Iterable[Metric]]] = []
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
         if process_metrics:
@@ -261,7 +308,8 @@ class Metrics:
             key = (ring.route, ring.name, ring.pool.config.name)
             recorder = self._recorders.get(key)
             if recorder is None:
-                window = RingWindow(self.window_horizon, self.window_resolution)
+                window = (self.window_factory() if self.window_factory is not None else
+                          RingWindow(self.window_horizon, self.window_resolution))
                 recorder = RingRecorder(*key, window)
             recorder.error_statuses = statuses.get(ring.route, SERVER_ERRORS) | NONSTANDARD
             recorders[key] = recorder
@@ -274,6 +322,11 @@ class Metrics:
     def window(self, route: str, ring: str, now: float, seconds: float) -> Summary:
         """The ring's last ``seconds`` (``now`` on the handler's clock, time.monotonic())."""
         return self._recorder(route, ring).window.summary(now, seconds)
+
+    def recorders(self) -> dict[tuple[str, str, str], RingRecorder]:
+        """Every ring's recorder by (route, ring, pool): what a worker reports, and where
+        its supervisor adds what the workers report (``proxy.workers.deltas``)."""
+        return self._recorders
 
     def tally(self, route: str, ring: str) -> Tally:
         """The ring's running totals of judged requests (the same object while its
@@ -326,6 +379,8 @@ class Metrics:
         yield from self._rings_now()
         yield from self._upstreams()
         yield from self._config_and_rollbacks()
+        for more in self.extra:
+            yield from more()
 
     def _traffic(self) -> Iterator[Metric]:
         """What the rings' recorders counted."""
@@ -433,11 +488,16 @@ class Metrics:
         retries = CounterMetricFamily(
             "ringproxy_upstream_retries", "Retries made on another server of the pool, by "
             "what failed.", labels=("pool", "reason"))
+        view = self.upstream_view
         for pool in self._pools:
             name = pool.config.name
             for server in pool.health.state.servers:
-                healthy.add_metric((name, server.url), float(server.available))
-                ejections.add_metric((name, server.url), server.ejections_total)
+                available, ejected = server.available, server.ejections_total
+                if view is not None:
+                    available = available and view.available(name, server.url)
+                    ejected += view.ejections(name, server.url)
+                healthy.add_metric((name, server.url), float(available))
+                ejections.add_metric((name, server.url), ejected)
             if pool.config.retries is not None:
                 for reason in RETRY_REASONS:
                     retries.add_metric((name, reason), pool.retried.get(reason, 0))

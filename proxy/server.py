@@ -62,7 +62,7 @@ class Proxy:
         self.config = config
         self.runtime = Runtime(config)
         # Its own registry per Proxy: tests run several in one process.
-        self.metrics = Metrics(window_horizon=WINDOW_HORIZON)
+        self.metrics = self._make_metrics()
         self.metrics.attach(self.runtime)
         self.metrics.config_loaded(config.revision)
         self.controller = Controller(config, self.metrics)
@@ -80,6 +80,11 @@ class Proxy:
         self.url = ""
         self.tls_url = ""
         self.admin_url = ""
+        # Where the client listeners bind, when not the config's addresses (a worker
+        # process binds the port its supervisor reserved, with SO_REUSEPORT).
+        self.bind: Listen | None = None
+        self.bind_tls: Listen | None = None
+        self.reuse_port = False
         # Reloads need a file to read again: the embedded demo config has none.
         self.reloader: Reloader | None = None
         if config.source and Path(config.source).is_file():
@@ -88,6 +93,9 @@ class Proxy:
         # Set by ``serve``: objects alive once started (config, tables, modules) are moved
         # out of the cyclic collector's scans, so a full collection stays short.
         self.freeze_gc = False
+
+    def _make_metrics(self) -> Metrics:
+        return Metrics(window_horizon=WINDOW_HORIZON)
 
     async def apply(self, config: Config) -> None:
         """Serve ``config`` from now on: build, start, then swap one reference.
@@ -118,6 +126,11 @@ class Proxy:
             await self.controller.set_webhooks(self.config.webhooks)  # no-op if unchanged
             await self._discard(runtime, access_log)
             raise
+        self._swap(config, runtime, access_log, plan)
+
+    def _swap(self, config: Config, runtime: Runtime, access_log: AccessLog | None,
+              plan: ReloadPlan) -> None:
+        """Serve ``runtime`` from the next request on (its states are in its table)."""
         if plan.changed("access_log"):
             old_log, self.access_log = self.access_log, access_log
             if self.plane is not None:
@@ -188,7 +201,7 @@ class Proxy:
         await self.runtime.start()
         try:
             await self._listen_clients()
-            admin = web.AppRunner(admin_app(self), access_log=None, shutdown_timeout=1.0)
+            admin = web.AppRunner(self._admin_app(), access_log=None, shutdown_timeout=1.0)
             self.admin_url = await self._listen(admin, self.config.admin.listen)
         except BaseException:
             await self.stop()
@@ -197,6 +210,9 @@ class Proxy:
             self.reloader.start_watching()
         self.controller.start()
 
+    def _admin_app(self) -> web.Application:
+        return admin_app(self)
+
     async def _listen_clients(self) -> None:
         """The data plane's listeners, behind one connection gate for the process."""
         config = self.config
@@ -204,13 +220,16 @@ class Proxy:
         self.gate = ConnectionGate(connection_cap(config.limits, soft))
         plane = self.plane = DataPlane(self.runtime, self.access_log, self.gate)
         loop = asyncio.get_running_loop()
-        server = await listen(loop, lambda: plane.protocol("http"), config.listen, None)
+        server = await listen(loop, lambda: plane.protocol("http"), self.bind or config.listen,
+                              None, reuse_port=self.reuse_port)
         self._listeners.append(server)
         self.url = _url(server.sockets[0].getsockname())
         if config.listen_tls is not None:
             watcher = self.certificates = CertificateWatcher(config.listen_tls)
-            tls = await listen(loop, lambda: plane.protocol("https"), config.listen_tls.listen,
-                               watcher.context, handshake_timeout=config.limits.head_timeout)
+            tls = await listen(loop, lambda: plane.protocol("https"),
+                               self.bind_tls or config.listen_tls.listen, watcher.context,
+                               handshake_timeout=config.limits.head_timeout,
+                               reuse_port=self.reuse_port)
             self._listeners.append(tls)
             self.tls_url = _url(tls.sockets[0].getsockname(), "https")
             self._cert_task = asyncio.ensure_future(self._watch_certificates(watcher))
@@ -299,7 +318,9 @@ async def serve(
     """Serve until SIGTERM or SIGINT, then shut down gracefully.  SIGHUP reloads.
 
     SIGTERM (Kubernetes, Docker) first drains: /readyz answers 503 for ``drain_delay``
-    while the listener still serves; SIGINT (Ctrl-C) stops without that pause."""
+    while the listener still serves; SIGINT (Ctrl-C) stops without that pause.  With
+    ``workers: N`` (N > 1) this process is the supervisor of N worker processes that
+    serve the clients (``proxy.workers``); the signals work the same."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     received: list[int] = []  # the stopping signal: SIGTERM drains first, SIGINT does not
@@ -310,7 +331,13 @@ async def serve(
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping, sig)
-    proxy = Proxy(config, watch=watch, fresh_state=fresh_state)
+    proxy: Proxy
+    if config.workers > 1:
+        from proxy.workers.supervisor import Supervisor
+
+        proxy = Supervisor(config, watch=watch, fresh_state=fresh_state)
+    else:
+        proxy = Proxy(config, watch=watch, fresh_state=fresh_state)
     proxy.freeze_gc = True
     reloader = proxy.reloader
     if reloader is not None:

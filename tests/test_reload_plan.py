@@ -79,6 +79,10 @@ TABLE: dict[str, tuple[tuple[str, str], Applies, str]] = {
         ("shutdown_grace: 30s", "shutdown_grace: 30s\ndrain_delay: 1s"), Applies.RESTART,
         "config reload: drain_delay changed from 5s to 1s; it takes effect at the next restart",
     ),
+    "workers": (
+        ("shutdown_grace: 30s", "shutdown_grace: 30s\nworkers: 2"), Applies.RESTART,
+        "config reload: workers changed from 1 to 2; it takes effect at the next restart",
+    ),
     # (trusted_hops is part of it: read when a connection is accepted)
     "trusted_proxies": (
         ("shutdown_grace: 30s", "shutdown_grace: 30s\ntrusted_proxies: [10.0.0.0/8]"),

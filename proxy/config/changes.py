@@ -43,6 +43,7 @@ KEYS: tuple[Key, ...] = (
     Key("access_log", Applies.LIVE, lambda c: c.access_log),
     Key("shutdown_grace", Applies.RESTART, lambda c: c.shutdown_grace),
     Key("drain_delay", Applies.RESTART, lambda c: c.drain_delay),
+    Key("workers", Applies.RESTART, lambda c: c.workers),
     # Read when a connection is accepted, as limits are.
     Key("trusted_proxies", Applies.LIVE, lambda c: c.trusted_proxies),
     Key("admin.hosts", Applies.LIVE, lambda c: c.admin.hosts),

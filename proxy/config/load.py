@@ -121,6 +121,7 @@ def _read_config(ctx: Ctx, data: object, environ: Mapping[str, str]) -> Config |
     access_log = _read_access_log(ctx, top.raw("access_log", {}), "access_log")
     grace = top.duration("shutdown_grace", _CONFIG.shutdown_grace, minimum=0.0)
     drain_delay = top.duration("drain_delay", _CONFIG.drain_delay, minimum=0.0)
+    workers = _read_workers(ctx, top)
     trusted = read_trusted_proxies(ctx, top)
     msec = Section(ctx, top.raw("metrics", {}), "metrics")
     metrics = Metrics(msec.flag("enabled", _CONFIG.metrics.enabled))
@@ -146,7 +147,24 @@ def _read_config(ctx: Ctx, data: object, environ: Mapping[str, str]) -> Config |
                 ctx.err(f"routes[{i}].analysis", "analysis reads the per-ring metrics; "
                         "it needs metrics.enabled: true")
     return Config(listen, pools, routes, admin, access_log, grace, metrics, state, webhooks,
-                  limits, listen_tls, trusted_proxies=trusted, drain_delay=drain_delay)
+                  limits, listen_tls, trusted_proxies=trusted, drain_delay=drain_delay,
+                  workers=workers)
+
+
+MAX_WORKERS = 256
+
+
+def _read_workers(ctx: Ctx, top: Section) -> int:
+    """``workers``: a whole number 1..256, or ``auto`` (the number of CPUs)."""
+    if top.has("workers") and top.data["workers"] == "auto":
+        top.raw("workers")
+        return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
+    value = top.raw("workers", _CONFIG.workers)
+    if isinstance(value, str):
+        ctx.err(top.sub("workers"), f"{value!r} is not a number of processes; write a "
+                f"whole number 1..{MAX_WORKERS} or auto (one per CPU)")
+        return _CONFIG.workers
+    return top.integer("workers", _CONFIG.workers, 1, MAX_WORKERS)
 
 
 def _read_access_log(ctx: Ctx, data: object, path: str) -> AccessLog:

@@ -104,6 +104,9 @@ class Config:
     # Peers whose X-Forwarded-For/Forwarded name the client (none: the peer is the client).
     trusted_proxies: TrustedProxies = field(default_factory=TrustedProxies)
     drain_delay: float = 5.0  # after SIGTERM: /readyz says 503 this long, still serving
+    # Processes serving clients: 1 is this one; N > 1 is a supervisor and N workers
+    # (proxy.workers).  ``auto`` in the file is resolved to os.cpu_count() when read.
+    workers: int = 1
     revision: str = ""  # short hash of the file's bytes
     source: str = ""
 

@@ -399,6 +399,10 @@ def config_schema() -> Schema:
                                         "how long in-flight requests may finish"),
             "drain_delay": _duration(config.drain_delay, "after SIGTERM, /readyz answers "
                                      "503 this long while the listener still serves"),
+            "workers": {"anyOf": [_int("processes serving clients (1: this one; N: a "
+                                       "supervisor and N workers sharing the port)", 1, 256,
+                                       config.workers),
+                                  {"const": "auto", "description": "one per CPU"}]},
             "trusted_proxies": {"type": "array", "items": _str(
                 "a network (CIDR) of load balancers whose X-Forwarded-For/Forwarded name "
                 "the client")},

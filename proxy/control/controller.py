@@ -40,7 +40,14 @@ from proxy.control.webhooks import WebhookSender
 from proxy.errors import RolloutConflict, StateError
 from proxy.health.state import Transition
 from proxy.rollout.judge import Verdict, errors_worse, judge_fast, judge_marks
-from proxy.rollout.machine import Trigger, act, on_fast_failure, on_verdicts, restore
+from proxy.rollout.machine import (
+    Trigger,
+    act,
+    on_fast_failure,
+    on_verdicts,
+    restore,
+    unmatched,
+)
 from proxy.rollout.plan import RoutePlan, build_plan
 from proxy.rollout.state import Event, Phase, RingState
 from proxy.tasks import cancel_and_wait
@@ -101,12 +108,23 @@ class Controller:
         self._task: asyncio.Task[None] | None = None
         self._retired: dict[WebhookSender, asyncio.Task[None]] = {}  # senders draining
         self.looks = Looks()  # per ring: where its evidence starts, its recent history
+        # Called with the runtime and a route's name after the route's states went into
+        # that runtime's table (worker processes are told: proxy.workers.supervisor).
+        self.on_apply: list[Callable[[Runtime, str], None]] = []
 
     # ------------------------------------------------------------------ configuration
 
     def load(self, fresh: bool = False) -> None:
-        """Read the state file; with ``fresh`` an unusable one is set aside, loudly."""
-        self.history.extend(read_audit(self.audit_path))
+        """Read the audit and state files; with ``fresh`` an unusable one is set aside,
+        loudly (a ``StateError`` otherwise, with one line saying what is wrong where)."""
+        try:
+            self.history.extend(read_audit(self.audit_path))
+        except StateError as exc:
+            if not fresh:
+                raise
+            aside = set_aside(self.audit_path)
+            log.warning("%s; STARTING A NEW AUDIT FILE (--fresh-state); the old file is "
+                        "kept as %s", exc, aside)
         try:
             self._known = load_state(self.state_path)
         except StateError as exc:
@@ -129,10 +147,14 @@ class Controller:
         config = runtime.config
         self._known.update(self.states)
         plans, states = {}, {}
+        kept: list[Event] = []
         for route in config.routes:
             plan = build_plan(config, route)
             plans[route.name] = plan
-            states[route.name] = restore(plan, self._known.get(route.name, {}), now)
+            saved = self._known.get(route.name, {})
+            states[route.name] = restore(plan, saved, now)
+            kept += [_kept_back(route.name, ring, states[route.name][ring], now)
+                     for ring in unmatched(plan, saved)]
         for name, rings in states.items():
             old = self._known.get(name, {})
             for ring, state in rings.items():
@@ -141,6 +163,7 @@ class Controller:
                     log.info("ring %s/%s changed in the config: its rollout starts over (%s)",
                              name, ring, state.phase.value)
         self.plans, self.states = plans, states
+        self._note(kept)
         self._generation += 1  # a commit whose save spans this call decides again
         self.verdicts = {k: v for k, v in self.verdicts.items() if k in plans}
         self.looks.keep({(p.route, r.name) for p in plans.values() for r in p.rings})
@@ -148,6 +171,23 @@ class Controller:
         for name in plans:
             self._apply(name)
         runtime.take_over()
+
+    def _note(self, events: list[Event]) -> None:
+        """Say that unmatched saved states kept their rings rolled back: a warning, an
+        event in memory and in the audit file, and the states saved bound to their rings
+        (written now: it happens at start, before anything serves, or on the reload that
+        brings a route back)."""
+        for event in events:
+            log.warning("%s", event.text)
+            self.events.append(event)
+            self.history.append(event.as_dict())
+        if not events:
+            return
+        try:
+            self._save(self.state_path, self.states)
+            append_audit(self.audit_path, events)
+        except OSError as exc:
+            log.error("cannot save the rollout state or its audit: %s", exc)
 
     def checkpoint(self) -> Checkpoint:
         """What the next ``configure`` would replace (take it before a reload's apply)."""
@@ -179,13 +219,11 @@ class Controller:
         runtime = self._runtime
         if runtime is None:
             return
-        states = self.states[route]
-        compiled = runtime.table.routes[route]
-        weights = [states[r.name].weight for r in compiled.route.rings]
-        blocked = [name for name, state in states.items() if not state.enabled]
-        runtime.table.set_route(compiled.with_weights(weights, blocked))
+        apply_states(runtime, route, self.states[route])
         self._show(route)
         self._look(route)
+        for hook in self.on_apply:
+            hook(runtime, route)
 
     def _look(self, route: str) -> None:
         """Start the evidence of every ring whose step began since the last look."""
@@ -466,6 +504,26 @@ class Controller:
         return f"<Controller routes={len(self.plans)} {dict(phases)}>"
 
 
+def _kept_back(route: str, ring: str, state: RingState, now: float) -> Event:
+    return Event(now, route, ring, "kept_rolled_back", state.weight, state.weight,
+                 state.phase.value, state.phase.value,
+                 "its saved state has no fingerprint to match it to the ring's config; it "
+                 "stays rolled back until an operator resumes it", actor="restore")
+
+
+def apply_states(runtime: Runtime, route: str, states: States) -> None:
+    """Put a route's weights and rolled-back rings into ``runtime``'s routing table.
+
+    The one way states reach a table: the controller's, and a worker process's with the
+    states its supervisor sends (``proxy.workers``).  ``states`` has one entry per ring
+    of the route in ``runtime``'s config (``restore`` makes them).
+    """
+    compiled = runtime.table.routes[route]
+    weights = [states[r.name].weight for r in compiled.route.rings]
+    blocked = [name for name, state in states.items() if not state.enabled]
+    runtime.table.set_route(compiled.with_weights(weights, blocked))
+
+
 def _judged(plan: RoutePlan, decide: Callable[[RoutePlan, States], Decision]) -> Decide:
     """An analysis decision: it stands only under the plan it was judged under.
 
@@ -481,4 +539,4 @@ def _judged(plan: RoutePlan, decide: Callable[[RoutePlan, States], Decision]) ->
     return under_plan
 
 
-__all__ = ["Controller", "Phase", "Trigger"]
+__all__ = ["Controller", "Phase", "Trigger", "apply_states"]

@@ -224,16 +224,19 @@ async def listen(
     backlog: int = 1024,
     *,
     handshake_timeout: float | None = None,
+    reuse_port: bool = False,
 ) -> asyncio.Server:
     """Bind ``listen`` and serve; ``OSError`` names the address (in use, not permitted...).
 
     ``handshake_timeout`` bounds a TLS handshake (asyncio's default is 60 s); pass
     ``limits.head_timeout``, since the head timeout starts only once the handshake is done.
+    ``reuse_port`` (SO_REUSEPORT) lets worker processes each bind the same address: the
+    kernel spreads new connections over their listeners (``proxy.workers``).
     """
     try:
         return await loop.create_server(
             protocol_factory, host=listen.host, port=listen.port, ssl=ssl, backlog=backlog,
-            reuse_address=True,
+            reuse_address=True, reuse_port=reuse_port or None,
             ssl_handshake_timeout=handshake_timeout if ssl is not None else None,
         )
     except OSError as exc:

@@ -62,15 +62,35 @@ def initial_state(plan: RingPlan, now: float) -> RingState:
 
 
 def restore(plan: RoutePlan, saved: Mapping[str, RingState], now: float) -> dict[str, RingState]:
-    """States for ``plan``: saved ones whose ring config did not change, fresh for the rest."""
+    """States for ``plan``: saved ones whose ring config did not change, fresh for the rest.
+
+    A saved rolled-back state that cannot be matched to its ring (no fingerprint: written
+    by hand or damaged; see ``unmatched``) stays rolled back, now bound to the ring's
+    config: whether that config changed cannot be known, and a guess must never put users
+    back on a version that was taken away.  An operator's resume brings it back.
+    """
     states = {}
     for ring in plan.rings:
         old = saved.get(ring.name)
         if old is not None and old.fingerprint == ring.fingerprint:
             states[ring.name] = old
+        elif old is not None and _unmatched(old):
+            states[ring.name] = replace(old, fingerprint=ring.fingerprint)
         else:
             states[ring.name] = initial_state(ring, now)
     return states
+
+
+def unmatched(plan: RoutePlan, saved: Mapping[str, RingState]) -> list[str]:
+    """Rings of ``plan`` whose saved state ``restore`` keeps rolled back for want of a
+    fingerprint (say so: the operator decides when they come back)."""
+    return [ring.name for ring in plan.rings
+            if (old := saved.get(ring.name)) is not None and old.fingerprint != ring.fingerprint
+            and _unmatched(old)]
+
+
+def _unmatched(state: RingState) -> bool:
+    return not state.fingerprint and state.phase is Phase.ROLLED_BACK
 
 
 # --------------------------------------------------------------------------- the table

@@ -176,6 +176,22 @@ class RingWindow:
         if bucket >= 0:
             self._hist[slot][bucket] += 1
 
+    def merge(self, epoch: int, count: int, errors: int, hist: Sequence[int]) -> None:
+        """Add counts recorded elsewhere (another process's window with the same resolution
+        and bounds, on the same monotonic clock) to bucket ``epoch``.  Counts older than
+        the horizon are dropped, as ``add`` drops them."""
+        if len(hist) != len(self._bounds) + 1:
+            raise ValueError(f"window merge: {len(hist)} counts for {len(self._bounds)} bounds")
+        slot = epoch % self._n
+        if self._epoch[slot] != epoch and not self._renew(slot, epoch):
+            return
+        self._count[slot] += count
+        self._errors[slot] += errors
+        bucket = self._hist[slot]
+        for i, n in enumerate(hist):
+            if n:
+                bucket[i] += n
+
     def _renew(self, slot: int, epoch: int) -> bool:
         """Give ``slot`` to ``epoch``; False when the slot holds a newer one already (the
         request is older than the horizon)."""
