@@ -443,6 +443,6 @@ def _check_credentials(ctx: Ctx, pools: tuple[Pool, ...], routes: tuple[Route, .
             own = {c.header.lower() for c in pool.auth}
             for key, _ in ring.policy.add_headers:
                 if key.lower() in own:
-                    ctx.err(f"routes[{i}].rings[{j}].policy.add_headers",
+                    ctx.err(f"routes[{i}].rings[{j}].policy.add_headers.{key}",
                             f"{key} is a credential of pool {pool.name} (its auth sets it); "
                             "add_headers cannot set it too")

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import math
 
+# A token is there at 1.0 less float noise: 0.1 s at 10/s must give a whole token, not
+# 0.99999999999999 of one (and a Retry-After for the rounding).
+_ONE = 1.0 - 1e-9
+
 
 class TokenBucket:
     __slots__ = ("burst", "rate", "stamp", "tokens")
@@ -29,7 +33,7 @@ class TokenBucket:
             tokens = self.tokens + (now - self.stamp) * self.rate
             self.tokens = tokens if tokens < self.burst else self.burst
             self.stamp = now
-        if self.tokens >= 1.0:
+        if self.tokens >= _ONE:
             self.tokens -= 1.0
             return 0.0
         return (1.0 - self.tokens) / self.rate
