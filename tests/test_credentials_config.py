@@ -166,8 +166,8 @@ def test_a_credential_variable_is_used_only_in_pools_auth() -> None:
         "c.yaml:21: routes[0].rings[0].policy.add_headers.X-Sneak: PROD_TOKEN is a credential "
         "of pool prod; a credential variable is used only in pools.*.auth (where it is kept "
         "out of logs, views and other pools)",
-        "c.yaml:24: routes[0].rings[1].policy.add_headers.authorization: authorization is a credential of "
-        "pool prod (its auth sets it); add_headers cannot set it too",
+        "c.yaml:24: routes[0].rings[1].policy.add_headers.authorization: authorization is a "
+        "credential of pool prod (its auth sets it); add_headers cannot set it too",
     ]
 
 
