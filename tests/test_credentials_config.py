@@ -251,3 +251,27 @@ def test_tls_is_read_and_checked_at_load(tmp_path: Path) -> None:
         f'{{cert: "{cert}", key: "{encrypted_copy(key, tmp_path / "enc.key")}"}}')
     assert error('{cert: "-----BEGIN CERTIFICATE----- x", key: k}').endswith(
         "write the path of the PEM file, never its contents")
+
+
+def test_unset_credential_variables_are_reported_as_unset_only(tmp_path: Path) -> None:
+    """Two unset variables leave equal texts ('Bearer '): not a shared production secret
+    (``check --env-optional`` turns the unset ones into warnings and passes)."""
+    from tests.conftest import cli
+
+    pools = """
+        prod:
+          environment: production
+          servers: ["http://127.0.0.1:9001"]
+          auth: {header: Authorization, value: "Bearer ${CR_UNSET_A}"}
+        canary:
+          servers: ["http://127.0.0.1:9002"]
+          auth: {header: Authorization, value: "Bearer ${CR_UNSET_B}"}
+    """
+    assert [e.split(": ", 2)[2] for e in errors_of(pools, environ={})] == [
+        "environment variable CR_UNSET_A is not set",
+        "environment variable CR_UNSET_B is not set"]
+    path = tmp_path / "c.yaml"
+    path.write_text(text(pools))
+    done = cli("check", "--env-optional", str(path))
+    assert done.returncode == 0, done.stderr
+    assert "2 unset variables" in done.stdout

@@ -36,7 +36,7 @@ from typing import Protocol
 
 from proxy.config.limits import load_certificate
 from proxy.config.reader import Ctx, Section, kind
-from proxy.config.source import join
+from proxy.config.source import join, unset_variable
 from proxy.config.values import TOKEN_RE
 
 REDACTED = "***"
@@ -208,7 +208,10 @@ def _read_credential(ctx: Ctx, data: object, path: str) -> Credential | None:
             ok = False
     if not ok or not header:
         return None
-    return Credential(header, Secret(raw_value.strip()), names, shared)
+    # A variable left unset (an issue already; a warning under ``check --env-optional``)
+    # leaves no value to compare: an empty one, never equal to another pool's.
+    unset = any(i.path == vpath and unset_variable(i) for i in ctx.issues)
+    return Credential(header, Secret("" if unset else raw_value.strip()), names, shared)
 
 
 def read_tls(ctx: Ctx, data: object, path: str, has_https: bool) -> UpstreamTLS | None:
