@@ -25,6 +25,7 @@ from aiohttp import web
 
 from tests.conftest import ProxyFactory, Upstream, cli, headers_of
 from tests.test_limits_config import self_signed
+from tests.test_rollback_sockets import wait_for
 from tests.test_upstream_tls_sockets import TLSUpstream
 
 PROD = "prod-cred-5c1d0e8f2a7b4411"
@@ -326,3 +327,47 @@ async def test_no_admin_surface_ever_shows_a_credential(
     # And the upstreams got what they should.
     assert headers_of(canary.requests[0])["authorization"] == f"Bearer {STAGE}"
     assert headers_of(stable.requests[0])["authorization"] == f"Bearer {PROD}"
+
+
+async def test_active_health_checks_use_the_pools_tls_and_client_certificate(
+    mtls: tuple[MutualTLSUpstream, Path, Path, Path], make_proxy: ProxyFactory,
+    client: aiohttp.ClientSession,
+) -> None:
+    upstream, ca, cert, key = mtls
+    check = "health: {path: /healthz, interval: 200ms, timeout: 200ms, unhealthy_threshold: 1}"
+    text = textwrap.dedent(f"""\
+        listen: 127.0.0.1:0
+        admin: {{listen: 127.0.0.1:0}}
+        access_log: {{enabled: false}}
+        pools:
+          with_cert:
+            servers: ["{upstream.url}"]
+            tls: {{ca: "{ca}", cert: "{cert}", key: "{key}", server_name: api.internal}}
+            {check}
+          no_cert:
+            servers: ["{upstream.url}"]
+            tls: {{ca: "{ca}", server_name: api.internal}}
+            {check}
+          wrong_name:
+            servers: ["{upstream.url}"]
+            tls: {{ca: "{ca}", cert: "{cert}", key: "{key}", server_name: other.internal}}
+            {check}
+        routes:
+          - name: api
+            rings:
+              - {{name: nocert, pool: no_cert, rules: [{{attr: "header:X-Ring", equals: a}}]}}
+              - {{name: badname, pool: wrong_name,
+                  rules: [{{attr: "header:X-Ring", equals: b}}]}}
+              - {{name: main, pool: with_cert}}
+        """)
+    proxy = await make_proxy(text)
+    pools = proxy.runtime.pools
+    await wait_for(lambda: upstream.peers.count("ringproxy-edge") >= 3
+                   and pools["no_cert"].health.down and pools["wrong_name"].health.down, 10)
+    assert {path for path, _, _ in upstream.seen} == {"/healthz"}
+    assert not pools["with_cert"].health.down  # (its checks name api.internal: verified)
+    async with client.get(proxy.url + "/x") as r:
+        assert r.status == 200
+    async with client.get(proxy.url + "/x", headers={"X-Ring": "a"}) as r:
+        assert r.status == 503  # the pool's checks fail without a certificate: out of rotation
+        assert "no healthy server in pool no_cert" in await r.text()
