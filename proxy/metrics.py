@@ -9,9 +9,10 @@ lock, no prometheus_client call.
 Only what the ring's upstream did is judged (recorded into the tally and the window): an
 answer, an error when its status is one of the route's ``error_statuses``, or the upstream
 failing to give one (connect, reset, timeout, bad_response).  The proxy's own refusals
-(``refused``: a full max_concurrency), clients that went away (``client_closed``), clients
-whose request the proxy refused (``bad_request``) and defects of the proxy (``internal``)
-are counted in Prometheus only, each in its own code class or kind.
+(``refused``: a full max_concurrency, a rate_limit's 429), clients that went away
+(``client_closed``), clients whose request the proxy refused (``bad_request``) and
+defects of the proxy (``internal``) are counted in Prometheus only, each in its own code
+class or kind.
 
 Everything runs on the event loop thread, so a scrape (also on that thread) reads a
 consistent snapshot.  At scrape time :meth:`Metrics.collect` turns the recorders, and the
@@ -42,6 +43,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.process_collector import ProcessCollector
 
 from proxy.config.analysis import SERVER_ERRORS
+from proxy.dataplane.decide import RATE_LIMITED
 from proxy.dataplane.exchange import INTERNAL
 from proxy.dataplane.upstream import UpstreamPool
 from proxy.health.retry import REASONS as RETRY_REASONS
@@ -54,7 +56,7 @@ from proxy.runtime import RingRuntime, Runtime
 # itself because the upstream failed (502/504); "client_closed" when the client went away
 # before any response was sent; "internal" when a defect of the proxy failed the request
 # (a 500 or a cut response, logged with its traceback); "refused" when the proxy answered
-# 503 itself because the ring's max_concurrency was full.
+# 503 itself because the ring's max_concurrency was full, or 429 for its rate_limit.
 CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "error", "client_closed", "internal",
                 "refused")
 ERROR_KINDS = ("connect", "timeout", "reset", "bad_response", "overload", "no_server")
@@ -175,7 +177,10 @@ class RingRecorder:
             return
         kind = _KIND_INDEX.get(error)
         judged = False
-        if kind == _OVERLOAD:
+        if error == RATE_LIMITED:
+            # The proxy's own 429: the ring's policy.rate_limit (never the version's error).
+            cls = _REFUSED
+        elif kind == _OVERLOAD:
             # The proxy's own 503: the ring's max_concurrency was full (clients filled
             # it; the upstream did nothing wrong).
             self.upstream_errors[kind] += 1
@@ -387,7 +392,8 @@ class Metrics:
         requests = CounterMetricFamily(
             "ringproxy_requests", "Finished requests by ring and status class sent to the "
             "client (error: the proxy answered 502/504 itself, the upstream failed; refused: "
-            "the proxy answered 503 itself, the ring's max_concurrency was full; "
+            "the proxy answered 503 itself, the ring's max_concurrency was full, or 429 "
+            "for its rate_limit; "
             "client_closed: the client left before a response; internal: a defect of the "
             "proxy failed it).",
             labels=(*RING_LABELS, "code_class"))

@@ -6,9 +6,12 @@ one and swapping that reference is how a config change takes effect.
 
 from __future__ import annotations
 
+import time
 from typing import Protocol
 
 from proxy.config import Config, Ring, Route
+from proxy.config.ringlimits import ring_max_body
+from proxy.dataplane.ratelimit import TokenBucket
 from proxy.dataplane.upstream import HeadLimits, UpstreamPool
 from proxy.rollout.judge import Verdict
 from proxy.rollout.state import Phase
@@ -33,6 +36,7 @@ class RingRuntime:
     """A ring's policy in the form the request path wants, and its in-flight count."""
 
     __slots__ = (
+        "bucket",
         "extra_headers",
         "head_lines",
         "idle_timeout",
@@ -71,7 +75,12 @@ class RingRuntime:
         # per finished request on this ring.  None records nothing.
         self.recorder: Recorder | None = None
         self.limit = ring.policy.max_concurrency
-        self.max_body = route.max_body  # request body bytes; more -> 413
+        # Request body bytes (the route's and the ring's policy's, the smaller); more -> 413.
+        self.max_body = ring_max_body(route.max_body, ring.policy.max_body)
+        # policy.rate_limit: this process's token bucket (starts full); None: no limit.
+        rate = ring.policy.rate_limit
+        self.bucket = (TokenBucket(rate.requests_per_second, rate.burst, time.monotonic())
+                       if rate is not None else None)
         self.timeout = ring.policy.timeout
         self.extra_headers = ring.policy.add_headers
         self.reason_header = route.decision.reason_upstream
@@ -87,13 +96,17 @@ class RingRuntime:
         )
         # The upstream head's fixed lines for this ring (X-Ring, then the added headers),
         # and the lower-cased names of client headers they replace or that are stripped.
+        # The pool's credentials (auth) come last: built here, once per config, and the
+        # client's headers of the same names are dropped (a client cannot inject one).
+        credentials = [(c.header, c.value.reveal()) for c in pool.config.auth]
         self.head_lines = b"X-Ring: " + ring.name.encode() + b"\r\n" + b"".join(
             k.encode("latin-1") + b": " + v.encode("latin-1") + b"\r\n"
-            for k, v in self.extra_headers
+            for k, v in (*self.extra_headers, *credentials)
         )
         self.replaced = frozenset(
             [k.lower().encode("latin-1") for k, _ in self.extra_headers]
             + [name.lower().encode("latin-1") for name in self.strip_headers]
+            + [k.lower().encode("latin-1") for k, _ in credentials]
         )
         # Where ``weight`` is read from: the table this ring is served from.
         self.table = table

@@ -217,9 +217,9 @@ def test_every_error_is_reported_with_path_and_line() -> None:
         "c.yaml:2: listen: '127.0.0.1:99999': port '99999' is not a number in 0..65535",
         "c.yaml:5: pools.stable.servers[0]: 'http://127.0.0.1:9001/x': a server URL has no "
         "path, query or fragment (the request's own path and query are sent)",
-        "c.yaml:6: pools.stable.balanse: unknown key (known keys: balance, connect_timeout, "
-        "health, keepalive_timeout, max_connections, outlier, preserve_host, retries, "
-        "servers); did you mean 'balance'?",
+        "c.yaml:6: pools.stable.balanse: unknown key (known keys: auth, balance, "
+        "connect_timeout, environment, health, keepalive_timeout, max_connections, outlier, "
+        "preserve_host, retries, servers, tls); did you mean 'balance'?",
         "c.yaml:7: pools.bad name: 'bad name' is not a valid pool name; use letters, digits, "
         "'_', '.', '-'",
         "c.yaml:12: routes[0].rings[0].pool: unknown pool 'v3' (pools: bad name, stable)",

@@ -79,7 +79,8 @@ async def test_rings_crud_through_the_sdk(served: Proxy) -> None:
 async def test_pools_crud_and_the_roles(served: Proxy) -> None:
     client, viewer = Client(served.admin_url, ADMIN), Client(served.admin_url, VIEW)
     pool = await run(lambda: client.pools.create("next", {"servers": ["http://127.0.0.1:9"]}))
-    assert pool["status"] == {"servers": ["http://127.0.0.1:9"], "rings": []}
+    assert pool["status"] == {"servers": ["http://127.0.0.1:9"], "rings": [],
+                              "environment": None, "credentials": []}
     assert [p["name"] for p in await run(viewer.pools.list)] == ["stable", "canary", "next"]
     with pytest.raises(AdminClientError) as exc:
         await run(lambda: viewer.pools.delete("next"))

@@ -24,9 +24,18 @@ class Ring(TypedDict):
     revision: str  # the file's revision it was read at: If-Match for a write
 
 
+class CredentialView(TypedDict):
+    header: str
+    value: str  # always "***": a credential is never shown
+    variables: list[str]  # the environment variables it is made of
+    shared: bool
+
+
 class PoolStatus(TypedDict):
     servers: list[str]  # as serving (environment variables expanded)
     rings: list[str]  # route/ring of every serving ring sent to it
+    environment: str | None
+    credentials: list[CredentialView]  # the auth headers set on its requests, redacted
 
 
 class Pool(TypedDict):

@@ -36,7 +36,8 @@ from proxy.admin.configfile import (
     snapshot,
 )
 from proxy.admin.context import Proxy, json_body, proxy_of
-from proxy.admin.resources import Pool, PoolStatus, Ring, RingStatus, Spec
+from proxy.admin.resources import CredentialView, Pool, PoolStatus, Ring, RingStatus, Spec
+from proxy.config.credentials import REDACTED
 from proxy.config.edit import Document
 from proxy.errors import ApiError
 
@@ -74,7 +75,11 @@ def pool_status(proxy: Proxy, name: str) -> PoolStatus | None:
         return None
     rings = [f"{route}/{ring.name}" for route, compiled in proxy.runtime.table.routes.items()
              for ring in compiled.route.rings if ring.pool == name]
-    return {"servers": [s.url for s in pool.config.servers], "rings": rings}
+    credentials: list[CredentialView] = [
+        {"header": c.header, "value": REDACTED, "variables": list(c.variables),
+         "shared": c.shared} for c in pool.config.auth]
+    return {"servers": [s.url for s in pool.config.servers], "rings": rings,
+            "environment": pool.config.environment, "credentials": credentials}
 
 
 def _pool(proxy: Proxy, name: str, spec: Spec, rev: str) -> Pool:

@@ -25,6 +25,13 @@ from proxy.config.assignment import (
     read_override,
     read_sticky,
 )
+from proxy.config.credentials import (
+    check_credential_uses,
+    check_isolation,
+    read_auth,
+    read_environment,
+    read_tls,
+)
 from proxy.config.health import PoolDown, read_health, read_outlier, read_pool_down, read_retries
 from proxy.config.limits import read_limits, read_listen_tls, read_max_body
 from proxy.config.model import (
@@ -39,6 +46,7 @@ from proxy.config.model import (
 )
 from proxy.config.proxies import read_trusted_proxies
 from proxy.config.reader import Ctx, Section, kind
+from proxy.config.ringlimits import read_policy_max_body, read_rate_limit
 from proxy.config.rollout import (
     read_progression,
     read_rollback,
@@ -85,7 +93,7 @@ def parse_config(
 ) -> Config:
     """Parse and validate; ``fast=False`` parses gently beside a running loop (reloads)."""
     loaded = load_yaml(text, os.environ if environ is None else environ, fast)
-    ctx = Ctx(loaded.lines, list(loaded.issues), loaded.env_paths)
+    ctx = Ctx(loaded.lines, list(loaded.issues), loaded.env_paths, loaded.env_refs)
     config = None
     if loaded.data is not None or not ctx.issues:
         config = _read_config(ctx, loaded.data, os.environ if environ is None else environ)
@@ -130,6 +138,7 @@ def _read_config(ctx: Ctx, data: object, environ: Mapping[str, str]) -> Config |
     webhooks = read_webhooks(ctx, top.raw("webhooks", None), "webhooks")
     pools = _read_pools(ctx, top.raw("pools"), "pools")
     routes = _read_routes(ctx, top, {p.name for p in pools})
+    _check_credentials(ctx, pools, routes)
     limits = read_limits(ctx, top.raw("limits", None), "limits")
     listen_tls = read_listen_tls(ctx, top.raw("listen_tls", None), "listen_tls")
     top.close()
@@ -210,6 +219,10 @@ def _read_pools(ctx: Ctx, data: object, path: str) -> tuple[Pool, ...]:
             health=read_health(ctx, sec.raw("health", None), sec.sub("health")),
             outlier=read_outlier(ctx, sec.raw("outlier", None), sec.sub("outlier")),
             retries=read_retries(ctx, sec.raw("retries", None), sec.sub("retries")),
+            auth=read_auth(ctx, sec.raw("auth", None), sec.sub("auth")),
+            tls=read_tls(ctx, sec.raw("tls", None), sec.sub("tls"),
+                         any(s.scheme == "https" for s in servers)),
+            environment=read_environment(ctx, sec),
         )
         sec.close()
         pools.append(pool)
@@ -420,8 +433,10 @@ def _read_policy(
             ctx.err(hpath, f"{value!r}: unknown placeholder {bad}; only {{ring}} and {{route}}")
             continue
         headers[key] = value
+    rate_limit = read_rate_limit(ctx, sec, base.rate_limit)
+    max_body = read_policy_max_body(ctx, sec, base.max_body)
     sec.close()
-    policy = Policy(timeout, idle, limit, tuple(headers.items()))
+    policy = Policy(timeout, idle, limit, tuple(headers.items()), rate_limit, max_body)
     return _expand_headers(policy, route, ring) if ring else policy
 
 
@@ -430,3 +445,22 @@ def _expand_headers(policy: Policy, route: str, ring: str) -> Policy:
         return policy
     expanded = tuple((k, v.format(ring=ring, route=route)) for k, v in policy.add_headers)
     return replace(policy, add_headers=expanded)
+
+
+def _check_credentials(ctx: Ctx, pools: tuple[Pool, ...], routes: tuple[Route, ...]) -> None:
+    """Credential isolation (proxy.config.credentials), and no ring's ``add_headers``
+    setting its pool's credential header (the credential would be sent twice)."""
+    check_isolation(ctx, pools)
+    check_credential_uses(ctx, pools)
+    by_name = {p.name: p for p in pools}
+    for i, route in enumerate(routes):
+        for j, ring in enumerate(route.rings):
+            pool = by_name.get(ring.pool)
+            if pool is None or not pool.auth:
+                continue
+            own = {c.header.lower() for c in pool.auth}
+            for key, _ in ring.policy.add_headers:
+                if key.lower() in own:
+                    ctx.err(f"routes[{i}].rings[{j}].policy.add_headers.{key}",
+                            f"{key} is a credential of pool {pool.name} (its auth sets it); "
+                            "add_headers cannot set it too")

@@ -13,9 +13,11 @@ from enum import StrEnum
 from proxy.config.admin import Admin
 from proxy.config.analysis import Analysis
 from proxy.config.assignment import DecisionHeaders, Override, Sticky
+from proxy.config.credentials import Credential, UpstreamTLS
 from proxy.config.health import HealthCheck, Outlier, PoolDown, Retries
 from proxy.config.limits import Limits, ListenTLS
 from proxy.config.proxies import TrustedProxies
+from proxy.config.ringlimits import RateLimit
 from proxy.config.rollout import Progression, StateFiles, Webhook
 from proxy.config.rules import Rule
 from proxy.config.values import Listen, Upstream
@@ -38,6 +40,9 @@ class Pool:
     health: HealthCheck | None = None  # active checks; None: none
     outlier: Outlier | None = field(default_factory=Outlier)  # passive ejection; None: off
     retries: Retries | None = None  # None: no retries
+    auth: tuple[Credential, ...] = ()  # headers set on every request (proxy.config.credentials)
+    tls: UpstreamTLS | None = None  # https servers: CA, client certificate, name; None: defaults
+    environment: str | None = None  # a free word; "production" is kept from other pools' rings
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +51,8 @@ class Policy:
     idle_timeout: float = 60.0  # longest silence while streaming a body, either way
     max_concurrency: int | None = None  # in-flight requests on this ring; None = no limit
     add_headers: tuple[tuple[str, str], ...] = ()  # sent upstream, {ring}/{route} expanded
+    rate_limit: RateLimit | None = None  # token bucket per ring per process; over it: 429
+    max_body: int | None = None  # request body bytes (with the route's, the smaller); -> 413
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,11 +21,14 @@ D = TypeVar("D", int, int | None)  # an integer's default: a number, or None for
 
 class Ctx:
     def __init__(
-        self, lines: dict[str, int], issues: list[ConfigIssue], env_paths: set[str] | None = None
+        self, lines: dict[str, int], issues: list[ConfigIssue], env_paths: set[str] | None = None,
+        env_refs: dict[str, list[tuple[str, bool]]] | None = None,
     ) -> None:
         self.lines = lines
         self.issues = issues
         self.env_paths = env_paths or set()
+        # The ${VAR}s written at each path (name, has a default): credentials check these.
+        self.env_refs = env_refs or {}
 
     def line(self, path: str) -> int | None:
         while True:

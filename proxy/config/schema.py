@@ -34,6 +34,7 @@ from proxy.config.limits import (
     Limits,
 )
 from proxy.config.model import AccessLog, Balance, Config, Metrics, Policy, Pool, Ring
+from proxy.config.ringlimits import MAX_BURST, MAX_RATE
 from proxy.config.rollout import Progression, StateFiles, Webhook
 from proxy.config.rules import Op
 
@@ -150,7 +151,42 @@ def _policy() -> Schema:
         "add_headers": {"type": "object", "additionalProperties": {"type": "string"},
                         "description": "headers sent upstream; values may use {ring} and "
                         "{route}"},
+        "rate_limit": _rate_limit(),
+        "max_body": _size("largest request body on the ring (413); the route's max_body "
+                          "holds too", MAX_BODY_RANGE),
     }, text="a ring's request policy (a route's is the default of its rings)")
+
+
+def _rate_limit() -> Schema:
+    return _obj({
+        "requests_per_second": {"type": "number", "exclusiveMinimum": 0,
+                                "maximum": MAX_RATE, "description": "tokens added a second"},
+        "burst": _int("requests that may come at once (default: the rate rounded up)", 1,
+                      MAX_BURST),
+    }, required=("requests_per_second",),
+        text="a token bucket per ring per process; over it the proxy answers 429 with "
+        "Retry-After (its own refusal, never the version's error)")
+
+
+def _credential() -> Schema:
+    return _obj({
+        "header": _str("the header the proxy sets on every request to the pool (a "
+                       "client's of the same name is removed)"),
+        "value": _str("from the environment: ${VAR}, e.g. 'Bearer ${API_TOKEN}' (never the "
+                      "secret itself; no :-default)", pattern=".*" + _ENV + ".*"),
+        "shared": _bool("other pools may use the same variable (never a non-production "
+                        "pool a production one's)", False),
+    }, required=("header", "value"))
+
+
+def _upstream_tls() -> Schema:
+    return _obj({
+        "ca": _str("PEM CA bundle the servers are verified with (default: the system's)"),
+        "cert": _str("client certificate PEM path (mTLS), with key"),
+        "key": _str("the client certificate's unencrypted PEM key path"),
+        "server_name": _str("TLS name sent (SNI) and verified, instead of each server's host"),
+        "verify": _bool("verify the servers' certificates and names", True),
+    }, text="TLS to the pool's https:// servers")
 
 
 def _rule() -> Schema:
@@ -308,6 +344,12 @@ def _pool() -> Schema:
         "health": {"anyOf": [_health(), _OFF]},
         "outlier": {"anyOf": [_outlier(), _OFF]},
         "retries": {"anyOf": [_retries(), _OFF]},
+        "auth": {"anyOf": [_credential(), {"type": "array", "items": _credential(),
+                                           "minItems": 1}],
+                 "description": "credentials set on every request to the pool"},
+        "tls": _upstream_tls(),
+        "environment": _str("a free word; production's credentials never reach another "
+                            "pool", pattern=r"^[A-Za-z0-9_.-]+$"),
     }, required=("servers",))
 
 

@@ -44,6 +44,8 @@ class Loaded:
     lines: dict[str, int] = field(default_factory=dict)
     issues: list[ConfigIssue] = field(default_factory=list)
     env_paths: set[str] = field(default_factory=set)  # values that came from ${VAR}
+    # Every ${VAR} written, by path: (name, whether it has a :-default), set or not.
+    env_refs: dict[str, list[tuple[str, bool]]] = field(default_factory=dict)
 
 
 def unset_variable(issue: ConfigIssue) -> str | None:
@@ -186,6 +188,7 @@ class _Builder:
             if m.group(0) == "$$":
                 return "$"
             name, default = m.group(1), m.group(2)
+            self.out.env_refs.setdefault(path, []).append((name, default is not None))
             got = self.environ.get(name)
             if got is not None:
                 self.out.env_paths.add(path)

@@ -1,11 +1,12 @@
 """What to do with a request, decided before any I/O.
 
-``decide`` matches the route, assigns the ring, checks the ring's concurrency limit,
-picks the upstream server and builds the upstream request head (bytes, ready to write)
-and the lines the client's response gets; it returns a record that the exchange carries
-out (httpcore's shape: decide synchronously, then do the I/O).  It reads the live runtime
-(in-flight counts, the pool's balancing cursor) and moves only that cursor; it opens
-nothing and waits for nothing, so tests call it directly.
+``decide`` matches the route, assigns the ring, checks the ring's concurrency limit and
+rate limit (429 with Retry-After, taking a token of the ring's bucket), picks the upstream
+server and builds the upstream request head (bytes, ready to write) and the lines the
+client's response gets; it returns a record that the exchange carries out (httpcore's
+shape: decide synchronously, then do the I/O).  It reads the live runtime (in-flight
+counts, the pool's balancing cursor, the rate limit's bucket) and moves only those; it
+opens nothing and waits for nothing, so tests call it directly.
 
 Per request: one record (a tuple) and the head's bytes; the plain header lines the parser
 kept are joined as they came, the forwarding headers after them, prebuilt where fixed.
@@ -13,6 +14,7 @@ kept are joined as they came, the forwarding headers after them, prebuilt where 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -20,6 +22,7 @@ from proxy.config import Route
 from proxy.config.health import PoolDown
 from proxy.dataplane import framing
 from proxy.dataplane.headers import VIA_VALUE, joined, new_request_id
+from proxy.dataplane.ratelimit import retry_after
 from proxy.dataplane.request import Request
 from proxy.dataplane.upstream import Server
 from proxy.errors import Overloaded
@@ -66,6 +69,10 @@ class LocalAnswer:
 
 NO_ROUTE = LocalAnswer(404, "no route for this host and path", "no_route")
 NO_SERVER = "no_server"  # the error of a request whose ring's pool had no server in rotation
+# The error of a request the ring's policy.rate_limit refused (429): the proxy's own refusal.
+RATE_LIMITED = "rate_limited"
+RATE_LIMITED_MESSAGE = "ring rate limit exceeded"
+_RETRY_AFTER = tuple(b"Retry-After: %d\r\n" % n for n in range(61))  # prebuilt, 0..60 s
 
 
 def decide(runtime: Runtime, request: Request, request_id: str) -> Forward | LocalAnswer:
@@ -84,6 +91,10 @@ def decide(runtime: Runtime, request: Request, request_id: str) -> Forward | Loc
     if ring.limit is not None and ring.inflight >= ring.limit:
         return LocalAnswer(Overloaded.status, Overloaded.reason, Overloaded.kind, True,
                            ring, decision, extra)
+    if ring.bucket is not None:
+        wait = ring.bucket.take(time.monotonic())
+        if wait:
+            return rate_limited(ring, decision, extra, wait)
     pool = ring.pool
     server = pool.pick()
     if server is None:
@@ -98,10 +109,24 @@ def decide(runtime: Runtime, request: Request, request_id: str) -> Forward | Loc
         if ring.limit is not None and ring.inflight >= ring.limit:
             return LocalAnswer(Overloaded.status, Overloaded.reason, Overloaded.kind, True,
                                ring, decision, extra)
+        if ring.bucket is not None:
+            wait = ring.bucket.take(time.monotonic())
+            if wait:
+                return rate_limited(ring, decision, extra, wait)
     upgrade = bool(request.upgrade)  # (set only with Connection: upgrade: check_head)
     head = upstream_head(request, ring, server, pool.config.preserve_host, request_id,
                          decision, upgrade)
     return Forward(ring, decision, server, head, extra, upgrade)
+
+
+def rate_limited(ring: RingRuntime, decision: Decision, extra: bytes,
+                 wait: float) -> LocalAnswer:
+    """429 for a ring over its ``policy.rate_limit``; ``Retry-After``: ``wait`` rounded up."""
+    seconds = retry_after(wait)
+    line = (_RETRY_AFTER[seconds] if seconds < len(_RETRY_AFTER)
+            else b"Retry-After: %d\r\n" % seconds)
+    return LocalAnswer(429, RATE_LIMITED_MESSAGE, RATE_LIMITED, False, ring, decision,
+                       extra + line)
 
 
 def _later_ring(runtime: Runtime, route: str, ring: RingRuntime,
@@ -154,7 +179,13 @@ def upstream_head(
         else:
             fields = [*fields, host_line]
     if drop:
-        fields = [f for f in fields if f.partition(b":")[0].lower() not in drop]
+        # Filtered only when the client sent one of them (``by_name`` holds every header
+        # name it sent, lower-cased): a few dict lookups instead of a pass over the lines.
+        by_name = request.by_name
+        for name in drop:
+            if name in by_name:
+                fields = [f for f in fields if f.partition(b":")[0].lower() not in drop]
+                break
     parts = [
         request.method.encode(), b" ", request.target, b" HTTP/1.1\r\n",
         *fields,

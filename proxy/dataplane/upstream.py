@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 import httptools
 
 from proxy.config import Balance, Pool
+from proxy.config.credentials import client_context
 from proxy.config.values import Upstream
 from proxy.dataplane import headers as h
 from proxy.dataplane.deadlines import Timers
@@ -127,13 +128,17 @@ class UpstreamPool:
         self.budget = RetryBudget(retries.budget, retries.min_retries) if retries else None
         self.retried: dict[str, int] = {}  # retries made, by reason
         self.down_message = f"no healthy server in pool {config.name}"
+        # tls.server_name: the SNI and the name verified, instead of each server's host.
+        self.server_name = config.tls.server_name if config.tls is not None else None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._timers = Timers(loop)
         self._loop_time = loop.time
         if any(s.scheme == "https" for s in self.servers):
-            self._ssl = ssl.create_default_context()
+            # The pool's tls (CA, client certificate, verify), checked when the config was
+            # loaded; the system's trust store without one.
+            self._ssl = client_context(self.config.tls)
         self.health.start(self._ssl)
 
     def _health_changed(self, all_up: bool) -> None:
@@ -231,7 +236,8 @@ class UpstreamPool:
                 _, conn = await loop.create_connection(
                     lambda: UpstreamConnection(self, server),
                     server.host, server.port, ssl=tls,
-                    server_hostname=server.host if tls is not None else None,
+                    server_hostname=self.server_name or server.host if tls is not None
+                    else None,
                 )
         except TimeoutError:
             self._lost_one()

@@ -39,14 +39,16 @@ def status_of(line: bytes) -> int | None:
 
 
 async def probe(upstream: Upstream, check: HealthCheck,
-                tls: ssl.SSLContext | None = None) -> tuple[bool, str]:
-    """(passed, what was seen): the status, or why there was none."""
+                tls: ssl.SSLContext | None = None,
+                server_name: str | None = None) -> tuple[bool, str]:
+    """(passed, what was seen): the status, or why there was none.  ``server_name``: the
+    TLS name to send and verify instead of the server's host (the pool's tls)."""
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(check.timeout):
             reader, writer = await asyncio.open_connection(
                 upstream.host, upstream.port, ssl=tls,
-                server_hostname=upstream.host if tls is not None else None)
+                server_hostname=(server_name or upstream.host) if tls is not None else None)
             writer.write(check_request(upstream, check))
             while True:
                 line = await reader.readline()

@@ -120,11 +120,12 @@ class PoolHealth:
         assert check is not None
         loop = asyncio.get_running_loop()
         upstream = self.servers[i].upstream
+        server_name = self.config.tls.server_name if self.config.tls is not None else None
         await asyncio.sleep(random.uniform(0, check.interval))
         while True:
             began = loop.time()
             self.checks += 1
-            ok, seen = await probe(upstream, check, tls)
+            ok, seen = await probe(upstream, check, tls, server_name)
             change = self.state.checked(i, ok, seen)
             if change is not None:
                 self._apply(change)
