@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from proxy.checks.results import join as join_external
+from proxy.checks.runner import CheckRunner
 from proxy.config import Config
 from proxy.config.analysis import FastRollback
 from proxy.control.looks import Looks
@@ -40,9 +42,17 @@ from proxy.control.webhooks import WebhookSender
 from proxy.errors import RolloutConflict, StateError
 from proxy.health.state import Transition
 from proxy.rollout.judge import Verdict, errors_worse, judge_fast, judge_marks
-from proxy.rollout.machine import Trigger, act, on_fast_failure, on_verdicts, restore
+from proxy.rollout.machine import (
+    Trigger,
+    act,
+    on_fast_failure,
+    on_verdicts,
+    restore,
+    waiting_for_gate,
+)
 from proxy.rollout.plan import RoutePlan, build_plan
 from proxy.rollout.state import Event, Phase, RingState
+from proxy.rollout.steps import ring_criteria
 from proxy.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
@@ -101,6 +111,10 @@ class Controller:
         self._task: asyncio.Task[None] | None = None
         self._retired: dict[WebhookSender, asyncio.Task[None]] = {}  # senders draining
         self.looks = Looks()  # per ring: where its evidence starts, its recent history
+        # External checks (Prometheus, webhooks, custom health) and the step gates.
+        self.checks = CheckRunner(self._state_of, self._note, wall)
+        self.checks.snapshot = self._snapshot
+        metrics.registry.register(self.checks)
 
     # ------------------------------------------------------------------ configuration
 
@@ -145,6 +159,7 @@ class Controller:
         self.verdicts = {k: v for k, v in self.verdicts.items() if k in plans}
         self.looks.keep({(p.route, r.name) for p in plans.values() for r in p.rings})
         self._runtime = runtime
+        self.checks.configure(config, plans)
         for name in plans:
             self._apply(name)
         runtime.take_over()
@@ -218,10 +233,12 @@ class Controller:
         if self._task is None:
             self._task = asyncio.ensure_future(self._run())
         self.webhooks.start()
+        self.checks.start()
 
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
         self._task = None
+        await self.checks.stop()
         await self.webhooks.stop()
         for sender, draining in list(self._retired.items()):
             await cancel_and_wait(draining)
@@ -328,7 +345,8 @@ class Controller:
                     counts = self.looks.counts_since_marks(
                         (route, ring.name), state, self.metrics.tally(route, ring.name),
                         baseline)
-                    if counts and errors_worse(counts, analysis.criteria) is not None:
+                    criteria = ring_criteria(analysis, ring, state)
+                    if counts and errors_worse(counts, criteria) is not None:
                         due = True
                         break
             except KeyError:
@@ -357,12 +375,17 @@ class Controller:
                         (route, ring.name), states[ring.name],
                         self.metrics.tally(route, ring.name), baseline, baseline_now,
                         self.mono())
-                    verdicts[ring.name] = judge_marks(marks, analysis.criteria)
+                    state = states[ring.name]
+                    verdicts[ring.name] = join_external(
+                        judge_marks(marks, ring_criteria(analysis, ring, state)),
+                        self.checks.results_for(plan, ring, state))
             self.verdicts[route] = verdicts
             self._show(route)
             now = self.wall()
+            gates = self.checks.gates_open(plan, states, waiting_for_gate(
+                plan, states, verdicts, now), verdicts)
             return await self._commit(route, _judged(
-                plan, lambda p, s: on_verdicts(p, s, verdicts, now)))
+                plan, lambda p, s: on_verdicts(p, s, verdicts, now, gates)))
 
     # ------------------------------------------------------------------ operator actions
 
@@ -440,6 +463,32 @@ class Controller:
         await asyncio.to_thread(append_audit, self.audit_path, events)
         for event in events:
             self.webhooks.send(event)
+        self.checks.rolled_back(events)
+
+    def _state_of(self, route: str, ring: str) -> RingState | None:
+        return self.states.get(route, {}).get(ring)
+
+    def _note(self, event: Event) -> None:
+        """An event of the external checks (outcome changes, gates): in memory with the
+        others, as ``server_changed``'s (not saved, not sent to webhooks)."""
+        self.events.append(event)
+        self.history.append(event.as_dict())
+
+    def _snapshot(self, route: str, ring: str) -> dict[str, object]:
+        """What a webhook check or gate is told of a ring: its state and last numbers."""
+        state = self._state_of(route, ring)
+        verdict = self.verdicts.get(route, {}).get(ring)
+        plan = self.plans.get(route)
+        steps = [s.weight / 100 for s in plan.ring(ring).steps] if plan else []
+        return {"route": route, "ring": ring,
+                "phase": state.phase.value if state else None,
+                "weight": None if state is None or state.weight is None
+                else state.weight / 100,
+                "step": state.step if state else None, "steps": steps,
+                "step_since": state.step_since if state else None,
+                "outcome": verdict.outcome.value if verdict else None,
+                "reason": verdict.reason if verdict else None,
+                "numbers": verdict.numbers if verdict else {}}
 
     def server_changed(self, change: Transition, rings: list[tuple[str, str]]) -> None:
         """A server of a pool went out of rotation or came back: an event on every ring
