@@ -111,6 +111,7 @@ class Controller:
         self._task: asyncio.Task[None] | None = None
         self._retired: dict[WebhookSender, asyncio.Task[None]] = {}  # senders draining
         self.looks = Looks()  # per ring: where its evidence starts, its recent history
+        self._unsaved = False  # states configure() created that the state file lacks
         # External checks (Prometheus, webhooks, custom health) and the step gates.
         self.checks = CheckRunner(self._state_of, self._note, wall)
         self.checks.snapshot = self._snapshot
@@ -154,6 +155,12 @@ class Controller:
                 if before is not None and before.fingerprint != state.fingerprint:
                     log.info("ring %s/%s changed in the config: its rollout starts over (%s)",
                              name, ring, state.phase.value)
+        # A ring whose state is new (a first start, a new ring or version) is saved by the
+        # loop soon (``_save_new``): its step's start must survive a restart even before
+        # its first change (a 72 h step is not reset by a restart).
+        self._unsaved = self._unsaved or any(
+            self._known.get(name, {}).get(ring) != state
+            for name, rings in states.items() for ring, state in rings.items())
         self.plans, self.states = plans, states
         self._generation += 1  # a commit whose save spans this call decides again
         self.verdicts = {k: v for k, v in self.verdicts.items() if k in plans}
@@ -260,9 +267,21 @@ class Controller:
         self._retired[old] = draining
         draining.add_done_callback(lambda _: self._retired.pop(old, None))
 
+    async def _save_new(self) -> None:
+        """Save the states ``configure`` created, if any (see there)."""
+        if not self._unsaved:
+            return
+        async with self._lock:
+            self._unsaved = False
+            await asyncio.to_thread(self._save, self.state_path, dict(self.states))
+
     async def _run(self) -> None:
         due: dict[str, float] = {}
         while True:
+            try:
+                await self._save_new()
+            except Exception:  # logged; a later change saves again
+                log.exception("saving the new rollout states failed")
             now = self.mono()
             analysed = {name: p.analysis for name, p in self.plans.items()
                         if p.analysis is not None}
