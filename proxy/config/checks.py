@@ -244,7 +244,7 @@ def read_checks(ctx: Ctx, data: object, path: str) -> tuple[ExternalCheck, ...]:
             ctx.err(sec.sub("min"), f"min {low:g} is above max {high:g}")
         checks.append(ExternalCheck(
             name, prom, hook, high, low, _on_fail(ctx, sec, _CHECK.on_fail),
-            sec.duration("interval", _CHECK.interval, minimum=0.5),
+            sec.duration("interval", _CHECK.interval, minimum=0.1),
             sec.integer("threshold", _CHECK.threshold, 1, 1000)))
         sec.close()
     return tuple(checks)
