@@ -188,6 +188,7 @@ class Controller:
         self._generation += 1  # a commit whose save spans this call decides again
         self._runtime = checkpoint.runtime
         if checkpoint.runtime is not None:
+            self.checks.configure(checkpoint.runtime.config, self.plans)
             for name in self.plans:
                 self._apply(name)
             checkpoint.runtime.take_over()
