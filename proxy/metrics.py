@@ -27,7 +27,8 @@ import importlib.metadata
 import platform
 import time
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -206,6 +207,14 @@ class RingRecorder:
                 f"requests={sum(self.requests)}>")
 
 
+class ChecksSource(Protocol):
+    """What ``proxy.checks.runner.CheckRunner`` offers the scrape (plain numbers)."""
+
+    def counts(self) -> Mapping[tuple[str, str, str, str], int]: ...
+
+    def values(self) -> Mapping[tuple[str, str, str], float]: ...
+
+
 class Metrics:
     """A proxy's metrics: its own registry, the ring recorders, config and reload state.
 
@@ -240,6 +249,7 @@ class Metrics:
         self._reload_ok = 1.0
         self._reload_time = 0.0
         self._reloads = [0] * len(RELOAD_RESULTS)
+        self.checks_source: ChecksSource | None = None  # external checks' results
 
     # ------------------------------------------------------------------ wiring
 
@@ -326,6 +336,26 @@ class Metrics:
         yield from self._rings_now()
         yield from self._upstreams()
         yield from self._config_and_rollbacks()
+        yield from self._external_checks()
+
+    def _external_checks(self) -> Iterator[Metric]:
+        """The external checks' results (``proxy.checks``), when a source is attached."""
+        source = self.checks_source
+        if source is None:
+            return
+        runs = CounterMetricFamily(
+            "ringproxy_external_checks", "Results of external checks (Prometheus, webhook, "
+            "custom health) by status: pass, fail, no_data.",
+            labels=("route", "ring", "check", "status"))
+        for labels, n in source.counts().items():
+            runs.add_metric(labels, n)
+        yield runs
+        value = GaugeMetricFamily(
+            "ringproxy_external_check_value", "The last value an external check saw (a "
+            "query's number, an HTTP status).", labels=("route", "ring", "check"))
+        for key, v in source.values().items():
+            value.add_metric(key, v)
+        yield value
 
     def _traffic(self) -> Iterator[Metric]:
         """What the rings' recorders counted."""

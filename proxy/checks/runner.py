@@ -26,12 +26,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import aiohttp
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from proxy.checks.probes import (
     HealthState,
@@ -298,24 +297,13 @@ class CheckRunner:
 
     # ------------------------------------------------------------------ metrics
 
-    def describe(self) -> list[Metric]:
-        return []  # collected at scrape time (registered without a description)
+    def counts(self) -> dict[tuple[str, str, str, str], int]:
+        """Results so far per (route, ring, check, status), for the metrics."""
+        return {(*key, status): n for (key, status), n in self._counts.items()}
 
-    def collect(self) -> Iterator[Metric]:
-        labels = ("route", "ring", "check", "status")
-        runs = CounterMetricFamily(
-            "ringproxy_external_checks", "Results of external checks (Prometheus, webhook, "
-            "custom health) by status: pass, fail, no_data.", labels=labels)
-        for ((route, ring, check), status), n in self._counts.items():
-            runs.add_metric((route, ring, check, status), n)
-        yield runs
-        value = GaugeMetricFamily(
-            "ringproxy_external_check_value", "The last value an external check saw (a "
-            "query's number, an HTTP status).", labels=("route", "ring", "check"))
-        for (route, ring, check), result in self.results.items():
-            if result.value is not None:
-                value.add_metric((route, ring, check), result.value)
-        yield value
+    def values(self) -> dict[tuple[str, str, str], float]:
+        """The last value of each check that has one, for the metrics."""
+        return {key: r.value for key, r in self.results.items() if r.value is not None}
 
 
 def _event(route: str, ring: str, state: RingState | None, kind: str, reason: str,

@@ -115,7 +115,7 @@ class Controller:
         # External checks (Prometheus, webhooks, custom health) and the step gates.
         self.checks = CheckRunner(self._state_of, self._note, wall)
         self.checks.snapshot = self._snapshot
-        metrics.registry.register(self.checks)
+        metrics.checks_source = self.checks
 
     # ------------------------------------------------------------------ configuration
 
