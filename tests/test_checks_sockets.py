@@ -375,3 +375,32 @@ async def test_a_steps_min_duration_survives_a_restart(
           f"{advance['time'] - since:.1f}s into the step")
     code, _, err = await second.finish(signal.SIGINT)
     assert code == 0, err
+
+
+@pytest.mark.timeout(60)
+async def test_a_webhook_check_is_posted_the_rings_state_and_a_non_2xx_rolls_it_back(
+    started: Any, hooks: Hooks, stable: Upstream, canary: Upstream, tmp_path: Path,
+) -> None:
+    check = (f'{{name: smoke, interval: 200ms, threshold: 2, webhook: {{url: '
+             f'"{hooks.url}/smoke", timeout: 2s, headers: {{X-Token: "${{RP_TEST_HOOK}}"}}}}}}')
+    text = rollout_config(stable, canary, tmp_path, ring="progression: {steps: [20, 50], "
+                          "min_step_duration: 1h}", extra=checks_block(check))
+    hooks.status = 204
+    proxy, _ = await started(text.replace("${RP_TEST_HOOK}", "t0ken"))
+    def told_of(ring: str) -> list[dict[str, Any]]:
+        return [c for c in hooks.calls.get("smoke", []) if c["ring"] == ring]
+
+    # Every ring being rolled out is checked (the pinned staff ring too, not the baseline).
+    await wait_for(lambda: len(told_of("canary")) >= 3 and bool(told_of("staff")), 20, 0.05)
+    assert not told_of("stable")
+    assert not events_of(proxy, "rollback")
+    told = told_of("canary")[0]
+    assert (told["type"], told["check"], told["route"], told["ring"], told["phase"],
+            told["step"], told["weight"]) == ("check", "smoke", "api", "canary", "progressing",
+                                              0, 20.0)
+    hooks.status = 503
+    await wait_for(lambda: bool(events_of(proxy, "rollback")), 20, 0.05)
+    event = events_of(proxy, "rollback")[0]
+    assert event.label == "smoke" and "HTTP 503: refused by the test" in event.reason
+    assert "t0ken" not in json.dumps(proxy.controller.history[-1]) and all(
+        "t0ken" not in json.dumps(e) for e in proxy.controller.history)
