@@ -403,6 +403,8 @@ def _load(path: str, env_optional: bool
 
 def _check(path: str, env_optional: bool = False, output: str = "text") -> int:
     config, errors, warnings = _load(path, env_optional)
+    if config is not None and not errors:
+        errors = _check_promql(path, config)
     if output == "json":
         print(json.dumps(_check_report(path, config, errors, warnings), indent=2))
         return 1 if errors else 0
@@ -423,6 +425,28 @@ def _check(path: str, env_optional: bool = False, output: str = "text") -> int:
     print(f"{path}: OK (revision {config.revision}: {len(config.routes)} routes, "
           f"{rings} rings, {len(config.pools)} pools{notes})")
     return 0
+
+
+def _check_promql(path: str, config: Config) -> list[ConfigIssue]:
+    """The Prometheus checks' queries that promtool cannot parse (when it is installed),
+    with their lines; a note on stderr when it is not."""
+    from dataclasses import replace
+
+    from proxy.checks.promql import queries, validate
+    from proxy.config.source import load_yaml
+
+    issues = validate(config)
+    if issues is None:
+        if queries(config):
+            print(f"{path}: promtool not found: the PromQL of the Prometheus checks is not "
+                  "parsed (install Prometheus's promtool to check it)", file=sys.stderr)
+        return []
+    if issues:
+        from pathlib import Path
+
+        lines = load_yaml(Path(path).read_text(encoding="utf-8"), os.environ).lines
+        issues = [replace(i, line=lines.get(i.path)) for i in issues]
+    return issues
 
 
 def _issue_json(issue: ConfigIssue) -> dict[str, object]:

@@ -28,7 +28,7 @@ import importlib.metadata
 import platform
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry
@@ -248,6 +248,12 @@ class UpstreamView(Protocol):
 
     def available(self, pool: str, server: str) -> bool: ...  # in rotation everywhere
     def ejections(self, pool: str, server: str) -> int: ...  # ejections elsewhere, total
+class ChecksSource(Protocol):
+    """What ``proxy.checks.runner.CheckRunner`` offers the scrape (plain numbers)."""
+
+    def counts(self) -> Mapping[tuple[str, str, str, str], int]: ...
+
+    def values(self) -> Mapping[tuple[str, str, str], float]: ...
 
 
 class Metrics:
@@ -292,6 +298,7 @@ class Metrics:
         self._reload_ok = 1.0
         self._reload_time = 0.0
         self._reloads = [0] * len(RELOAD_RESULTS)
+        self.checks_source: ChecksSource | None = None  # external checks' results
 
     # ------------------------------------------------------------------ wiring
 
@@ -386,6 +393,26 @@ class Metrics:
         yield from self._config_and_rollbacks()
         for more in self.extra:
             yield from more()
+        yield from self._external_checks()
+
+    def _external_checks(self) -> Iterator[Metric]:
+        """The external checks' results (``proxy.checks``), when a source is attached."""
+        source = self.checks_source
+        if source is None:
+            return
+        runs = CounterMetricFamily(
+            "ringproxy_external_checks", "Results of external checks (Prometheus, webhook, "
+            "custom health) by status: pass, fail, no_data.",
+            labels=("route", "ring", "check", "status"))
+        for labels, n in source.counts().items():
+            runs.add_metric(labels, n)
+        yield runs
+        value = GaugeMetricFamily(
+            "ringproxy_external_check_value", "The last value an external check saw (a "
+            "query's number, an HTTP status).", labels=("route", "ring", "check"))
+        for key, v in source.values().items():
+            value.add_metric(key, v)
+        yield value
 
     def _traffic(self) -> Iterator[Metric]:
         """What the rings' recorders counted."""

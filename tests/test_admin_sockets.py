@@ -190,6 +190,7 @@ async def test_routes_view_carries_the_verdicts_evidence(admin: Proxy) -> None:
              "text": "p99 at most 2x the baseline's (and 20 ms above it)"},
         ],
         "fast_rollback": None,
+        "external": [], "pre_advance": None, "post_rollback": None,
     }
 
 

@@ -17,9 +17,12 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Literal, TypedDict
 
+from proxy.checks.results import Result, is_external
 from proxy.config.analysis import Analysis, quantile_name
+from proxy.config.rollout import Step
 from proxy.health.monitor import ServerView
 from proxy.rollout.judge import Check, Finding, Outcome, Verdict
+from proxy.rollout.steps import min_duration
 
 if TYPE_CHECKING:
     from proxy.control.controller import Controller
@@ -100,6 +103,46 @@ class PoolHealthView(TypedDict):
     servers: list[ServerView]
 
 
+class ExternalResultView(TypedDict):
+    """The latest result of an external check (``proxy.checks.results.Result``)."""
+
+    name: str
+    kind: str  # prometheus | webhook | health
+    status: str  # pass | fail | no_data | pending
+    value: float | None
+    bound: str
+    limit: float | None
+    on_fail: str
+    detail: str
+    at: float
+    failures: int
+    threshold: int
+
+
+class StepView(TypedDict):
+    """A progression step and what a ring must show at it."""
+
+    weight: float
+    approval: bool
+    min_duration: float | None  # None: the progression's min_step_duration
+    max_error_rate: float | None
+    max_latency: dict[str, float]  # quantile name -> seconds
+    checks: list[str]
+
+
+class ExternalCheckView(TypedDict):
+    """An ``analysis.checks`` entry as configured (header values never shown)."""
+
+    name: str
+    kind: str
+    url: str
+    query: str | None
+    bound: str
+    on_fail: str
+    interval: float
+    threshold: int
+
+
 class RingView(TypedDict):
     name: str
     pool: str
@@ -113,7 +156,10 @@ class RingView(TypedDict):
     step: int | None
     steps: list[float]
     seconds_in_step: float | None
-    min_step_duration: float | None  # seconds a step lasts at least (None: no steps)
+    min_step_duration: float | None  # seconds the current step lasts at least (None: no steps)
+    step_criteria: list[StepView]
+    health_checks: list[str]  # the ring's custom health checks, by name
+    external_checks: list[ExternalResultView]  # every latest result, step-scoped or not
     baseline: bool
     pinned: bool
     starved: bool  # undecided for the route's max_blind: an analysis_starved alarm
@@ -149,6 +195,9 @@ class AnalysisView(TypedDict):
     error_statuses: str
     checks: list[ConfiguredCheck]
     fast_rollback: FastView | None
+    external: list[ExternalCheckView]
+    pre_advance: str | None  # the hook's URL
+    post_rollback: str | None
 
 
 class RouteView(TypedDict):
@@ -178,6 +227,8 @@ def advance_progress(check: Check) -> float:
     """
     if check.finding is Finding.WITHIN:
         return 1.0
+    if is_external(check):
+        return 0.0  # no bound to close in on: it passes or it does not
     estimate, upper, limit = check.estimate, check.upper, check.limit
     if check.finding is Finding.WORSE or estimate is None or not (
             math.isfinite(estimate) and math.isfinite(upper) and math.isfinite(limit)):
@@ -298,7 +349,30 @@ def analysis_view(analysis: Analysis, baseline: str | None) -> AnalysisView:
         "fast_rollback": None if fast is None else {
             "max_error_rate": fast.max_error_rate, "min_requests": fast.min_requests,
             "window": fast.window},
+        "external": [{
+            "name": c.name, "kind": c.kind,
+            "url": c.prometheus.url if c.prometheus else c.webhook.url if c.webhook else "",
+            "query": c.prometheus.query if c.prometheus else None, "bound": c.bound_text,
+            "on_fail": c.on_fail.value, "interval": c.interval, "threshold": c.threshold,
+        } for c in analysis.checks],
+        "pre_advance": analysis.pre_advance.url if analysis.pre_advance else None,
+        "post_rollback": analysis.post_rollback.url if analysis.post_rollback else None,
     }
+
+
+def step_view(step: Step) -> StepView:
+    return {"weight": step.weight / 100, "approval": step.approval,
+            "min_duration": step.min_duration, "max_error_rate": step.max_error_rate,
+            "max_latency": {quantile_name(a.quantile): a.seconds for a in step.max_latency},
+            "checks": list(step.checks)}
+
+
+def external_view(result: Result) -> ExternalResultView:
+    return {"name": result.name, "kind": result.kind, "status": result.status.value,
+            "value": _finite(result.value), "bound": result.bound,
+            "limit": _finite(result.limit), "on_fail": result.on_fail.value,
+            "detail": result.detail, "at": result.at, "failures": result.failures,
+            "threshold": result.threshold}
 
 
 def traffic_view(metrics: Metrics, route: str, ring: str, now: float,
@@ -370,8 +444,12 @@ def ring_views(
             "step": state.step if state else None,
             "steps": [s.weight / 100 for s in ring_plan.steps] if ring_plan else [],
             "seconds_in_step": round(wall - state.step_since, 1) if state else None,
-            "min_step_duration": ring_plan.progression.min_step_duration
-            if ring_plan and ring_plan.progression else None,
+            "min_step_duration": min_duration(ring_plan, state)
+            if ring_plan and ring_plan.progression and state else None,
+            "step_criteria": [step_view(s) for s in ring_plan.steps] if ring_plan else [],
+            "health_checks": [h.name for h in ring.health_checks],
+            "external_checks": [external_view(r)
+                                for r in controller.checks.shown(route, ring.name)],
             "baseline": plan is not None and ring_plan is not None
             and ring.name == plan.baseline,
             "pinned": ring.pinned,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from proxy.config.checks import ExternalCheck, Hook, read_checks, read_hook
 from proxy.config.reader import Ctx, Section, kind
 from proxy.config.values import parse_weight
 
@@ -88,6 +89,11 @@ class Analysis:
     max_blind: float = 600.0  # undecided that long in a step: an analysis_starved alarm
     rollback_to_previous: bool = False
     fast: FastRollback | None = None
+    # Checks from outside the proxy's traffic (Prometheus queries, webhooks) and the gates
+    # around a step: proxy.config.checks, run by proxy.checks.
+    checks: tuple[ExternalCheck, ...] = ()
+    pre_advance: Hook | None = None  # must answer 2xx before each step advance
+    post_rollback: Hook | None = None  # told of every rollback (fire and forget)
 
 
 FAST_WINDOW_MAX = 10.0  # seconds of recent history the fast path may read
@@ -120,9 +126,13 @@ def read_analysis(ctx: Ctx, data: object, path: str) -> Analysis | None:
     statuses = _read_statuses(ctx, sec)
     max_blind = sec.duration("max_blind", _ANALYSIS.max_blind, minimum=1.0)
     fast = _read_fast(ctx, sec.raw("fast_rollback", None), sec.sub("fast_rollback"))
+    checks = read_checks(ctx, sec.raw("checks", None), sec.sub("checks"))
+    pre_advance = read_hook(ctx, sec.raw("pre_advance", None), sec.sub("pre_advance"))
+    post_rollback = read_hook(ctx, sec.raw("post_rollback", None), sec.sub("post_rollback"))
     sec.close()
     return Analysis(interval=interval, baseline=baseline, criteria=criteria,
-                    error_statuses=statuses, max_blind=max_blind, fast=fast)
+                    error_statuses=statuses, max_blind=max_blind, fast=fast, checks=checks,
+                    pre_advance=pre_advance, post_rollback=post_rollback)
 
 
 def _read_criteria(ctx: Ctx, sec: Section) -> Criteria:
@@ -150,6 +160,9 @@ def _percent(sec: Section, key: str, default: float | None) -> float | None:
         return None
     bp = sec.parsed(key, parse_weight, -1)
     return None if bp < 0 else bp / 10_000
+
+
+percent_key = _percent  # for a progression step's own limits (proxy.config.rollout)
 
 
 def _alpha(ctx: Ctx, sec: Section) -> float:

@@ -25,6 +25,7 @@ from proxy.config.assignment import (
     read_override,
     read_sticky,
 )
+from proxy.config.checks import check_route_checks, read_ring_health_checks
 from proxy.config.credentials import (
     check_credential_uses,
     check_isolation,
@@ -317,6 +318,7 @@ def _read_route(ctx: Ctx, data: object, path: str, pool_names: set[str]) -> Rout
             analysis.baseline not in {r.name for r in rings}:
         ctx.err(sec.sub("analysis.baseline"), f"unknown ring {analysis.baseline!r} "
                 f"(rings: {', '.join(r.name for r in rings)})")
+    check_route_checks(ctx, sec.sub("rings"), analysis, rings)
     if analysis is None:
         for j, ring in enumerate(rings):
             if ring.progression is not None:
@@ -390,8 +392,11 @@ def _read_ring(
         weight = progression.steps[0].weight
     pinned = sec.flag("pinned", _RING.pinned)
     on_pool_down = read_pool_down(ctx, sec, _RING.on_pool_down)
+    health_checks = read_ring_health_checks(ctx, sec.raw("health_checks", None),
+                                            sec.sub("health_checks"))
     sec.close()
-    return Ring(name, pool, tuple(groups), policy, weight, progression, pinned, on_pool_down)
+    return Ring(name, pool, tuple(groups), policy, weight, progression, pinned, on_pool_down,
+                health_checks)
 
 
 _FORMATTER = string.Formatter()

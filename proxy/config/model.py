@@ -13,6 +13,7 @@ from enum import StrEnum
 from proxy.config.admin import Admin
 from proxy.config.analysis import Analysis
 from proxy.config.assignment import DecisionHeaders, Override, Sticky
+from proxy.config.checks import RingHealthCheck
 from proxy.config.credentials import Credential, UpstreamTLS
 from proxy.config.health import HealthCheck, Outlier, PoolDown, Retries
 from proxy.config.limits import Limits, ListenTLS
@@ -65,6 +66,8 @@ class Ring:
     progression: Progression | None = None  # steps the weight advances along
     pinned: bool = False  # keeps its pool when a rollback takes the pool's other rings off
     on_pool_down: PoolDown = PoolDown.REFUSE  # no healthy server in its pool: 503 or next ring
+    # Custom checks of the ring's version (e.g. /health/db), judged with its verdict.
+    health_checks: tuple[RingHealthCheck, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

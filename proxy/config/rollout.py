@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from proxy.config.analysis import QUANTILES, AbsoluteLatency, percent_key
 from proxy.config.reader import Ctx, Section, kind
 from proxy.config.source import join
 from proxy.config.values import parse_weight
@@ -18,8 +19,29 @@ WINDOW_HORIZON = 300.0  # seconds of per-ring history kept in memory (metrics wi
 
 @dataclass(frozen=True, slots=True)
 class Step:
+    """One weight of a ring's schedule, with what a ring must show *at* it to move on.
+
+    ``min_duration`` replaces the progression's ``min_step_duration`` for this step (it
+    counts from the step's start as saved in the state file: a restart does not reset
+    it).  ``max_error_rate`` and ``max_latency`` tighten the route's absolute limits
+    while the ring is at this step (the stricter of the two holds), judged by the same
+    anytime-valid tests (``proxy.rollout.steps``).  ``checks`` names ``analysis.checks``
+    that apply at this step only (a check no step names applies at every step).
+    """
+
     weight: int  # basis points
     approval: bool = False  # an operator must approve moving *to* this step
+    min_duration: float | None = None  # seconds; None: the progression's min_step_duration
+    max_error_rate: float | None = None  # fraction
+    max_latency: tuple[AbsoluteLatency, ...] = ()
+    checks: tuple[str, ...] = ()
+
+    @property
+    def criteria_key(self) -> str:
+        """The step as earlier versions wrote it into a ring's fingerprint (weight and
+        approval): a state file of theirs still matches, and tuning a step's limits or
+        duration keeps the ring's live state."""
+        return f"Step(weight={self.weight!r}, approval={self.approval!r})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +92,7 @@ def read_progression(ctx: Ctx, data: object, path: str) -> Progression | None:
         where = join(sec.sub("steps"), i)
         approval = False
         value: object = item
+        extra: dict[str, object] = {}
         if isinstance(item, dict):
             ssec = Section(ctx, item, where)
             value = ssec.raw("weight")
@@ -77,6 +100,7 @@ def read_progression(ctx: Ctx, data: object, path: str) -> Progression | None:
             if mode not in ("none", "required"):
                 ctx.err(ssec.sub("approval"), f"{mode!r} is not one of: none, required")
             approval = mode == "required"
+            extra = _step_criteria(ctx, ssec)
             ssec.close()
         try:
             weight = parse_weight(value)
@@ -87,10 +111,30 @@ def read_progression(ctx: Ctx, data: object, path: str) -> Progression | None:
         if steps and weight <= steps[-1].weight:
             ctx.err(where, f"{weight / 100:g} is not above the previous step "
                     f"{steps[-1].weight / 100:g}")
-        steps.append(Step(weight, approval))
+        steps.append(Step(weight, approval, **extra))  # type: ignore[arg-type]
     duration = sec.duration("min_step_duration", _PROGRESSION.min_step_duration, minimum=0.0)
     sec.close()
     return Progression(tuple(steps), duration)
+
+
+def _step_criteria(ctx: Ctx, sec: Section) -> dict[str, object]:
+    """A step's own ``min_duration``, ``max_error_rate``, ``max_pXX`` and ``checks``."""
+    out: dict[str, object] = {}
+    if sec.has("min_duration"):
+        out["min_duration"] = sec.duration("min_duration", 0.0, minimum=0.0)
+    rate = percent_key(sec, "max_error_rate", None)
+    if rate is not None:
+        out["max_error_rate"] = rate
+    out["max_latency"] = tuple(
+        AbsoluteLatency(q, seconds) for name, q in QUANTILES.items()
+        if (seconds := sec.duration(f"max_{name}", 0.0, minimum=0.0)))
+    names = sec.raw("checks", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        ctx.err(sec.sub("checks"), f"expected a list of check names (analysis.checks), got "
+                f"{kind(names)}")
+        names = []
+    out["checks"] = tuple(names)
+    return out
 
 
 def read_state_files(ctx: Ctx, data: object, path: str) -> StateFiles:

@@ -15,6 +15,7 @@ from typing import Any
 from proxy.config.admin import ROLES
 from proxy.config.analysis import QUANTILES, Analysis, Criteria, FastRollback
 from proxy.config.assignment import AnonymousCookie
+from proxy.config.checks import ExternalCheck, Hook, OnFail, PrometheusQuery, RingHealthCheck
 from proxy.config.health import (
     RETRY_FAILURES,
     RETRY_METHODS,
@@ -210,7 +211,8 @@ def _progression() -> Schema:
     step: Schema = {"anyOf": [
         _percent("the weight of this step"),
         _obj({"weight": _percent("the weight of this step"),
-              "approval": {"enum": ["none", "required"], "default": "none"}},
+              "approval": {"enum": ["none", "required"], "default": "none"},
+              **_step_criteria()},
              required=("weight",)),
     ]}
     return _obj({
@@ -233,6 +235,7 @@ def _ring() -> Schema:
         "on_pool_down": {"enum": [p.value for p in PoolDown], "default": base.on_pool_down.value,
                          "description": "no healthy server in the ring's pool: refuse (503 "
                          "with Retry-After) or send to the next later ring with one"},
+        "health_checks": _ring_health_checks(),
     }, required=("name", "pool"), text="an audience segment, sent to one pool")
 
 
@@ -293,9 +296,78 @@ def _analysis() -> Schema:
                                  100_000_000, fast.min_requests),
             "window": _duration(fast.window, "the recent history looked at"),
         }, required=("max_error_rate",)),
+        **_external_checks(),
     }
     return _obj(props, text="automatic rollback and progression (README: Automatic "
                 "rollback)")
+
+
+def _step_criteria() -> Schema:
+    """A progression step's own duration, limits and checks (proxy.config.rollout.Step)."""
+    return {
+        "min_duration": _duration(None, "the least time at this step (replaces "
+                                  "min_step_duration; survives restarts)"),
+        "max_error_rate": _percent("an absolute error rate limit at this step"),
+        **{f"max_{q}": _duration(None, f"an absolute {q} limit at this step")
+           for q in QUANTILES},
+        "checks": {"type": "array", "items": {"type": "string"},
+                   "description": "analysis.checks that apply at this step only"},
+    }
+
+
+def _hook(text: str) -> Schema:
+    hook = Hook("")
+    return {"anyOf": [_str("the URL"), _obj({
+        "url": _str("http(s) URL, POSTed JSON; 2xx passes"),
+        "timeout": _duration(hook.timeout, "the whole call"),
+        "headers": {"type": "object", "additionalProperties": {"type": "string"},
+                    "description": "secrets from the environment: ${VAR}"},
+        "interval": _duration(hook.interval, "pre_advance: between tries while it fails"),
+    }, required=("url",))], "description": text}
+
+
+def _on_fail() -> Schema:
+    return {"enum": [o.value for o in OnFail], "default": OnFail.ROLLBACK.value,
+            "description": "a failing check rolls the ring back or holds it"}
+
+
+def _external_checks() -> Schema:
+    check = ExternalCheck("")
+    item = _obj({
+        "name": _NAME,
+        "prometheus": _obj({
+            "url": _str("the Prometheus server, e.g. http://prometheus:9090"),
+            "query": _str("PromQL returning one number; {ring}, {route}, {pool} filled in"),
+            "timeout": _duration(PrometheusQuery("", "").timeout, "the query's timeout"),
+        }, required=("url", "query")),
+        "webhook": _hook("POSTed the ring's state; 2xx passes"),
+        "max": {"type": "number", "description": "the value must be at most this"},
+        "min": {"type": "number", "description": "the value must be at least this"},
+        "on_fail": _on_fail(),
+        "interval": _duration(check.interval, "how often it runs"),
+        "threshold": _int("failing results in a row that fail it", 1, 1000, check.threshold),
+    }, required=("name",), text="a Prometheus query with a bound, or a webhook")
+    return {
+        "checks": {"type": "array", "items": item,
+                   "description": "checks from outside the proxy (README: Progression "
+                   "criteria and external checks)"},
+        "pre_advance": _hook("must answer 2xx before each step advance"),
+        "post_rollback": _hook("told of every rollback"),
+    }
+
+
+def _ring_health_checks() -> Schema:
+    base = RingHealthCheck("", "/")
+    return {"type": "array", "items": _obj({
+        "name": _NAME,
+        "path": _str("GET to every server of the ring's pool, e.g. /health/db", pattern="^/"),
+        "interval": _duration(base.interval, "how often"),
+        "timeout": _duration(base.timeout, "each request"),
+        "threshold": _int("failures in a row that fail the ring's verdict", 1, 1000,
+                          base.threshold),
+        "on_fail": _on_fail(),
+        "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+    }, required=("name", "path")), "description": "custom checks of the ring's version"}
 
 
 def _route() -> Schema:

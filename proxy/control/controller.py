@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from proxy.checks.results import join as join_external
+from proxy.checks.runner import CheckRunner
 from proxy.config import Config
 from proxy.config.analysis import FastRollback
 from proxy.control.looks import Looks
@@ -47,9 +49,11 @@ from proxy.rollout.machine import (
     on_verdicts,
     restore,
     unmatched,
+    waiting_for_gate,
 )
 from proxy.rollout.plan import RoutePlan, build_plan
 from proxy.rollout.state import Event, Phase, RingState
+from proxy.rollout.steps import ring_criteria
 from proxy.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
@@ -111,6 +115,11 @@ class Controller:
         # Called with the runtime and a route's name after the route's states went into
         # that runtime's table (worker processes are told: proxy.workers.supervisor).
         self.on_apply: list[Callable[[Runtime, str], None]] = []
+        self._unsaved = False  # states configure() created that the state file lacks
+        # External checks (Prometheus, webhooks, custom health) and the step gates.
+        self.checks = CheckRunner(self._state_of, self._note, wall)
+        self.checks.snapshot = self._snapshot
+        metrics.checks_source = self.checks
 
     # ------------------------------------------------------------------ configuration
 
@@ -162,17 +171,24 @@ class Controller:
                 if before is not None and before.fingerprint != state.fingerprint:
                     log.info("ring %s/%s changed in the config: its rollout starts over (%s)",
                              name, ring, state.phase.value)
+        # A ring whose state is new (a first start, a new ring or version) is saved by the
+        # loop soon (``_save_new``): its step's start must survive a restart even before
+        # its first change (a 72 h step is not reset by a restart).
+        self._unsaved = self._unsaved or any(
+            self._known.get(name, {}).get(ring) != state
+            for name, rings in states.items() for ring, state in rings.items())
         self.plans, self.states = plans, states
-        self._note(kept)
+        self._note_unmatched(kept)
         self._generation += 1  # a commit whose save spans this call decides again
         self.verdicts = {k: v for k, v in self.verdicts.items() if k in plans}
         self.looks.keep({(p.route, r.name) for p in plans.values() for r in p.rings})
         self._runtime = runtime
+        self.checks.configure(config, plans)
         for name in plans:
             self._apply(name)
         runtime.take_over()
 
-    def _note(self, events: list[Event]) -> None:
+    def _note_unmatched(self, events: list[Event]) -> None:
         """Say that unmatched saved states kept their rings rolled back: a warning, an
         event in memory and in the audit file, and the states saved bound to their rings
         (written now: it happens at start, before anything serves, or on the reload that
@@ -206,6 +222,7 @@ class Controller:
         self._generation += 1  # a commit whose save spans this call decides again
         self._runtime = checkpoint.runtime
         if checkpoint.runtime is not None:
+            self.checks.configure(checkpoint.runtime.config, self.plans)
             for name in self.plans:
                 self._apply(name)
             checkpoint.runtime.take_over()
@@ -256,10 +273,12 @@ class Controller:
         if self._task is None:
             self._task = asyncio.ensure_future(self._run())
         self.webhooks.start()
+        self.checks.start()
 
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
         self._task = None
+        await self.checks.stop()
         await self.webhooks.stop()
         for sender, draining in list(self._retired.items()):
             await cancel_and_wait(draining)
@@ -281,9 +300,21 @@ class Controller:
         self._retired[old] = draining
         draining.add_done_callback(lambda _: self._retired.pop(old, None))
 
+    async def _save_new(self) -> None:
+        """Save the states ``configure`` created, if any (see there)."""
+        if not self._unsaved:
+            return
+        async with self._lock:
+            self._unsaved = False
+            await asyncio.to_thread(self._save, self.state_path, dict(self.states))
+
     async def _run(self) -> None:
         due: dict[str, float] = {}
         while True:
+            try:
+                await self._save_new()
+            except Exception:  # logged; a later change saves again
+                log.exception("saving the new rollout states failed")
             now = self.mono()
             analysed = {name: p.analysis for name, p in self.plans.items()
                         if p.analysis is not None}
@@ -366,7 +397,8 @@ class Controller:
                     counts = self.looks.counts_since_marks(
                         (route, ring.name), state, self.metrics.tally(route, ring.name),
                         baseline)
-                    if counts and errors_worse(counts, analysis.criteria) is not None:
+                    criteria = ring_criteria(analysis, ring, state)
+                    if counts and errors_worse(counts, criteria) is not None:
                         due = True
                         break
             except KeyError:
@@ -395,12 +427,17 @@ class Controller:
                         (route, ring.name), states[ring.name],
                         self.metrics.tally(route, ring.name), baseline, baseline_now,
                         self.mono())
-                    verdicts[ring.name] = judge_marks(marks, analysis.criteria)
+                    state = states[ring.name]
+                    verdicts[ring.name] = join_external(
+                        judge_marks(marks, ring_criteria(analysis, ring, state)),
+                        self.checks.results_for(plan, ring, state))
             self.verdicts[route] = verdicts
             self._show(route)
             now = self.wall()
+            gates = self.checks.gates_open(plan, states, waiting_for_gate(
+                plan, states, verdicts, now), verdicts)
             return await self._commit(route, _judged(
-                plan, lambda p, s: on_verdicts(p, s, verdicts, now)))
+                plan, lambda p, s: on_verdicts(p, s, verdicts, now, gates)))
 
     # ------------------------------------------------------------------ operator actions
 
@@ -478,6 +515,32 @@ class Controller:
         await asyncio.to_thread(append_audit, self.audit_path, events)
         for event in events:
             self.webhooks.send(event)
+        self.checks.rolled_back(events)
+
+    def _state_of(self, route: str, ring: str) -> RingState | None:
+        return self.states.get(route, {}).get(ring)
+
+    def _note(self, event: Event) -> None:
+        """An event of the external checks (outcome changes, gates): in memory with the
+        others, as ``server_changed``'s (not saved, not sent to webhooks)."""
+        self.events.append(event)
+        self.history.append(event.as_dict())
+
+    def _snapshot(self, route: str, ring: str) -> dict[str, object]:
+        """What a webhook check or gate is told of a ring: its state and last numbers."""
+        state = self._state_of(route, ring)
+        verdict = self.verdicts.get(route, {}).get(ring)
+        plan = self.plans.get(route)
+        steps = [s.weight / 100 for s in plan.ring(ring).steps] if plan else []
+        return {"route": route, "ring": ring,
+                "phase": state.phase.value if state else None,
+                "weight": None if state is None or state.weight is None
+                else state.weight / 100,
+                "step": state.step if state else None, "steps": steps,
+                "step_since": state.step_since if state else None,
+                "outcome": verdict.outcome.value if verdict else None,
+                "reason": verdict.reason if verdict else None,
+                "numbers": verdict.numbers if verdict else {}}
 
     def server_changed(self, change: Transition, rings: list[tuple[str, str]]) -> None:
         """A server of a pool went out of rotation or came back: an event on every ring

@@ -20,8 +20,11 @@ What a verdict (the sequential judge's, on the evidence since the ring's step be
     rollback   FAILED at once: the ring, and every other non-pinned ring of the route that
                sends to the same pool, goes back (one crossing of the anytime-valid bound
                decides; its false rollback probability over the step is alpha)
-    healthy    STEP_DUE once ``min_step_duration`` is over: a step advances only on
-               evidence of health
+    healthy    STEP_DUE once the step's minimum duration is over (its own
+               ``min_duration``, else ``min_step_duration``, counted from ``step_since``:
+               ``proxy.rollout.steps``): a step advances only on evidence of health,
+               and, with a ``pre_advance`` hook, only once the hook passed for this step
+               (``gates_open``; until then the ring is held, and still judged)
     undecided  nothing; but a ring still undecided ``max_blind`` after its step began gets
                STARVED, once per step: an ``analysis_starved`` event and the state's
                ``starved`` flag (the phase stays; a new step or a resume clears it)
@@ -29,7 +32,7 @@ What a verdict (the sequential judge's, on the evidence since the ring's step be
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
@@ -37,6 +40,7 @@ from proxy.errors import RolloutConflict
 from proxy.rollout.judge import Outcome, Verdict
 from proxy.rollout.plan import RingPlan, RoutePlan
 from proxy.rollout.state import Event, Phase, RingState, percent_text
+from proxy.rollout.steps import min_duration, needs_gate
 
 
 class Trigger(StrEnum):
@@ -314,9 +318,13 @@ def _fire(ctx: _Ctx, ring: str, trigger: Trigger, strict: bool) -> None:
 
 
 def on_verdicts(
-    plan: RoutePlan, states: Mapping[str, RingState], verdicts: Mapping[str, Verdict], now: float
+    plan: RoutePlan, states: Mapping[str, RingState], verdicts: Mapping[str, Verdict],
+    now: float, gates_open: Collection[str] = frozenset(),
 ) -> tuple[States, list[Event]]:
-    """One analysis round for a route (a route without analysis has none)."""
+    """One analysis round for a route (a route without analysis has none).
+
+    ``gates_open``: the rings whose ``pre_advance`` hook passed for their current step; a
+    ring that needs one and is not in it is held where it is (``waiting_for_gate``)."""
     new: States = dict(states)
     if plan.analysis is None:
         return new, []
@@ -326,7 +334,9 @@ def on_verdicts(
         state = new[ring.name]
         if verdict is None or not state.enabled:
             continue
-        found = _trigger(plan.analysis.max_blind, ring, state, verdict, now)
+        gated = needs_gate(plan.analysis, ring, state)
+        found = _trigger(plan.analysis.max_blind, ring, state, verdict, now,
+                         held=gated and ring.name not in gates_open, gated=gated)
         if found is not None:
             trigger, ctx.reason, ctx.label = found
             ctx.numbers = verdict.numbers
@@ -334,28 +344,45 @@ def on_verdicts(
     return new, ctx.events
 
 
+def step_due(ring: RingPlan, state: RingState, verdict: Verdict, now: float) -> bool:
+    """Healthy, the step's minimum duration over, and a phase that advances."""
+    return (verdict.outcome is Outcome.HEALTHY
+            and now - state.step_since >= min_duration(ring, state)
+            and (state.phase, Trigger.STEP_DUE) in TRANSITIONS)
+
+
+def waiting_for_gate(
+    plan: RoutePlan, states: Mapping[str, RingState], verdicts: Mapping[str, Verdict],
+    now: float,
+) -> list[str]:
+    """The rings that would advance now but for their ``pre_advance`` hook (call it)."""
+    return [ring.name for ring in plan.analysed
+            if (verdict := verdicts.get(ring.name)) is not None
+            and states[ring.name].enabled
+            and needs_gate(plan.analysis, ring, states[ring.name])
+            and step_due(ring, states[ring.name], verdict, now)]
+
+
 def _trigger(
-    max_blind: float, ring: RingPlan, state: RingState, verdict: Verdict, now: float
+    max_blind: float, ring: RingPlan, state: RingState, verdict: Verdict, now: float,
+    held: bool = False, gated: bool = False,
 ) -> tuple[Trigger, str, str] | None:
-    """What ``verdict`` fires on ``ring`` (with the event's reason and label), if anything."""
+    """What ``verdict`` fires on ``ring`` (with the event's reason and label), if anything;
+    ``gated``: an advance needs the pre_advance hook, ``held``: it has not passed."""
     elapsed = now - state.step_since
     at = percent_text(state.weight)
     if verdict.outcome is Outcome.ROLLBACK:
         return Trigger.FAILED, verdict.reason, (verdict.broken or ("manual",))[0]
     if verdict.outcome is Outcome.HEALTHY:
-        if elapsed >= _min_step_duration(ring) and (state.phase, Trigger.STEP_DUE) in TRANSITIONS:
-            return (Trigger.STEP_DUE, f"healthy after {elapsed:.0f}s at {at}: {verdict.reason}",
-                    "progression")
+        if not held and step_due(ring, state, verdict, now):
+            gate = "; pre_advance hook passed" if gated else ""
+            return (Trigger.STEP_DUE, f"healthy after {elapsed:.0f}s at {at}: "
+                    f"{verdict.reason}{gate}", "progression")
         return None
     if elapsed >= max_blind and not state.starved:
         return (Trigger.STARVED, f"undecided {elapsed:.0f}s into the step at {at} (max_blind "
                 f"{max_blind:g}s): {verdict.reason}", "analysis_starved")
     return None
-
-
-def _min_step_duration(ring: RingPlan) -> float:
-    # A ring without a schedule never has a step due (the table has no STEP_DUE for it).
-    return ring.progression.min_step_duration if ring.progression else float("inf")
 
 
 def on_fast_failure(
@@ -411,5 +438,7 @@ __all__ = [
     "on_fast_failure",
     "on_verdicts",
     "restore",
+    "step_due",
     "target",
+    "waiting_for_gate",
 ]

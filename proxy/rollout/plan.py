@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from proxy.config import Config, Route
 from proxy.config.analysis import Analysis
+from proxy.config.checks import RingHealthCheck
 from proxy.config.rollout import Progression, Step
 
 
@@ -25,6 +26,7 @@ class RingPlan:
     progression: Progression | None = None
     pinned: bool = False
     fingerprint: str = ""  # changes when pool, servers, rules, weight or steps change
+    health_checks: tuple[RingHealthCheck, ...] = ()  # custom checks of its version
 
     @property
     def steps(self) -> tuple[Step, ...]:
@@ -70,10 +72,13 @@ def build_plan(config: Config, route: Route) -> RoutePlan:
             weight=ring.weight,
             progression=ring.progression,
             pinned=ring.pinned,
-            # A new pool, new servers (a new version), new rules or a new schedule start
-            # the ring's rollout over; anything else keeps its live state.
+            # A new pool, new servers (a new version), new rules or a new schedule (its
+            # weights and approvals) start the ring's rollout over; anything else, a
+            # step's duration and limits too, keeps its live state.
             fingerprint=fingerprint(ring.pool, [s.url for s in pool.servers], ring.rules,
-                                    ring.weight, steps, ring.pinned),
+                                    ring.weight, [s.criteria_key for s in steps],
+                                    ring.pinned),
+            health_checks=ring.health_checks,
         ))
     analysis = route.analysis
     baseline = (analysis.baseline if analysis and analysis.baseline else route.rings[-1].name)
