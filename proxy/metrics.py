@@ -27,7 +27,7 @@ import importlib.metadata
 import platform
 import time
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -240,6 +240,9 @@ class Metrics:
         self._reload_ok = 1.0
         self._reload_time = 0.0
         self._reloads = [0] * len(RELOAD_RESULTS)
+        # Gauges of other parts, as (name, help, value) at scrape time: the fleet's
+        # (``proxy.fleet.member``: backend up, leading, state version).
+        self.gauges: list[Callable[[], Iterable[tuple[str, str, float]]]] = []
 
     # ------------------------------------------------------------------ wiring
 
@@ -326,6 +329,11 @@ class Metrics:
         yield from self._rings_now()
         yield from self._upstreams()
         yield from self._config_and_rollbacks()
+        for source in self.gauges:
+            for name, text, value in source():
+                family = GaugeMetricFamily(name, text)
+                family.add_metric((), value)
+                yield family
 
     def _traffic(self) -> Iterator[Metric]:
         """What the rings' recorders counted."""
