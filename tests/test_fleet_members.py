@@ -31,6 +31,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 def member_config(
     directory: Path, stable: Upstream, canary: Upstream, *, steps: str = "[10, 50, 100]",
     min_step: str = "1h", increase: int = 1, latency: str = "{p99: 2}",
+    fast: str = "~",
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "ringproxy.yaml"
@@ -61,6 +62,7 @@ def member_config(
               max_error_rate_increase: {increase}
               latency: {latency}
               latency_floor: 250ms
+              fast_rollback: {fast}
             rings:
               - name: canary
                 pool: canary
@@ -315,3 +317,45 @@ async def test_redis_stopped_for_10s_under_load_then_back_with_its_data(
         stop.set()
         await asyncio.gather(*loads)
     assert statuses and [s for s in statuses if s != 200] == []
+
+
+async def test_a_member_cut_off_from_redis_takes_a_failing_ring_off_locally_and_records_it(
+    fleet: Fleet, redis_server: RedisServer, canary: Upstream,  # noqa: F811
+) -> None:
+    await fleet.start(2, steps="[50, 100]",
+                      fast="{max_error_rate: 50, min_requests: 10, window: 1s}")
+    await fleet.leader()
+    redis_server.stop()
+
+    async def cut_off() -> bool:
+        return not any([(await fleet.fleet_info(i))["up"] for i in range(2)])
+
+    await until(cut_off, 5.0)
+    canary.error_every = 1  # every canary answer is a 500 now
+
+    async def taken_off(i: int) -> None:
+        for n in range(200):
+            await fleet.served(i, range(n * 5, n * 5 + 5))
+            if (await fleet.canary_state(i))[0] == "rolled_back":
+                return
+        raise AssertionError(f"member {i} kept the failing canary")
+
+    await asyncio.wait_for(asyncio.gather(taken_off(0), taken_off(1)), 60)
+    for i in range(2):
+        assert set((await fleet.served(i, range(100))).values()) == {"stable"}
+        assert (await fleet.fleet_info(i))["local_rollbacks_pending"] == ["api/canary"]
+    redis_server.start()
+
+    async def recorded() -> bool:
+        infos = [await fleet.fleet_info(i) for i in range(2)]
+        return all(x["up"] and not x["local_rollbacks_pending"] for x in infos)
+
+    await until(recorded, 10.0)
+    rollbacks = [e for e in stream_events(redis_server) if e["kind"] == "rollback"]
+    assert len(rollbacks) == 1, rollbacks  # one member recorded it; the other found it done
+    assert "taken off locally" in rollbacks[0]["reason"]
+    body = redis_server.command("HGET", "test:states", "api")
+    agreed = json.loads(body[body.index(b"{"):body.rindex(b"}") + 1])
+    assert agreed["canary"]["phase"] == "rolled_back"
+    for i in range(2):
+        assert (await fleet.canary_state(i))[0] == "rolled_back"
