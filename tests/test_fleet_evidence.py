@@ -6,7 +6,7 @@ import pytest
 
 from proxy.config import parse_config
 from proxy.errors import ConfigError
-from proxy.fleet.evidence import Merger, MergedTallies, Published, decode, encode
+from proxy.fleet.evidence import MergedTallies, Merger, Published, decode, encode
 from proxy.rollout.evidence import Evidence, Tally
 from proxy.rollout.sketch import SIZE, index_of
 from tests.test_config import MINIMAL

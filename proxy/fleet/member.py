@@ -387,6 +387,8 @@ class Member:
             async with asyncio.timeout(TIMEOUT * 2):
                 written = await self.store.write(self.version, token, route, states, events)
         except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("fleet: writing a decision of route %s failed: %s", route,
+                        type(exc).__name__ + (f" ({exc})" if str(exc) else ""))
             self._set_up(False, exc)
             if less:
                 for event in events:
