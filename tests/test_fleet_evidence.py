@@ -114,9 +114,7 @@ def config(state: str) -> str:
 
 
 def test_the_file_backend_is_the_default() -> None:
-    parsed = parse_config(MINIMAL)
-    assert parsed.state.backend == "file" and parsed.state.prefix == "ringproxy:"
-    assert parsed.state.lease == 3.0
+    assert parse_config(MINIMAL).state.backend is None
 
 
 def test_a_redis_state_reads_its_url_from_the_environment_and_never_shows_it(
@@ -125,11 +123,15 @@ def test_a_redis_state_reads_its_url_from_the_environment_and_never_shows_it(
     monkeypatch.setenv("TEST_REDIS_URL", "redis://:s3cret-pass@10.0.0.5:6380/2")
     parsed = parse_config(config("{backend: redis, url: '${TEST_REDIS_URL}', "
                                  "prefix: 'shop:', lease: 2s}"))
-    state = parsed.state
-    assert (state.backend, state.prefix, state.lease) == ("redis", "shop:", 2.0)
+    state = parsed.state.backend
+    assert state is not None and (state.prefix, state.lease) == ("shop:", 2.0)
     assert state.url == "redis://:s3cret-pass@10.0.0.5:6380/2"
     assert state.redacted_url == "redis://10.0.0.5:6380/2"
     assert "s3cret" not in repr(state) and "s3cret" not in repr(parsed)
+    assert str(state) == "redis redis://10.0.0.5:6380/2 (prefix 'shop:', lease 2s)"
+    defaults = parse_config(config("{backend: redis, url: '${TEST_REDIS_URL}'}")).state
+    assert defaults.backend is not None
+    assert (defaults.backend.prefix, defaults.backend.lease) == ("ringproxy:", 3.0)
 
 
 @pytest.mark.parametrize(("state", "message"), [

@@ -75,8 +75,9 @@ def test_the_replicas_share_one_redis_and_keep_serving_without_it(tmp_path: Path
     assert done.returncode == 0, done.stderr
     config = parse_config(text, environ={"RINGPROXY_ADMIN_TOKEN": "x" * 32,
                                          "REDIS_URL": "redis://:pw@ringproxy-redis:6379/0"})
-    assert config.state.backend == "redis" and config.state.lease == 3.0
-    assert config.state.redacted_url == "redis://ringproxy-redis:6379/0"
+    redis = config.state.backend
+    assert redis is not None and redis.lease == 3.0
+    assert redis.redacted_url == "redis://ringproxy-redis:6379/0"
 
     redis = one("Deployment", "ringproxy-redis")["spec"]["template"]
     redis_service = one("Service", "ringproxy-redis")

@@ -34,7 +34,7 @@ from proxy.config.limits import (
     Limits,
 )
 from proxy.config.model import AccessLog, Balance, Config, Metrics, Policy, Pool, Ring
-from proxy.config.rollout import Progression, StateFiles, Webhook
+from proxy.config.rollout import Progression, RedisState, StateFiles, Webhook
 from proxy.config.rules import Op
 
 Schema = dict[str, Any]
@@ -409,14 +409,15 @@ def config_schema() -> Schema:
                                               Metrics().enabled)}),
             "state": _obj({"path": _str("rollout state file", state.path),
                            "audit": _str("audit trail (JSON lines)", state.audit),
-                           "backend": {"enum": ["file", "redis"], "default": state.backend,
+                           "backend": {"enum": ["file", "redis"], "default": "file",
                                        "description": "redis: one rollout shared by every "
                                        "process with the same url and prefix"},
                            "url": _str("the Redis URL, from the environment only: ${VAR}",
                                        pattern=_ENV),
                            "prefix": _str("every Redis key of the fleet starts with it",
-                                          state.prefix),
-                           "lease": _duration(state.lease, "a leader's lease in Redis")}),
+                                          RedisState().prefix),
+                           "lease": _duration(RedisState().lease,
+                                              "a leader's lease in Redis")}),
             "webhooks": {"type": "array", "items": {"anyOf": [_str("an http(s) URL"),
                                                                webhook]}},
             "limits": _limits(),

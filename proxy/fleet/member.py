@@ -48,7 +48,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from proxy.config.rollout import StateFiles
+from proxy.config.rollout import RedisState, StateFiles
 from proxy.control.controller import SharedUnavailable, Stale
 from proxy.fleet.evidence import (
     PUBLISH_EVERY,
@@ -77,6 +77,7 @@ POLL_EVERY = 1.0  # seconds between version checks (the fallback for a lost anno
 TIMEOUT = 1.0  # seconds a Redis command may take before the member counts Redis down
 START_WAIT = 2.0  # seconds the start waits for the fleet's states before serving its own
 HISTORY = 1000  # events of the fleet's trail read at start
+RESUBSCRIBE = 1.0  # seconds between the subscriber's attempts while Redis is out of reach
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +93,7 @@ class LocalRollback:
 class Member:
     """One process's membership: publisher, subscriber, lease, and the ``Shared`` hook."""
 
-    def __init__(self, settings: StateFiles, controller: Controller, metrics: Metrics,
+    def __init__(self, settings: RedisState, controller: Controller, metrics: Metrics,
                  name: str | None = None) -> None:
         self.settings = settings
         self.controller, self.metrics = controller, metrics
@@ -224,10 +225,10 @@ class Member:
                     if version:  # a write: its states if newer, its events in any case
                         await self._sync_states()
             except (RedisError, OSError, TimeoutError):
-                await asyncio.sleep(PUBLISH_EVERY)
+                await asyncio.sleep(RESUBSCRIBE)
             except Exception:  # pragma: no cover - logged, the loop goes on
                 log.exception("fleet subscriber failed")
-                await asyncio.sleep(PUBLISH_EVERY)
+                await asyncio.sleep(RESUBSCRIBE)
             finally:
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
@@ -478,4 +479,5 @@ def _append(path: Path, events: list[dict[str, object]]) -> None:
 def fleet_member(settings: StateFiles, controller: Controller,
                  metrics: Metrics) -> Member | None:
     """The member for ``state.backend: redis``; None for the file backend."""
-    return Member(settings, controller, metrics) if settings.backend == "redis" else None
+    redis = settings.backend
+    return Member(redis, controller, metrics) if redis is not None else None
