@@ -295,6 +295,8 @@ async def test_redis_stopped_for_10s_under_load_then_back_with_its_data(
                 assert r.status == 200 and ready["fleet"]["up"] is False
             async with fleet.client.get(fleet.admin[i] + "/metrics") as r:
                 assert "ringproxy_state_backend_up 0.0" in await r.text()
+        refused = await fleet.act(1, "pause")  # more than a rollback: it must wait
+        assert refused.status == 503
         for _ in range(17):  # 8.5 s more: no step advances anywhere
             await asyncio.sleep(0.5)
             assert [await fleet.canary_state(i) for i in range(3)] == frozen
