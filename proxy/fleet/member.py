@@ -118,6 +118,7 @@ class Member:
         self.writes = 0  # decisions this member wrote
         self._gens: dict[Key, tuple[Tally, int]] = {}
         self._gen = 0
+        self._led = 0  # the token of the last lease this member led with
         self._tasks: list[asyncio.Task[None]] = []
         controller.shared = self
         metrics.gauges.append(self.gauges)
@@ -179,19 +180,22 @@ class Member:
     # ------------------------------------------------------------------ the loops
 
     async def _tick(self) -> None:
-        """Publish every 250 ms; renew the lease, check the version, on their periods."""
+        """Publish every 250 ms (the leader then merges); renew the lease every
+        ``lease / 3``; check the version every second; each when it is due."""
         loop = asyncio.get_running_loop()
-        next_lease = next_poll = loop.time()
+        next_publish = next_lease = next_poll = loop.time()
         while True:
             now = loop.time()
             try:
                 async with asyncio.timeout(TIMEOUT * 2):
-                    await self._publish()
+                    if now >= next_publish:
+                        next_publish = now + PUBLISH_EVERY
+                        await self._publish()
+                        if self.lease.leading:
+                            await self._merge()
                     if now >= next_lease:
                         next_lease = now + self.lease.every
                         await self._lead()
-                    if self.lease.leading:
-                        await self._merge()
                     if now >= next_poll:
                         next_poll = now + POLL_EVERY
                         await self._poll()
@@ -204,7 +208,8 @@ class Member:
                     self._set_up(False, exc)
             except Exception:  # one bad round must not stop the member
                 log.exception("fleet member round failed")
-            await asyncio.sleep(PUBLISH_EVERY)
+            await asyncio.sleep(max(0.0, min(next_publish, next_lease, next_poll)
+                                    - loop.time()))
 
     async def _listen(self) -> None:
         """Apply a decision as soon as it is announced (the version check is the fallback)."""
@@ -301,9 +306,11 @@ class Member:
         was = self.lease.leading
         leading = await self.lease.renew()
         if leading and not was:
-            log.warning("fleet: member %s LEADS (fencing token %d)", self.id,
-                        self.lease.token)
-            self.merger, self.merged = Merger(), MergedTallies()
+            if self.lease.token != self._led:  # a new lease: the evidence starts here
+                log.warning("fleet: member %s LEADS (fencing token %d)", self.id,
+                            self.lease.token)
+                self._led = self.lease.token
+                self.merger, self.merged = Merger(), MergedTallies()
             await self._merge()
             async with self.controller.lock:
                 await self._sync()
