@@ -77,3 +77,10 @@ async def test_a_resigning_leader_frees_the_lease_at_once(store: Store) -> None:
     await first.resign()
     assert await second.renew() and second.token == 2
     assert await store.holder() == "m2"
+
+
+async def test_a_route_whose_shared_states_are_not_usable_is_skipped(store: Store) -> None:
+    assert (await store.write(0, None, "api", STATES, [])).ok
+    await store.redis.hset(store.states, "other", "{not json")
+    await store.redis.hset(store.states, "third", '{"canary": {"phase": "sideways"}}')
+    assert await store.read() == (1, {"api": STATES})

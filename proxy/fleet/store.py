@@ -21,6 +21,7 @@ announcement, in one script, so nobody sees one without the others.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,8 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from proxy.rollout.state import Event, RingState
+
+log = logging.getLogger("ringproxy.fleet")
 
 EVENTS_KEPT = 10_000  # the stream's approximate bound (XADD MAXLEN ~)
 EVENTS_READ = 1000  # stream entries read at a time
@@ -145,7 +148,11 @@ class Store:
         out: SharedStates = {}
         for name, body in zip(flat[::2], flat[1::2], strict=True):
             route = name.decode() if isinstance(name, bytes) else str(name)
-            out[route] = parse_states(body)
+            try:
+                out[route] = parse_states(body)
+            except ValueError as exc:  # input: skipped (the route keeps what it has here)
+                log.warning("fleet: the shared states of route %s are not usable, skipped: "
+                            "%s", route, exc)
         return int(version), out
 
     async def events_after(self, last: str) -> list[tuple[str, dict[str, object]]]:
