@@ -299,6 +299,9 @@ class Metrics:
         self._reload_time = 0.0
         self._reloads = [0] * len(RELOAD_RESULTS)
         self.checks_source: ChecksSource | None = None  # external checks' results
+        # Gauges of other parts, as (name, help, value) at scrape time: the fleet's
+        # (``proxy.fleet.member``: backend up, leading, state version).
+        self.gauges: list[Callable[[], Iterable[tuple[str, str, float]]]] = []
 
     # ------------------------------------------------------------------ wiring
 
@@ -393,6 +396,11 @@ class Metrics:
         yield from self._config_and_rollbacks()
         for more in self.extra:
             yield from more()
+        for gauges in self.gauges:
+            for name, text, number in gauges():
+                family = GaugeMetricFamily(name, text)
+                family.add_metric((), number)
+                yield family
         yield from self._external_checks()
 
     def _external_checks(self) -> Iterator[Metric]:

@@ -39,6 +39,7 @@ from proxy.dataplane.listener import (
     raise_nofile_limit,
 )
 from proxy.dataplane.upstream import UpstreamPool
+from proxy.fleet.member import fleet_member
 from proxy.health.state import Transition
 from proxy.metrics import Metrics
 from proxy.reload import Reloader, ReloadResult
@@ -66,6 +67,8 @@ class Proxy:
         self.metrics.attach(self.runtime)
         self.metrics.config_loaded(config.revision)
         self.controller = Controller(config, self.metrics)
+        # state.backend: redis: one rollout shared with the other members (proxy.fleet).
+        self.fleet = fleet_member(config.state, self.controller, self.metrics)
         self._watch_health(self.runtime)
         self._fresh_state = fresh_state
         self.access_log = AccessLog(config.access_log.path) if config.access_log.enabled else None
@@ -198,6 +201,8 @@ class Proxy:
         # Rollout state before anything listens: a rolled-back ring stays rolled back.
         self.controller.load(fresh=self._fresh_state)
         self.controller.configure(self.runtime)
+        if self.fleet is not None:
+            await self.fleet.start()  # the fleet's agreed states before anything listens
         await self.runtime.start()
         try:
             await self._listen_clients()
@@ -263,6 +268,8 @@ class Proxy:
         if self.reloader is not None:
             await self.reloader.stop()
         await self.controller.stop()
+        if self.fleet is not None:
+            await self.fleet.stop()
         if self._cert_task is not None:
             self._cert_task.cancel()
             await asyncio.gather(self._cert_task, return_exceptions=True)

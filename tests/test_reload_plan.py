@@ -14,6 +14,7 @@ from proxy.config.changes import KEYS, NOT_KEYS, Applies, reload_plan
 from tests.test_limits_config import self_signed
 
 ENV = {"TOKEN_A": "a" * 20, "TOKEN_B": "b" * 20}
+ENV["FLEET_REDIS_URL"] = "redis://:secret-pw@127.0.0.1:6379/0"  # (state.backend)
 
 BASE = textwrap.dedent("""
     listen: 127.0.0.1:8080
@@ -105,6 +106,13 @@ TABLE: dict[str, tuple[tuple[str, str], Applies, str]] = {
     "state.audit": (
         ("audit: audit.jsonl", "audit: other.jsonl"), Applies.RESTART,
         "config reload: state.audit changed from 'audit.jsonl' to 'other.jsonl'; "
+        "it takes effect at the next restart",
+    ),
+    "state.backend": (
+        ("audit: audit.jsonl}", "audit: audit.jsonl, backend: redis, "
+         "url: '${FLEET_REDIS_URL}'}"), Applies.RESTART,
+        "config reload: state.backend changed from 'file' to "
+        "\"redis redis://127.0.0.1:6379/0 (prefix 'ringproxy:', lease 3s)\"; "
         "it takes effect at the next restart",
     ),
     "webhooks": (

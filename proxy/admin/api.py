@@ -179,7 +179,14 @@ async def routes(request: web.Request, caller: Caller) -> web.Response:
     return web.json_response({
         "revision": proxy.config.revision,
         "routes": [_route_view(proxy, name) for name in proxy.runtime.table.routes],
+        **_fleet(proxy),
     })
+
+
+def _fleet(proxy: Proxy) -> dict[str, object]:
+    """``{"fleet": ...}`` for a member of a fleet (state.backend: redis), else nothing."""
+    shared = proxy.controller.shared
+    return {"fleet": shared.info()} if shared is not None else {}
 
 
 async def route(request: web.Request, caller: Caller) -> web.Response:
@@ -336,7 +343,9 @@ async def readyz(request: web.Request, caller: Caller) -> web.Response:
     ready = not missing and not down and not draining
     return web.json_response(
         {"ready": ready, "revision": proxy.config.revision, "pools_not_started": missing,
-         "pools_down": down, "draining": draining},
+         "pools_down": down, "draining": draining,
+         # A fleet member cut off from the shared state still serves (ready), says so.
+         **_fleet(proxy)},
         status=200 if ready else 503,
     )
 

@@ -51,6 +51,9 @@ KEYS: tuple[Key, ...] = (
     Key("metrics.enabled", Applies.LIVE, lambda c: c.metrics.enabled),
     Key("state.path", Applies.RESTART, lambda c: c.state.path),
     Key("state.audit", Applies.RESTART, lambda c: c.state.audit),
+    # The fleet's member (proxy.fleet) is made at start; the URL shown without its password.
+    Key("state.backend", Applies.RESTART,
+        lambda c: str(c.state.backend) if c.state.backend else "file"),
     Key("webhooks", Applies.LIVE, lambda c: c.webhooks),
     Key("pools", Applies.LIVE, lambda c: c.pools),
     Key("routes", Applies.LIVE, lambda c: c.routes),

@@ -6,7 +6,7 @@ Pure: no I/O.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from proxy.config.analysis import QUANTILES, AbsoluteLatency, percent_key
@@ -57,10 +57,43 @@ class Webhook:
     retries: int = 3
 
 
+STATE_BACKENDS = ("file", "redis")
+LEASE_MIN, LEASE_MAX = 0.5, 60.0  # seconds: a leader's lease (renewed every third of it)
+
+
+@dataclass(frozen=True, slots=True)
+class RedisState:
+    """``state.backend: redis``: one rollout shared by every process naming the same
+    ``url`` and ``prefix`` (``proxy.fleet``).  ``url`` may hold a password: it must come
+    from ``${VAR}`` and is never shown (``repr``, logs and the admin API use
+    ``redacted_url``)."""
+
+    url: str = field(default="", repr=False)  # redis://[user:password@]host:port/db
+    prefix: str = "ringproxy:"  # every key of this fleet starts with it
+    lease: float = 3.0  # seconds a leader holds its lease without renewing it
+
+    @property
+    def redacted_url(self) -> str:
+        """The URL without its user and password (for logs and the admin API)."""
+        parts = urlsplit(self.url)
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{host}{port}{parts.path}" if self.url else ""
+
+    def __str__(self) -> str:
+        return f"redis {self.redacted_url} (prefix {self.prefix!r}, lease {self.lease:g}s)"
+
+
 @dataclass(frozen=True, slots=True)
 class StateFiles:
+    """Where rollout state lives: this process's files and, with ``backend``, a Redis
+    shared by a fleet (the files stay each member's local copy and audit trail)."""
+
     path: str = "ringproxy-state.json"  # relative to the working directory
     audit: str = "ringproxy-audit.jsonl"
+    backend: RedisState | None = None  # None: the file backend (this process alone)
 
 
 # The defaults, read off the settings classes (the one place they are written).
@@ -141,11 +174,44 @@ def read_state_files(ctx: Ctx, data: object, path: str) -> StateFiles:
     if data is None:
         return StateFiles()
     sec = Section(ctx, data, path)
-    base = StateFiles()
+    base, shared = StateFiles(), RedisState()
+    backend = sec.text("backend", "file")
+    if backend not in STATE_BACKENDS:
+        ctx.err(sec.sub("backend"), f"{backend!r} is not one of: {', '.join(STATE_BACKENDS)}")
+    url = sec.text("url", "")
+    prefix = sec.text("prefix", shared.prefix)
+    lease = sec.duration("lease", shared.lease, minimum=LEASE_MIN)
+    if lease > LEASE_MAX:
+        ctx.err(sec.sub("lease"), f"{lease:g}s is longer than {LEASE_MAX:g}s: a dead "
+                "leader would hold the rollout that long")
+    redis = None
+    if backend == "redis":
+        _check_redis_url(ctx, sec.sub("url"), url)
+        if not prefix:
+            ctx.err(sec.sub("prefix"), "an empty prefix: write e.g. prefix: \"ringproxy:\"")
+        redis = RedisState(url, prefix, lease)
+    elif url:
+        ctx.err(sec.sub("url"), "a url needs backend: redis (the file backend has none)")
     result = StateFiles(sec.text("path", base.path) or base.path,
-                        sec.text("audit", base.audit) or base.audit)
+                        sec.text("audit", base.audit) or base.audit, redis)
     sec.close()
     return result
+
+
+def _check_redis_url(ctx: Ctx, where: str, url: str) -> None:
+    """A Redis URL from the environment; the error never echoes the value (a password)."""
+    if not url:
+        ctx.err(where, "backend: redis needs a url, e.g. url: ${REDIS_URL}")
+        return
+    if where not in ctx.env_paths:
+        ctx.err(where, "the Redis URL must come from the environment (it may hold a "
+                "password), e.g. url: ${REDIS_URL}, never from the file itself")
+        return
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix") or (
+            parts.scheme != "unix" and not parts.hostname):
+        ctx.err(where, "the environment variable does not hold a Redis URL "
+                "(redis://[:password@]host:port/db, rediss://... or unix:///path)")
 
 
 def read_webhooks(ctx: Ctx, data: object, path: str) -> tuple[Webhook, ...]:

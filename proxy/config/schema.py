@@ -36,7 +36,7 @@ from proxy.config.limits import (
 )
 from proxy.config.model import AccessLog, Balance, Config, Metrics, Policy, Pool, Ring
 from proxy.config.ringlimits import MAX_BURST, MAX_RATE
-from proxy.config.rollout import Progression, StateFiles, Webhook
+from proxy.config.rollout import Progression, RedisState, StateFiles, Webhook
 from proxy.config.rules import Op
 
 Schema = dict[str, Any]
@@ -526,7 +526,16 @@ def config_schema() -> Schema:
             "metrics": _obj({"enabled": _bool("per-ring metrics (the analysis needs them)",
                                               Metrics().enabled)}),
             "state": _obj({"path": _str("rollout state file", state.path),
-                           "audit": _str("audit trail (JSON lines)", state.audit)}),
+                           "audit": _str("audit trail (JSON lines)", state.audit),
+                           "backend": {"enum": ["file", "redis"], "default": "file",
+                                       "description": "redis: one rollout shared by every "
+                                       "process with the same url and prefix"},
+                           "url": _str("the Redis URL, from the environment only: ${VAR}",
+                                       pattern=_ENV),
+                           "prefix": _str("every Redis key of the fleet starts with it",
+                                          RedisState().prefix),
+                           "lease": _duration(RedisState().lease,
+                                              "a leader's lease in Redis")}),
             "webhooks": {"type": "array", "items": {"anyOf": [_str("an http(s) URL"),
                                                                webhook]}},
             "limits": _limits(),

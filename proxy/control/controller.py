@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from proxy.checks.results import join as join_external
 from proxy.checks.runner import CheckRunner
@@ -41,6 +41,7 @@ from proxy.control.statefile import (
 from proxy.control.webhooks import WebhookSender
 from proxy.errors import RolloutConflict, StateError
 from proxy.health.state import Transition
+from proxy.rollout.evidence import Tally
 from proxy.rollout.judge import Verdict, errors_worse, judge_fast, judge_marks
 from proxy.rollout.machine import (
     Trigger,
@@ -69,6 +70,41 @@ Decision = tuple[dict[str, RingState], list[Event]]
 # Decides a route's new states from its current plan (None: the route left the config).
 Decide = Callable[[RoutePlan | None, States], Decision]
 FAST_TICK = 0.1  # seconds between fast-path checks, when a route has one
+# Which analysis this process runs: all of it (alone, or a fleet's leader), none (a fleet's
+# follower: it applies the leader's decisions), or the fast path alone (a follower cut off
+# from the shared state: it may still take a failing ring off, never add exposure).
+Judging = Literal["all", "none", "fast"]
+SHARED_TRIES = 5  # an operator action decided again at most this often on newer states
+
+
+class SharedUnavailable(RolloutConflict):
+    """The fleet's shared state cannot take the decision now (Redis out of reach, or it
+    kept changing): nothing changed anywhere; the admin API answers 503."""
+
+    status = 503
+
+
+class Stale(Exception):
+    """The shared state moved on since this process decided: it has adopted the newer
+    states; an operator's action is decided again on them, a judged decision dropped."""
+
+
+class Shared(Protocol):
+    """Where a fleet's decisions are written before any member applies them
+    (``proxy.fleet.member``); absent, the state file is the only record."""
+
+    async def write(self, route: str, states: dict[str, RingState], events: list[Event],
+                    judged: bool) -> bool:
+        """Write the route's new states; True: shared (the audit trail comes back through
+        the fleet's stream), False: kept local (a rollback while the shared state is out
+        of reach).  Raises ``Stale``, or ``SharedUnavailable`` when it cannot be written."""
+        ...
+
+    def info(self) -> dict[str, object]:
+        """The shared state's status for the admin API (no secret in it)."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
     """What ``configure`` replaces, kept so a reload that fails later can put it back."""
@@ -120,6 +156,11 @@ class Controller:
         self.checks = CheckRunner(self._state_of, self._note, wall)
         self.checks.snapshot = self._snapshot
         metrics.checks_source = self.checks
+        # Fleet hooks (``proxy.fleet``): where the judge reads a ring's evidence (the
+        # fleet's merged totals on a leader), what it runs, and where decisions go first.
+        self.tally: Callable[[str, str], Tally] = metrics.tally
+        self.judging: Judging = "all"
+        self.shared: Shared | None = None
 
     # ------------------------------------------------------------------ configuration
 
@@ -248,12 +289,12 @@ class Controller:
         if plan.analysis is None:
             return
         try:
-            baseline = self.metrics.tally(route, plan.baseline)
+            baseline = self.tally(route, plan.baseline)
             for ring in plan.analysed:
                 state = self.states[route][ring.name]
                 if state.enabled:
                     self.looks.start((route, ring.name), state,
-                                     self.metrics.tally(route, ring.name), baseline)
+                                     self.tally(route, ring.name), baseline)
         except KeyError:
             return  # metrics are off: nothing is analysed
 
@@ -318,15 +359,19 @@ class Controller:
             now = self.mono()
             analysed = {name: p.analysis for name, p in self.plans.items()
                         if p.analysis is not None}
+            if self.judging == "none":
+                analysed = {}
             for name, analysis in analysed.items():
                 when = due.setdefault(name, now + analysis.interval)
+                if self.judging == "fast":
+                    continue
                 if now >= when:
                     due[name] = now + analysis.interval
                     try:
                         await self.evaluate(name)
                     except Exception:  # one bad round must not stop the loop
                         log.exception("analysis of route %s failed", name)
-            for name in analysed:
+            for name in analysed if self.judging == "all" else ():
                 try:
                     await self.check_errors(name)
                 except Exception:  # pragma: no cover - logged, the loop goes on
@@ -338,8 +383,8 @@ class Controller:
                 except Exception:
                     log.exception("fast rollback check of route %s failed", name)
             ticks = [a.interval / 4 for a in analysed.values()]
-            if analysed:
-                ticks.append(FAST_TICK)
+            if analysed or self.judging == "none":
+                ticks.append(FAST_TICK)  # (a follower: soon back if it becomes the leader)
             await asyncio.sleep(min(ticks) if ticks else 1.0)
 
     async def check_fast(self, route: str) -> list[Event]:
@@ -356,7 +401,7 @@ class Controller:
             self.verdicts.setdefault(route, {})[ring] = verdict
             now = self.wall()
             return await self._commit(route, _judged(
-                plan, lambda p, s: on_fast_failure(p, s, ring, verdict, now)))
+                plan, lambda p, s: on_fast_failure(p, s, ring, verdict, now)), judged=True)
 
     def _fast_failure(
         self, route: str, plan: RoutePlan, fast: FastRollback
@@ -365,14 +410,14 @@ class Controller:
         try:
             baseline = self.looks.recent(
                 (route, plan.baseline), self.states[route][plan.baseline],
-                self.metrics.tally(route, plan.baseline), fast.window, now)
+                self.tally(route, plan.baseline), fast.window, now)
         except KeyError:
             return None  # metrics are off: nothing is analysed
         for ring in plan.analysed:
             state = self.states[route][ring.name]
             if not state.enabled:
                 continue
-            tally = self.metrics.tally(route, ring.name)
+            tally = self.tally(route, ring.name)
             requests, errors = self.looks.recent((route, ring.name), state, tally,
                                                  fast.window, now)
             verdict = judge_fast(requests, errors, fast, *baseline)
@@ -388,14 +433,14 @@ class Controller:
             if plan is None or analysis is None or self._runtime is None:
                 return []
             try:
-                baseline = self.metrics.tally(route, plan.baseline)
+                baseline = self.tally(route, plan.baseline)
                 due = False
                 for ring in plan.analysed:
                     state = self.states[route][ring.name]
                     if not state.enabled:
                         continue
                     counts = self.looks.counts_since_marks(
-                        (route, ring.name), state, self.metrics.tally(route, ring.name),
+                        (route, ring.name), state, self.tally(route, ring.name),
                         baseline)
                     criteria = ring_criteria(analysis, ring, state)
                     if counts and errors_worse(counts, criteria) is not None:
@@ -413,7 +458,7 @@ class Controller:
             if plan is None or analysis is None or self._runtime is None:
                 return []  # a route without analysis is never analysed
             try:
-                baseline = self.metrics.tally(route, plan.baseline)
+                baseline = self.tally(route, plan.baseline)
             except KeyError:
                 return []  # metrics are off: nothing is analysed
             baseline_now = baseline.evidence()
@@ -425,7 +470,7 @@ class Controller:
                 if states[ring.name].enabled:
                     marks = self.looks.since_marks(
                         (route, ring.name), states[ring.name],
-                        self.metrics.tally(route, ring.name), baseline, baseline_now,
+                        self.tally(route, ring.name), baseline, baseline_now,
                         self.mono())
                     state = states[ring.name]
                     verdicts[ring.name] = join_external(
@@ -437,7 +482,7 @@ class Controller:
             gates = self.checks.gates_open(plan, states, waiting_for_gate(
                 plan, states, verdicts, now), verdicts)
             return await self._commit(route, _judged(
-                plan, lambda p, s: on_verdicts(p, s, verdicts, now, gates)))
+                plan, lambda p, s: on_verdicts(p, s, verdicts, now, gates)), judged=True)
 
     # ------------------------------------------------------------------ operator actions
 
@@ -460,7 +505,7 @@ class Controller:
 
     # ------------------------------------------------------------------ applying
 
-    async def _commit(self, route: str, decide: Decide) -> list[Event]:
+    async def _commit(self, route: str, decide: Decide, judged: bool = False) -> list[Event]:
         """Decide, save, install, publish; the caller holds the lock.
 
         The lock keeps commits (and their saves) in turn.  ``configure`` does not take it
@@ -468,8 +513,13 @@ class Controller:
         while the save is awaited: the generation shows it, and the decision is made again
         on the states and plan that are current now, and saved again, before anything is
         installed.  The file never keeps a snapshot a reload overtook.
+
+        In a fleet (``self.shared``), the decision is written to the shared state first
+        and applied only once written: refused there, nothing changes here (see ``Stale``).
         """
         overtaken = False
+        shared = False
+        tries = 0
         while True:
             generation = self._generation
             current = self.states.get(route, {})
@@ -483,6 +533,17 @@ class Controller:
             changed = new != current
             if not changed and not overtaken:
                 return []
+            if self.shared is not None and changed and not overtaken:
+                try:
+                    shared = await self.shared.write(route, new, events, judged)
+                except Stale:
+                    tries += 1
+                    if judged:
+                        return []  # judged on states that are no longer current: dropped
+                    if tries >= SHARED_TRIES:
+                        raise SharedUnavailable(
+                            "the shared rollout state kept changing; try again") from None
+                    continue
             snapshot = {**self.states, route: new} if route in self.plans else dict(self.states)
             # Durable first: a crash after this point never re-exposes users or loses a step.
             await asyncio.to_thread(self._save, self.state_path, snapshot)
@@ -497,22 +558,26 @@ class Controller:
             return []
         self.states = snapshot
         self._apply(route)
-        await self._publish(events)
+        await self._publish(events, local=not shared)
         return events
 
-    async def _publish(self, events: list[Event]) -> None:
+    async def _publish(self, events: list[Event], local: bool = True) -> None:
+        """Log, count and send ``events``; ``local``: also this process's audit trail
+        (a fleet's shared events reach every member's trail through its stream)."""
         if not events:
             return
         # In memory together with the state they explain (no await in between), so a
         # reader never sees a new phase without its event; then the audit file; then out.
         for event in events:
             self.events.append(event)
-            self.history.append(event.as_dict())
+            if local:
+                self.history.append(event.as_dict())
             level = logging.WARNING if event.kind == "rollback" else logging.INFO
             log.log(level, "%s", event.text)
             if event.kind == "rollback":
                 self.metrics.rollback(event.route, event.ring, event.label)
-        await asyncio.to_thread(append_audit, self.audit_path, events)
+        if local:
+            await asyncio.to_thread(append_audit, self.audit_path, events)
         for event in events:
             self.webhooks.send(event)
         self.checks.rolled_back(events)
@@ -541,6 +606,54 @@ class Controller:
                 "outcome": verdict.outcome.value if verdict else None,
                 "reason": verdict.reason if verdict else None,
                 "numbers": verdict.numbers if verdict else {}}
+
+    # ------------------------------------------------------------------ a fleet's follower
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        """Held by every commit; a fleet member takes it to adopt the shared states."""
+        return self._lock
+
+    async def adopt(self, shared: Mapping[str, Mapping[str, RingState]]) -> list[str]:
+        """Take the fleet's agreed states (``proxy.fleet``): the routes that changed."""
+        async with self._lock:
+            return await self.adopt_locked(shared)
+
+    async def adopt_locked(self, shared: Mapping[str, Mapping[str, RingState]]) -> list[str]:
+        """``adopt`` for a caller holding the lock (a ``Shared.write`` found newer states).
+
+        Each route's states go through ``restore`` under this process's plan (a ring whose
+        config differs here starts over, as after a restart), are saved to the local state
+        file (the last agreed state survives a restart without Redis), then installed.
+        Routes this config lacks are remembered for a reload that adds them.
+        """
+        while True:
+            generation, now = self._generation, self.wall()
+            snapshot, changed = dict(self.states), []
+            for route, rings in shared.items():
+                plan = self.plans.get(route)
+                if plan is None:
+                    self._known[route] = dict(rings)
+                    continue
+                # A ring the shared states lack, or hold under another config, keeps
+                # what it has here (restored anew only if that is not of this config).
+                fingerprints = {r.name: r.fingerprint for r in plan.rings}
+                candidates = dict(snapshot.get(route, {}))
+                candidates.update({name: state for name, state in rings.items()
+                                   if fingerprints.get(name) == state.fingerprint})
+                restored = restore(plan, candidates, now)
+                if restored != snapshot.get(route):
+                    snapshot[route] = restored
+                    changed.append(route)
+            if not changed:
+                return []
+            await asyncio.to_thread(self._save, self.state_path, snapshot)
+            if generation == self._generation:
+                break  # else a reload came in during the save: restore under it again
+        self.states = snapshot
+        for route in changed:
+            self._apply(route)
+        return changed
 
     def server_changed(self, change: Transition, rings: list[tuple[str, str]]) -> None:
         """A server of a pool went out of rotation or came back: an event on every ring

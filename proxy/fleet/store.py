@@ -1,0 +1,190 @@
+"""The fleet's Redis keys and Lua scripts: the one place either is written.
+
+Every key starts with ``state.prefix`` (default ``ringproxy:``), so several fleets share
+one Redis.  Keys:
+
+- ``leader``: the member id holding the lease (``SET NX PX``); ``fence``: a counter, one
+  ``INCR`` per new lease; ``token``: the current lease's fencing token.
+- ``states``: a hash, route -> JSON of its ring states (``RingState.as_dict``);
+  ``version``: a counter, one ``INCR`` per decision written.
+- ``events``: the fleet's audit trail, a stream bounded by ``XADD MAXLEN ~ EVENTS_KEPT``.
+- ``decisions``: the pub/sub channel a write announces its new version on.
+- ``evidence``: a hash, member id -> JSON of its cumulative per-ring tallies.
+
+A decision is written by ``WRITE``: atomically, only if the writer's version is the
+current one (optimistic: it decided on the newest states) and, for the leader's own
+judged decisions, only while its fencing token is the current one (a deposed leader's
+write is refused: never a split brain); then the states, the version, the events and the
+announcement, in one script, so nobody sees one without the others.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+from proxy.rollout.state import Event, RingState
+
+log = logging.getLogger("ringproxy.fleet")
+
+EVENTS_KEPT = 10_000  # the stream's approximate bound (XADD MAXLEN ~)
+EVENTS_READ = 1000  # stream entries read at a time
+
+# KEYS: leader, fence, token.  ARGV: member, lease ms, the token it holds ("" if none).
+# A free lease is taken with a new token; the holder renews it with the token it holds.
+LEAD = """
+local holder = redis.call('GET', KEYS[1])
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  local token = redis.call('INCR', KEYS[2])
+  redis.call('SET', KEYS[3], token)
+  return token
+end
+if holder == ARGV[1] and redis.call('GET', KEYS[3]) == ARGV[3] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return tonumber(ARGV[3])
+end
+return 0
+"""
+
+# KEYS: leader, token.  ARGV: member, token.  Let the lease go (a clean stop).
+RESIGN = """
+if redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('GET', KEYS[2]) == ARGV[2] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
+
+# KEYS: states, version, token, events, channel.
+# ARGV: expected version, token ("" = not a leader's judged write), route, states JSON,
+#       events kept, then the events' JSON, one argument each.
+# Returns {1, new version} when written, {0, current version} when the version moved on,
+# {-1, current version} when the token is not the current one.
+WRITE = """
+local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+if current ~= tonumber(ARGV[1]) then return {0, current} end
+if ARGV[2] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[2] then return {-1, current} end
+redis.call('HSET', KEYS[1], ARGV[3], ARGV[4])
+local version = redis.call('INCR', KEYS[2])
+for i = 6, #ARGV do
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'event', ARGV[i],
+             'version', version)
+end
+redis.call('PUBLISH', KEYS[5], version)
+return {1, version}
+"""
+
+# KEYS: states, version.  The states and their version, read together.
+READ = """
+return {redis.call('GET', KEYS[2]) or '0', redis.call('HGETALL', KEYS[1])}
+"""
+
+SharedStates = dict[str, dict[str, RingState]]
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """What ``Store.write`` did: ``ok``, else why not (``stale`` or ``deposed``)."""
+
+    ok: bool
+    version: int
+    deposed: bool = False
+
+
+class Store:
+    """The fleet's keys under one prefix, and the scripts that change them."""
+
+    def __init__(self, redis: Redis, prefix: str) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        key = prefix.__add__
+        self.leader, self.fence, self.token = key("leader"), key("fence"), key("token")
+        self.states, self.version = key("states"), key("version")
+        self.events, self.channel, self.evidence = key("events"), key("decisions"), \
+            key("evidence")
+        self._lead: AsyncScript = redis.register_script(LEAD)
+        self._resign: AsyncScript = redis.register_script(RESIGN)
+        self._write: AsyncScript = redis.register_script(WRITE)
+        self._read: AsyncScript = redis.register_script(READ)
+
+    async def lead(self, member: str, lease: float, token: int) -> int:
+        """Take or renew the lease: the token held now, 0 if another member holds it."""
+        got = await self._lead(keys=[self.leader, self.fence, self.token],
+                               args=[member, max(1, round(lease * 1000)),
+                                     str(token) if token else ""])
+        return int(got)
+
+    async def resign(self, member: str, token: int) -> None:
+        await self._resign(keys=[self.leader, self.token], args=[member, str(token)])
+
+    async def holder(self) -> str | None:
+        held = await self.redis.get(self.leader)
+        return held.decode() if isinstance(held, bytes) else held
+
+    async def write(
+        self, version: int, token: int | None, route: str,
+        states: Mapping[str, RingState], events: Sequence[Event],
+    ) -> Written:
+        """The route's new states and their events, if ``version`` is still current."""
+        body = json.dumps({name: s.as_dict() for name, s in states.items()},
+                          sort_keys=True)
+        got = await self._write(
+            keys=[self.states, self.version, self.token, self.events, self.channel],
+            args=[version, "" if token is None else str(token), route, body, EVENTS_KEPT,
+                  *(json.dumps(e.as_dict(), sort_keys=True) for e in events)])
+        code, now = int(got[0]), int(got[1])
+        return Written(code == 1, now, deposed=code == -1)
+
+    async def read(self) -> tuple[int, SharedStates]:
+        """Every route's shared states and their version (0: nothing written yet)."""
+        version, flat = await self._read(keys=[self.states, self.version])
+        out: SharedStates = {}
+        for name, body in zip(flat[::2], flat[1::2], strict=True):
+            route = name.decode() if isinstance(name, bytes) else str(name)
+            try:
+                out[route] = parse_states(body)
+            except ValueError as exc:  # input: skipped (the route keeps what it has here)
+                log.warning("fleet: the shared states of route %s are not usable, skipped: "
+                            "%s", route, exc)
+        return int(version), out
+
+    async def events_after(self, last: str) -> list[tuple[str, dict[str, object]]]:
+        """The audit trail's entries after stream id ``last`` (at most ``EVENTS_READ``)."""
+        entries = await self.redis.xrange(self.events, min=f"({last}", count=EVENTS_READ)
+        return _entries(entries or [])
+
+    async def last_events(self, count: int) -> list[tuple[str, dict[str, object]]]:
+        """The audit trail's last ``count`` entries, oldest first."""
+        entries = await self.redis.xrevrange(self.events, count=count)
+        return _entries(reversed(entries or []))
+
+
+def _entries(entries: Iterable[Any]) -> list[tuple[str, dict[str, object]]]:
+    """Stream entries as (id, event); an entry that is not an event is skipped, never a
+    crash (the stream is input: anything may have written to it)."""
+    out = []
+    for entry_id, fields in entries:
+        raw = (fields or {}).get(b"event")
+        try:
+            data = json.loads(raw) if raw is not None else None
+        except ValueError:
+            data = None
+        ident = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+        out.append((ident, data if isinstance(data, dict) else {}))
+    return out
+
+
+def parse_states(body: bytes | str) -> dict[str, RingState]:
+    """One route's states as written by ``Store.write``; ValueError if not that."""
+    data = json.loads(body)
+    if not isinstance(data, dict):
+        raise ValueError("a route's shared states must be a JSON object")
+    return {str(name): RingState.from_dict(value) for name, value in data.items()
+            if isinstance(value, dict)}

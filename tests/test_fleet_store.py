@@ -1,0 +1,86 @@
+"""The fleet's Redis scripts against a real redis-server: the lease and its fencing token,
+the version check, and a decision written with its events and announcement at once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from proxy.fleet.lease import Lease
+from proxy.fleet.store import Store
+from proxy.rollout.state import Event, Phase, RingState
+from tests.redis_fixture import RedisServer, redis_server  # noqa: F401 - a fixture
+
+STATES = {"canary": RingState(Phase.ROLLED_BACK, 0, 0, 1.0, fingerprint="f1"),
+          "stable": RingState(Phase.STEADY, None, None, 1.0, fingerprint="f2")}
+EVENT = Event(2.0, "api", "canary", "rollback", 1000, 0, "progressing", "rolled_back",
+              "errors", label="error_rate", actor="analysis")
+
+
+@pytest.fixture
+async def store(redis_server: RedisServer) -> AsyncIterator[Store]:  # noqa: F811
+    client = Redis.from_url(redis_server.url)
+    yield Store(client, "t:")
+    await client.aclose()
+
+
+async def test_a_deposed_leaders_write_is_refused_by_its_token(store: Store) -> None:
+    first = Lease(store, "m1", 0.5)
+    second = Lease(store, "m2", 0.5)
+    assert await first.renew() and first.leading and first.token == 1
+    assert not await second.renew() and not second.leading
+    assert await first.renew() and first.token == 1  # renewed: the same lease
+    await asyncio.sleep(0.8)  # m1 stalls past its lease
+    assert not first.leading  # (it stopped counting itself leader before the expiry)
+    assert await second.renew() and second.token == 2
+    stale = await store.write(0, 1, "api", STATES, [EVENT])  # m1's token, the current version
+    assert not stale.ok and stale.deposed and stale.version == 0
+    assert await store.read() == (0, {})  # nothing written
+    assert not await first.renew() and first.token == 0
+    written = await store.write(0, second.token, "api", STATES, [EVENT])
+    assert written.ok and written.version == 1
+    assert await store.read() == (1, {"api": STATES})
+
+
+async def test_a_write_on_states_that_moved_on_is_refused(store: Store) -> None:
+    assert (await store.write(0, None, "api", STATES, [])).ok
+    again = await store.write(0, None, "api", {}, [EVENT])  # decided on version 0
+    assert not again.ok and not again.deposed and again.version == 1
+    assert await store.read() == (1, {"api": STATES})
+    assert await store.events_after("0-0") == []
+
+
+async def test_a_decision_its_events_and_its_announcement_come_together(
+    store: Store, redis_server: RedisServer,  # noqa: F811
+) -> None:
+    listener = Redis.from_url(redis_server.url)
+    pubsub = listener.pubsub()
+    await pubsub.subscribe(store.channel)
+    await pubsub.get_message(timeout=1.0)  # the subscription's confirmation
+    written = await store.write(0, None, "api", STATES, [EVENT, EVENT])
+    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=2.0)
+    assert message is not None and int(message["data"]) == written.version == 1
+    events = await store.events_after("0-0")
+    assert [e for _, e in events] == [EVENT.as_dict(), EVENT.as_dict()]
+    assert await store.last_events(1) == events[-1:]
+    assert await store.events_after(events[-1][0]) == []
+    await pubsub.aclose()
+    await listener.aclose()
+
+
+async def test_a_resigning_leader_frees_the_lease_at_once(store: Store) -> None:
+    first, second = Lease(store, "m1", 5.0), Lease(store, "m2", 5.0)
+    assert await first.renew()
+    await first.resign()
+    assert await second.renew() and second.token == 2
+    assert await store.holder() == "m2"
+
+
+async def test_a_route_whose_shared_states_are_not_usable_is_skipped(store: Store) -> None:
+    assert (await store.write(0, None, "api", STATES, [])).ok
+    await store.redis.hset(store.states, "other", "{not json")
+    await store.redis.hset(store.states, "third", '{"canary": {"phase": "sideways"}}')
+    assert await store.read() == (1, {"api": STATES})
