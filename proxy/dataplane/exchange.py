@@ -605,9 +605,11 @@ class Exchange:
         Tunnel(self, self.client, conn, rest, full)
 
     def tunnel_closed(self, bytes_in: int, bytes_out: int, idle: bool = False) -> None:
-        # (A tunnel's bytes are another protocol's, not a body's: the Tunnel counts them,
-        # the ring's body byte counters do not, as before.)
+        # (A tunnel's bytes are another protocol's, not a body's: the access log shows
+        # them, the ring's body byte counters do not, as before.)
         self.keep_alive = False
+        self.bytes_in = bytes_in
+        self.bytes_out = bytes_out
         if idle and not self.error:
             self.error = TUNNEL_IDLE  # for the access log; the metrics see a plain 101
         self.finish()
@@ -698,9 +700,13 @@ class Exchange:
         now = time.monotonic()
         duration = now - self.started
         if ring is not None and ring.recorder is not None:
-            error = self.error
-            ring.recorder.record(self.status, "" if error is TUNNEL_IDLE else error, duration,
-                                 self.bytes_in, self.bytes_out, now)
+            if state != TUNNEL:
+                ring.recorder.record(self.status, self.error, duration, self.bytes_in,
+                                     self.bytes_out, now)
+            else:  # (a tunnel's bytes and its silence are no body's and no failure)
+                error = self.error
+                ring.recorder.record(self.status, "" if error is TUNNEL_IDLE else error,
+                                     duration, 0, 0, now)
         access_log = plane.access_log
         if access_log is not None:
             request = self.request
