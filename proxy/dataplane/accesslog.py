@@ -1,4 +1,8 @@
-"""The access log: one JSON object per line, per request.
+"""The access log: one JSON object per line, per request (its fields: ``FIELDS``, README's
+"Access log" says what each one means; names and order are stable).
+
+Everything a client sent (path, host, user agent, request id) goes through the JSON
+encoder's string escaping: control characters cannot split or forge a line.
 
 Lines are buffered and written in batches (every 200 ms, or at 256 lines), so the request
 path never waits on a write of its own.  The write itself is a plain blocking write to a

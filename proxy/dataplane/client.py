@@ -431,7 +431,8 @@ class ClientConnection(asyncio.Protocol):
 
     def reject(self, rejection: framing.Rejection) -> None:
         """The client's request is refused: one line at info, an answer, then a close."""
-        log.info("rejected a request from %s: %s", self.remote, rejection.reason)
+        log.info("rejected a request from %s: %s", self.remote, rejection.reason,
+                 extra={"client": self.remote, "status": rejection.status})
         self.closing = True
         self.pause(self.DONE)
         ex = self.parsing
