@@ -14,7 +14,6 @@ import asyncio
 import ipaddress
 import itertools
 import json
-import logging
 import os
 import re
 import sys
@@ -22,7 +21,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
-from proxy import __version__
+from proxy import __version__, processlog
 from proxy.client import DEFAULT_URL, Client
 from proxy.config import Config, load_config
 from proxy.errors import AdminClientError, ConfigError, ConfigIssue
@@ -72,6 +71,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", default="info", choices=("debug", "info", "warning", "error"),
         help="level of the process log on stderr (the access log is separate)",
+    )
+    parser.add_argument(
+        "--log-format", default=None, choices=("text", "json"),
+        help="format of the process log: text lines or one JSON object per line "
+        "(default: the config's log_format, else text)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(sub, common)
@@ -332,11 +336,7 @@ def _main(argv: Sequence[str] | None) -> int:
                                                                  DEFAULT_URL)
     args.token = getattr(args, "token", None) or os.environ.get("RINGPROXY_ADMIN_TOKEN")
     args.json = getattr(args, "json", False)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    processlog.setup(args.log_level, args.log_format)
     if args.command == "check":
         return _check(args.file, args.env_optional, "json" if args.json else args.format)
     if args.command == "schema":

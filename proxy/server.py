@@ -23,6 +23,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from proxy import processlog
 from proxy.admin.api import admin_app
 from proxy.config import Config
 from proxy.config.changes import Applies, ReloadPlan, reload_plan
@@ -72,6 +73,7 @@ class Proxy:
         self._watch_health(self.runtime)
         self._fresh_state = fresh_state
         self.access_log = AccessLog(config.access_log.path) if config.access_log.enabled else None
+        processlog.use_config_format(config.log_format)
         self.plane: DataPlane | None = None  # made at start, inside the event loop
         self.gate: ConnectionGate | None = None
         self.certificates: CertificateWatcher | None = None
@@ -143,6 +145,8 @@ class Proxy:
         if self.plane is not None:
             self.plane.runtime = runtime  # the swap: the next request sees the new config
         self.runtime, self.config = runtime, config
+        if plan.changed("log_format"):
+            processlog.use_config_format(config.log_format)
         self._watch_health(runtime)
         for change in plan.changes:
             log.log(logging.INFO if change.applies is Applies.LIVE else logging.WARNING,

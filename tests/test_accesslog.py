@@ -121,16 +121,24 @@ async def test_a_request_line_is_what_log_writes_for_the_same_fields(tmp_path: P
     log = AccessLog(str(path))
     fields: dict[str, accesslog.Field] = {
         "time": "", "request_id": "r\"1\\", "client": "127.0.0.1", "method": "GET",
-        "host": "h\u00e9.test", "path": "/caf\u00e9?\n", "status": 200, "duration_ms": 0.001,
+        "host": "h\u00e9.test", "protocol": "HTTP/1.1", "user_agent": "curl/8 \"x\"\n\u00ff",
+        "path": "/caf\u00e9?\n", "status": 200, "duration_ms": 0.001, "upstream_ms": 12.5,
         "route": "r", "ring": None, "reason": "bucket", "bucket": 0, "pool": "p",
         "upstream": None, "bytes_in": 0, "bytes_out": 12, "error": "client_closed",
         "revision": "abc",
     }
+    assert tuple(fields) == accesslog.FIELDS
     log.log(dict(fields))
     values = [v for k, v in fields.items() if k != "time"]
+    values[5] = str(values[5]).encode("latin-1")  # the User-Agent header's bytes
     log.log_request(*values)  # type: ignore[arg-type]
+    log.log_request("r2", "127.0.0.1", "GET", "h", "upgrade/websocket", None, "/ws", 101,
+                    1500.0, None, None, None, None, None, None, None, 0, 0, None, "abc")
     log.close()
-    first, second = path.read_text(encoding="utf-8").splitlines()
-    assert first.split('"request_id"')[1] == second.split('"request_id"')[1]
+    first, second, third = path.read_text(encoding="utf-8").splitlines()
+    assert json.loads(first) == {**json.loads(second), "time": json.loads(first)["time"]}
+    assert '"duration_ms":0.001,"upstream_ms":12.500,' in second  # milliseconds: 3 decimals
     assert json.loads(second) == {**fields, "time": json.loads(second)["time"]}
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", json.loads(second)["time"])
+    assert list(json.loads(third)) == list(accesslog.FIELDS)
+    assert json.loads(third)["user_agent"] is None and json.loads(third)["upstream_ms"] is None

@@ -149,7 +149,8 @@ def test_limit_errors_name_path_line_and_what_is_expected() -> None:
         "c.yaml:20: limits.underscores_in_headers: expected true or false, got 'yes'",
         "c.yaml:21: limits.keepalive: unknown key (known keys: body_timeout, head_timeout, "
         "keepalive_timeout, max_connections, max_head_size, max_headers, max_request_line, "
-        "request_buffer, underscores_in_headers); did you mean 'keepalive_timeout'?",
+        "request_buffer, tunnel_idle_timeout, underscores_in_headers); "
+        "did you mean 'keepalive_timeout'?",
     ]
 
 

@@ -162,6 +162,19 @@ TABLE: dict[str, tuple[tuple[str, str], Applies, str]] = {
         ("underscores_in_headers: false", "underscores_in_headers: true"), Applies.LIVE,
         LIVE.format(key="limits.underscores_in_headers"),
     ),
+    "limits.tunnel_idle_timeout": (
+        ("underscores_in_headers: false",
+         "underscores_in_headers: false\n  tunnel_idle_timeout: 10m"), Applies.LIVE,
+        LIVE.format(key="limits.tunnel_idle_timeout"),
+    ),
+    "log_format": (
+        ("shutdown_grace: 30s", "shutdown_grace: 30s\nlog_format: json"), Applies.LIVE,
+        LIVE.format(key="log_format"),
+    ),
+    "request_id": (
+        ("shutdown_grace: 30s", "shutdown_grace: 30s\nrequest_id: {trust_incoming: false}"),
+        Applies.LIVE, LIVE.format(key="request_id"),
+    ),
 }
 
 # listen_tls reads real certificate files: BASE plus this section, run from a directory

@@ -44,7 +44,7 @@ from proxy.admin.auth import (
     host_allowed,
 )
 from proxy.admin.configfile import WRITE_LOCK_KEY
-from proxy.admin.context import PROXY_KEY, Proxy, json_body, proxy_of
+from proxy.admin.context import PROXY_KEY, Proxy, checked_reason, json_body, proxy_of
 from proxy.admin.sampler import Sampler
 from proxy.admin.series import series_view
 from proxy.admin.views import RingView, RouteView, ring_views, route_view
@@ -300,9 +300,7 @@ async def action(request: web.Request, caller: Caller) -> web.Response:
     verb = request.match_info["action"]
     trigger = ACTIONS[verb]
     body = await json_body(request)
-    reason = body.get("reason", "")
-    if not isinstance(reason, str):
-        raise ApiError(400, "reason must be a string")
+    reason = checked_reason(body.get("reason", ""))
     weight = _weight(body) if trigger is Trigger.SET_WEIGHT else None
     proxy = proxy_of(request)
     done = await proxy.controller.act(route_name, ring, trigger, reason, weight, caller.actor)

@@ -14,6 +14,7 @@ import urllib.request
 
 from proxy.client import DEFAULT_URL, Answer, open_url
 from proxy.errors import AdminClientError
+from proxy.processlog import escape
 
 __all__ = ["DEFAULT_URL", "format_action", "format_events", "format_pools",
            "format_resource", "format_rings", "format_status", "format_written", "post_json"]
@@ -52,6 +53,8 @@ def _object(value: object) -> Answer:
 
 
 def _table(rows: list[list[str]]) -> str:
+    # (What callers sent, a reason, reaches the terminal: control characters escaped.)
+    rows = [[escape(cell) for cell in row] for row in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
                      for r in rows)

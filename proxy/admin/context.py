@@ -59,3 +59,16 @@ async def json_body(request: web.Request) -> dict[str, object]:
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object")
     return data
+
+
+MAX_REASON = 1000  # characters of an action's ``reason`` (kept in events, state and the audit)
+
+
+def checked_reason(reason: object) -> str:
+    """An action's ``reason``: a string of at most MAX_REASON characters; 400 otherwise.
+    (Any characters: the process log escapes control characters, JSON does the rest.)"""
+    if not isinstance(reason, str):
+        raise ApiError(400, "reason must be a string")
+    if len(reason) > MAX_REASON:
+        raise ApiError(400, f"reason is {len(reason)} characters; at most {MAX_REASON}")
+    return reason

@@ -35,7 +35,7 @@ from proxy.admin.configfile import (
     etag,
     snapshot,
 )
-from proxy.admin.context import Proxy, json_body, proxy_of
+from proxy.admin.context import Proxy, checked_reason, json_body, proxy_of
 from proxy.admin.resources import CredentialView, Pool, PoolStatus, Ring, RingStatus, Spec
 from proxy.config.credentials import REDACTED
 from proxy.config.edit import Document
@@ -171,10 +171,7 @@ def _find(proxy: Proxy, rev: str, document: Document, route: str, name: str
 
 
 def _reason(body: dict[str, Any]) -> str:
-    reason = body.pop("reason", "") if "spec" in body else ""
-    if not isinstance(reason, str):
-        raise ApiError(400, "reason must be a string")
-    return reason
+    return checked_reason(body.pop("reason", "") if "spec" in body else "")
 
 
 def _spec(body: dict[str, Any]) -> Spec:

@@ -70,6 +70,12 @@ KEYS: tuple[Key, ...] = (
     Key("limits.request_buffer", Applies.LIVE, lambda c: c.limits.request_buffer),
     Key("limits.underscores_in_headers", Applies.LIVE,
         lambda c: c.limits.underscores_in_headers),
+    # Read when a tunnel starts, from its client connection's limits (accept time).
+    Key("limits.tunnel_idle_timeout", Applies.LIVE, lambda c: c.limits.tunnel_idle_timeout),
+    # Set on the process log's handler at the swap.
+    Key("log_format", Applies.LIVE, lambda c: c.log_format),
+    # Read per request.
+    Key("request_id", Applies.LIVE, lambda c: c.request_id),
     # The TLS listener and its CertificateWatcher are built at start.  New contents of the
     # same files need no reload: the watcher loads them when they change.
     Key("listen_tls.listen", Applies.RESTART, lambda c: c.listen_tls and c.listen_tls.listen),

@@ -42,6 +42,11 @@ class Limits:
     # taken; 0: always stream.
     request_buffer: int = 65536
     underscores_in_headers: bool = False  # False: header names with "_" are dropped
+    # A WebSocket (or other upgraded) tunnel with no byte either way for this long is
+    # closed, both sides.  NGINX closes one after proxy_read_timeout (60 s) of upstream
+    # silence and WebSocket deployments raise it to about an hour; applications that
+    # ping (most send one every 20-60 s) never reach it, dead peers are let go.
+    tunnel_idle_timeout: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +83,7 @@ def read_limits(ctx: Ctx, data: object, path: str) -> Limits:
         max_connections=sec.integer("max_connections", d.max_connections, *CONNECTIONS_RANGE),
         request_buffer=sec.size("request_buffer", d.request_buffer, *REQUEST_BUFFER_RANGE),
         underscores_in_headers=sec.flag("underscores_in_headers", d.underscores_in_headers),
+        tunnel_idle_timeout=sec.duration("tunnel_idle_timeout", d.tunnel_idle_timeout),
     )
     sec.close()
     if limits.max_request_line > limits.max_head_size:

@@ -36,12 +36,15 @@ from proxy.config.credentials import (
 from proxy.config.health import PoolDown, read_health, read_outlier, read_pool_down, read_retries
 from proxy.config.limits import read_limits, read_listen_tls, read_max_body
 from proxy.config.model import (
+    REQUEST_ID_LENGTH,
     AccessLog,
     Balance,
     Config,
+    LogFormat,
     Metrics,
     Policy,
     Pool,
+    RequestIds,
     Ring,
     Route,
 )
@@ -141,6 +144,8 @@ def _read_config(ctx: Ctx, data: object, environ: Mapping[str, str]) -> Config |
     routes = _read_routes(ctx, top, {p.name for p in pools})
     _check_credentials(ctx, pools, routes)
     limits = read_limits(ctx, top.raw("limits", None), "limits")
+    log_format = top.parsed("log_format", _enum(LogFormat), _CONFIG.log_format)
+    request_id = _read_request_id(ctx, top.raw("request_id", None), "request_id")
     listen_tls = read_listen_tls(ctx, top.raw("listen_tls", None), "listen_tls")
     top.close()
     if admin.listen == listen and listen.port != 0:
@@ -158,7 +163,7 @@ def _read_config(ctx: Ctx, data: object, environ: Mapping[str, str]) -> Config |
                         "it needs metrics.enabled: true")
     return Config(listen, pools, routes, admin, access_log, grace, metrics, state, webhooks,
                   limits, listen_tls, trusted_proxies=trusted, drain_delay=drain_delay,
-                  workers=workers)
+                  workers=workers, log_format=log_format, request_id=request_id)
 
 
 MAX_WORKERS = 256
@@ -181,6 +186,17 @@ def _read_access_log(ctx: Ctx, data: object, path: str) -> AccessLog:
     sec = Section(ctx, data, path)
     base = _CONFIG.access_log
     result = AccessLog(sec.flag("enabled", base.enabled), sec.text("path", base.path) or base.path)
+    sec.close()
+    return result
+
+
+def _read_request_id(ctx: Ctx, data: object, path: str) -> RequestIds:
+    base = _CONFIG.request_id
+    if data is None:
+        return base
+    sec = Section(ctx, data, path)
+    result = RequestIds(sec.flag("trust_incoming", base.trust_incoming),
+                        sec.integer("max_length", base.max_length, *REQUEST_ID_LENGTH))
     sec.close()
     return result
 

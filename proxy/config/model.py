@@ -93,6 +93,26 @@ class AccessLog:
     path: str = "-"  # "-" is standard output
 
 
+class LogFormat(StrEnum):
+    TEXT = "text"  # one line per record: time level logger: message (control chars escaped)
+    JSON = "json"  # one JSON object per line: time, level, logger, message, fields
+
+
+@dataclass(frozen=True, slots=True)
+class RequestIds:
+    """The X-Request-Id a request carries upstream, in answers and in the access log."""
+
+    # Keep a client's X-Request-Id when it is a sane token (1..max_length characters of
+    # A-Z a-z 0-9 . _ : -); otherwise (or when False) the proxy generates one.
+    trust_incoming: bool = True
+    max_length: int = 128
+
+
+# The bounds of ``max_length``: enough for a UUID or a W3C trace id with decorations, short
+# enough for a log line.
+REQUEST_ID_LENGTH = (1, 200)
+
+
 @dataclass(frozen=True, slots=True)
 class Metrics:
     enabled: bool = True  # per-ring Prometheus metrics and the in-process windows
@@ -117,6 +137,8 @@ class Config:
     # Processes serving clients: 1 is this one; N > 1 is a supervisor and N workers
     # (proxy.workers).  ``auto`` in the file is resolved to os.cpu_count() when read.
     workers: int = 1
+    log_format: LogFormat = LogFormat.TEXT  # the process log's (stderr); not the access log's
+    request_id: RequestIds = field(default_factory=RequestIds)
     revision: str = ""  # short hash of the file's bytes
     source: str = ""
 

@@ -34,7 +34,17 @@ from proxy.config.limits import (
     REQUEST_LINE_RANGE,
     Limits,
 )
-from proxy.config.model import AccessLog, Balance, Config, Metrics, Policy, Pool, Ring
+from proxy.config.model import (
+    REQUEST_ID_LENGTH,
+    AccessLog,
+    Balance,
+    Config,
+    LogFormat,
+    Metrics,
+    Policy,
+    Pool,
+    Ring,
+)
 from proxy.config.ringlimits import MAX_BURST, MAX_RATE
 from proxy.config.rollout import Progression, RedisState, StateFiles, Webhook
 from proxy.config.rules import Op
@@ -125,6 +135,8 @@ def _limits() -> Schema:
                                 REQUEST_BUFFER_RANGE, d.request_buffer),
         "underscores_in_headers": _bool("forward header names containing _",
                                         d.underscores_in_headers),
+        "tunnel_idle_timeout": _duration(d.tunnel_idle_timeout, "a WebSocket/upgraded "
+                                         "tunnel silent both ways this long is closed"),
     }, text="what the proxy accepts from clients (README: Client limits and TLS)")
 
 
@@ -539,6 +551,16 @@ def config_schema() -> Schema:
             "webhooks": {"type": "array", "items": {"anyOf": [_str("an http(s) URL"),
                                                                webhook]}},
             "limits": _limits(),
+            "log_format": {"enum": [f.value for f in LogFormat], "default": config.log_format.value,
+                           "description": "the process log's format (stderr): text lines "
+                           "or one JSON object per line; the access log is always JSON"},
+            "request_id": _obj({
+                "trust_incoming": _bool("keep a client's X-Request-Id when it is 1..max_length "
+                                        "of A-Za-z0-9._:- (else one is generated)",
+                                        config.request_id.trust_incoming),
+                "max_length": _int("the longest client X-Request-Id kept", *REQUEST_ID_LENGTH,
+                                   config.request_id.max_length),
+            }, text="X-Request-Id: which incoming ids are kept"),
             "listen_tls": _obj({
                 "listen": _ADDRESS,
                 "cert": _str("PEM certificate chain file (reloaded when it changes)"),

@@ -1,4 +1,8 @@
-"""The access log: one JSON object per line, per request.
+"""The access log: one JSON object per line, per request (its fields: ``FIELDS``, README's
+"Access log" says what each one means; names and order are stable).
+
+Everything a client sent (path, host, user agent, request id) goes through the JSON
+encoder's string escaping: control characters cannot split or forge a line.
 
 Lines are buffered and written in batches (every 200 ms, or at 256 lines), so the request
 path never waits on a write of its own.  The write itself is a plain blocking write to a
@@ -30,19 +34,24 @@ def _iso(ts: float) -> str:
 
 
 # One request's line, the fields in the order ``log`` would print them; each string field
-# goes through the JSON encoder's own (C) string escaping, None is null.  The same bytes as
-# json.dumps of the dict, for about a third of its cost.
+# goes through the JSON encoder's own (C) string escaping, None is null, milliseconds have
+# three decimals.  What json.dumps of the dict holds, for about a third of its cost.
 _REQUEST_LINE = (
-    '{"time":"%s.%03dZ","request_id":%s,%s,"path":%s,"status":%d,'
-    '"duration_ms":%s,%s,"bytes_in":%d,"bytes_out":%d,"error":%s,"revision":%s}\n'
+    '{"time":"%s.%03dZ","request_id":%s,%s,"path":%s,"status":%d,"duration_ms":%.3f,'
+    '"upstream_ms":%s,%s,"bytes_in":%d,"bytes_out":%d,"error":%s,"revision":%s}\n'
 )
 # The client's fields, as printed, by their values (few clients send most requests).
-_CLIENT_FIELDS = '"client":%s,"method":%s,"host":%s'
+_CLIENT_FIELDS = '"client":%s,"method":%s,"host":%s,"protocol":%s,"user_agent":%s'
 
 # The fields a request shares with many others (the decision's: route to upstream), as
 # printed, by their values: formatted once per combination, not per request.
 _DECISION_FIELDS = '"route":%s,"ring":%s,"reason":%s,"bucket":%s,"pool":%s,"upstream":%s'
 _DECISIONS_MAX = 4096
+
+# The order of a request line's fields (README: Access log), for ``log`` and the tests.
+FIELDS = ("time", "request_id", "client", "method", "host", "protocol", "user_agent", "path",
+          "status", "duration_ms", "upstream_ms", "route", "ring", "reason", "bucket", "pool",
+          "upstream", "bytes_in", "bytes_out", "error", "revision")
 
 
 def _opt(value: str | None) -> str:
@@ -62,7 +71,7 @@ class AccessLog:
         self._stamp = ""  # its ISO form up to the seconds
         self._decisions: dict[tuple[str | int | None, ...], str] = {}
         self._revisions: dict[str, str] = {}
-        self._clients: dict[tuple[str, str, str], str] = {}
+        self._clients: dict[tuple[str, str, str, str, bytes | None], str] = {}
         # Requests whose id this says yes to are not logged (the demo's background traffic).
         self.skip: Callable[[str], bool] | None = None
 
@@ -76,12 +85,16 @@ class AccessLog:
             self._timer = asyncio.get_running_loop().call_later(_FLUSH_EVERY, self.flush)
 
     def log_request(
-        self, request_id: str, client: str, method: str, host: str, path: str, status: int,
-        duration_ms: float, route: str | None, ring: str | None, reason: str | None,
+        self, request_id: str, client: str, method: str, host: str, protocol: str,
+        user_agent: bytes | None, path: str, status: int, duration_ms: float,
+        upstream_ms: float | None, route: str | None, ring: str | None, reason: str | None,
         bucket: int | None, pool: str | None, upstream: str | None, bytes_in: int,
         bytes_out: int, error: str | None, revision: str,
     ) -> None:
-        """Queue one request's line (what ``log`` writes for these fields, faster)."""
+        """Queue one request's line (what ``log`` writes for these fields, faster).
+
+        ``user_agent`` is the header's bytes as they came (read as Latin-1, escaped like
+        every string); ``upstream_ms`` None: no response head came from an upstream."""
         if self.skip is not None and self.skip(request_id):
             return
         now = time.time()
@@ -97,30 +110,23 @@ class AccessLog:
             decision = self._decisions[key] = _DECISION_FIELDS % (
                 _opt(route), _opt(ring), _opt(reason), "null" if bucket is None else bucket,
                 _opt(pool), _opt(upstream))
-        who = (client, method, host)
+        who = (client, method, host, protocol, user_agent)
         fields = self._clients.get(who)
         if fields is None:
             if len(self._clients) >= _DECISIONS_MAX:
                 self._clients.clear()
             fields = self._clients[who] = _CLIENT_FIELDS % (
-                _string(client), _string(method), _string(host))
+                _string(client), _string(method), _string(host), _string(protocol),
+                "null" if user_agent is None else _string(user_agent.decode("latin-1")))
         rev = self._revisions.get(revision)
         if rev is None:
             if len(self._revisions) >= 64:
                 self._revisions.clear()
             rev = self._revisions[revision] = _string(revision)
-        # duration_ms as repr(round(duration_ms, 3)) would print it, from integers.
-        whole, frac = divmod(int(duration_ms * 1000.0 + 0.5), 1000)
-        if not frac:
-            millis = "%d.0" % whole  # noqa: UP031 - the fast one
-        else:
-            millis = "%d.%03d" % (whole, frac)  # noqa: UP031
-            if frac % 10 == 0:
-                millis = millis.rstrip("0")
         self._buffer.append(_REQUEST_LINE % (
             self._stamp, int(now % 1 * 1000), _string(request_id), fields, _string(path),
-            status, millis, decision, bytes_in, bytes_out,
-            "null" if error is None else _string(error), rev,
+            status, duration_ms, "null" if upstream_ms is None else f"{upstream_ms:.3f}",
+            decision, bytes_in, bytes_out, "null" if error is None else _string(error), rev,
         ))
         if len(self._buffer) >= _FLUSH_LINES:
             self.flush()

@@ -409,12 +409,19 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self._arm_keepalive()
 
-    def start_tunnel(self, tunnel: Tunnel) -> None:
+    def start_tunnel(self, tunnel: Tunnel, upstream_full: bool = False) -> None:
+        """From now on a byte tunnel: reading pauses only for the tunnel's back-pressure
+        (``TUNNEL``: the upstream's write buffer is full), never for a reason of the
+        exchange that asked for it (``UPSTREAM``, ``WAIT``, ``PIPELINE``)."""
         self.tunnel = tunnel
         self.upgrading = False
         self._disarm()
         self._disarm_body()
-        self.resume(self.TUNNEL)
+        if upstream_full:
+            self.pause(self.TUNNEL)
+            self.resume(self.UPSTREAM | self.WAIT | self.PIPELINE)
+        else:
+            self.resume(self.TUNNEL | self.UPSTREAM | self.WAIT | self.PIPELINE)
 
     def take_early(self) -> bytes:
         early, self.early = b"".join(self.early), []
@@ -424,7 +431,8 @@ class ClientConnection(asyncio.Protocol):
 
     def reject(self, rejection: framing.Rejection) -> None:
         """The client's request is refused: one line at info, an answer, then a close."""
-        log.info("rejected a request from %s: %s", self.remote, rejection.reason)
+        log.info("rejected a request from %s: %s", self.remote, rejection.reason,
+                 extra={"client": self.remote, "status": rejection.status})
         self.closing = True
         self.pause(self.DONE)
         ex = self.parsing

@@ -8,8 +8,11 @@ the one timer is armed for the oldest entry; when it fires, finished entries are
 from the dict, expired ones get their callback, and the timer is re-armed for the oldest
 entry still waiting.  With steady traffic it fires about once per ``timeout``.
 
-Used for ring timeouts, idle timeouts of response bodies, the client connections' head,
-body and keep-alive timeouts, and the pool's idle keep-alive connections.
+Used for ring timeouts, idle timeouts of response bodies, an upstream that stops reading
+a request body (the ring's idle timeout while its write buffer is full), the client
+connections' head, body and keep-alive timeouts, and the pool's idle keep-alive
+connections.  (A WebSocket tunnel's idle timeout is its own ``call_at``: tunnels are few
+and long-lived, and it is re-armed from the time of the last byte.)
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from proxy.dataplane.deadlines import Deadlines
 from proxy.dataplane.decide import NO_ROUTE, Forward, LocalAnswer, decide, upstream_head
 from proxy.dataplane.headers import VIA_VALUE, joined, new_request_id, request_id_ok
 from proxy.dataplane.request import Request
-from proxy.dataplane.tunnel import Tunnel
+from proxy.dataplane.tunnel import TUNNEL_IDLE, Tunnel
 from proxy.dataplane.upstream import UpstreamConnection
 from proxy.errors import UpstreamError, UpstreamTimeout
 from proxy.health.retry import failure_reason, retryable
@@ -57,6 +57,22 @@ NEW, BUFFERING, CONNECTING, SENDING, RESPONDING, TUNNEL, DONE = range(7)
 F_NONE, F_LENGTH, F_CHUNKED, F_CLOSE = range(4)
 
 _STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
+_PROTOCOLS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}  # the access log's protocol field
+_UPGRADED: dict[bytes, str] = {}
+
+
+def _upgraded_protocol(upgrade: bytes) -> str:
+    """The access log's protocol after a 101: ``upgrade/`` and the first protocol the
+    Upgrade header names, lower-cased, in safe characters, at most 32 (``upgrade/websocket``)."""
+    name = _UPGRADED.get(upgrade)
+    if name is None:
+        token = upgrade.split(b",")[0].strip().lower()[:32].decode("latin-1")
+        token = "".join(c if c.isascii() and (c.isalnum() or c in "./_-") else "_"
+                        for c in token)
+        name = "upgrade/" + (token or "unknown")
+        if len(_UPGRADED) < 64:
+            _UPGRADED[upgrade] = name
+    return name
 
 
 def _status_line(status: int, reason: bytes) -> bytes:
@@ -67,6 +83,11 @@ def _status_line(status: int, reason: bytes) -> bytes:
         if len(_STATUS_LINES) < 256:
             _STATUS_LINES[key] = line
     return line
+
+
+def _stall_timeout(step: Forward) -> float:
+    """How long an upstream may leave the request body unread (its write buffer full)."""
+    return step.ring.idle_timeout or step.ring.timeout
 
 
 class Exchange:
@@ -92,12 +113,15 @@ class Exchange:
         "request",
         "request_id",
         "resend",
+        "sent_at",
         "server_url",
         "started",
         "state",
         "status",
         "step",
         "stream_chunked",
+        "upgraded",
+        "upstream_ms",
         "upstream_paused",
     )
 
@@ -106,7 +130,12 @@ class Exchange:
         self.request = request
         self.keep_alive = keep_alive
         rid = request.request_id
-        self.request_id = rid.decode() if rid and request_id_ok(rid) else new_request_id()
+        if rid:
+            ids = client.plane.runtime.config.request_id
+            self.request_id = (rid.decode() if ids.trust_incoming
+                               and request_id_ok(rid, ids.max_length) else new_request_id())
+        else:
+            self.request_id = new_request_id()
         self.started = time.monotonic()
         self.state = NEW
         self.step: Forward | LocalAnswer | None = None
@@ -129,6 +158,9 @@ class Exchange:
         self.attempt = 1  # the upstream attempt (2: the first retry)
         self.attempt_started = self.started
         self.resend: bytes | None = None  # the whole body sent (a retry sends it again)
+        self.sent_at = 0.0  # when the (last) attempt's head went to the upstream
+        self.upstream_ms: float | None = None  # from then to the response head
+        self.upgraded = ""  # after a 101: the access log's protocol ("upgrade/websocket")
 
     # ------------------------------------------------------------------ the client's side
 
@@ -331,6 +363,7 @@ class Exchange:
                 body = framing.chunk(body)
         if complete or not request.has_body:
             self.resend = body  # sent whole (a reference): a retry may send it again
+        self.sent_at = time.monotonic()
         conn.send(self, step.head + framing_line + body, no_body=request.method == "HEAD",
                   upgrade=step.upgrade, complete=complete)
         client = self.client
@@ -379,11 +412,25 @@ class Exchange:
         self.defect(exc)
 
     def upstream_write_paused(self, paused: bool) -> None:
+        """The upstream's write buffer filled up (or drained): the client's reading follows.
+        An upstream that stops reading the request body for the ring's idle timeout (its
+        timeout if idle_timeout is 0) fails as a timeout (504, its fault), so it cannot hold
+        the client, the connection and the ring's in-flight count forever."""
         self.upstream_paused = paused
+        client = self.client
+        step = self.step
         if paused:
-            self.client.pause(self.client.UPSTREAM)
+            client.pause(client.UPSTREAM)
+            if isinstance(step, Forward):
+                client.plane.timers(_stall_timeout(step)).arm(self.request, self._upload_stalled)
         else:
-            self.client.resume(self.client.UPSTREAM)
+            client.resume(client.UPSTREAM)
+            if isinstance(step, Forward):
+                client.plane.timers(_stall_timeout(step)).disarm(self.request)
+
+    def _upload_stalled(self) -> None:
+        if self.upstream_paused and self.conn is not None and SENDING <= self.state <= RESPONDING:
+            self.upstream_failed(UpstreamTimeout("the upstream stopped reading the request body"))
 
     # ------------------------------------------------------------------ the upstream's side
 
@@ -399,6 +446,7 @@ class Exchange:
         if self.deadlines is not None:
             self.deadlines.disarm(self)
             self.deadlines = None
+        self.upstream_ms = (time.monotonic() - self.sent_at) * 1000.0
         self.state = RESPONDING
         self.status = status
         request = self.request
@@ -541,21 +589,29 @@ class Exchange:
         if self.deadlines is not None:
             self.deadlines.disarm(self)
             self.deadlines = None
+        self.upstream_ms = (time.monotonic() - self.sent_at) * 1000.0
         self.status = 101
         self.state = TUNNEL
         self.conn = None
+        self.upgraded = _upgraded_protocol(conn.upgrade or self.request.upgrade)
         parts = [_status_line(101, conn.reason), *conn.lines]
         if conn.upgrade:
             parts += (b"Connection: upgrade\r\nUpgrade: ", conn.upgrade, b"\r\n")
         parts += (b"Via: " + joined(conn.via, VIA_VALUE) + b"\r\n" if conn.via else _VIA_LINE,
                   b"\r\n")
         self.client.write(b"".join(parts))
-        Tunnel(self, self.client, conn, rest)
+        # The exchange's flow control ends here: the tunnel's starts from the transports.
+        full, self.upstream_paused = self.upstream_paused, False
+        Tunnel(self, self.client, conn, rest, full)
 
-    def tunnel_closed(self, bytes_in: int, bytes_out: int) -> None:
-        # (A tunnel's bytes are another protocol's, not a body's: the Tunnel counts them,
-        # the ring's body byte counters do not, as before.)
+    def tunnel_closed(self, bytes_in: int, bytes_out: int, idle: bool = False) -> None:
+        # (A tunnel's bytes are another protocol's, not a body's: the access log shows
+        # them, the ring's body byte counters do not, as before.)
         self.keep_alive = False
+        self.bytes_in = bytes_in
+        self.bytes_out = bytes_out
+        if idle and not self.error:
+            self.error = TUNNEL_IDLE  # for the access log; the metrics see a plain 101
         self.finish()
 
     # ------------------------------------------------------------------ answers, the end
@@ -612,6 +668,8 @@ class Exchange:
                 self.deadlines = None
             if self.idle_armed:
                 self.client.plane.timers(step.ring.idle_timeout).disarm(self)
+            if self.upstream_paused:
+                self.client.plane.timers(_stall_timeout(step)).disarm(self.request)
         if conn is not None:
             self.conn = None
             conn.abort()
@@ -635,20 +693,29 @@ class Exchange:
         if self.upstream_paused:
             self.upstream_paused = False
             client.resume(client.UPSTREAM)
+            if isinstance(step, Forward):
+                plane.timers(_stall_timeout(step)).disarm(self.request)
         if client.pausing & client.WAIT:
             client.resume(client.WAIT)
         now = time.monotonic()
         duration = now - self.started
         if ring is not None and ring.recorder is not None:
-            ring.recorder.record(self.status, self.error, duration, self.bytes_in,
-                                 self.bytes_out, now)
+            if state != TUNNEL:
+                ring.recorder.record(self.status, self.error, duration, self.bytes_in,
+                                     self.bytes_out, now)
+            else:  # (a tunnel's bytes and its silence are no body's and no failure)
+                error = self.error
+                ring.recorder.record(self.status, "" if error is TUNNEL_IDLE else error,
+                                     duration, 0, 0, now)
         access_log = plane.access_log
         if access_log is not None:
             request = self.request
             decision = step.decision if step is not None else None
             access_log.log_request(
                 self.request_id, request.remote, request.method, request.host_name,
-                request.path, self.status, duration * 1000.0,
+                self.upgraded or _PROTOCOLS.get(request.version) or "HTTP/" + request.version,
+                request.by_name.get(b"user-agent"), request.path, self.status,
+                duration * 1000.0, self.upstream_ms,
                 ring.route if ring else None, ring.name if ring else None,
                 decision.reason.value if decision else None,
                 decision.bucket if decision else None,

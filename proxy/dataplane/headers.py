@@ -11,6 +11,7 @@ came as, a special one is handled by its kind.  No I/O here.
 from __future__ import annotations
 
 import os
+import re
 
 # Header names arrive in whatever case the peer sent: every comparison is on .lower().
 HOP_BY_HOP = frozenset(
@@ -81,7 +82,9 @@ RESPONSE_KIND: dict[bytes, int] = {
 }
 
 VIA_VALUE = b"1.1 ringproxy"
-MAX_REQUEST_ID = 200
+# A client's X-Request-Id kept as it came: a token that is safe in any log line, header or
+# URL (letters, digits, ``.``, ``_``, ``:``, ``-``: UUIDs, W3C trace ids, ULIDs, hex).
+_SANE_ID = re.compile(rb"[A-Za-z0-9._:-]+").fullmatch
 
 # Request ids come from os.urandom in batches: one system call per _ID_BATCH ids instead
 # of one per request.  Still 128 random bits from the OS generator per id; a forked child
@@ -99,9 +102,10 @@ def new_request_id() -> str:
     return _ids.pop()
 
 
-def request_id_ok(value: bytes) -> bool:
-    """A client's X-Request-Id is kept when it is sane: printable ASCII, short."""
-    return 0 < len(value) <= MAX_REQUEST_ID and value.isascii() and value.decode().isprintable()
+def request_id_ok(value: bytes, max_length: int = 128) -> bool:
+    """A client's X-Request-Id is kept when it is sane: 1..``max_length`` characters of
+    A-Z a-z 0-9 . _ : - (config ``request_id``); any other is replaced by a new one."""
+    return len(value) <= max_length and _SANE_ID(value) is not None
 
 
 def joined(prior: bytes | None, own: bytes) -> bytes:

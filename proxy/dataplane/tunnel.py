@@ -5,10 +5,20 @@ passes bytes: each side's data is written to the other as it arrives, with back-
 (a full write buffer on one side pauses reading on the other), a half-close (EOF) is passed
 on as a half-close, and a closed or lost connection closes the other side once what was
 written to it is flushed.  The exchange is recorded when both sides are closed.
+
+A tunnel silent both ways for ``limits.tunnel_idle_timeout`` (default 1 h) is closed, both
+sides (aborted where bytes wait unwritten: a peer that reads nothing would hold a close
+forever); the access log says ``tunnel_idle``.  The timer is one ``call_at`` per tunnel,
+re-armed from the time of the last byte when it fires (a byte costs a clock read).
+
+Flow control starts from the transports' state, not from the exchange's: the exchange's
+reasons to pause the client (an upstream write buffer that was full, a wait for a
+connection) end with it, and each direction reads unless the side it writes to is full.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -17,11 +27,17 @@ if TYPE_CHECKING:
     from proxy.dataplane.upstream import UpstreamConnection
 
 
+TUNNEL_IDLE = "tunnel_idle"  # the access log's error of a tunnel closed for silence
+
+
 class Tunnel:
-    __slots__ = ("bytes_in", "bytes_out", "client", "closed", "eofs", "exchange", "upstream")
+    __slots__ = ("_clock", "bytes_in", "bytes_out", "client", "closed", "eofs", "exchange",
+                 "idle", "idle_timeout", "last", "timer", "upstream")
 
     def __init__(self, exchange: Exchange, client: ClientConnection,
-                 upstream: UpstreamConnection, rest: bytes) -> None:
+                 upstream: UpstreamConnection, rest: bytes, upstream_full: bool = False) -> None:
+        """``upstream_full``: the upstream's write buffer is above its high-water mark now
+        (its transport said pause_writing and not yet resume_writing)."""
         self.exchange = exchange
         self.client = client
         self.upstream = upstream
@@ -29,8 +45,20 @@ class Tunnel:
         self.bytes_out = 0
         self.eofs = 0
         self.closed = False
-        client.start_tunnel(self)
+        self.idle = False
+        loop = asyncio.get_running_loop()
+        self._clock = loop.time
+        self.last = loop.time()
+        self.idle_timeout = client.limits.tunnel_idle_timeout
+        self.timer: asyncio.TimerHandle | None = loop.call_at(
+            self.last + self.idle_timeout, self._idle_check)
+        client.start_tunnel(self, upstream_full)
         upstream.tunnel = self
+        # The upstream reads unless the client's write buffer is full.
+        if client.paused_writing:
+            upstream.pause_reading()
+        else:
+            upstream.resume_reading()
         if rest:
             self.from_upstream(rest)
         early = client.take_early()
@@ -41,11 +69,30 @@ class Tunnel:
 
     def from_client(self, data: bytes) -> None:
         self.bytes_in += len(data)
+        self.last = self._clock()
         self.upstream.write(data)
 
     def from_upstream(self, data: bytes) -> None:
         self.bytes_out += len(data)
+        self.last = self._clock()
         self.client.write(data)
+
+    def _idle_check(self) -> None:
+        self.timer = None
+        if self.closed:
+            return
+        due = self.last + self.idle_timeout
+        loop_now = self._clock()
+        if loop_now < due:
+            self.timer = asyncio.get_running_loop().call_at(due, self._idle_check)
+            return
+        self.idle = True
+        for side in (self.client, self.upstream):
+            transport = side.transport
+            if transport is not None and transport.get_write_buffer_size():
+                side.abort()
+            else:
+                side.close()
 
     def client_eof(self) -> bool:
         """The client half-closed: so does the tunnel towards the upstream."""
@@ -75,7 +122,10 @@ class Tunnel:
     def _closed(self) -> None:
         if not self.closed:
             self.closed = True
-            self.exchange.tunnel_closed(self.bytes_in, self.bytes_out)
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            self.exchange.tunnel_closed(self.bytes_in, self.bytes_out, self.idle)
 
     # Back-pressure: a side whose write buffer is full pauses reading on the other.
     def pause_client(self) -> None:
