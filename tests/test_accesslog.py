@@ -142,3 +142,21 @@ async def test_a_request_line_is_what_log_writes_for_the_same_fields(tmp_path: P
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", json.loads(second)["time"])
     assert list(json.loads(third)) == list(accesslog.FIELDS)
     assert json.loads(third)["user_agent"] is None and json.loads(third)["upstream_ms"] is None
+
+
+async def test_a_long_user_agent_is_cut_and_never_cached(tmp_path: Path) -> None:
+    """A client may send a 32 KiB User-Agent: the line keeps its first 512 bytes, and the
+    formatted client fields of such requests are not kept (4,096 of them, escaped, were
+    hundreds of MiB); short ones are still cached."""
+    path = tmp_path / "access.log"
+    log = AccessLog(str(path))
+    agents = [b"\xff" * 30_000 + bytes([i % 256]) for i in range(50)]
+    for agent in [*agents, b"curl/8"]:
+        log.log_request("r", "127.0.0.1", "GET", "h", "HTTP/1.1", agent, "/", 200, 1.0, 0.5,
+                        "api", "stable", "default", None, "p", None, 0, 0, None, "abc")
+    log.close()
+    lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert len(lines) == 51
+    assert lines[0]["user_agent"] == "\u00ff" * accesslog.USER_AGENT_MAX + "..."
+    assert lines[-1]["user_agent"] == "curl/8"
+    assert len(log._clients) == 1  # only the short one

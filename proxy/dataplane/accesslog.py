@@ -47,6 +47,12 @@ _CLIENT_FIELDS = '"client":%s,"method":%s,"host":%s,"protocol":%s,"user_agent":%
 # printed, by their values: formatted once per combination, not per request.
 _DECISION_FIELDS = '"route":%s,"ring":%s,"reason":%s,"bucket":%s,"pool":%s,"upstream":%s'
 _DECISIONS_MAX = 4096
+# A User-Agent is logged up to this many bytes (a client can send 32 KiB of it, escaped up
+# to 6x: cached 4,096 times that would be hundreds of MiB); a longer one ends in "...".
+USER_AGENT_MAX = 512
+# The client fields of a request are cached (and reused) only when host and User-Agent
+# are this short together: the cache holds at most _DECISIONS_MAX * ~6 KiB.
+_CACHED_CLIENT_MAX = 1024
 
 # The order of a request line's fields (README: Access log), for ``log`` and the tests.
 FIELDS = ("time", "request_id", "client", "method", "host", "protocol", "user_agent", "path",
@@ -56,6 +62,19 @@ FIELDS = ("time", "request_id", "client", "method", "host", "protocol", "user_ag
 
 def _opt(value: str | None) -> str:
     return "null" if value is None else _string(value)
+
+
+def _client_fields(client: str, method: str, host: str, protocol: str,
+                   user_agent: bytes | None) -> str:
+    """The client part of a line; a User-Agent longer than USER_AGENT_MAX is cut there."""
+    if user_agent is None:
+        agent = "null"
+    elif len(user_agent) > USER_AGENT_MAX:
+        agent = _string(user_agent[:USER_AGENT_MAX].decode("latin-1") + "...")
+    else:
+        agent = _string(user_agent.decode("latin-1"))
+    return _CLIENT_FIELDS % (_string(client), _string(method), _string(host),
+                             _string(protocol), agent)
 
 
 class AccessLog:
@@ -113,11 +132,11 @@ class AccessLog:
         who = (client, method, host, protocol, user_agent)
         fields = self._clients.get(who)
         if fields is None:
-            if len(self._clients) >= _DECISIONS_MAX:
-                self._clients.clear()
-            fields = self._clients[who] = _CLIENT_FIELDS % (
-                _string(client), _string(method), _string(host), _string(protocol),
-                "null" if user_agent is None else _string(user_agent.decode("latin-1")))
+            fields = _client_fields(client, method, host, protocol, user_agent)
+            if len(host) + (0 if user_agent is None else len(user_agent)) <= _CACHED_CLIENT_MAX:
+                if len(self._clients) >= _DECISIONS_MAX:
+                    self._clients.clear()
+                self._clients[who] = fields
         rev = self._revisions.get(revision)
         if rev is None:
             if len(self._revisions) >= 64:
