@@ -28,6 +28,7 @@ needs none) but do use the pool's TLS settings, client certificate included.
 
 from __future__ import annotations
 
+import os
 import re
 import ssl
 from collections.abc import Iterable, Sequence
@@ -94,6 +95,25 @@ class UpstreamTLS:
     key: str | None = None  # its unencrypted PEM private key
     server_name: str | None = None  # SNI and the name verified; None: the server's host
     verify: bool = True  # False: no certificate or name verification (test setups only)
+
+
+def tls_stamp(tls: UpstreamTLS | None) -> tuple[tuple[str, int, int], ...]:
+    """(path, mtime_ns, size) of each file ``tls`` names (-1s for one that cannot be read):
+    compared with the settings, it tells a renewed certificate at the same path from the
+    one a context was built with (a reload builds a new context for it)."""
+    if tls is None:
+        return ()
+    out = []
+    for path in (tls.ca, tls.cert, tls.key):
+        if path is None:
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            out.append((path, -1, -1))
+        else:
+            out.append((path, st.st_mtime_ns, st.st_size))
+    return tuple(out)
 
 
 def client_context(tls: UpstreamTLS | None) -> ssl.SSLContext:
