@@ -28,6 +28,7 @@ needs none) but do use the pool's TLS settings, client certificate included.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import ssl
@@ -39,6 +40,8 @@ from proxy.config.limits import load_certificate
 from proxy.config.reader import Ctx, Section, kind
 from proxy.config.source import join, unset_variable
 from proxy.config.values import TOKEN_RE
+
+log = logging.getLogger("ringproxy.config")
 
 REDACTED = "***"
 PRODUCTION = "production"
@@ -313,10 +316,12 @@ def check_isolation(ctx: Ctx, pools: Sequence[_Pool], path: str = "pools") -> No
                             f"{production[0]}; pool {pool.name} (environment: "
                             f"{pool.environment or 'not set'}) must never send it, shared or "
                             "not: give it a variable of its own")
-    # The same secret under another name: compared, never shown.
+    # The same secret under another name: compared, never shown; each variable's value
+    # (the whole header value may differ: "Bearer ${A}" and "${B}" with A == B).
     prod_values = {cred.value: (pool.name, cred.variables)
                    for pool in pools if pool.environment == PRODUCTION for cred in pool.auth
                    if cred.value.reveal()}
+    prod_vars = _variable_values(ctx, pools, production_only=True)
     for pool in pools:
         if pool.environment == PRODUCTION:
             continue
@@ -327,6 +332,73 @@ def check_isolation(ctx: Ctx, pools: Sequence[_Pool], path: str = "pools") -> No
                         f"the value of {', '.join(cred.variables)} equals that of "
                         f"{', '.join(owner[1])}, a credential of production pool {owner[0]}; "
                         f"pool {pool.name} must never send it")
+                continue
+            for name in cred.variables:
+                same = prod_vars.get(_value_of(ctx, name))
+                if same is not None and same[1] != name:
+                    ctx.err(join(where(pool, i), "value"),
+                            f"the value of {name} equals that of {same[1]}, a credential "
+                            f"of production pool {same[0]}; pool {pool.name} must never "
+                            "send it")
+                    break
+    warn_plaintext(pools)
+
+
+def _value_of(ctx: Ctx, name: str) -> str:
+    """A variable's value as expanded (stripped; "" when unset)."""
+    return ctx.expanded.variables.get(name, "").strip()
+
+
+def _variable_values(ctx: Ctx, pools: Iterable[_Pool], production_only: bool = False
+                     ) -> dict[str, tuple[str, str]]:
+    """Each credential variable's non-empty value -> (its pool, its name)."""
+    out: dict[str, tuple[str, str]] = {}
+    for pool in pools:
+        if production_only and pool.environment != PRODUCTION:
+            continue
+        for cred in pool.auth:
+            for name in cred.variables:
+                value = _value_of(ctx, name)
+                if value:
+                    out.setdefault(value, (pool.name, name))
+    return out
+
+
+class _Served(Protocol):
+    @property
+    def scheme(self) -> str: ...
+    @property
+    def url(self) -> str: ...
+
+
+def plaintext_credentials(pools: Iterable[_Pool]) -> list[str]:
+    """Warnings: a pool whose ``auth`` is sent over plain ``http://`` or to ``https://``
+    servers it does not verify (``tls.verify: false``), where a credential can be read or
+    taken by whoever is in between."""
+    out = []
+    for pool in pools:
+        if not pool.auth:
+            continue
+        servers: Sequence[_Served] = getattr(pool, "servers", ())
+        tls: UpstreamTLS | None = getattr(pool, "tls", None)
+        plain = [s for s in servers if s.scheme != "https"]
+        headers = ", ".join(c.header for c in pool.auth)
+        if plain:
+            out.append(f"pool {pool.name} sends its credentials ({headers}) over plain "
+                       f"http:// to {len(plain)} of {len(servers)} servers: anyone on the "
+                       "path can read them; use https:// servers")
+        if tls is not None and not tls.verify and len(plain) < len(servers):
+            out.append(f"pool {pool.name} sends its credentials ({headers}) to https:// "
+                       "servers it does not verify (tls.verify: false): anyone on the path "
+                       "can take them; give the pool a tls.ca instead")
+    return out
+
+
+def warn_plaintext(pools: Iterable[_Pool]) -> None:
+    """Log ``plaintext_credentials``' warnings (the process log at each load, and
+    ``ringproxy check``'s output)."""
+    for warning in plaintext_credentials(pools):
+        log.warning("%s", warning)
 
 
 def check_credential_uses(ctx: Ctx, pools: Iterable[_Pool], path: str = "pools") -> None:
@@ -339,6 +411,7 @@ def check_credential_uses(ctx: Ctx, pools: Iterable[_Pool], path: str = "pools")
     if not owners:
         return
     in_auth = re.compile(re.escape(path) + r"\.(.+)\.auth(\[\d+\])?\.value")
+    values = _variable_values(ctx, pools)
     for at, refs in sorted(ctx.env_refs.items()):
         if in_auth.fullmatch(at):
             continue
@@ -347,6 +420,15 @@ def check_credential_uses(ctx: Ctx, pools: Iterable[_Pool], path: str = "pools")
                 ctx.err(at, f"{name} is a credential of pool {owners[name]}; a credential "
                         "variable is used only in pools.*.auth (where it is kept out of "
                         "logs, views and other pools)")
+                break
+            # The same secret under another name (add_headers, a health check's or a
+            # hook's headers, ...): compared, never shown.
+            same = values.get(_value_of(ctx, name))
+            if same is not None:
+                ctx.err(at, f"the value of {name} equals that of {same[1]}, a credential "
+                        f"of pool {same[0]}; a credential is used only in pools.*.auth "
+                        "(give this one a secret of its own)")
+                break
 
 
 def _is_list(ctx: Ctx, path: str) -> bool:
