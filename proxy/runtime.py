@@ -158,7 +158,8 @@ class Runtime:
         # A pool is reused only with the same settings and the same TLS files (a renewed
         # certificate at the same path gets a new pool, whose context loads it).
         old_stamps = previous.tls_stamps if previous is not None else {}
-        self.tls_stamps: dict[str, tuple[tuple[str, int, int], ...]] = {pool.name: tls_stamp(pool.tls) for pool in config.pools}
+        self.tls_stamps: dict[str, tuple[tuple[str, int, int], ...]] = {
+            pool.name: tls_stamp(pool.tls) for pool in config.pools}
         for pool in config.pools:
             old = old_pools.get(pool.name)
             reuse = (old is not None and old.config == pool
