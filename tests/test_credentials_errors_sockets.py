@@ -72,6 +72,12 @@ async def test_no_config_error_shows_a_value_from_the_environment(
     assert "pools.prod.auth.header" in checked.stdout
     assert "the value from ${ER_PROD_TOK} is not a valid header name" in checked.stdout
 
+    # Credentials over plain http:// are warned about (check, and the process log below).
+    good = await asyncio.to_thread(cli, "check", str(path))
+    assert good.returncode == 0, good.stderr
+    plain = "pool prod sends its credentials (Authorization) over plain http://"
+    assert plain in good.stderr
+
     running = await spawn("--log-level", "debug", "run", "--config", str(path))
     await running.wait_listening()
     m = await running.wait_listening(re.compile(rb"admin listening on (http://\S+)"))
@@ -101,5 +107,6 @@ async def test_no_config_error_shows_a_value_from_the_environment(
                 await drain
     shown["process log"] = b"".join(err).decode()
     assert "is not a valid header name" in shown["process log"]
+    assert plain in shown["process log"]
     for where, text in shown.items():
         assert SECRET not in text and "s3cr3t" not in text, (where, text)

@@ -12,12 +12,17 @@ Isolation, checked at load (``check_isolation``; every violation is an issue wit
 - a credential variable belongs to one pool, unless every pool that uses it says
   ``shared: true`` for it;
 - a pool whose ``environment`` is not ``production`` never carries a production pool's
-  credential: not its variable (``shared`` or not) and not its value under another name.
+  credential: not its variable (``shared`` or not) and not its value under another name
+  (the whole header value, and each variable's value on its own);
   A ring sends only its own pool's credentials (``on_pool_down: next_ring`` sends a later
   ring's request with that ring's pool's), so no ring on a non-production pool can send one;
 - a credential variable is used only in ``pools.*.auth`` (not in ``add_headers``, rules,
-  health-check headers, ...), and a ring's ``add_headers`` never sets its pool's
-  credential header.
+  health-check or hook headers, ...), nor its value under another variable, and a ring's
+  ``add_headers`` never sets its pool's credential header.
+
+A pool that sends its credentials over plain ``http://`` or without verifying its
+``https://`` servers is warned about at each load (``plaintext_credentials``: logged,
+so ``ringproxy check`` shows it too).
 
 Secrets are held in :class:`Secret`, whose ``repr``/``str`` is ``***``: a model printed
 or logged never shows one, and no message here quotes one.  Limits: the header values
