@@ -28,6 +28,7 @@ from proxy.config.checks import ExternalCheck, PrometheusQuery
 from proxy.rollout.machine import Phase, Trigger
 from proxy.server import Proxy
 from tests.conftest import ProxyFactory, Upstream
+from tests.test_checks_sockets import Hooks
 from tests.test_limits_config import self_signed
 from tests.test_rollback_sockets import events_of, wait_for
 from tests.test_upstream_tls_sockets import TLSUpstream
@@ -348,3 +349,47 @@ def test_prometheus_bodies_used_here_are_what_they_claim() -> None:
     with pytest.raises(OverflowError):
         float(json.loads(HUGE_NUMBER)["data"]["result"][1])
     assert len(TOO_LARGE) > MAX_ANSWER and json.loads(TOO_LARGE)["status"] == "success"
+
+
+@pytest.mark.timeout(60)
+async def test_a_check_whose_run_raises_has_no_data_not_its_old_pass(
+    make_proxy: ProxyFactory, stable: Upstream, canary: Upstream,
+) -> None:
+    hooks = Hooks()
+    await hooks.start()
+    hooks.status = 200
+    try:
+        check = f'{{name: smoke, interval: 100ms, webhook: {{url: "{hooks.url}/smoke"}}}}'
+        text = textwrap.dedent(f"""\
+            listen: 127.0.0.1:0
+            admin: {{listen: 127.0.0.1:0}}
+            access_log: {{enabled: false}}
+            pools:
+              stable: {{servers: ["{stable.url}"]}}
+              canary: {{servers: ["{canary.url}"]}}
+            routes:
+              - name: api
+                sticky: {{key: ["header:X-User-Id"]}}
+                analysis: {{interval: 200ms, checks: [{check}]}}
+                rings:
+                  - {{name: canary, pool: canary,
+                      progression: {{steps: [20, 50], min_step_duration: 1h}}}}
+                  - {{name: stable, pool: stable}}
+            """)
+        proxy = await make_proxy(text)
+        runner = proxy.controller.checks
+        key = ("api", "canary", "smoke")
+        await wait_for(lambda: key in runner.results
+                       and runner.results[key].status is Status.PASS, 20, 0.05)
+        working = runner.snapshot
+
+        def broken(route: str, ring: str) -> dict[str, object]:
+            raise ZeroDivisionError("a bug while building the body")
+
+        runner.snapshot = broken  # a fault in the run itself, not in the hook
+        await wait_for(lambda: runner.results[key].status is Status.NO_DATA, 20, 0.05)
+        assert runner.results[key].detail == "the check failed (ZeroDivisionError)"
+        runner.snapshot = working
+        await wait_for(lambda: runner.results[key].status is Status.PASS, 20, 0.05)
+    finally:
+        await hooks.stop()

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from proxy.config import parse_config
+from proxy.config import credentials, parse_config
 from proxy.config.credentials import plaintext_credentials
 from proxy.errors import ConfigError
 
@@ -147,8 +147,10 @@ def test_credentials_in_the_clear_are_warned_about(caplog: pytest.LogCaptureFixt
           tls: {verify: false}
           auth: {header: X-Api-Key, value: "${OTHER_TOK}"}
         """
+    credentials._warned.clear()
     with caplog.at_level(logging.WARNING, logger="ringproxy.config"):
         parsed = parse_config(config(pools), environ=ENV)
+        parse_config(config(pools), environ=ENV)  # loaded again: not repeated
     shown = plaintext_credentials(parsed.pools)
     assert shown == [
         "pool prod sends its credentials (Authorization) over plain http:// to 1 of 1 "

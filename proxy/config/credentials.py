@@ -399,11 +399,17 @@ def plaintext_credentials(pools: Iterable[_Pool]) -> list[str]:
     return out
 
 
+_warned: set[str] = set()  # warnings this process has logged (each once, not per parse)
+
+
 def warn_plaintext(pools: Iterable[_Pool]) -> None:
-    """Log ``plaintext_credentials``' warnings (the process log at each load, and
-    ``ringproxy check``'s output)."""
+    """Log ``plaintext_credentials``' warnings (the process log at load, and ``ringproxy
+    check``'s output); each once per process (a Rings API write parses a config twice, a
+    reload once more: the same warning is not repeated for each)."""
     for warning in plaintext_credentials(pools):
-        log.warning("%s", warning)
+        if warning not in _warned:
+            _warned.add(warning)
+            log.warning("%s", warning)
 
 
 def check_credential_uses(ctx: Ctx, pools: Iterable[_Pool], path: str = "pools") -> None:
