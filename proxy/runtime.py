@@ -10,6 +10,7 @@ import time
 from typing import Protocol
 
 from proxy.config import Config, Ring, Route
+from proxy.config.credentials import tls_stamp
 from proxy.config.ringlimits import ring_max_body
 from proxy.dataplane.ratelimit import TokenBucket
 from proxy.dataplane.upstream import HeadLimits, UpstreamPool
@@ -154,9 +155,16 @@ class Runtime:
         self.pools: dict[str, UpstreamPool] = {}
         # Upstream response heads are held to the client heads' limits.
         head_limits = HeadLimits(config.limits.max_head_size, config.limits.max_headers)
+        # A pool is reused only with the same settings and the same TLS files (a renewed
+        # certificate at the same path gets a new pool, whose context loads it).
+        old_stamps = previous.tls_stamps if previous is not None else {}
+        self.tls_stamps: dict[str, tuple[tuple[str, int, int], ...]] = {
+            pool.name: tls_stamp(pool.tls) for pool in config.pools}
         for pool in config.pools:
             old = old_pools.get(pool.name)
-            self.pools[pool.name] = old if old is not None and old.config == pool else (
+            reuse = (old is not None and old.config == pool
+                     and old_stamps.get(pool.name) == self.tls_stamps[pool.name])
+            self.pools[pool.name] = old if reuse and old is not None else (
                 UpstreamPool(pool, head_limits)
             )
         self.retired = [p for name, p in old_pools.items() if self.pools.get(name) is not p]

@@ -13,7 +13,7 @@ import yaml
 
 from proxy.checks.results import Result, Status, advance, join
 from proxy.config import load_config, parse_config
-from proxy.config.checks import OnFail, fill, placeholders
+from proxy.config.checks import OnFail, fill, placeholders, shown_url
 from proxy.config.schema import config_schema
 from proxy.errors import ConfigError
 from proxy.rollout.judge import Finding, Outcome, Verdict
@@ -214,3 +214,23 @@ def test_the_playbook_passes_ringproxy_check_and_the_schema() -> None:
         (100, 7200, 0.01), (1000, 86400, 0.005), (5000, 259200, 0.003), (10000, None, None)]
     assert [s.checks for s in steps] == [(), ("feedback",), ("tickets",), ()]
     assert [h.path for h in release.health_checks] == ["/health/db"]
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("https://hooks.slack.com/services/T000/B000/XXXXsecret", "https://hooks.slack.com"),
+    ("http://127.0.0.1:9090/gate?token=abc", "http://127.0.0.1:9090"),
+    ("https://[::1]:8443/x", "https://[::1]:8443"),
+    ("http://prom:notaport/x", ""),
+    ("", ""),
+])
+def test_a_urls_view_is_its_origin_only(url: str, shown: str) -> None:
+    assert shown_url(url) == shown
+
+
+def test_a_bad_url_is_never_quoted_in_its_error() -> None:
+    text = BASE.replace('url: "http://127.0.0.1:9090"',
+                        'url: "ftp://prom:9090/q?token=s3cr3t"')
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, environ={"T": "t"})
+    assert "prometheus.url: is not an http(s) URL (scheme 'ftp'" in str(info.value)
+    assert "s3cr3t" not in str(info.value)

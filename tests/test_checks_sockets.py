@@ -11,6 +11,7 @@ as in test_prometheus_sockets, with a 1 s scrape interval.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import shutil
 import signal
@@ -75,13 +76,19 @@ class Hooks:
     def __init__(self) -> None:
         self.status = 500
         self.calls: dict[str, list[dict[str, Any]]] = {}
+        # Per hook: (monotonic time, the status answered, the request's headers).
+        self.answers: dict[str, list[tuple[float, int, dict[str, str]]]] = {}
         self._runner: web.AppRunner | None = None
         self.url = ""
 
     async def hook(self, request: web.Request) -> web.Response:
-        self.calls.setdefault(request.match_info["name"], []).append(await request.json())
-        return web.Response(status=self.status, text="refused by the test"
-                            if self.status >= 300 else "ok")
+        name = request.match_info["name"]
+        self.calls.setdefault(name, []).append(await request.json())
+        status = self.status
+        self.answers.setdefault(name, []).append((time.monotonic(), status,
+                                                  dict(request.headers)))
+        return web.Response(status=status, text="refused by the test"
+                            if status >= 300 else "ok")
 
     async def start(self) -> None:
         app = web.Application()
@@ -298,6 +305,9 @@ async def test_a_pre_advance_gate_answering_500_holds_the_step_and_200_lets_it_a
     hooks.status = 500
     proxy, _ = await started(text, per_second=250)
     await wait_for(lambda: len(hooks.calls.get("gate", [])) >= 3, 40, 0.05)
+    # Tried again once per interval (300 ms), never more often: no flooding.
+    times = [at for at, _, _ in hooks.answers["gate"]]
+    assert all(b - a >= 0.25 for a, b in itertools.pairwise(times)), times
     state = proxy.controller.states["api"]["canary"]
     assert (state.phase, state.step, state.weight) == (Phase.PROGRESSING, 0, 2000)
     assert not events_of(proxy, "advance") and not events_of(proxy, "rollback")
@@ -313,6 +323,11 @@ async def test_a_pre_advance_gate_answering_500_holds_the_step_and_200_lets_it_a
     (advance,) = events_of(proxy, "advance")
     assert advance.to_weight == 5000 and "pre_advance hook passed" in advance.reason
     assert events_of(proxy, "gate_passed")
+    # Exactly one call for step 0 was answered 200, and it was the last for that step.
+    step0 = [(body["step"], status) for body, (_, status, _) in
+             zip(hooks.calls["gate"], hooks.answers["gate"], strict=True) if body["step"] == 0]
+    assert [status for _, status in step0].count(200) == 1, step0
+    assert step0[-1][1] == 200, step0
 
 
 @pytest.mark.timeout(120)
@@ -377,16 +392,29 @@ async def test_a_steps_min_duration_survives_a_restart(
     assert code == 0, err
 
 
+HOOK_TOKEN = "t0ken-4b7e19c2d8"
+PATH_SECRET = "p4th-secret-91ac3e"
+QUERY_SECRET = "qu3ry-secret-5d20f7"
+
+
 @pytest.mark.timeout(60)
 async def test_a_webhook_check_is_posted_the_rings_state_and_a_non_2xx_rolls_it_back(
     started: Any, hooks: Hooks, stable: Upstream, canary: Upstream, tmp_path: Path,
+    client: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv("RP_TEST_HOOK", HOOK_TOKEN)
+    monkeypatch.setenv("RP_TEST_PATH", PATH_SECRET)
+    monkeypatch.setenv("RP_TEST_QUERY", QUERY_SECRET)
+    # Secrets in a header, in a URL's query (the check) and in its path (post_rollback).
     check = (f'{{name: smoke, interval: 200ms, threshold: 2, webhook: {{url: '
-             f'"{hooks.url}/smoke", timeout: 2s, headers: {{X-Token: "${{RP_TEST_HOOK}}"}}}}}}')
+             f'"{hooks.url}/smoke?token=${{RP_TEST_QUERY}}", timeout: 2s, '
+             f'headers: {{X-Token: "${{RP_TEST_HOOK}}"}}}}}}')
     text = rollout_config(stable, canary, tmp_path, ring="progression: {steps: [20, 50], "
-                          "min_step_duration: 1h}", extra=checks_block(check))
+                          "min_step_duration: 1h}", extra=checks_block(
+                              check, extra=f'post_rollback: "{hooks.url}/after-'
+                              '${RP_TEST_PATH}"'))
     hooks.status = 204
-    proxy, _ = await started(text.replace("${RP_TEST_HOOK}", "t0ken"))
+    proxy, _ = await started(text)
     def told_of(ring: str) -> list[dict[str, Any]]:
         return [c for c in hooks.calls.get("smoke", []) if c["ring"] == ring]
 
@@ -402,5 +430,22 @@ async def test_a_webhook_check_is_posted_the_rings_state_and_a_non_2xx_rolls_it_
     await wait_for(lambda: bool(events_of(proxy, "rollback")), 20, 0.05)
     event = events_of(proxy, "rollback")[0]
     assert event.label == "smoke" and "HTTP 503: refused by the test" in event.reason
-    assert "t0ken" not in json.dumps(proxy.controller.history[-1]) and all(
-        "t0ken" not in json.dumps(e) for e in proxy.controller.history)
+    # The header from ${RP_TEST_HOOK} reached the hook, on every call.
+    assert all(headers.get("X-Token") == HOOK_TOKEN
+               for _, _, headers in hooks.answers["smoke"])
+    await wait_for(lambda: bool(hooks.calls.get(f"after-{PATH_SECRET}")), 10, 0.05)
+    # ... and no secret is anywhere in the API, the status page or the events.
+    origin = hooks.url  # http://127.0.0.1:PORT: all that is shown of each URL
+    seen: dict[str, str] = {}
+    for url in ("/", "/api/routes", "/api/routes/api", "/api/events"):
+        async with client.get(proxy.admin_url + url, headers={"Host": "127.0.0.1"}) as r:
+            assert r.status == 200, (url, r.status)
+            seen[url] = await r.text()
+    seen["history"] = json.dumps(list(proxy.controller.history))
+    for where, shown in seen.items():
+        for secret in (HOOK_TOKEN, PATH_SECRET, QUERY_SECRET):
+            assert secret not in shown, (where, secret)
+    view = await api_routes(proxy, client)
+    analysis = view.get("route", view)["analysis"]
+    assert [x["url"] for x in analysis["external"]] == [origin]
+    assert analysis["post_rollback"] == origin

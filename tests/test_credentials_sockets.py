@@ -371,3 +371,34 @@ async def test_active_health_checks_use_the_pools_tls_and_client_certificate(
     async with client.get(proxy.url + "/x", headers={"X-Ring": "a"}) as r:
         assert r.status == 503  # the pool's checks fail without a certificate: out of rotation
         assert "no healthy server in pool no_cert" in await r.text()
+
+
+async def test_a_credential_headers_underscore_twin_is_dropped_when_underscores_are_let_in(
+    secrets: None, make_proxy: ProxyFactory, stable: Upstream,
+    client: aiohttp.ClientSession,
+) -> None:
+    text = textwrap.dedent(f"""\
+        listen: 127.0.0.1:0
+        admin: {{listen: 127.0.0.1:0}}
+        access_log: {{enabled: false}}
+        limits: {{underscores_in_headers: true}}
+        pools:
+          prod:
+            servers: ["{stable.url}"]
+            auth: {{header: X-Api-Key, value: "${{CR_PROD}}"}}
+        routes:
+          - name: api
+            rings: [{{name: main, pool: prod}}]
+        """)
+    proxy = await make_proxy(text)
+    # A CGI-style backend reads X_Api_Key and X-Api-Key as one (HTTP_X_API_KEY).
+    async with client.get(proxy.url + "/echo", headers=[
+            ("X_Api_Key", "injected"), ("x_api-KEY", "mixed"), ("X_Other_Thing", "kept")]) as r:
+        assert r.status == 200
+        await r.read()
+    (seen,) = stable.requests
+    names = [k.lower() for k, _ in seen["headers"]]
+    assert "x_api_key" not in names and "x_api-key" not in names
+    assert names.count("x-api-key") == 1 and headers_of(seen)["x-api-key"] == PROD
+    assert headers_of(seen)["x_other_thing"] == "kept"  # underscores are let in otherwise
+    assert "injected" not in json.dumps(seen) and "mixed" not in json.dumps(seen)

@@ -182,6 +182,35 @@ def test_decide_answers_429_with_retry_after_once_the_ring_is_out_of_tokens() ->
     assert all(isinstance(decide(runtime, main, "r"), Forward) for _ in range(20))
 
 
+def test_a_ring_whose_pool_is_down_takes_no_token_for_the_ring_that_serves_instead() -> None:
+    config = parse("""
+        rings:
+          - name: beta
+            pool: b
+            rules: [{attr: "header:X-Beta", exists: true}]
+            on_pool_down: next_ring
+            policy: {rate_limit: {requests_per_second: 0.01, burst: 2}}
+          - name: main
+            pool: a
+    """)
+    runtime = Runtime(config)
+    beta_ring = runtime.rings["api"][0]
+    beta = parse_request(b"GET / HTTP/1.1\r\nHost: x\r\nX-Beta: 1\r\n\r\n")
+    pool = beta_ring.pool
+    pool.all_up = False
+    for server in pool.servers:
+        server.up = False
+    served = [decide(runtime, beta, "r") for _ in range(5)]  # beta's pool is down
+    assert all(isinstance(s, Forward) and s.ring.name == "main" for s in served)
+    pool.all_up = True
+    for server in pool.servers:
+        server.up = True
+    # Back up: beta still has its whole burst (the fallbacks took none of its tokens).
+    again = [decide(runtime, beta, "r") for _ in range(3)]
+    assert [type(s) for s in again] == [Forward, Forward, LocalAnswer]
+    assert all(s.ring is not None and s.ring.name == "beta" for s in again)
+
+
 def test_a_rate_limit_429_is_counted_refused_and_never_judged() -> None:
     config = parse("""
         rings:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Literal, TypedDict
 
 from proxy.checks.results import Result, is_external
 from proxy.config.analysis import Analysis, quantile_name
+from proxy.config.checks import shown_url
 from proxy.config.rollout import Step
 from proxy.health.monitor import ServerView
 from proxy.rollout.judge import Check, Finding, Outcome, Verdict
@@ -351,12 +352,15 @@ def analysis_view(analysis: Analysis, baseline: str | None) -> AnalysisView:
             "window": fast.window},
         "external": [{
             "name": c.name, "kind": c.kind,
-            "url": c.prometheus.url if c.prometheus else c.webhook.url if c.webhook else "",
+            # scheme://host[:port] only: a URL's path or query may hold its secret.
+            "url": shown_url(c.prometheus.url if c.prometheus else
+                             c.webhook.url if c.webhook else ""),
             "query": c.prometheus.query if c.prometheus else None, "bound": c.bound_text,
             "on_fail": c.on_fail.value, "interval": c.interval, "threshold": c.threshold,
         } for c in analysis.checks],
-        "pre_advance": analysis.pre_advance.url if analysis.pre_advance else None,
-        "post_rollback": analysis.post_rollback.url if analysis.post_rollback else None,
+        "pre_advance": shown_url(analysis.pre_advance.url) if analysis.pre_advance else None,
+        "post_rollback": (shown_url(analysis.post_rollback.url) if analysis.post_rollback
+                          else None),
     }
 
 

@@ -12,8 +12,16 @@ failure.  The rules:
 * **Webhook**: ``POST url`` with the ring's state and numbers as JSON, within ``timeout``;
   2xx passes, anything else (another status, no answer) fails, with the status and the
   first 200 characters of the body.
+  The answer is read up to ``MAX_ANSWER`` bytes (1 MiB; more is ``no_data`` "answer too
+  large": a query returning megabytes of series must not be parsed on the event loop that
+  serves the requests) and decoded with replacement characters.  Any other exception while
+  querying or reading the answer (a body that is not UTF-8, a number JSON cannot hold...)
+  is ``no_data`` with its reason too: a check never keeps an older result because the
+  newer one raised.
 * **Health**: ``GET path`` to each server of the ring's pool on a connection of its own
-  (``proxy.health.checker.probe``, the pool's own prober); a server failing ``threshold``
+  (``proxy.health.checker.probe``, the pool's own prober) with the pool's own TLS settings
+  (``tls``: CA, client certificate, ``server_name``, ``verify``; ``HealthTLS``), so a
+  private-CA or mTLS pool is probed as its traffic is sent; a server failing ``threshold``
   times in a row fails the check, named with what it answered.  Failures in a row are
   counted per server by the caller (``HealthState``).
 """
@@ -32,11 +40,14 @@ import aiohttp
 
 from proxy.checks.results import Result, Status
 from proxy.config.checks import ExternalCheck, Hook, RingHealthCheck
+from proxy.config.credentials import UpstreamTLS, client_context
 from proxy.config.health import HealthCheck
 from proxy.config.values import Upstream
 from proxy.health.checker import probe
 
 BODY_SHOWN = 200  # characters of a failing answer's body kept in its result
+MAX_ANSWER = 1 << 20  # bytes of a Prometheus answer read at most (more: no_data)
+HOOK_BODY_READ = 4096  # bytes of a hook's answer read (its first BODY_SHOWN characters shown)
 
 
 async def query_prometheus(session: aiohttp.ClientSession, check: ExternalCheck, query: str,
@@ -49,25 +60,51 @@ async def query_prometheus(session: aiohttp.ClientSession, check: ExternalCheck,
                   0, check.threshold)
     url = prom.url.rstrip("/") + "/api/v1/query"
     try:
-        async with session.get(url, params={"query": query},
-                               timeout=aiohttp.ClientTimeout(total=prom.timeout)) as resp:
-            text = await resp.text()
+        return await _query(session, check, url, query, base)
+    except Exception as exc:  # any failure is no data, never the previous result kept
+        return _no_data(base, f"the query failed ({type(exc).__name__})")
+
+
+async def _query(session: aiohttp.ClientSession, check: ExternalCheck, url: str,
+                 query: str, base: Result) -> Result:
+    assert check.prometheus is not None
+    try:
+        async with session.get(url, params={"query": query}, timeout=aiohttp.ClientTimeout(
+                total=check.prometheus.timeout)) as resp:
+            raw = await read_at_most(resp.content, MAX_ANSWER + 1)
+            status = resp.status
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         why = "timeout" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}"
         return _no_data(base, f"Prometheus unreachable ({why})")
+    if len(raw) > MAX_ANSWER:
+        return _no_data(base, f"answer too large (over {MAX_ANSWER} bytes, HTTP {status}); "
+                        "the query must return one number")
     try:
-        body = json.loads(text)
-    except ValueError:
-        return _no_data(base, f"Prometheus answered HTTP {resp.status}, not JSON")
+        body = json.loads(raw.decode("utf-8", errors="replace"))
+    except (ValueError, RecursionError):
+        return _no_data(base, f"Prometheus answered HTTP {status}, not JSON")
     if not isinstance(body, dict) or body.get("status") != "success":
         error = body.get("error", "") if isinstance(body, dict) else ""
-        return _no_data(base, f"query error (HTTP {resp.status}): {str(error)[:BODY_SHOWN]}")
+        return _no_data(base, f"query error (HTTP {status}): {str(error)[:BODY_SHOWN]}")
     value, why = _one_number(body.get("data"))
     if value is None:
         return _no_data(base, why)
     ok = (check.max is None or value <= check.max) and (check.min is None or value >= check.min)
     return _with(base, Status.PASS if ok else Status.FAIL, value,
                  f"{value:g} (bound {check.bound_text})")
+
+
+async def read_at_most(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """The body's first ``limit`` bytes (all of it when shorter); the rest is not read."""
+    parts: list[bytes] = []
+    got = 0
+    while got < limit:
+        part = await content.read(limit - got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
 
 
 def _one_number(data: Any) -> tuple[float | None, str]:
@@ -88,8 +125,8 @@ def _one_number(data: Any) -> tuple[float | None, str]:
         return None, f"a {kind} result; the query must return one number"
     try:
         value = float(raw)
-    except (TypeError, ValueError):
-        return None, f"not a number: {raw!r}"
+    except (TypeError, ValueError, OverflowError):
+        return None, f"not a number: {str(raw)[:40]!r}"
     if not math.isfinite(value):
         return None, f"the value is {raw}"
     return value, ""
@@ -110,11 +147,12 @@ async def post_hook(session: aiohttp.ClientSession, hook: Hook,
     try:
         async with session.post(hook.url, json=body, headers=dict(hook.headers),
                                 timeout=aiohttp.ClientTimeout(total=hook.timeout)) as resp:
-            text = (await resp.text(errors="replace"))[:BODY_SHOWN]
+            text = (await read_at_most(resp.content, HOOK_BODY_READ)).decode(
+                "utf-8", errors="replace")[:BODY_SHOWN]
             ok = 200 <= resp.status < 300
             return ok, resp.status, f"HTTP {resp.status}" + (f": {text}" if text and not ok
                                                                else "")
-    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+    except Exception as exc:  # unreachable, a timeout, a broken answer: a failed call
         why = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
         return False, None, f"no answer ({why})"
 
@@ -135,14 +173,50 @@ class HealthState:
     failures: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class HealthTLS:
+    """The pool's TLS settings for a ring's health check: one client context per pool
+    (``client_context``: its CA, client certificate and ``verify``), built on first use;
+    ``server_name`` is sent and verified instead of each server's host."""
+
+    tls: UpstreamTLS | None = None
+    _context: ssl.SSLContext | None = None
+
+    def context(self) -> ssl.SSLContext:
+        """The context (raises ``ValueError`` when the pool's files cannot be loaded)."""
+        if self._context is None:
+            self._context = client_context(self.tls)
+        return self._context
+
+    @property
+    def server_name(self) -> str | None:
+        return self.tls.server_name if self.tls is not None else None
+
+
 async def check_health(check: RingHealthCheck, servers: tuple[Upstream, ...],
-                       state: HealthState, now: float) -> Result:
-    """Every server of the pool, at once; the worst server decides."""
+                       state: HealthState, now: float,
+                       pool_tls: HealthTLS | None = None) -> Result:
+    """Every server of the pool, at once, as the pool's own traffic (its TLS settings,
+    ``pool_tls``); the worst server decides."""
     as_pool_check = HealthCheck(path=check.path, interval=check.interval,
                                 timeout=check.timeout, headers=check.headers)
-    tls = ssl.create_default_context() if any(s.scheme == "https" for s in servers) else None
-    seen = await asyncio.gather(*(
-        probe(s, as_pool_check, tls if s.scheme == "https" else None) for s in servers))
+    pool_tls = pool_tls if pool_tls is not None else HealthTLS()
+    tls: ssl.SSLContext | None = None
+    broken = ""
+    if any(s.scheme == "https" for s in servers):
+        try:
+            tls = pool_tls.context()
+        except ValueError as exc:  # the pool's files went missing since the load
+            broken = f"tls: {exc}"
+
+    async def one(server: Upstream) -> tuple[bool, str]:
+        if server.scheme != "https":
+            return await probe(server, as_pool_check, None)
+        if tls is None:
+            return False, broken
+        return await probe(server, as_pool_check, tls, pool_tls.server_name)
+
+    seen = await asyncio.gather(*(one(s) for s in servers))
     worst: tuple[int, str, str] | None = None
     for server, (ok, answer) in zip(servers, seen, strict=True):
         n = 0 if ok else state.failures.get(server.url, 0) + 1

@@ -17,6 +17,14 @@ tried again after the hook's ``interval``; the ring is judged, and may be rolled
 all the while.  ``post_rollback`` is POSTed after each rollback, fire and forget, within
 its ``timeout``.  At most one call per gate is in flight.
 
+A result is never kept past its time: a check whose run raised stores ``no_data`` with
+the exception's name (never the previous, perhaps passing, result), and a result older
+than ``2 x interval + timeout`` is taken as ``no_data`` ("stale") by ``results_for``.  A
+ring's health-check failures in a row are forgotten when the ring goes inactive (a
+rollback), so a resumed ring starts counting from zero.  A ring's health checks use its
+pool's ``tls`` (one client context per pool and TLS files: a renewed certificate at the
+same path makes a new one on the next reload).
+
 One aiohttp session serves every call (its connection pool is shared); it is created
 on ``start`` and closed on ``stop``.
 """
@@ -27,13 +35,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import aiohttp
 
 from proxy.checks.probes import (
     HealthState,
+    HealthTLS,
     call_webhook,
     check_health,
     post_hook,
@@ -41,6 +50,7 @@ from proxy.checks.probes import (
 )
 from proxy.checks.results import Result, Status, advance, pending
 from proxy.config.checks import ExternalCheck, Hook, RingHealthCheck, fill
+from proxy.config.credentials import UpstreamTLS, tls_stamp
 from proxy.rollout.plan import RingPlan, RoutePlan
 from proxy.rollout.state import Event, RingState
 from proxy.rollout.steps import active_checks
@@ -55,6 +65,9 @@ log = logging.getLogger("ringproxy.checks")
 Key = tuple[str, str, str]  # (route, ring, check)
 StateOf = Callable[[str, str], RingState | None]
 Record = Callable[[Event], None]
+TLSKey = tuple[UpstreamTLS | None, tuple[object, ...]]  # a pool's tls and its files' stamp
+# A result older than STALE_INTERVALS intervals (plus its timeout) is no data.
+STALE_INTERVALS = 2.0
 
 
 @dataclass(slots=True)
@@ -78,6 +91,8 @@ class CheckRunner:
         self._wanted: dict[Key, tuple[object, ...]] = {}  # key -> what defines its task
         self._tasks: dict[Key, tuple[tuple[object, ...], asyncio.Task[None]]] = {}
         self.results: dict[Key, Result] = {}
+        self._health: dict[Key, HealthState] = {}
+        self._pool_tls: dict[TLSKey, HealthTLS] = {}
         self._counts: dict[tuple[Key, str], int] = {}
         self._gates: dict[tuple[str, str], _Gate] = {}
         self._posts: set[asyncio.Task[None]] = set()
@@ -91,20 +106,33 @@ class CheckRunner:
         """Run the checks of ``plans`` from now on (unchanged ones keep their task and
         their last result; removed ones stop)."""
         self.plans = dict(plans)
-        pools = {p.name: p.servers for p in config.pools}
+        pools = {p.name: p for p in config.pools}
         wanted: dict[Key, tuple[object, ...]] = {}
+        tls_keys: dict[str, TLSKey] = {}
         for plan in plans.values():
             if plan.analysis is None:
                 continue
             for ring in plan.analysed:
-                servers = pools.get(ring.pool, ())
+                pool = pools.get(ring.pool)
+                servers = pool.servers if pool is not None else ()
                 for check in plan.analysis.checks:
                     wanted[plan.route, ring.name, check.name] = (check, ring.pool)
+                if ring.health_checks and ring.pool not in tls_keys:
+                    tls = pool.tls if pool is not None else None
+                    tls_keys[ring.pool] = (tls, tls_stamp(tls))
                 for health in ring.health_checks:
-                    wanted[plan.route, ring.name, health.name] = (health, servers)
+                    wanted[plan.route, ring.name, health.name] = (
+                        health, servers, tls_keys[ring.pool])
         self._wanted = wanted
+        # One client context per pool TLS settings (and files) in use.
+        used = set(tls_keys.values())
+        self._pool_tls = {k: v for k, v in self._pool_tls.items() if k in used}
+        for tls_key in used:
+            self._pool_tls.setdefault(tls_key, HealthTLS(tls_key[0]))
         for key in [k for k in self.results if k not in wanted]:
             del self.results[key]
+        for key in [k for k in self._health if k not in wanted]:
+            del self._health[key]
         if self._started:
             self._sync()
 
@@ -146,14 +174,23 @@ class CheckRunner:
         route, ring_name, name = key
         check = spec[0]
         assert isinstance(check, ExternalCheck | RingHealthCheck)
-        health = HealthState()
+        health = self._health.setdefault(key, HealthState())
+        pool_tls: HealthTLS | None = None
+        if isinstance(check, RingHealthCheck):
+            tls_key = spec[2]
+            assert isinstance(tls_key, tuple)
+            pool_tls = self._pool_tls.setdefault(tls_key, HealthTLS(tls_key[0]))
         while True:
             try:
-                await self._once(key, check, spec[1], health)
+                await self._once(key, check, spec[1], health, pool_tls)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # a bug in one check must not end its loop
+            except Exception as exc:  # a bug in one check must not end its loop
                 log.exception("check %s of %s/%s failed", name, route, ring_name)
+                # No result is kept past a failed run: the check has no data now.
+                if self._active(route, ring_name, check) is not None:
+                    self._store(key, _no_data(check, f"the check failed "
+                                              f"({type(exc).__name__})", self.wall()))
             await asyncio.sleep(check.interval)
 
     def _active(self, route: str, ring: str, check: ExternalCheck | RingHealthCheck
@@ -169,17 +206,18 @@ class CheckRunner:
         return plan, ring_plan, state
 
     async def _once(self, key: Key, check: ExternalCheck | RingHealthCheck, extra: object,
-                    health: HealthState) -> None:
+                    health: HealthState, pool_tls: HealthTLS | None = None) -> None:
         route, ring, _ = key
         found = self._active(route, ring, check)
         if found is None:
             self.results.pop(key, None)
+            health.failures.clear()  # a resumed ring counts its failures from zero
             return
         _, ring_plan, _ = found
         now = self.wall()
         if isinstance(check, RingHealthCheck):
             assert isinstance(extra, tuple)
-            result = await check_health(check, extra, health, now)
+            result = await check_health(check, extra, health, now, pool_tls)
         elif check.prometheus is not None:
             query = fill(check.prometheus.query, ring, route, ring_plan.pool)
             result = advance(self.results.get(key),
@@ -189,6 +227,7 @@ class CheckRunner:
             result = advance(self.results.get(key),
                              await call_webhook(self._client(), check, body, now))
         if self._active(route, ring, check) is None:
+            health.failures.clear()
             return  # rolled back or moved on while it ran: the result is for nobody
         self._store(key, result)
 
@@ -217,13 +256,13 @@ class CheckRunner:
         out = []
         for check in active_checks(plan.analysis, ring, state):
             key = (plan.route, ring.name, check.name)
-            out.append(self.results.get(key) or pending(
+            out.append(fresh(self.results.get(key), check, now) or pending(
                 check.name, check.kind, check.bound_text,
                 check.max if check.max is not None else check.min, check.on_fail,
                 check.threshold, now))
         for health in ring.health_checks:
             key = (plan.route, ring.name, health.name)
-            out.append(self.results.get(key) or pending(
+            out.append(fresh(self.results.get(key), health, now) or pending(
                 health.name, "health", "2xx-3xx", None, health.on_fail, health.threshold,
                 now))
         return out
@@ -280,6 +319,8 @@ class CheckRunner:
     def rolled_back(self, events: Sequence[Event]) -> None:
         """POST each rollback to its route's ``post_rollback`` hook (fire and forget)."""
         for event in events:
+            if event.kind == "rollback":
+                self._forget(event.route, event.ring)
             plan = self.plans.get(event.route)
             hook = plan.analysis.post_rollback if plan and plan.analysis else None
             if event.kind != "rollback" or hook is None or not self._started:
@@ -288,6 +329,13 @@ class CheckRunner:
             post = asyncio.ensure_future(self._post_rollback(hook, body))
             self._posts.add(post)
             post.add_done_callback(self._posts.discard)
+
+    def _forget(self, route: str, ring: str) -> None:
+        """A ring went inactive: its results and health failures in a row start over."""
+        for key, health in self._health.items():
+            if key[:2] == (route, ring):
+                health.failures.clear()
+                self.results.pop(key, None)
 
     async def _post_rollback(self, hook: Hook, body: dict[str, object]) -> None:
         ok, _, seen = await post_hook(self._client(), hook, body)
@@ -304,6 +352,38 @@ class CheckRunner:
     def values(self) -> dict[tuple[str, str, str], float]:
         """The last value of each check that has one, for the metrics."""
         return {key: r.value for key, r in self.results.items() if r.value is not None}
+
+
+def timeout_of(check: ExternalCheck | RingHealthCheck) -> float:
+    if isinstance(check, RingHealthCheck):
+        return check.timeout
+    if check.prometheus is not None:
+        return check.prometheus.timeout
+    return check.webhook.timeout if check.webhook is not None else 0.0
+
+
+def fresh(result: Result | None, check: ExternalCheck | RingHealthCheck,
+          now: float) -> Result | None:
+    """``result``, or ``no_data`` ("stale") when it is older than ``STALE_INTERVALS``
+    intervals plus the check's timeout (its task stopped producing results: a passing
+    result that old must not let the ring advance)."""
+    if result is None or result.status is Status.PENDING:
+        return result
+    age = now - result.at
+    if age <= STALE_INTERVALS * check.interval + timeout_of(check):
+        return result
+    return replace(result, status=Status.NO_DATA, value=None, failures=0,
+                   detail=f"stale: the last result is {age:.0f}s old "
+                   f"(was {result.status.value}: {result.detail})")
+
+
+def _no_data(check: ExternalCheck | RingHealthCheck, why: str, now: float) -> Result:
+    if isinstance(check, RingHealthCheck):
+        return Result(check.name, "health", Status.NO_DATA, None, "2xx-3xx", None,
+                      check.on_fail, why, now, 0, check.threshold)
+    return Result(check.name, check.kind, Status.NO_DATA, None, check.bound_text,
+                  check.max if check.max is not None else check.min, check.on_fail, why,
+                  now, 0, check.threshold)
 
 
 def _event(route: str, ring: str, state: RingState | None, kind: str, reason: str,

@@ -124,11 +124,33 @@ def fill(query: str, ring: str, route: str, pool: str) -> str:
     return PLACEHOLDER_RE.sub(lambda m: values.get(m.group(1), m.group(0)), query)
 
 
+def shown_url(url: str) -> str:
+    """What a view shows of a check's or hook's URL: ``scheme://host[:port]`` only (a
+    webhook's path or query often holds its secret: Slack-style ``/services/...``,
+    ``?token=``; the file may fill it from ``${VAR}``)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return ""
+    if not parts.scheme or not parts.hostname:
+        return ""
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
+
+
 def _url(ctx: Ctx, sec: Section, key: str) -> str:
     url = sec.text(key)
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (a bad port raises)
+    except ValueError:
+        # Never the URL itself in a message: its path or query may hold a secret.
+        ctx.err(sec.sub(key), "is not a valid URL (e.g. http://prometheus:9090)")
+        return url
     if url and (parts.scheme not in ("http", "https") or not parts.hostname):
-        ctx.err(sec.sub(key), f"{url!r} is not an http(s) URL (e.g. http://prometheus:9090)")
+        ctx.err(sec.sub(key), f"is not an http(s) URL (scheme {parts.scheme or 'none'!r}"
+                f"{'' if parts.hostname else ', no host'}; e.g. http://prometheus:9090)")
     elif url and (parts.username or parts.password):
         ctx.err(sec.sub(key), "credentials in the URL would be shown; send them as a header "
                 "from the environment instead (headers: {Authorization: ${TOKEN}})")

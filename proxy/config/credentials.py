@@ -12,12 +12,17 @@ Isolation, checked at load (``check_isolation``; every violation is an issue wit
 - a credential variable belongs to one pool, unless every pool that uses it says
   ``shared: true`` for it;
 - a pool whose ``environment`` is not ``production`` never carries a production pool's
-  credential: not its variable (``shared`` or not) and not its value under another name.
+  credential: not its variable (``shared`` or not) and not its value under another name
+  (the whole header value, and each variable's value on its own);
   A ring sends only its own pool's credentials (``on_pool_down: next_ring`` sends a later
   ring's request with that ring's pool's), so no ring on a non-production pool can send one;
 - a credential variable is used only in ``pools.*.auth`` (not in ``add_headers``, rules,
-  health-check headers, ...), and a ring's ``add_headers`` never sets its pool's
-  credential header.
+  health-check or hook headers, ...), nor its value under another variable, and a ring's
+  ``add_headers`` never sets its pool's credential header.
+
+A pool that sends its credentials over plain ``http://`` or without verifying its
+``https://`` servers is warned about at each load (``plaintext_credentials``: logged,
+so ``ringproxy check`` shows it too).
 
 Secrets are held in :class:`Secret`, whose ``repr``/``str`` is ``***``: a model printed
 or logged never shows one, and no message here quotes one.  Limits: the header values
@@ -28,6 +33,8 @@ needs none) but do use the pool's TLS settings, client certificate included.
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import ssl
 from collections.abc import Iterable, Sequence
@@ -38,6 +45,8 @@ from proxy.config.limits import load_certificate
 from proxy.config.reader import Ctx, Section, kind
 from proxy.config.source import join, unset_variable
 from proxy.config.values import TOKEN_RE
+
+log = logging.getLogger("ringproxy.config")
 
 REDACTED = "***"
 PRODUCTION = "production"
@@ -94,6 +103,25 @@ class UpstreamTLS:
     key: str | None = None  # its unencrypted PEM private key
     server_name: str | None = None  # SNI and the name verified; None: the server's host
     verify: bool = True  # False: no certificate or name verification (test setups only)
+
+
+def tls_stamp(tls: UpstreamTLS | None) -> tuple[tuple[str, int, int], ...]:
+    """(path, mtime_ns, size) of each file ``tls`` names (-1s for one that cannot be read):
+    compared with the settings, it tells a renewed certificate at the same path from the
+    one a context was built with (a reload builds a new context for it)."""
+    if tls is None:
+        return ()
+    out = []
+    for path in (tls.ca, tls.cert, tls.key):
+        if path is None:
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            out.append((path, -1, -1))
+        else:
+            out.append((path, st.st_mtime_ns, st.st_size))
+    return tuple(out)
 
 
 def client_context(tls: UpstreamTLS | None) -> ssl.SSLContext:
@@ -293,10 +321,12 @@ def check_isolation(ctx: Ctx, pools: Sequence[_Pool], path: str = "pools") -> No
                             f"{production[0]}; pool {pool.name} (environment: "
                             f"{pool.environment or 'not set'}) must never send it, shared or "
                             "not: give it a variable of its own")
-    # The same secret under another name: compared, never shown.
+    # The same secret under another name: compared, never shown; each variable's value
+    # (the whole header value may differ: "Bearer ${A}" and "${B}" with A == B).
     prod_values = {cred.value: (pool.name, cred.variables)
                    for pool in pools if pool.environment == PRODUCTION for cred in pool.auth
                    if cred.value.reveal()}
+    prod_vars = _variable_values(ctx, pools, production_only=True)
     for pool in pools:
         if pool.environment == PRODUCTION:
             continue
@@ -307,6 +337,79 @@ def check_isolation(ctx: Ctx, pools: Sequence[_Pool], path: str = "pools") -> No
                         f"the value of {', '.join(cred.variables)} equals that of "
                         f"{', '.join(owner[1])}, a credential of production pool {owner[0]}; "
                         f"pool {pool.name} must never send it")
+                continue
+            for name in cred.variables:
+                same = prod_vars.get(_value_of(ctx, name))
+                if same is not None and same[1] != name:
+                    ctx.err(join(where(pool, i), "value"),
+                            f"the value of {name} equals that of {same[1]}, a credential "
+                            f"of production pool {same[0]}; pool {pool.name} must never "
+                            "send it")
+                    break
+    warn_plaintext(pools)
+
+
+def _value_of(ctx: Ctx, name: str) -> str:
+    """A variable's value as expanded (stripped; "" when unset)."""
+    return ctx.expanded.variables.get(name, "").strip()
+
+
+def _variable_values(ctx: Ctx, pools: Iterable[_Pool], production_only: bool = False
+                     ) -> dict[str, tuple[str, str]]:
+    """Each credential variable's non-empty value -> (its pool, its name)."""
+    out: dict[str, tuple[str, str]] = {}
+    for pool in pools:
+        if production_only and pool.environment != PRODUCTION:
+            continue
+        for cred in pool.auth:
+            for name in cred.variables:
+                value = _value_of(ctx, name)
+                if value:
+                    out.setdefault(value, (pool.name, name))
+    return out
+
+
+class _Served(Protocol):
+    @property
+    def scheme(self) -> str: ...
+    @property
+    def url(self) -> str: ...
+
+
+def plaintext_credentials(pools: Iterable[_Pool]) -> list[str]:
+    """Warnings: a pool whose ``auth`` is sent over plain ``http://`` or to ``https://``
+    servers it does not verify (``tls.verify: false``), where a credential can be read or
+    taken by whoever is in between."""
+    out = []
+    for pool in pools:
+        if not pool.auth:
+            continue
+        servers: Sequence[_Served] = getattr(pool, "servers", ())
+        tls: UpstreamTLS | None = getattr(pool, "tls", None)
+        plain = [s for s in servers if s.scheme != "https"]
+        headers = ", ".join(c.header for c in pool.auth)
+        if plain:
+            out.append(f"pool {pool.name} sends its credentials ({headers}) over plain "
+                       f"http:// to {len(plain)} of {len(servers)} servers: anyone on the "
+                       "path can read them; use https:// servers")
+        if tls is not None and not tls.verify and len(plain) < len(servers):
+            out.append(f"pool {pool.name} sends its credentials ({headers}) to https:// "
+                       "servers it does not verify (tls.verify: false): anyone on the path "
+                       "can take them; give the pool a tls.ca instead")
+    return out
+
+
+_warned: set[str] = set()  # warnings this process has logged (each once, not per parse)
+
+
+def warn_plaintext(pools: Iterable[_Pool]) -> None:
+    """Log ``plaintext_credentials``' warnings (the process log at load, and ``ringproxy
+    check``'s output); each once per process (a Rings API write parses a config twice, a
+    reload once more: the same warning is not repeated for each)."""
+    for warning in plaintext_credentials(pools):
+        if warning not in _warned:
+            _warned.add(warning)
+            log.warning("%s", warning)
 
 
 def check_credential_uses(ctx: Ctx, pools: Iterable[_Pool], path: str = "pools") -> None:
@@ -319,6 +422,7 @@ def check_credential_uses(ctx: Ctx, pools: Iterable[_Pool], path: str = "pools")
     if not owners:
         return
     in_auth = re.compile(re.escape(path) + r"\.(.+)\.auth(\[\d+\])?\.value")
+    values = _variable_values(ctx, pools)
     for at, refs in sorted(ctx.env_refs.items()):
         if in_auth.fullmatch(at):
             continue
@@ -327,6 +431,15 @@ def check_credential_uses(ctx: Ctx, pools: Iterable[_Pool], path: str = "pools")
                 ctx.err(at, f"{name} is a credential of pool {owners[name]}; a credential "
                         "variable is used only in pools.*.auth (where it is kept out of "
                         "logs, views and other pools)")
+                break
+            # The same secret under another name (add_headers, a health check's or a
+            # hook's headers, ...): compared, never shown.
+            same = values.get(_value_of(ctx, name))
+            if same is not None:
+                ctx.err(at, f"the value of {name} equals that of {same[1]}, a credential "
+                        f"of pool {same[0]}; a credential is used only in pools.*.auth "
+                        "(give this one a secret of its own)")
+                break
 
 
 def _is_list(ctx: Ctx, path: str) -> bool:

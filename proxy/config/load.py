@@ -97,7 +97,8 @@ def parse_config(
 ) -> Config:
     """Parse and validate; ``fast=False`` parses gently beside a running loop (reloads)."""
     loaded = load_yaml(text, os.environ if environ is None else environ, fast)
-    ctx = Ctx(loaded.lines, list(loaded.issues), loaded.env_paths, loaded.env_refs)
+    ctx = Ctx(loaded.lines, list(loaded.issues), loaded.env_paths, loaded.env_refs,
+              loaded.expanded)
     config = None
     if loaded.data is not None or not ctx.issues:
         config = _read_config(ctx, loaded.data, os.environ if environ is None else environ)

@@ -8,10 +8,11 @@ return a default instead of raising, so one pass reports every problem in the fi
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from proxy.config.source import join
+from proxy.config.source import Expanded, join
 from proxy.config.values import format_size, parse_duration, parse_size
 from proxy.errors import ConfigIssue
 
@@ -19,16 +20,29 @@ T = TypeVar("T")
 D = TypeVar("D", int, int | None)  # an integer's default: a number, or None for "no limit"
 
 
+# A variable's value this long or longer is never quoted in any message (a shorter one,
+# "8080" or "true", only not in a message about its own path or a path around it).
+SCRUB_ANYWHERE = 6
+
+
 class Ctx:
+    """Where issues are collected.  ``err`` never quotes a value that came from the
+    environment: a message about a path whose value holds a ``${VAR}`` (or about a path
+    around it) says "the value from ${VAR}" instead of the value, whichever reader wrote
+    it (secrets come from the environment; a message goes to ``ringproxy check``, a
+    refused reload's 422, the process log and the Rings API)."""
+
     def __init__(
         self, lines: dict[str, int], issues: list[ConfigIssue], env_paths: set[str] | None = None,
         env_refs: dict[str, list[tuple[str, bool]]] | None = None,
+        expanded: Expanded | None = None,
     ) -> None:
         self.lines = lines
         self.issues = issues
         self.env_paths = env_paths or set()
         # The ${VAR}s written at each path (name, has a default): credentials check these.
         self.env_refs = env_refs or {}
+        self.expanded = expanded if expanded is not None else Expanded()
 
     def line(self, path: str) -> int | None:
         while True:
@@ -40,7 +54,40 @@ class Ctx:
             path = path[:cut] if cut > 0 else ""
 
     def err(self, path: str, message: str) -> None:
-        self.issues.append(ConfigIssue(path, message, self.line(path)))
+        self.issues.append(ConfigIssue(path, self.scrub(path, message), self.line(path)))
+
+    def scrub(self, path: str, message: str) -> str:
+        """``message`` with every value from the environment it could quote replaced by
+        where it came from ("the value from ${VAR}")."""
+        expanded = self.expanded
+        if not expanded.variables:
+            return message
+        for at, value in sorted(expanded.values.items(), key=lambda kv: -len(kv[1])):
+            bare = value.strip()
+            if bare and _related(at, path) and bare in message:
+                names = ", ".join(dict.fromkeys(f"${{{n}}}" for n, _ in self.env_refs[at]))
+                message = _replace(message, value, f"the value from {names}")
+        for name, value in sorted(expanded.variables.items(), key=lambda kv: -len(kv[1])):
+            if len(value.strip()) >= SCRUB_ANYWHERE and value.strip() in message:
+                message = _replace(message, value, f"${{{name}}}")
+        return message
+
+
+def _replace(message: str, value: str, shown: str) -> str:
+    """``value`` (quoted as repr, stripped or bare, as a whole word) replaced by ``shown``."""
+    bare = value.strip()
+    message = message.replace(repr(value), shown).replace(repr(bare), shown)
+    return re.sub(r"(?<![A-Za-z0-9_])" + re.escape(bare) + r"(?![A-Za-z0-9_])",
+                  lambda _: shown, message)
+
+
+def _related(at: str, path: str) -> bool:
+    """Whether ``at`` is ``path``, inside it or around it (a message about one may quote
+    the other's value)."""
+    if at == path or not path or not at:
+        return True
+    return any(a.startswith(b) and a[len(b)] in ".[" for a, b in ((at, path), (path, at))
+               if len(a) > len(b))
 
 
 MISSING: Any = object()

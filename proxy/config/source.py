@@ -46,6 +46,17 @@ class Loaded:
     env_paths: set[str] = field(default_factory=set)  # values that came from ${VAR}
     # Every ${VAR} written, by path: (name, whether it has a :-default), set or not.
     env_refs: dict[str, list[tuple[str, bool]]] = field(default_factory=dict)
+    # What ${VAR}s expanded to, never to be quoted in a message (``Ctx.err`` scrubs it).
+    expanded: Expanded = field(default_factory=lambda: Expanded())
+
+
+@dataclass(slots=True)
+class Expanded:
+    """The values ``${VAR}`` expansion produced: by path (the whole string after
+    expansion) and by variable (its value)."""
+
+    values: dict[str, str] = field(default_factory=dict)
+    variables: dict[str, str] = field(default_factory=dict)
 
 
 def unset_variable(issue: ConfigIssue) -> str | None:
@@ -192,6 +203,7 @@ class _Builder:
             got = self.environ.get(name)
             if got is not None:
                 self.out.env_paths.add(path)
+                self.out.expanded.variables[name] = got
             if got is None:
                 if default is not None:
                     return default
@@ -199,4 +211,7 @@ class _Builder:
                 return ""
             return got
 
-        return _ENV_RE.sub(repl, value)
+        expanded = _ENV_RE.sub(repl, value)
+        if path in self.out.env_refs:
+            self.out.expanded.values[path] = expanded
+        return expanded

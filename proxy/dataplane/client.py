@@ -58,12 +58,23 @@ class DataPlane:
 
     def __init__(self, runtime: Runtime, access_log: AccessLog | None,
                  gate: ConnectionGate | None = None) -> None:
-        self.runtime = runtime
+        self._runtime = runtime
+        self.credential_names = credential_names(runtime)
         self.access_log = access_log
         self.gate = gate
         self.timers = Timers(asyncio.get_running_loop())
         self.connections: set[ClientConnection] = set()
         self.closing = False
+
+    @property
+    def runtime(self) -> Runtime:
+        return self._runtime
+
+    @runtime.setter
+    def runtime(self, runtime: Runtime) -> None:
+        """The swap on reload; the credential header names come with it (once a config)."""
+        self.credential_names = credential_names(runtime)
+        self._runtime = runtime
 
     def protocol(self, scheme: str = "http") -> ClientConnection:
         return ClientConnection(self, scheme)
@@ -84,6 +95,16 @@ class DataPlane:
 
     def __repr__(self) -> str:
         return f"<DataPlane connections={len(self.connections)} closing={self.closing}>"
+
+
+def credential_names(runtime: Runtime) -> frozenset[bytes]:
+    """Every pool's credential header names, lower-cased, ``_`` written as ``-``: a client
+    header named so once its ``_`` are ``-`` (``X_Api_Key`` for ``X-Api-Key``) is dropped
+    when ``limits.underscores_in_headers`` lets underscores in, since a CGI-style backend
+    reads both as one (``HTTP_X_API_KEY``).  Dropped for every route (the ring is not
+    known yet when the header is parsed)."""
+    return frozenset(c.header.lower().replace("_", "-").encode("latin-1")
+                     for pool in runtime.config.pools for c in pool.auth)
 
 
 class ClientConnection(asyncio.Protocol):
@@ -264,8 +285,11 @@ class ClientConnection(asyncio.Protocol):
             raise RequestError(framing.HEAD_TOO_LARGE)
         if req.header_count > limits.max_headers:
             raise RequestError(framing.TOO_MANY_HEADERS)
-        if _UNDERSCORE in name and not limits.underscores_in_headers:
-            return  # dropped, as NGINX does by default
+        if _UNDERSCORE in name:
+            if not limits.underscores_in_headers:
+                return  # dropped, as NGINX does by default
+            if name.lower().replace(b"_", b"-") in self.plane.credential_names:
+                return  # a credential header's CGI twin (X_Api_Key): never from a client
         lname = name.lower()
         by_name = req.by_name
         if lname not in by_name:

@@ -1,7 +1,8 @@
 """What to do with a request, decided before any I/O.
 
 ``decide`` matches the route, assigns the ring, checks the ring's concurrency limit and
-rate limit (429 with Retry-After, taking a token of the ring's bucket), picks the upstream
+rate limit (429 with Retry-After, taking a token of the bucket of the ring that serves
+it: not of one whose pool is down under next_ring), picks the upstream
 server and builds the upstream request head (bytes, ready to write) and the lines the
 client's response gets; it returns a record that the exchange carries out (httpcore's
 shape: decide synchronously, then do the I/O).  It reads the live runtime (in-flight
@@ -91,12 +92,14 @@ def decide(runtime: Runtime, request: Request, request_id: str) -> Forward | Loc
     if ring.limit is not None and ring.inflight >= ring.limit:
         return LocalAnswer(Overloaded.status, Overloaded.reason, Overloaded.kind, True,
                            ring, decision, extra)
-    if ring.bucket is not None:
+    pool = ring.pool
+    server = pool.pick()
+    # The rate limit's token is taken only from the ring that serves the request: not
+    # from one whose pool is down and that hands it to a later ring (next_ring).
+    if server is not None and ring.bucket is not None:
         wait = ring.bucket.take(time.monotonic())
         if wait:
             return rate_limited(ring, decision, extra, wait)
-    pool = ring.pool
-    server = pool.pick()
     if server is None:
         # No server of the ring's pool in rotation: 503, or a later ring's pool.
         later = _later_ring(runtime, route.name, ring, decision)
