@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
+from proxy.config.checks import shown_url
 from proxy.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
@@ -66,8 +67,8 @@ class WebhookSender:
         if not self._idle.is_set():
             in_flight = 1 if self._task is not None else 0  # popped, its posts not done
             log.warning("webhooks %s closed: %d event(s) not posted within %gs dropped",
-                        ", ".join(h.url for h in self.hooks), len(self._queue) + in_flight,
-                        limit)
+                        ", ".join(shown_url(h.url) for h in self.hooks),
+                        len(self._queue) + in_flight, limit)
         await self.stop()
 
     async def _run(self) -> None:
@@ -91,10 +92,12 @@ class WebhookSender:
                         return
                     problem = f"HTTP {resp.status}"
             except (aiohttp.ClientError, TimeoutError) as exc:
-                problem = f"{type(exc).__name__}: {exc}"
+                # A webhook's path or query often holds its secret: never logged.
+                problem = f"{type(exc).__name__}: {str(exc).replace(hook.url, '...')}"
             if attempt < hook.retries:
                 await asyncio.sleep(self.backoff * 2**attempt)
-        log.warning("webhook %s failed after %d attempts (%s)", hook.url, hook.retries + 1,
+        log.warning("webhook %s failed after %d attempts (%s)", shown_url(hook.url),
+                    hook.retries + 1,
                     problem)
 
     def __repr__(self) -> str:
