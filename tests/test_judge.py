@@ -657,9 +657,9 @@ def test_the_quick_error_look_decides_as_judge_marks_does() -> None:
 
 
 def test_alpha_is_shared_by_weights_fixed_by_the_config() -> None:
-    # error checks weigh 2, a latency check at q weighs sqrt(0.05 / (1 - q)).
+    # error checks weigh 3, a latency check at q weighs sqrt(0.05 / (1 - q)).
     shares = alpha_shares(Criteria())
-    w = {"error_rate_increase": 2.0, "p50": math.sqrt(0.1), "p95": 1.0, "p99": math.sqrt(5)}
+    w = {"error_rate_increase": 3.0, "p50": math.sqrt(0.1), "p95": 1.0, "p99": math.sqrt(5)}
     assert shares == pytest.approx({k: v / sum(w.values()) for k, v in w.items()})
     assert sum(alpha_shares(Criteria(max_error_rate=0.05, max_latency=(
         AbsoluteLatency(0.999, 1.0),))).values()) == pytest.approx(1.0)
