@@ -163,8 +163,8 @@ def check_count(c: Criteria) -> int:
 
 # An error check's weight in the split of alpha (a p95 check weighs 1).  3 rather than 2
 # (46 % of alpha rather than 36 %): a ring failing everything at 0.1 req/s is then rolled
-# back at its 2nd request in most runs (p95 of judge_sim's low-traffic case 58 -> 54 s,
-# 1,500 runs of the error check alone), for about 1 s more on the p99 tail's median.
+# back at its 2nd request in most runs (p95 of the low-traffic case 58 -> 54 s, 1,500
+# simulated runs of the error check alone), for about 1 s more on the p99 tail's median.
 ERROR_WEIGHT = 3.0
 
 

@@ -48,11 +48,14 @@ holds whatever the priors.  The rollback test expects a ring *worse* than a base
 that is usually healthy, so it uses ``RING_WORSE`` for the ring (``PRIOR`` with 40 % of
 its weight moved to Beta(8, 1), mass near 90 %: a ring failing everything) and
 ``BASELINE`` for the baseline (mass on low rates: Beta(1, 100), Beta(1, 30), Beta(1, 8)
-and a little Jeffreys).  With the baseline at 1 % over ~100 requests, 2 errors in 2 ring
-requests then carry log-evidence 5.7 instead of 4.5, and a 100 % broken ring at 0.1 req/s
-is rejected at its 2nd or 3rd request instead of its 3rd or 4th.  Health keeps ``PRIOR``
-on both sides.  (judge_sim, 1,000 runs: low traffic p95 66 -> 56 s, the 20 % error ring
-unchanged at 1.8 / 4.0 s.)
+and a little Jeffreys).  Against a baseline with 1 error in 100 requests, 2 errors in 2
+ring requests then carry log-evidence 5.58 instead of 3.86 (the error check's default
+share of mark 1, 0.01 x 0.9 x 0.458, needs 5.49), and a 100 % broken ring at 0.1 req/s is
+rejected at its 2nd request in most runs instead of its 3rd or 4th.  Health keeps
+``PRIOR`` on both sides.  (judge_sim, 200 runs, with the error check's weight 3: low
+traffic 30 / 66 s -> 21 / 50 s median / p95; the 20 % error ring unchanged, 1.8 / 4.1 s.)
+The baseline's mixture pays about ln(n)/2 at its own rate, so against 10 errors in 1,000
+the same 2 of 2 carry 5.10 and a 3rd request is needed.
 """
 
 from __future__ import annotations
