@@ -188,7 +188,9 @@ class Comparison:
     """A ring's rate against its baseline's, with anytime-valid bounds and p-value.
 
     ``lower``/``upper`` bound ``ring rate - baseline rate`` (the differences d whose edge
-    {p_r = p_b + d} the joint evidence has not excluded at ``alpha``); ``p_value`` is the
+    {p_r = p_b + d} the joint evidence has not excluded at ``alpha``: ``lower`` with the
+    rollback test's priors, ``upper`` with the health test's, so each end holds at
+    ``alpha`` on its own, the two together at 2 ``alpha``); ``p_value`` is the
     anytime-valid p-value of H0 "the ring is at most ``tolerance`` worse"; ``worse`` is
     the rejection of H0 at ``alpha``; ``within`` the rejection of "at least ``tolerance``
     worse" (evidence of health).
