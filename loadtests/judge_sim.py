@@ -16,6 +16,10 @@ marks (``proxy.control.looks.Marks``).  Prints markdown tables:
    errors) served until then.
 3. **Time to health**: how long a healthy A/A canary waits until the verdict first says
    HEALTHY (a step could advance after its ``min_step_duration``).
+4. **Limits** (``--only limits``): for the goals on the p95 (20 % errors, a 3 % p99 tail,
+   low traffic), a lower bound that holds for any test at the check's alpha (the most
+   powerful fixed-sample test, the baseline's rate known), Wald's SPRT knowing both rates,
+   and the joint test knowing the rates but estimating the baseline's.
 
     .venv/bin/python loadtests/judge_sim.py --quick             # ~3 min
     nice .venv/bin/python loadtests/judge_sim.py --runs 200     # ~1.5 h of one core
@@ -507,6 +511,7 @@ class Caught:
     requests: int  # canary requests since onset
     errors: int
     broken: tuple[str, ...]
+    delay: float = 0.0  # from the tick of the last canary request before it to the look
 
 
 def bad_rollout(rng: random.Random, s: Bad, args: Namespace, screen: Screen) -> Caught | None:
@@ -518,6 +523,7 @@ def bad_rollout(rng: random.Random, s: Bad, args: Namespace, screen: Screen) -> 
     watch = Watch(ring, base, [args.alpha], args, screen, fast)
     served = errors = 0
     broken = False
+    last = 0.0
     for tick in range(1, round((s.onset + s.cap) / TICK) + 1):
         now = tick * TICK
         if not broken and now > s.onset + 1e-9:
@@ -526,10 +532,12 @@ def bad_rollout(rng: random.Random, s: Bad, args: Namespace, screen: Screen) -> 
         bn, be = base.serve(rng, rps, TICK)
         if broken:
             served, errors = served + n, errors + e
+        if n:
+            last = now
         watch.tick(now, n, e, bn, be)
         if watch.rolled:
             _, (_, checks) = next(iter(watch.rolled.items()))
-            return Caught(now - s.onset, served, errors, checks) if broken else \
+            return Caught(now - s.onset, served, errors, checks, now - last) if broken else \
                 Caught(-1, 0, 0, checks)  # a false rollback before the onset
     return None
 
@@ -577,6 +585,7 @@ def time_to_rollback(args: Namespace) -> str:
         times: list[float] = []
         exposed: list[float] = []
         bad_errors: list[float] = []
+        delays: list[float] = []
         checks: Counter[str] = Counter()
         early = 0
         for i in range(args.runs):
@@ -590,6 +599,7 @@ def time_to_rollback(args: Namespace) -> str:
             times.append(got.time)
             exposed.append(got.requests)
             bad_errors.append(got.errors)
+            delays.append(got.delay)
             checks.update(got.broken)
         caught = sum(not math.isinf(x) for x in times)
         rps = s.rps or args.rps
@@ -599,14 +609,17 @@ def time_to_rollback(args: Namespace) -> str:
             fmt_time(quantile(times, 0.5)), fmt_time(quantile(times, 0.95)),
             f"{quantile(exposed, 0.5):.0f} / {quantile(exposed, 0.95):.0f}" if exposed else "-",
             f"{quantile(bad_errors, 0.5):.0f}" if bad_errors else "-",
+            f"{quantile(delays, 0.5):.1f} / {quantile(delays, 0.95):.1f} s" if delays else "-",
             ", ".join(k for k, _ in checks.most_common(3)) or "-", s.goal or "-",
         ])
     header = ["canary", "traffic, weight", "runs", "rolled back", "median", "p95",
-              "canary requests median / p95", "errors served (median)", "checks",
-              "goal"]
+              "canary requests median / p95", "errors served (median)",
+              "look delay median / p95", "checks", "goal"]
     return table(header, rows) + f"\n\nFull rounds: {screen.judged} judged, " \
         f"{screen.screened} skipped by the exact screen.  Times are from the onset to the " \
-        "look that rolled back (quick looks every 0.1 s, full rounds every 1 s)."
+        "look that rolled back (quick looks every 0.1 s, full rounds every 1 s); the " \
+        "look delay is the part after the tick of the last canary request before it " \
+        "(the rest is waiting for the requests whose evidence decides)."
 
 
 # ----------------------------------------------------------------- 3. time to health
@@ -661,6 +674,143 @@ def time_to_health(args: Namespace) -> str:
     return table(header, rows)
 
 
+# ------------------------------------------------- 4. what any test could do
+
+
+def binomial_pmf(n: int, p: float) -> list[float]:
+    if p >= 1.0:
+        return [0.0] * n + [1.0]
+    lp, lq = math.log(p), math.log1p(-p)
+    return [math.exp(math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
+                     + i * lp + (n - i) * lq) for i in range(n + 1)]
+
+
+def np_power(n: int, p0: float, p1: float, a: float) -> float:
+    """The power at rate ``p1`` of the most powerful level-``a`` test of rate ``p0`` on n
+    trials (Neyman-Pearson: reject for many events, randomized at the cut)."""
+    f0, f1 = binomial_pmf(n, p0), binomial_pmf(n, p1)
+    size = power = 0.0
+    for k in range(n, -1, -1):
+        if size + f0[k] <= a:
+            size, power = size + f0[k], power + f1[k]
+        else:
+            return power + f1[k] * (a - size) / f0[k]
+    return power
+
+
+def np_p95_time(rate: float, p0: float, p1: float, a: float, step: float) -> float:
+    """A lower bound on the p95 time to rollback of *any* test with a false rollback
+    probability <= ``a`` for a ring at rate p0, whatever the arrivals: rolled back by
+    time t implies rolled back on the first N_t requests (N_t ~ Poisson(rate t)), an
+    event of probability <= a at p0 given N_t, so of probability <= the most powerful
+    fixed-sample test's power at p1.  The first t where E[power(N_t)] >= 0.95."""
+    power: dict[int, float] = {0: 0.0}
+    t = step
+    while t < 10_000:
+        lam = rate * t
+        lo, hi = max(0, int(lam - 8 * math.sqrt(lam) - 5)), int(lam + 8 * math.sqrt(lam) + 10)
+        total = 0.0
+        for k in range(lo, hi):
+            if k not in power:
+                power[k] = np_power(k, p0, p1, a)
+            total += math.exp(-lam + k * math.log(lam) - math.lgamma(k + 1)) * power[k]
+        if total >= 0.95:
+            return t
+        t += step
+    return math.inf
+
+
+def oracle_sprt(rng: random.Random, rate: float, p0: float, p1: float, a: float) -> float:
+    """Wald's SPRT that knows both rates (the likelihood ratio of p1 to p0 against 1/a,
+    after every request, arrivals Poisson): anytime-valid at p0, the benchmark a test
+    that must work at every alternative rate can only approach."""
+    up = math.log(p1 / p0)
+    down = math.log((1 - p1) / (1 - p0)) if p1 < 1.0 else -math.inf
+    limit, t, ratio = math.log(1 / a), 0.0, 0.0
+    while ratio < limit:
+        t += rng.expovariate(rate)
+        ratio += up if rng.random() < p1 else down
+    return t
+
+
+def oracle_joint(rng: random.Random, rate: float, weight: float, p_ring: float,
+                 p_base: float, tol: float, a: float) -> float:
+    """The joint test with the true rates as its alternative (no mixture to pay for) but
+    the baseline's rate unknown, as the judge has it: min over p_b of the log-likelihood
+    ratios (p_ring vs p_b + tol on the ring, p_base vs p_b on the baseline), looked at
+    every TICK.  What the baseline's uncertainty alone costs."""
+    limit = math.log(1 / a)
+    rn = re = bn = be = 0
+    for tick in range(1, 100_000):
+        n = poisson(rng, rate * weight * TICK)
+        m = poisson(rng, rate * (1 - weight) * TICK)
+        rn, re = rn + n, re + binomial(rng, n, p_ring)
+        bn, be = bn + m, be + binomial(rng, m, p_base)
+        if not (rn and bn and re / rn - be / bn > tol):
+            continue
+
+        def v(pb: float, rn: int = rn, re: int = re, bn: int = bn, be: int = be) -> float:
+            pr = pb + tol
+            return (re * math.log(p_ring / pr) + (rn - re) * math.log1p(-p_ring)
+                    - (rn - re) * math.log1p(-pr) + be * math.log(p_base / pb)
+                    + (bn - be) * (math.log1p(-p_base) - math.log1p(-pb)))
+
+        lo, hi = 1e-12, 1.0 - tol - 1e-12
+        for _ in range(80):  # v is convex in p_b: ternary search
+            m1, m2 = lo + (hi - lo) / 3, hi - (hi - lo) / 3
+            lo, hi = (lo, m2) if v(m1) < v(m2) else (m1, hi)
+        if v((lo + hi) / 2) >= limit:
+            return tick * TICK
+    return math.inf
+
+
+def limits(args: Namespace) -> str:
+    """For the three goals not met at the p95: what any test, and what an oracle, could do."""
+    c = args.criteria
+    shares = alpha_shares(c)
+    mark1 = mark_alpha(c.alpha, 1)
+    err_a = mark1 * shares["error_rate_increase"]
+    p99_a = mark1 * shares["p99"]
+    base_p99 = args.median * math.exp(args.sigma * N01.inv_cdf(0.99))
+    t99 = max(2.0 * base_p99, base_p99 + c.latency_floor)
+    slow = 0.03 + 0.97 * (1 - lognormal(args.median, args.sigma)(t99))
+    tol = c.max_error_rate_increase or 0.0
+    cases = [  # name, ring req/s, null rate, true rate, the check's alpha, goal, joint?
+        ("20 % errors vs 1 %, 10 % of 200 req/s", 20.0, 0.01 + tol, 0.2, err_a, "<= 2 s",
+         True, 0.05),
+        ("100 % errors, 5 % of 2 req/s", 0.1, 0.01 + tol, 1.0, err_a, "<= 60 s", False, 0.5),
+        (f"p99 tail: {slow:.2%} slower than {t99 * 1000:.0f} ms, 1 % allowed, 10 % of "
+         "200 req/s", 20.0, 0.01, slow, p99_a, "<= 30 s", False, 0.25),
+    ]
+    rows = []
+    runs = max(args.runs, 1000)
+    for name, rate, p0, p1, a, goal, joint, step in cases:
+        fixed = [np_p95_time(rate, p0, p1, x, step) for x in (a, c.alpha)]
+        sprt = [oracle_sprt(rng_for(args.seed, "sprt:" + name, i), rate, p0, p1, a)
+                for i in range(runs)]
+        row = [name, f"{a:.2g}", f"{fixed[0]:.1f} s / {fixed[1]:.1f} s",
+               f"{fmt_time(quantile(sprt, 0.5))} / {fmt_time(quantile(sprt, 0.95))}"]
+        if joint:
+            j = [oracle_joint(rng_for(args.seed, "joint:" + name, i), 200.0, 0.1, p1,
+                              0.01, tol, a) for i in range(runs)]
+            row.append(f"{fmt_time(quantile(j, 0.5))} / {fmt_time(quantile(j, 0.95))}")
+        else:
+            row.append("-")
+        rows.append([*row, goal])
+    header = ["canary (baseline's rate known unless said)", "the check's alpha (mark 1)",
+              "p95 of any test: lower bound at that alpha / at all of alpha",
+              f"Wald's SPRT knowing both rates, median / p95 ({runs} runs)",
+              "joint test knowing the rates, baseline estimated, median / p95", "goal"]
+    return table(header, rows) + (
+        "\n\nThe lower bound holds for every test, sequential or not, whose false "
+        "rollback probability given the arrivals is at most the alpha shown, even one "
+        "that knows the baseline's rate exactly (the judge's composite null contains "
+        "that simple one): at the check's share of alpha, that check's p95 cannot be "
+        "below it; at all of alpha, no judge's.  The SPRT knows the ring's true rate as "
+        "well; the judge must work at every rate, and pays a mixture's regret (about "
+        "ln(n)/2 nats) on each side.")
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -682,7 +832,8 @@ def parse_args(argv: list[str] | None = None) -> Namespace:
     p.add_argument("--quick", action="store_true",
                    help="10 runs per row, verify every 20th screened look")
     p.add_argument("--only", default="aa,bad,health",
-                   help="sections: aa (false rollbacks), bad, health")
+                   help="sections: aa (false rollbacks), bad, health, limits (what any "
+                        "test could do: not run unless named)")
     p.add_argument("--scenario", default="",
                    help="time to rollback: only the canaries whose name contains this")
     args = p.parse_args(argv)
@@ -716,6 +867,7 @@ def main(argv: list[str] | None = None) -> int:
         ("bad", "## Time to rollback", time_to_rollback),
         ("health", f"## Time to HEALTHY: A/A canaries, looked at every second "
                    f"({args.health_runs} runs per row)", time_to_health),
+        ("limits", "## What any test could do (the arithmetic behind the goals)", limits),
     ]
     for key, title, run in sections:
         if key in only:

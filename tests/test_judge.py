@@ -657,11 +657,39 @@ def test_the_quick_error_look_decides_as_judge_marks_does() -> None:
 
 
 def test_alpha_is_shared_by_weights_fixed_by_the_config() -> None:
-    # error checks weigh 2, a latency check at q weighs sqrt(0.05 / (1 - q)).
+    # error checks weigh 3, a latency check at q weighs sqrt(0.05 / (1 - q)).
     shares = alpha_shares(Criteria())
-    w = {"error_rate_increase": 2.0, "p50": math.sqrt(0.1), "p95": 1.0, "p99": math.sqrt(5)}
+    w = {"error_rate_increase": 3.0, "p50": math.sqrt(0.1), "p95": 1.0, "p99": math.sqrt(5)}
     assert shares == pytest.approx({k: v / sum(w.values()) for k, v in w.items()})
     assert sum(alpha_shares(Criteria(max_error_rate=0.05, max_latency=(
         AbsoluteLatency(0.999, 1.0),))).values()) == pytest.approx(1.0)
     assert alpha_shares(only()) == {}
     assert judge(sample(10), sample(10), only()).reason == "no checks configured"
+
+
+def test_the_simulations_lower_bound_is_the_neyman_pearson_power() -> None:
+    # loadtests/judge_sim.py bounds what any test could do by the power of the most
+    # powerful fixed-sample test (Neyman-Pearson).  At a size a threshold test attains
+    # exactly, that power is the threshold test's, computed here in exact fractions.
+    from fractions import Fraction
+
+    from loadtests.judge_sim import np_power
+
+    def tail(k: int, n: int, p: Fraction) -> Fraction:
+        return sum((math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1)),
+                   Fraction(0))
+
+    p0, p1 = Fraction(1, 50), Fraction(1, 5)
+    for n, k in [(10, 2), (40, 4), (60, 5)]:
+        size = tail(k, n, p0)
+        assert np_power(n, float(p0), float(p1), float(size)) == pytest.approx(
+            float(tail(k, n, p1)), rel=1e-9)
+    # Between two attainable sizes it randomizes: half-way in size, half the next outcome.
+    n = 40
+    size = float(tail(4, n, p0) + (tail(3, n, p0) - tail(4, n, p0)) / 2)
+    assert np_power(n, 0.02, 0.2, size) == pytest.approx(
+        float(tail(4, n, p1) + (tail(3, n, p1) - tail(4, n, p1)) / 2), rel=1e-9)
+    # Every request an error, against 2 %: one error (a 2 % chance) can reject only with
+    # probability a / 0.02 (a randomized test), two (0.04 %) surely.
+    assert np_power(1, 0.02, 1.0, 0.0041) == pytest.approx(0.0041 / 0.02)
+    assert np_power(2, 0.02, 1.0, 0.0041) == pytest.approx(1.0)

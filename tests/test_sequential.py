@@ -11,9 +11,12 @@ from fractions import Fraction
 import pytest
 
 from proxy.rollout.sequential import (
+    BASELINE,
     JEFFREYS,
     PRIOR,
+    RING_WORSE,
     Counts,
+    Prior,
     binomial_tail,
     check_prior,
     compare,
@@ -72,6 +75,33 @@ def test_the_default_mixture_over_scales_matches_numeric_integration(
     total = sum(w * parts[(a, b)] for w, a, b in PRIOR)
     numeric = math.log(total) - s * math.log(p) - f * math.log1p(-p)
     assert log_mixture(Counts(s, n), p) == pytest.approx(numeric, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize(("s", "n", "p"), [(2, 2, 0.03), (0, 40, 0.05), (12, 40, 0.25),
+                                           (1, 100, 0.02), (9, 10, 0.5)])
+def test_the_rollback_priors_match_numeric_integration(s: int, n: int, p: float) -> None:
+    # RING_WORSE and BASELINE, every component integrated on its own against its density:
+    # Beta(8, 1) is 8 x^7, Beta(1, b) is b (1 - x)^(b - 1), Jeffreys through x = sin^2(t).
+    f = n - s
+    steps = 20_000
+    h = (math.pi / 2) / steps
+    jeffreys = sum(math.sin(t) ** (2 * s) * math.cos(t) ** (2 * f)
+                   for t in ((i + 0.5) * h for i in range(steps))) * h * 2 / math.pi
+
+    def part(a: float, b: float) -> float:
+        if (a, b) == (0.5, 0.5):
+            return jeffreys
+        if b == 1.0:
+            return _integral(lambda x: a * x ** (a - 1), s, f, 50_000)
+        assert a == 1.0
+        return _integral(lambda x: b * (1 - x) ** (b - 1), s, f, 50_000)
+
+    for prior in (RING_WORSE, BASELINE):
+        check_prior(prior)
+        total = sum(w * part(a, b) for w, a, b in prior)
+        numeric = math.log(total) - s * math.log(p) - f * math.log1p(-p)
+        assert log_mixture(Counts(s, n), p, prior) == pytest.approx(numeric, rel=1e-4,
+                                                                    abs=1e-5)
 
 
 def test_priors_are_checked() -> None:
@@ -152,20 +182,30 @@ def test_a_a_comparison_rarely_rejects_when_looked_at_often() -> None:
 
 
 def test_a_broken_ring_is_rejected_within_a_handful_of_requests() -> None:
-    # Every request an error, baseline at 1 %: rejected on the 3rd request at alpha 0.01
-    # and 0.001 alike (the low-traffic case: at 0.1 req/s, within about 30 s).
-    base = Counts(10, 1000)
-    first = {a: next(n for n in range(1, 50) if compare(Counts(n, n), base, 0.01, a).worse)
-             for a in (0.01, 0.001)}
-    assert first == {0.01: 3, 0.001: 3}
+    # Every request an error, baseline at 1 %: with the rollback priors, rejected on the
+    # 2nd request at alpha 0.01, on the 3rd at 0.001.  At the error check's default share
+    # of mark 1 (0.01 x 0.9 x 0.458, log-evidence 5.49 needed) on the 2nd while the
+    # baseline has about 40-200 requests (2 of 2 carry 5.58-5.89), as at 0.1 req/s, and on
+    # the 3rd against 10 of 1,000 (5.10: the baseline's mixture pays ~ln(n)/2 at its own
+    # rate).  With PRIOR on both sides (the earlier test), one request more.
+    def first(base: Counts, a: float, priors: tuple[Prior, Prior] | None) -> int:
+        return next(n for n in range(1, 50)
+                    if compare(Counts(n, n), base, 0.01, a, worse_priors=priors).worse)
+
+    default = 0.01 * 0.9 * 0.458
+    for base in (Counts(10, 1000), Counts(2, 200), Counts(1, 100), Counts(0, 40)):
+        got = {a: first(base, a, (RING_WORSE, BASELINE)) for a in (0.01, default, 0.001)}
+        assert got == {0.01: 2, default: 3 if base.trials == 1000 else 2, 0.001: 3}, base
+        assert first(base, 0.01, None) == 3
 
 
-def _brute_joint(ring: Counts, base: Counts, tolerance: float, grid: int = 4000) -> float:
+def _brute_joint(ring: Counts, base: Counts, tolerance: float, grid: int = 4000,
+                 ring_prior: Prior = PRIOR, base_prior: Prior = PRIOR) -> float:
     """min over the edge p_r = p_b + tol of log M_ring(p_r) + log M_base(p_b), on a grid
     of p_b (no convexity used), refined once around the best point."""
     top = 1.0 - tolerance
     def at(x: float) -> float:
-        return log_mixture(base, x) + log_mixture(ring, x + tolerance)
+        return log_mixture(base, x, base_prior) + log_mixture(ring, x + tolerance, ring_prior)
     xs = [top * (i + 0.5) / grid for i in range(grid)]
     best = min(xs, key=at)
     fine = [min(top, max(0.0, best + top * (j - 500) / (grid * 500))) for j in range(1001)]
@@ -179,12 +219,18 @@ def _brute_joint(ring: Counts, base: Counts, tolerance: float, grid: int = 4000)
 ])
 def test_joint_evidence_is_the_minimum_over_the_null_edge(ring: Counts, base: Counts,
                                                           tol: float) -> None:
-    # compare's p-value is exp(-V) when the estimates are worse than the tolerance;
-    # when they are better, "within" flips at the same V (the mirror null).
+    # compare's p-value is exp(-V) when the estimates are worse than the tolerance (V
+    # with the rollback priors: RING_WORSE for the ring, BASELINE for the baseline, or
+    # PRIOR on both when asked); when they are better, "within" flips at V with PRIOR on
+    # both sides (the mirror null).
     v = _brute_joint(ring, base, tol)
     assert ring.rate is not None and base.rate is not None
     if ring.rate - base.rate > tol:
-        assert compare(ring, base, tol, 0.01).p_value == pytest.approx(math.exp(-v), rel=1e-4)
+        against = _brute_joint(ring, base, tol, ring_prior=RING_WORSE, base_prior=BASELINE)
+        assert compare(ring, base, tol, 0.01).p_value == pytest.approx(math.exp(-against),
+                                                                       rel=1e-4)
+        assert compare(ring, base, tol, 0.01, worse_priors=None).p_value == \
+            pytest.approx(math.exp(-v), rel=1e-4)
     else:
         assert compare(ring, base, tol, math.exp(-v) * 1.001).within
         assert not compare(ring, base, tol, math.exp(-v) / 1.001).within

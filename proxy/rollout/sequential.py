@@ -41,6 +41,21 @@ outside the null the minimum is on its edge p_r = p_b + tol: a one-dimensional c
 minimum, found where its derivative changes sign.  Health is the mirror image (the null
 {p_r >= p_b + tol}, the same edge).  Unlike two separate sequences at alpha/2 each, the
 sum lets the baseline's plentiful traffic spend almost none of alpha.
+
+Each side's martingale may use its own prior (fixed before the data), and the rollback
+test and the health test are two tests, each with its own pair: the guarantee of each
+holds whatever the priors.  The rollback test expects a ring *worse* than a baseline
+that is usually healthy, so it uses ``RING_WORSE`` for the ring (``PRIOR`` with 40 % of
+its weight moved to Beta(8, 1), mass near 90 %: a ring failing everything) and
+``BASELINE`` for the baseline (mass on low rates: Beta(1, 100), Beta(1, 30), Beta(1, 8)
+and a little Jeffreys).  Against a baseline with 1 error in 100 requests, 2 errors in 2
+ring requests then carry log-evidence 5.58 instead of 3.86 (the error check's default
+share of mark 1, 0.01 x 0.9 x 0.458, needs 5.49), and a 100 % broken ring at 0.1 req/s is
+rejected at its 2nd request in most runs instead of its 3rd or 4th.  Health keeps
+``PRIOR`` on both sides.  (judge_sim, 200 runs, with the error check's weight 3: low
+traffic 30 / 66 s -> 21 / 50 s median / p95; the 20 % error ring unchanged, 1.8 / 4.1 s.)
+The baseline's mixture pays about ln(n)/2 at its own rate, so against 10 errors in 1,000
+the same 2 of 2 carry 5.10 and a 3rd request is needed.
 """
 
 from __future__ import annotations
@@ -56,6 +71,11 @@ JEFFREYS: Prior = ((1.0, 0.5, 0.5),)
 # Against Jeffreys alone, judge_sim's 20 % error canary is caught in 1.8 s instead of
 # 2.3 s, a 3 % p99 tail in 31 s instead of 36 s (median of 100-200 simulated runs).
 PRIOR: Prior = ((0.25, 0.5, 0.5), (0.25, 1.0, 4.0), (0.25, 1.0, 16.0), (0.25, 1.0, 64.0))
+# The rollback test's priors (see the module docstring): a ring that is worse, possibly
+# failing everything; a baseline that is usually healthy.
+RING_WORSE: Prior = ((0.4, 8.0, 1.0), (0.15, 0.5, 0.5), (0.15, 1.0, 4.0), (0.15, 1.0, 16.0),
+                     (0.15, 1.0, 64.0))
+BASELINE: Prior = ((0.4, 1.0, 100.0), (0.3, 1.0, 30.0), (0.2, 1.0, 8.0), (0.1, 0.5, 0.5))
 _BISECT_STEPS = 42  # interval bisection to ~2e-13: far below any tolerance in use
 _SHOWN_STEPS = 26  # the shown bounds of a difference: to ~3e-8 of a rate
 
@@ -168,7 +188,9 @@ class Comparison:
     """A ring's rate against its baseline's, with anytime-valid bounds and p-value.
 
     ``lower``/``upper`` bound ``ring rate - baseline rate`` (the differences d whose edge
-    {p_r = p_b + d} the joint evidence has not excluded at ``alpha``); ``p_value`` is the
+    {p_r = p_b + d} the joint evidence has not excluded at ``alpha``: ``lower`` with the
+    rollback test's priors, ``upper`` with the health test's, so each end holds at
+    ``alpha`` on its own, the two together at 2 ``alpha``); ``p_value`` is the
     anytime-valid p-value of H0 "the ring is at most ``tolerance`` worse"; ``worse`` is
     the rejection of H0 at ``alpha``; ``within`` the rejection of "at least ``tolerance``
     worse" (evidence of health).
@@ -187,8 +209,10 @@ class _Joint:
 
     __slots__ = ("base", "ring")
 
-    def __init__(self, ring: Counts, baseline: Counts, prior: Prior) -> None:
-        self.ring, self.base = _Evidence(ring, prior), _Evidence(baseline, prior)
+    def __init__(self, ring: Counts, baseline: Counts, prior: Prior,
+                 base_prior: Prior | None = None) -> None:
+        self.ring = _Evidence(ring, prior)
+        self.base = _Evidence(baseline, prior if base_prior is None else base_prior)
 
     def __call__(self, d: float, steps: int = _BISECT_STEPS) -> float:
         lo, hi = max(0.0, -d), min(1.0, 1.0 - d)
@@ -209,12 +233,16 @@ class _Joint:
 def compare(
     ring: Counts, baseline: Counts, tolerance: float, alpha: float,
     prior: Prior = PRIOR, shown: bool = True,
+    worse_priors: tuple[Prior, Prior] | None = (RING_WORSE, BASELINE),
 ) -> Comparison:
     """H0: p_ring <= p_baseline + tolerance, tested with the joint e-process at ``alpha``.
 
-    With no baseline trials nothing is worse (any baseline rate is possible), but a ring
-    surely below the tolerance is within it whatever the baseline's rate.  ``shown=False``
-    skips the shown bounds (-1, 1 then): the decisions never use them.
+    The rollback test (``worse``, ``p_value``, the shown ``lower``) uses ``worse_priors``
+    (ring's, baseline's; None: ``prior`` on both sides), the health test (``within``,
+    the shown ``upper``) ``prior`` on both sides.  With no baseline trials nothing is
+    worse (any baseline rate is possible), but a ring surely below the tolerance is
+    within it whatever the baseline's rate.  ``shown=False`` skips the shown bounds
+    (-1, 1 then): the decisions never use them.
     """
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha {alpha!r} must be between 0 and 1")
@@ -228,15 +256,17 @@ def compare(
         centre = estimate
     else:
         above, below, centre = False, ring_hat < tolerance, ring_hat  # p_b = 0 is possible
-    joint = _Joint(ring, baseline, prior)
+    ring_prior, base_prior = worse_priors or (prior, prior)
+    against = _Joint(ring, baseline, ring_prior, base_prior)  # the rollback test
+    health = _Joint(ring, baseline, prior)
     limit = math.log(1.0 / alpha)
-    v = joint(tolerance) if above or below else 0.0
+    v = against(tolerance) if above else health(tolerance) if below else 0.0
     worse, within = above and v >= limit, below and v >= limit
     p_value = min(1.0, math.exp(-v)) if above else 1.0
     lower, upper = -1.0, 1.0
     if shown:
-        lower = _difference_end(joint, limit, -1.0, centre)
-        upper = _difference_end(joint, limit, 1.0, centre)
+        lower = _difference_end(against, limit, -1.0, centre)
+        upper = _difference_end(health, limit, 1.0, centre)
         # The decisions are exact; keep the shown bounds on their side of the tolerance.
         over = math.nextafter(tolerance, 2.0)
         lower = max(lower, over) if worse else min(lower, tolerance)
