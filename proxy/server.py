@@ -62,9 +62,12 @@ _CERT_CHECK_EVERY = 1.0  # seconds between looks at the TLS certificate files
 class Proxy:
     """The proxy and its admin listener, startable and stoppable inside a running loop."""
 
-    def __init__(self, config: Config, watch: bool = False, fresh_state: bool = False) -> None:
+    def __init__(self, config: Config, watch: bool = False, fresh_state: bool = False,
+                 share: int = 1) -> None:
+        """``share``: the number of worker processes enforcing the rings' limits side by
+        side (a worker of ``workers: N``; see ``RingRuntime``)."""
         self.config = config
-        self.runtime = Runtime(config)
+        self.runtime = Runtime(config, share=share)
         # Its own registry per Proxy: tests run several in one process.
         self.metrics = self._make_metrics()
         self.metrics.attach(self.runtime)

@@ -287,7 +287,7 @@ class Supervisor(Proxy):
         revision = self.config.revision
         # The sockets keep their descriptor numbers in the worker (``pass_fds``).
         channel.send({"type": "start", "text": self.text, "source": self.config.source,
-                      "revision": revision,
+                      "revision": revision, "workers": len(self.handles),
                       "sockets": {scheme: [sock.fileno() for sock in socks]
                                   for scheme, socks in h.sockets.items()}})
         self._expect(await channel.receive(), "built", h)

@@ -106,16 +106,17 @@ class Worker(Proxy):
     """The data plane of one worker process (a ``Proxy`` without its control plane)."""
 
     def __init__(self, config: Config, index: int, channel: Channel,
-                 sockets: dict[str, list[socket.socket]]) -> None:
-        super().__init__(config, watch=False)
+                 sockets: dict[str, list[socket.socket]], share: int) -> None:
+        super().__init__(config, watch=False, share=share)
         self.reloader = None  # the supervisor reloads, and sends the result
         self._watch = False
         self.index = index
         self.channel = channel
         self.sockets = sockets
         self.states: dict[str, RouteStates] = {}
-        # ``states`` received while a reload builds: put into its runtime before the swap.
-        self._pending: dict[str, RouteStates] | None = None
+        # ``states`` received since a reload's ``config`` came (one dict per reload not yet
+        # swapped in): put into its runtime before the swap.
+        self._pending: list[dict[str, RouteStates]] = []
         self._reloading = asyncio.Lock()  # one reload at a time, in the order sent
         self._reloads: set[asyncio.Task[None]] = set()
         self._ejections: dict[int, int] = {}  # id(server state) -> ejections reported
@@ -145,30 +146,28 @@ class Worker(Proxy):
             self.channel.send({"type": "server", "change": dataclasses.asdict(change),
                                "rings": rings})
 
-    async def reconfigure(self, config: Config, states: Mapping[str, RouteStates]) -> None:
+    async def reconfigure(self, config: Config, states: Mapping[str, RouteStates],
+                          newer: dict[str, RouteStates] | None = None) -> None:
         """A reload: the new runtime is built, gets the states, then is swapped in.
 
         The supervisor's messages keep being read meanwhile: a ``states`` that comes during
         the build (a rollback, a promotion) goes into the serving table at once and is
-        kept, to go into the new table after ``states`` and before the swap (no await in
-        between): neither table serves an outdated weight for longer than a message."""
+        kept in ``newer`` (from when the ``config`` came), to go into the new table after
+        ``states`` and before the swap (no await in between): neither table serves an
+        outdated weight for longer than a message."""
+        newer = {} if newer is None else newer
         plan = reload_plan(self.config, config)
-        self._pending = {}
+        runtime, access_log = await self._prepare(config, plan)
         try:
-            runtime, access_log = await self._prepare(config, plan)
-            try:
-                install(runtime, states)
-                newer = self._pending
-                for route, route_states in newer.items():
-                    _put(runtime, route, route_states)
-                self.metrics.attach(runtime)
-                runtime.take_over()
-            except BaseException:
-                self.metrics.attach(self.runtime)
-                await self._discard(runtime, access_log)
-                raise
-        finally:
-            self._pending = None
+            install(runtime, states)
+            for route, route_states in newer.items():
+                _put(runtime, route, route_states)
+            self.metrics.attach(runtime)
+            runtime.take_over()
+        except BaseException:
+            self.metrics.attach(self.runtime)
+            await self._discard(runtime, access_log)
+            raise
         self.states = {**states, **newer}
         self._swap(config, runtime, access_log, plan)
 
@@ -225,8 +224,11 @@ class Worker(Proxy):
             elif kind == "states":
                 self._states(message["route"], message["states"])
             elif kind == "config" and not self._stopping.is_set():
-                # Built in a task: flushes and states keep being acted on meanwhile.
-                task = asyncio.ensure_future(self._config(message))
+                # Built in a task: flushes and states keep being acted on meanwhile; the
+                # states that come from now on are kept for its table.
+                newer: dict[str, RouteStates] = {}
+                self._pending.append(newer)
+                task = asyncio.ensure_future(self._config(message, newer))
                 self._reloads.add(task)
                 task.add_done_callback(self._reloads.discard)
             elif kind == "stop":
@@ -235,19 +237,21 @@ class Worker(Proxy):
     def _states(self, route: str, states: RouteStates) -> None:
         if _put(self.runtime, route, states):
             self.states[route] = states
-        if self._pending is not None:  # a reload is building: its table gets them too
-            self._pending[route] = states
+        for newer in self._pending:  # reloads building: their tables get them too
+            newer[route] = states
 
-    async def _config(self, message: Message) -> None:
+    async def _config(self, message: Message, newer: dict[str, RouteStates]) -> None:
         ident = message.get("id")
         try:
             async with self._reloading:
                 config = await asyncio.to_thread(parse, message)
-                await self.reconfigure(config, message["states"])
+                await self.reconfigure(config, message["states"], newer)
         except Exception as exc:
             log.exception("cannot serve revision %s", message.get("revision"))
             self.channel.send({"type": "failed", "id": ident, "error": f"{exc}"})
             return
+        finally:
+            self._pending.remove(newer)
         self.channel.send({"type": "applied", "id": ident, "revision": config.revision})
 
     def listen_to_supervisor(self) -> None:
@@ -283,7 +287,7 @@ async def _main(fd: int, index: int) -> int:
         config = await asyncio.to_thread(parse, start)
         sockets = {scheme: [socket.socket(fileno=int(n)) for n in fds]
                    for scheme, fds in start["sockets"].items()}
-        worker = Worker(config, index, channel, sockets)
+        worker = Worker(config, index, channel, sockets, int(start["workers"]))
         channel.send({"type": "built"})
         go = await channel.receive()
         worker.states = dict(go["states"])
