@@ -42,7 +42,7 @@ from proxy.dataplane.listener import (
     serve_socket,
 )
 from proxy.dataplane.upstream import UpstreamPool
-from proxy.fleet.member import fleet_member
+from proxy.fleet.member import Member, fleet_member
 from proxy.health.state import Transition
 from proxy.metrics import Metrics
 from proxy.reload import Reloader, ReloadResult
@@ -74,7 +74,7 @@ class Proxy:
         self.metrics.config_loaded(config.revision)
         self.controller = Controller(config, self.metrics)
         # state.backend: redis: one rollout shared with the other members (proxy.fleet).
-        self.fleet = fleet_member(config.state, self.controller, self.metrics)
+        self.fleet = self._make_fleet()
         self._watch_health(self.runtime)
         self._fresh_state = fresh_state
         self.access_log = AccessLog(config.access_log.path) if config.access_log.enabled else None
@@ -104,6 +104,9 @@ class Proxy:
 
     def _make_metrics(self) -> Metrics:
         return Metrics(window_horizon=WINDOW_HORIZON)
+
+    def _make_fleet(self) -> Member | None:
+        return fleet_member(self.config.state, self.controller, self.metrics)
 
     async def apply(self, config: Config) -> None:
         """Serve ``config`` from now on: build, start, then swap one reference.

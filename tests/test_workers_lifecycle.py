@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import resource
@@ -258,4 +259,29 @@ async def test_ring_limits_are_the_hosts_shared_by_the_workers(
     assert 20 <= fast.count(200) <= 42 and fast.count(429) == 60 - fast.count(200), fast
     scrape = await metrics(host)
     assert total(scrape, "ringproxy_requests_total") == 70
+    assert await host.finish(signal.SIGTERM) == 0
+
+
+async def test_workers_log_in_the_configs_log_format_and_follow_a_reload(
+    start_host: Start, stable: Upstream, canary: Upstream, tmp_path: Path,
+) -> None:
+    folder = tmp_path / "a"
+    text = text_for(stable, canary, folder) + "log_format: json\n"
+    host = await start_host(text)
+    path = folder / "ringproxy.yaml"
+    path.write_text(text.replace("shutdown_grace: 5s", "shutdown_grace: 6s"))
+    mark = len(host.log)
+    host.proc.send_signal(signal.SIGHUP)
+    await host.wait_log(re.compile(rb'"message":"config reloaded \(signal\)'), mark)
+    lines = [json.loads(line) for line in host.log[mark:].splitlines()]  # all JSON
+    by_worker = {e["worker"] for e in lines if "worker" in e}
+    assert by_worker == {0, 1}, lines  # each worker logged the change, as JSON
+    # Back to text lines: the workers switch with the supervisor.
+    path.write_text(text.replace("log_format: json", "log_format: text"))
+    mark = len(host.log)
+    host.proc.send_signal(signal.SIGHUP)
+    await host.wait_log(re.compile(rb" INFO ringproxy\S* ?: config reloaded \(signal\)"), mark)
+    tail = host.log[mark:].decode()
+    for index in (0, 1):
+        assert re.search(rf"^\S+ \S+ INFO ringproxy \[worker {index}\]: ", tail, re.M), tail
     assert await host.finish(signal.SIGTERM) == 0

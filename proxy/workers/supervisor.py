@@ -148,6 +148,10 @@ class Supervisor(Proxy):
     async def start(self) -> None:
         self.controller.load(fresh=self._fresh_state)
         self.controller.configure(self.runtime)
+        if self.fleet is not None:
+            # The host's member of the fleet: the agreed states before any worker starts
+            # (they go to the workers with ``go``; every change after, as it is applied).
+            await self.fleet.start()
         await self.runtime.start()  # active health checks: /readyz, events, status page
         try:
             await self._bind()

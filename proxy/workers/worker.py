@@ -123,6 +123,9 @@ class Worker(Proxy):
         self._stopping = asyncio.Event()
         self.listening: asyncio.Task[None] | None = None
 
+    def _make_fleet(self) -> None:
+        return None  # the supervisor is the host's member of the fleet (state.backend: redis)
+
     def _make_metrics(self) -> Metrics:
         return Metrics(window_horizon=WINDOW_HORIZON, process_metrics=False,
                        window_factory=DeltaWindow)
