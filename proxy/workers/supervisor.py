@@ -5,26 +5,33 @@ runs the rollout's controller (the judge, the state and audit files, webhooks), 
 listener (API, ``/metrics``, the status page) and the config reloads; its ``Metrics`` are
 the host's: every worker's reports (``proxy.workers.deltas``) are added into its
 recorders, so the judge reads the evidence of all the traffic and a scrape shows the
-totals.  It reserves the client port (bound with SO_REUSEPORT, never listening: port 0
-becomes one port for all) and starts N worker processes (``proxy.workers.worker``) that
-bind it too and serve.
+totals.  It makes the client sockets (``bind_shared``: the port checked free first, so a
+second instance fails at start; then one listening SO_REUSEPORT socket per worker and
+address, port 0 becoming one port for all), and starts N worker processes
+(``proxy.workers.worker``), each serving its own sockets (``pass_fds``).  The sockets stay
+open here for the slot's lifetime: a restarted worker gets the same ones.
 
 * Decisions: every change the controller applies to a route is sent to every worker
   (``Controller.on_apply``); a reload is validated here, then its text and all the ring
-  states go to every worker, which builds, installs the states and swaps; a worker that
-  fails to is restarted.  A (re)started worker gets the config and states before it
-  listens.
+  states go to every worker, which builds, installs the states and swaps (reading the
+  states sent meanwhile); a worker that fails to, or not within ``APPLY_TIMEOUT``, is
+  stopped gracefully and restarted.  A (re)started worker gets the config and states
+  before it listens.
 * Exact reads: a ``/metrics`` scrape and every admin read first ask each worker for a
   report (``FLUSH_TIMEOUT``); one that does not answer in time is skipped and counted
   (``ringproxy_worker_reports_missed_total``).
 * Lifecycle: SIGTERM drains as one process does (``/readyz`` 503 for ``drain_delay``
   while the workers serve), then every worker stops accepting and finishes its in-flight
   requests (``shutdown_grace``).  A worker that exits is restarted after a backoff (0.1 s
-  doubling to 10 s; back to 0.1 s after it served 30 s), logged and counted.  Workers exit
-  when the supervisor's end of their channel closes, so none is orphaned.
+  doubling to 10 s; back to 0.1 s after it served 30 s), logged and counted, never while
+  draining or stopping.  Workers ignore SIGTERM, SIGINT and SIGHUP (sent to the process
+  group, they are the supervisor's to act on) and exit when the supervisor's end of their
+  channel closes, so none is orphaned.
   ``/readyz`` is 503 until every worker is ready (``"workers"`` in its body).
 
-Limits: each worker has its own connection cap (``limits.max_connections`` is per process)
+Limits: the rings' ``max_concurrency`` and ``rate_limit`` are shared out (each worker
+enforces 1/N, rounded up: ``Runtime(share=N)``); each worker has its own connection cap
+(``limits.max_connections`` is per process)
 and its own upstream connections and passive outlier detection; active health checks run
 in the supervisor (for ``/readyz``, the status page and events) and in every worker.
 """

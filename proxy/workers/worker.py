@@ -1,22 +1,25 @@
 """A worker process: the data plane alone, told what to serve by its supervisor.
 
 Started by ``proxy.workers.supervisor`` as ``python -m proxy.workers.worker FD INDEX
-LEVEL`` with one end of a socketpair as file descriptor FD.  It binds the client
-listeners on the port the supervisor reserved, with SO_REUSEPORT (the kernel spreads new
-connections over the workers), and serves them with its own runtime (routing table,
+LEVEL FORMAT`` with one end of a socketpair as file descriptor FD and its listening
+sockets (made by the supervisor, SO_REUSEPORT: the kernel spreads new connections over
+the workers) as further inherited descriptors, and serves them with its own runtime (routing table,
 upstream pools and their health checks, access log).  It runs no analysis, keeps no state
 file and has no admin listener: the supervisor does, on what the workers report.
 
 The conversation (``proxy.workers.channel``), supervisor -> worker:
 
-* ``start`` (the config's text, source and revision; the reserved addresses): the worker
-  builds its runtime and answers ``built`` (or ``failed``);
-* ``go`` (every route's ring states): it puts them into its table, starts its pools,
-  listens, and answers ``ready``: a rolled-back ring is never served, not even once;
+* ``start`` (the config's text, source and revision; its sockets' descriptors; the
+  number of workers, which share the rings' limits): the worker builds its runtime and
+  answers ``built`` (or ``failed``);
+* ``go`` (every route's ring states): it puts them into its table, starts reading the
+  messages that follow, starts its pools, listens, and answers ``ready``: a rolled-back
+  ring is never served, not even once;
 * ``states`` (one route's ring states, after every change the rollout makes);
-* ``config`` (a reload: text, revision and all states): built, states in, swapped;
-  answered ``applied`` or ``failed``;
-* ``flush``: answered by a ``report`` at once (a scrape is exact);
+* ``config`` (a reload: text, revision and all states): built in a task (messages keep
+  being read: ``states`` that come meanwhile go into the serving table and, before the
+  swap, into the new one), states in, swapped; answered ``applied`` or ``failed``;
+* ``flush``: answered by a ``report`` at once, also during a reload (a scrape is exact);
 * ``stop``: stop accepting, let in-flight requests finish (``shutdown_grace``), send the
   last report, exit.
 
@@ -24,9 +27,11 @@ Worker -> supervisor: a ``report`` every ``REPORT_EVERY`` seconds (what was reco
 since the last one: ``proxy.workers.deltas``; in-flight counts; pool health; retries) and
 ``server`` events (a server of a pool ejected or readmitted by this worker's outlier
 detection).  The end of the channel (the supervisor exited, even by ``kill -9``) stops the
-worker the way ``stop`` does: no orphan keeps serving an old config.  SIGTERM also stops
-it; SIGINT and SIGHUP are ignored (a terminal's Ctrl-C or hangup reaches the whole process
-group: the supervisor decides).
+worker the way ``stop`` does: no orphan keeps serving an old config.  SIGTERM, SIGINT and
+SIGHUP are ignored (a terminal, an init or ``kill -TERM -PGID`` reach the whole process
+group: the supervisor decides, and drains first).  Its process log is the supervisor's
+format (``--log-format`` or the config's ``log_format``, switched at reloads), each record
+tagged with the worker's index.
 """
 
 from __future__ import annotations
