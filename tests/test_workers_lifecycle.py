@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import os
 import re
 import resource
 import signal
+import struct
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -284,3 +286,51 @@ async def test_workers_log_in_the_configs_log_format_and_follow_a_reload(
     for index in (0, 1):
         assert re.search(rf"^\S+ \S+ INFO ringproxy \[worker {index}\]: ", tail, re.M), tail
     assert await host.finish(signal.SIGTERM) == 0
+
+
+def _steal_fd(pid: int, fd: int) -> int:
+    """A copy of process ``pid``'s descriptor ``fd`` (pidfd_getfd, Linux 5.6+)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = libc.syscall(434, pid, 0)  # pidfd_open
+    if pidfd < 0:
+        pytest.skip(f"pidfd_open: {os.strerror(ctypes.get_errno())}")
+    try:
+        stolen = libc.syscall(438, pidfd, fd, 0)  # pidfd_getfd
+        if stolen < 0:
+            pytest.skip(f"pidfd_getfd: {os.strerror(ctypes.get_errno())}")
+        return int(stolen)
+    finally:
+        os.close(pidfd)
+
+
+@pytest.mark.parametrize(("payload", "said"), [
+    (b"not json at all", rb"worker 0 sent something that is not a message \(not a JSON"),
+    (b'{"type": "report", "rings": 5}', rb"worker 0 sent a report that cannot be read"),
+])
+async def test_a_worker_that_sends_garbage_is_killed_and_restarted(
+    start_host: Start, stable: Upstream, canary: Upstream, tmp_path: Path,
+    payload: bytes, said: bytes,
+) -> None:
+    host = await start_host(text_for(stable, canary, tmp_path / "a"))
+    worker = host.pids[0]
+    channel_fd = int(Path(f"/proc/{worker}/cmdline").read_bytes().split(b"\0")[3])
+    stolen = _steal_fd(worker, channel_fd)  # the worker's end of its channel
+    mark = len(host.log)
+    try:
+        os.write(stolen, struct.pack(">I", len(payload)) + payload)
+    finally:
+        os.close(stolen)
+    await host.wait_log(re.compile(said + rb".*killing and restarting it"), mark)
+    await host.wait_log(re.compile(rb"worker 0 restarted \(pid \d+\)"), mark, wait=60)
+    assert not _running(worker)
+    status, body = await readyz(host)
+    assert status == 200 and body["workers"] == {"ready": 2, "wanted": 2}
+    assert len(await send(host.url, 20)) == 20
+    assert await host.finish(signal.SIGTERM) == 0
+
+
+def _running(pid: int) -> bool:
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
