@@ -313,8 +313,7 @@ async def test_a_worker_that_sends_garbage_is_killed_and_restarted(
 ) -> None:
     host = await start_host(text_for(stable, canary, tmp_path / "a"))
     worker = host.pids[0]
-    channel_fd = int(Path(f"/proc/{worker}/cmdline").read_bytes().split(b"\0")[3])
-    stolen = _steal_fd(worker, channel_fd)  # the worker's end of its channel
+    stolen = _steal_fd(worker, _channel_fd(worker))  # the worker's end of its channel
     mark = len(host.log)
     try:
         os.write(stolen, struct.pack(">I", len(payload)) + payload)
@@ -327,6 +326,11 @@ async def test_a_worker_that_sends_garbage_is_killed_and_restarted(
     assert status == 200 and body["workers"] == {"ready": 2, "wanted": 2}
     assert len(await send(host.url, 20)) == 20
     assert await host.finish(signal.SIGTERM) == 0
+
+
+def _channel_fd(pid: int) -> int:
+    """The channel's descriptor in worker ``pid``: its first argument."""
+    return int(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[3])
 
 
 def _running(pid: int) -> bool:
