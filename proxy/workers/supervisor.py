@@ -528,7 +528,7 @@ class Supervisor(Proxy):
                             "revision": config.revision, "states": self._all_states()}
         waits: dict[asyncio.Future[Message | None], WorkerHandle] = {}
         for h in self.handles:
-            if h.channel is not None:
+            if h.channel is not None and h.stop_by is None:  # not one already stopping
                 ident = next(self._ids)
                 waiter = h.waiters[ident] = asyncio.get_running_loop().create_future()
                 h.channel.send({**message, "id": ident})
