@@ -133,6 +133,17 @@ def setup(level: str | int, fmt: str | None = None, stream: TextIO | None = None
     root.setLevel(level.upper() if isinstance(level, str) else level)
 
 
+def forced_format() -> str | None:
+    """The format ``--log-format`` chose (``None``: the config's ``log_format`` rules):
+    what a worker process of ``workers: N`` is started with."""
+    if not _forced:
+        return None
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, _Handler):
+            return JSON if isinstance(handler.formatter, JsonFormatter) else TEXT
+    return None
+
+
 def use_config_format(fmt: str) -> None:
     """The config's ``log_format`` (at start and at every reload): applied to the handler
     ``setup`` installed, unless the command line chose a format."""

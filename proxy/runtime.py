@@ -6,6 +6,7 @@ one and swapping that reference is how a config change takes effect.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Protocol
 
@@ -61,7 +62,8 @@ class RingRuntime:
     )
 
     def __init__(
-        self, route: Route, ring: Ring, pool: UpstreamPool, table: RoutingTable
+        self, route: Route, ring: Ring, pool: UpstreamPool, table: RoutingTable,
+        share: int = 1,
     ) -> None:
         self.route = route.name
         self.ring = ring
@@ -75,12 +77,17 @@ class RingRuntime:
         # record(status, error, duration_s, bytes_in, bytes_out, now) -> None, called once
         # per finished request on this ring.  None records nothing.
         self.recorder: Recorder | None = None
-        self.limit = ring.policy.max_concurrency
+        # ``share``: how many worker processes enforce the ring's limits side by side
+        # (``workers: N``); each takes its part of the host's limit, rounded up.
+        cap = ring.policy.max_concurrency
+        self.limit = math.ceil(cap / share) if cap is not None else None
         # Request body bytes (the route's and the ring's policy's, the smaller); more -> 413.
         self.max_body = ring_max_body(route.max_body, ring.policy.max_body)
         # policy.rate_limit: this process's token bucket (starts full); None: no limit.
+        # With N workers each has 1/N of the rate and of the burst (rounded up).
         rate = ring.policy.rate_limit
-        self.bucket = (TokenBucket(rate.requests_per_second, rate.burst, time.monotonic())
+        self.bucket = (TokenBucket(rate.requests_per_second / share,
+                                   math.ceil(rate.burst / share), time.monotonic())
                        if rate is not None else None)
         self.timeout = ring.policy.timeout
         self.extra_headers = ring.policy.add_headers
@@ -146,8 +153,11 @@ class Runtime:
     their connections, in-flight counts and recorders survive; ``retired`` lists the old
     pools the new config no longer uses (close them once their requests finish)."""
 
-    def __init__(self, config: Config, previous: Runtime | None = None) -> None:
+    def __init__(self, config: Config, previous: Runtime | None = None,
+                 share: int = 1) -> None:
         self.config = config
+        # The worker processes this one's ring limits are shared with (a reload keeps it).
+        self.share: int = previous.share if previous is not None else share
         self.table = RoutingTable(config)
         # Requests that matched no route (answered 404), counted across reloads.
         self.unrouted: Count = previous.unrouted if previous is not None else Count()
@@ -178,7 +188,7 @@ class Runtime:
             built = []
             for ring in route.rings:
                 live = self.pools[ring.pool]
-                fresh = RingRuntime(route, ring, live, self.table)
+                fresh = RingRuntime(route, ring, live, self.table, self.share)
                 old_ring = old_rings.get((route.name, ring.name))
                 keep = (
                     old_ring is not None

@@ -18,6 +18,7 @@ import functools
 import gc
 import logging
 import signal
+import socket
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 
@@ -38,9 +39,10 @@ from proxy.dataplane.listener import (
     connection_cap,
     listen,
     raise_nofile_limit,
+    serve_socket,
 )
 from proxy.dataplane.upstream import UpstreamPool
-from proxy.fleet.member import fleet_member
+from proxy.fleet.member import Member, fleet_member
 from proxy.health.state import Transition
 from proxy.metrics import Metrics
 from proxy.reload import Reloader, ReloadResult
@@ -60,16 +62,19 @@ _CERT_CHECK_EVERY = 1.0  # seconds between looks at the TLS certificate files
 class Proxy:
     """The proxy and its admin listener, startable and stoppable inside a running loop."""
 
-    def __init__(self, config: Config, watch: bool = False, fresh_state: bool = False) -> None:
+    def __init__(self, config: Config, watch: bool = False, fresh_state: bool = False,
+                 share: int = 1) -> None:
+        """``share``: the number of worker processes enforcing the rings' limits side by
+        side (a worker of ``workers: N``; see ``RingRuntime``)."""
         self.config = config
-        self.runtime = Runtime(config)
+        self.runtime = Runtime(config, share=share)
         # Its own registry per Proxy: tests run several in one process.
         self.metrics = self._make_metrics()
         self.metrics.attach(self.runtime)
         self.metrics.config_loaded(config.revision)
         self.controller = Controller(config, self.metrics)
         # state.backend: redis: one rollout shared with the other members (proxy.fleet).
-        self.fleet = fleet_member(config.state, self.controller, self.metrics)
+        self.fleet = self._make_fleet()
         self._watch_health(self.runtime)
         self._fresh_state = fresh_state
         self.access_log = AccessLog(config.access_log.path) if config.access_log.enabled else None
@@ -85,11 +90,9 @@ class Proxy:
         self.url = ""
         self.tls_url = ""
         self.admin_url = ""
-        # Where the client listeners bind, when not the config's addresses (a worker
-        # process binds the port its supervisor reserved, with SO_REUSEPORT).
-        self.bind: Listen | None = None
-        self.bind_tls: Listen | None = None
-        self.reuse_port = False
+        # The client listeners' sockets, when made elsewhere: a worker process serves the
+        # listening sockets its supervisor made for it ("http", "https": one per address).
+        self.sockets: dict[str, list[socket.socket]] | None = None
         # Reloads need a file to read again: the embedded demo config has none.
         self.reloader: Reloader | None = None
         if config.source and Path(config.source).is_file():
@@ -101,6 +104,9 @@ class Proxy:
 
     def _make_metrics(self) -> Metrics:
         return Metrics(window_horizon=WINDOW_HORIZON)
+
+    def _make_fleet(self) -> Member | None:
+        return fleet_member(self.config.state, self.controller, self.metrics)
 
     async def apply(self, config: Config) -> None:
         """Serve ``config`` from now on: build, start, then swap one reference.
@@ -229,18 +235,28 @@ class Proxy:
         self.gate = ConnectionGate(connection_cap(config.limits, soft))
         plane = self.plane = DataPlane(self.runtime, self.access_log, self.gate)
         loop = asyncio.get_running_loop()
-        server = await listen(loop, lambda: plane.protocol("http"), self.bind or config.listen,
-                              None, reuse_port=self.reuse_port)
-        self._listeners.append(server)
-        self.url = _url(server.sockets[0].getsockname())
+        given = self.sockets
+        if given is not None:
+            for sock in given.get("http", []):
+                self._listeners.append(await serve_socket(
+                    loop, lambda: plane.protocol("http"), sock, None))
+        else:
+            self._listeners.append(await listen(
+                loop, lambda: plane.protocol("http"), config.listen, None))
+        self.url = _url(self._listeners[0].sockets[0].getsockname())
         if config.listen_tls is not None:
             watcher = self.certificates = CertificateWatcher(config.listen_tls)
-            tls = await listen(loop, lambda: plane.protocol("https"),
-                               self.bind_tls or config.listen_tls.listen, watcher.context,
-                               handshake_timeout=config.limits.head_timeout,
-                               reuse_port=self.reuse_port)
-            self._listeners.append(tls)
-            self.tls_url = _url(tls.sockets[0].getsockname(), "https")
+            head = config.limits.head_timeout
+            if given is not None:
+                tls = [await serve_socket(loop, lambda: plane.protocol("https"), sock,
+                                          watcher.context, handshake_timeout=head)
+                       for sock in given.get("https", [])]
+            else:
+                tls = [await listen(loop, lambda: plane.protocol("https"),
+                                    config.listen_tls.listen, watcher.context,
+                                    handshake_timeout=head)]
+            self._listeners.extend(tls)
+            self.tls_url = _url(tls[0].sockets[0].getsockname(), "https")
             self._cert_task = asyncio.ensure_future(self._watch_certificates(watcher))
 
     async def _watch_certificates(self, watcher: CertificateWatcher) -> None:

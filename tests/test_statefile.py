@@ -72,6 +72,22 @@ def test_a_last_line_torn_by_a_crash_is_skipped_and_replaced_by_the_next_event(
     assert [e["kind"] for e in events] == ["rollback", "pause"]
 
 
+def test_a_whole_last_event_without_its_newline_is_kept_when_the_next_is_appended(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    path.write_text('{"kind": "rollback"}\n{"kind": "promote"}')  # newline left off
+    assert [e["kind"] for e in read_audit(path)] == ["rollback", "promote"]
+    event = Event(1.0, "api", "canary", "pause", 100, 100, "progressing", "paused", "x")
+    append_audit(path, [event])
+    assert [e["kind"] for e in read_audit(path)] == ["rollback", "promote", "pause"]
+    assert path.read_text().count("\n") == 3
+    # A last line that is JSON but not an object is not an event: cut off as torn.
+    path.write_text('{"kind": "rollback"}\n[1, 2]')
+    append_audit(path, [event])
+    assert [e["kind"] for e in read_audit(path)] == ["rollback", "pause"]
+
+
 def test_set_aside_never_overwrites_an_earlier_copy(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     kept = []

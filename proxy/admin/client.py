@@ -142,7 +142,27 @@ def format_status(data: Answer) -> str:
                 _num(traffic.get("p95"), ".1f", 1000, "ms"),
                 verdict_text(ring), lead_check(verdict),
             ])
-    return f"revision {data.get('revision', '?')}\n" + _table(rows)
+    fleet = data.get("fleet")
+    head = f"revision {data.get('revision', '?')}\n"
+    if isinstance(fleet, dict):
+        head += fleet_text(fleet) + "\n"
+    return head + _table(rows)
+
+
+def fleet_text(fleet: Answer) -> str:
+    """One line for ``/api/routes``' ``fleet`` (state.backend: redis): where the shared
+    state is, this member's role, whether the backend answers."""
+    role = ("leader (judges the fleet's evidence)" if fleet.get("leading")
+            else f"follower of {fleet.get('leader') or 'nobody yet'}")
+    up = ("backend up" if fleet.get("up")
+          else "backend DOWN: serving the last agreed states, nothing advances")
+    text = (f"fleet: {fleet.get('backend', '?')} {fleet.get('url', '?')} "
+            f"prefix {fleet.get('prefix', '')!r}, member {fleet.get('member', '?')}, {role}, "
+            f"state version {fleet.get('version', '?')}, {up}")
+    pending = fleet.get("local_rollbacks_pending")
+    if isinstance(pending, list) and pending:
+        text += f"; local rollbacks not yet shared: {', '.join(map(str, pending))}"
+    return text
 
 
 def format_events(data: Answer) -> str:

@@ -171,10 +171,13 @@ MAX_WORKERS = 256
 
 
 def _read_workers(ctx: Ctx, top: Section) -> int:
-    """``workers``: a whole number 1..256, or ``auto`` (the number of CPUs)."""
+    """``workers``: a whole number 1..256, or ``auto`` (the CPUs this process may use:
+    its affinity mask and cgroup CPU quota, ``proxy.workers.cpus``)."""
     if top.has("workers") and top.data["workers"] == "auto":
+        from proxy.workers.cpus import usable_cpus
+
         top.raw("workers")
-        return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
+        return max(1, min(usable_cpus(), MAX_WORKERS))
     value = top.raw("workers", _CONFIG.workers)
     if isinstance(value, str):
         ctx.err(top.sub("workers"), f"{value!r} is not a number of processes; write a "

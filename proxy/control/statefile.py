@@ -108,9 +108,12 @@ def set_aside(path: Path) -> Path:
 
 
 def append_audit(path: Path, events: list[Event]) -> None:
-    """Append one line per event.  A last line torn by a crash mid-write (the file does
-    not end with a newline: its event was never complete, and ``read_audit`` skips it) is
-    cut off first, so every line of the file stays one whole event."""
+    """Append one line per event, so every line of the file stays one whole event.
+
+    A last line without its newline is looked at first: one that is a whole JSON object
+    (an editor or another tool left the newline off; ``read_audit`` keeps it) gets its
+    newline; one that is not (torn by a crash mid-write: its event was never complete, and
+    ``read_audit`` skips it) is cut off."""
     if not events:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,10 +123,24 @@ def append_audit(path: Path, events: list[Event]) -> None:
         if end > 0:
             f.seek(end - 1)
             if f.read(1) != b"\n":
-                f.truncate(_last_line_start(f, end))
+                start = _last_line_start(f, end)
+                f.seek(start)
+                if _is_object(f.read(end - start)):
+                    f.seek(0, os.SEEK_END)
+                    f.write(b"\n")
+                else:
+                    f.truncate(start)
         f.write(lines.encode("utf-8"))
         f.flush()
         os.fsync(f.fileno())
+
+
+def _is_object(line: bytes) -> bool:
+    """``line`` is one JSON object (what ``read_audit`` keeps of a last line)."""
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:  # not UTF-8 (UnicodeDecodeError is one) or not JSON
+        return False
 
 
 def _last_line_start(f: BinaryIO, end: int) -> int:

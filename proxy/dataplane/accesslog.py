@@ -8,6 +8,11 @@ Lines are buffered and written in batches (every 200 ms, or at 256 lines), so th
 path never waits on a write of its own.  The write itself is a plain blocking write to a
 file or standard output; a stalled pipe on stdout therefore stalls the flush, as with
 NGINX's buffered access log.  ``path: "-"`` is standard output.
+
+With ``workers: N`` every worker process writes its own lines to the same file or pipe: a
+batch is written in chunks of whole lines of at most ``PIPE_BUF`` (4,096) bytes, one
+``write`` each, which a pipe (and a file opened for appending) never interleaves with
+another process's write; a longer line is written alone.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ Field = str | int | float | None
 
 _FLUSH_EVERY = 0.2
 _FLUSH_LINES = 256
+_ATOMIC = 4096  # PIPE_BUF on Linux: a write of at most this many bytes is never split
 
 
 def _iso(ts: float) -> str:
@@ -75,6 +81,23 @@ def _client_fields(client: str, method: str, host: str, protocol: str,
         agent = _string(user_agent.decode("latin-1"))
     return _CLIENT_FIELDS % (_string(client), _string(method), _string(host),
                              _string(protocol), agent)
+
+
+def _chunks(lines: list[str]) -> list[str]:
+    """``lines`` (ASCII, each ending with a newline) joined into chunks of at most
+    ``_ATOMIC`` bytes, never splitting a line (a longer line is a chunk of its own)."""
+    chunks: list[str] = []
+    current: list[str] = []
+    size = 0
+    for line in lines:
+        if current and size + len(line) > _ATOMIC:
+            chunks.append("".join(current))
+            current, size = [], 0
+        current.append(line)
+        size += len(line)
+    if current:
+        chunks.append("".join(current))
+    return chunks
 
 
 class AccessLog:
@@ -157,10 +180,11 @@ class AccessLog:
             self._timer.cancel()
             self._timer = None
         if self._buffer:
-            data, self._buffer = "".join(self._buffer), []
+            lines, self._buffer = self._buffer, []
             try:
-                self._stream.write(data)
-                self._stream.flush()
+                for chunk in _chunks(lines):
+                    self._stream.write(chunk)
+                    self._stream.flush()  # one write(2) per chunk
             except (OSError, ValueError):
                 pass  # a closed stdout must not take requests down with it
 

@@ -10,15 +10,19 @@ asyncio pauses accept for a second on EMFILE/ENFILE, libuv (uvloop) accepts and 
 the pending connections with a descriptor it keeps in reserve.
 
 ``CertificateWatcher`` holds the TLS listener's context and swaps in the certificate files'
-new contents when they change; ``listen`` binds one address.
+new contents when they change; ``listen`` binds one address; ``bind_shared`` makes the
+listening sockets of ``workers: N`` (one per worker and address, SO_REUSEPORT, after a
+check that nobody else holds the port) and ``serve_socket`` serves one of them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import resource
+import socket
 import ssl
 from collections.abc import Callable
 
@@ -224,22 +228,104 @@ async def listen(
     backlog: int = 1024,
     *,
     handshake_timeout: float | None = None,
-    reuse_port: bool = False,
 ) -> asyncio.Server:
     """Bind ``listen`` and serve; ``OSError`` names the address (in use, not permitted...).
 
     ``handshake_timeout`` bounds a TLS handshake (asyncio's default is 60 s); pass
     ``limits.head_timeout``, since the head timeout starts only once the handshake is done.
-    ``reuse_port`` (SO_REUSEPORT) lets worker processes each bind the same address: the
-    kernel spreads new connections over their listeners (``proxy.workers``).
     """
     try:
         return await loop.create_server(
             protocol_factory, host=listen.host, port=listen.port, ssl=ssl, backlog=backlog,
-            reuse_address=True, reuse_port=reuse_port or None,
+            reuse_address=True,
             ssl_handshake_timeout=handshake_timeout if ssl is not None else None,
         )
     except OSError as exc:
         what = "TLS " if ssl is not None else ""
         raise OSError(exc.errno, f"cannot listen for {what}clients on {listen}: "
                       f"{exc.strerror or exc}") from exc
+
+
+async def serve_socket(
+    loop: asyncio.AbstractEventLoop,
+    protocol_factory: Callable[[], asyncio.BaseProtocol],
+    sock: socket.socket,
+    ssl: ssl.SSLContext | None,
+    backlog: int = 1024,
+    *,
+    handshake_timeout: float | None = None,
+) -> asyncio.Server:
+    """Serve on ``sock``, a listening socket made by ``bind_shared`` (a worker's)."""
+    return await loop.create_server(
+        protocol_factory, sock=sock, ssl=ssl, backlog=backlog,
+        ssl_handshake_timeout=handshake_timeout if ssl is not None else None,
+    )
+
+
+def _claim(family: int, addr: tuple[object, ...], shared: bool) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT
+        if shared:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:  # as asyncio does: [::] does not take 0.0.0.0 too
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(addr)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def bind_shared(listen: Listen, count: int, tls: bool = False,
+                      backlog: int = 1024) -> list[list[socket.socket]]:
+    """``count`` listening sockets per address of ``listen`` (``[worker][address]``), all
+    on one port with SO_REUSEPORT: the kernel spreads new connections over them.
+
+    First the port must be free: every address is bound without SO_REUSEPORT (what
+    ``listen`` does for ``workers: 1``), so a second ringproxy on the port fails here with
+    EADDRINUSE instead of joining the first one's group; those checks are closed and the
+    shared sockets bound at once (port 0 becomes the port the first check got, for every
+    address).  Names are resolved without blocking; every address is bound, as
+    ``loop.create_server`` does.  The one who calls owns the sockets (and closes them).
+    """
+    what = "TLS " if tls else ""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(listen.host or None, listen.port,
+                                       type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot listen for {what}clients on {listen}: "
+                      f"{exc.strerror or exc}") from exc
+    addresses: list[tuple[int, tuple[object, ...]]] = []
+    for info in infos:
+        found = (int(info[0]), tuple(info[4]))
+        if found not in addresses:
+            addresses.append(found)
+    made: list[socket.socket] = []
+    try:
+        port = listen.port
+        for af, addr in addresses:
+            check = _claim(af, (addr[0], port, *addr[2:]), shared=False)
+            made.append(check)
+            port = check.getsockname()[1]
+        for check in made:
+            check.close()
+        made.clear()
+        out: list[list[socket.socket]] = []
+        for _ in range(count):
+            mine = []
+            for af, addr in addresses:
+                sock = _claim(af, (addr[0], port, *addr[2:]), shared=True)
+                made.append(sock)
+                sock.listen(backlog)
+                mine.append(sock)
+            out.append(mine)
+    except OSError as exc:
+        for sock in made:
+            sock.close()
+        hint = ("; is another ringproxy running on it?"
+                if exc.errno == errno.EADDRINUSE else "")
+        raise OSError(exc.errno, f"cannot listen for {what}clients on {listen}: "
+                      f"{exc.strerror or exc}{hint}") from exc
+    return out

@@ -31,6 +31,10 @@ class ChannelClosed(Exception):
     """The other end went away (or sent something that is not a message)."""
 
 
+class ChannelGarbage(ChannelClosed):
+    """The other end sent something that is not a message (too long, not JSON, no type)."""
+
+
 class Channel:
     """Send and receive messages on one end of a socketpair."""
 
@@ -46,6 +50,12 @@ class Channel:
     @property
     def closed(self) -> bool:
         return self.writer.is_closing()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes sent and not yet taken by the other end's kernel buffer."""
+        transport = self.writer.transport
+        return 0 if transport.is_closing() else transport.get_write_buffer_size()
 
     def send(self, message: Message) -> None:
         """Queue ``message``; silently nothing once the channel is closed (the reader
@@ -65,16 +75,16 @@ class Channel:
             head = await self.reader.readexactly(_LENGTH.size)
             (size,) = _LENGTH.unpack(head)
             if size > MAX_MESSAGE:
-                raise ChannelClosed(f"message of {size} bytes (at most {MAX_MESSAGE})")
+                raise ChannelGarbage(f"message of {size} bytes (at most {MAX_MESSAGE})")
             data = await self.reader.readexactly(size)
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             raise ChannelClosed("the other end closed the channel") from exc
         try:
             message = json.loads(data)
         except ValueError as exc:
-            raise ChannelClosed(f"not a JSON message: {exc}") from exc
+            raise ChannelGarbage(f"not a JSON message: {exc}") from exc
         if not isinstance(message, dict) or not isinstance(message.get("type"), str):
-            raise ChannelClosed("a message without a type")
+            raise ChannelGarbage("a message without a type")
         return message
 
     def close(self) -> None:

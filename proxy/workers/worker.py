@@ -1,22 +1,25 @@
 """A worker process: the data plane alone, told what to serve by its supervisor.
 
 Started by ``proxy.workers.supervisor`` as ``python -m proxy.workers.worker FD INDEX
-LEVEL`` with one end of a socketpair as file descriptor FD.  It binds the client
-listeners on the port the supervisor reserved, with SO_REUSEPORT (the kernel spreads new
-connections over the workers), and serves them with its own runtime (routing table,
+LEVEL FORMAT`` with one end of a socketpair as file descriptor FD and its listening
+sockets (made by the supervisor, SO_REUSEPORT: the kernel spreads new connections over
+the workers) as further inherited descriptors, and serves them with its own runtime (routing table,
 upstream pools and their health checks, access log).  It runs no analysis, keeps no state
 file and has no admin listener: the supervisor does, on what the workers report.
 
 The conversation (``proxy.workers.channel``), supervisor -> worker:
 
-* ``start`` (the config's text, source and revision; the reserved addresses): the worker
-  builds its runtime and answers ``built`` (or ``failed``);
-* ``go`` (every route's ring states): it puts them into its table, starts its pools,
-  listens, and answers ``ready``: a rolled-back ring is never served, not even once;
+* ``start`` (the config's text, source and revision; its sockets' descriptors; the
+  number of workers, which share the rings' limits): the worker builds its runtime and
+  answers ``built`` (or ``failed``);
+* ``go`` (every route's ring states): it puts them into its table, starts reading the
+  messages that follow, starts its pools, listens, and answers ``ready``: a rolled-back
+  ring is never served, not even once;
 * ``states`` (one route's ring states, after every change the rollout makes);
-* ``config`` (a reload: text, revision and all states): built, states in, swapped;
-  answered ``applied`` or ``failed``;
-* ``flush``: answered by a ``report`` at once (a scrape is exact);
+* ``config`` (a reload: text, revision and all states): built in a task (messages keep
+  being read: ``states`` that come meanwhile go into the serving table and, before the
+  swap, into the new one), states in, swapped; answered ``applied`` or ``failed``;
+* ``flush``: answered by a ``report`` at once, also during a reload (a scrape is exact);
 * ``stop``: stop accepting, let in-flight requests finish (``shutdown_grace``), send the
   last report, exit.
 
@@ -24,9 +27,11 @@ Worker -> supervisor: a ``report`` every ``REPORT_EVERY`` seconds (what was reco
 since the last one: ``proxy.workers.deltas``; in-flight counts; pool health; retries) and
 ``server`` events (a server of a pool ejected or readmitted by this worker's outlier
 detection).  The end of the channel (the supervisor exited, even by ``kill -9``) stops the
-worker the way ``stop`` does: no orphan keeps serving an old config.  SIGTERM also stops
-it; SIGINT and SIGHUP are ignored (a terminal's Ctrl-C or hangup reaches the whole process
-group: the supervisor decides).
+worker the way ``stop`` does: no orphan keeps serving an old config.  SIGTERM, SIGINT and
+SIGHUP are ignored (a terminal, an init or ``kill -TERM -PGID`` reach the whole process
+group: the supervisor decides, and drains first).  Its process log is the supervisor's
+format (``--log-format`` or the config's ``log_format``, switched at reloads), each record
+tagged with the worker's index.
 """
 
 from __future__ import annotations
@@ -42,10 +47,10 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from proxy import processlog
 from proxy.config import Config, parse_config
 from proxy.config.changes import reload_plan
 from proxy.config.rollout import WINDOW_HORIZON
-from proxy.config.values import Listen
 from proxy.control.controller import apply_states
 from proxy.health.state import Transition
 from proxy.metrics import Metrics
@@ -82,6 +87,16 @@ def install(runtime: Runtime, states: Mapping[str, RouteStates]) -> None:
         apply_states(runtime, name, route_states)
 
 
+def _put(runtime: Runtime, route: str, states: RouteStates) -> bool:
+    """Put one route's ``states`` into ``runtime``'s table if its rings are the ones the
+    states name (else False: not this config's route)."""
+    compiled = runtime.table.routes.get(route)
+    if compiled is None or {r.name for r in compiled.route.rings} != set(states):
+        return False
+    apply_states(runtime, route, {k: RingState.from_dict(v) for k, v in states.items()})
+    return True
+
+
 def parse(message: Message) -> Config:
     """The config a ``start`` or ``config`` message carries, checked against its revision."""
     text = message["text"]
@@ -96,16 +111,25 @@ class Worker(Proxy):
     """The data plane of one worker process (a ``Proxy`` without its control plane)."""
 
     def __init__(self, config: Config, index: int, channel: Channel,
-                 bind: Listen, bind_tls: Listen | None) -> None:
-        super().__init__(config, watch=False)
+                 sockets: dict[str, list[socket.socket]], share: int) -> None:
+        super().__init__(config, watch=False, share=share)
         self.reloader = None  # the supervisor reloads, and sends the result
         self._watch = False
         self.index = index
         self.channel = channel
-        self.bind, self.bind_tls, self.reuse_port = bind, bind_tls, True
+        self.sockets = sockets
         self.states: dict[str, RouteStates] = {}
+        # ``states`` received since a reload's ``config`` came (one dict per reload not yet
+        # swapped in): put into its runtime before the swap.
+        self._pending: list[dict[str, RouteStates]] = []
+        self._reloading = asyncio.Lock()  # one reload at a time, in the order sent
+        self._reloads: set[asyncio.Task[None]] = set()
         self._ejections: dict[int, int] = {}  # id(server state) -> ejections reported
         self._stopping = asyncio.Event()
+        self.listening: asyncio.Task[None] | None = None
+
+    def _make_fleet(self) -> None:
+        return None  # the supervisor is the host's member of the fleet (state.backend: redis)
 
     def _make_metrics(self) -> Metrics:
         return Metrics(window_horizon=WINDOW_HORIZON, process_metrics=False,
@@ -130,19 +154,29 @@ class Worker(Proxy):
             self.channel.send({"type": "server", "change": dataclasses.asdict(change),
                                "rings": rings})
 
-    async def reconfigure(self, config: Config, states: Mapping[str, RouteStates]) -> None:
-        """A reload: the new runtime is built, gets the states, then is swapped in."""
+    async def reconfigure(self, config: Config, states: Mapping[str, RouteStates],
+                          newer: dict[str, RouteStates] | None = None) -> None:
+        """A reload: the new runtime is built, gets the states, then is swapped in.
+
+        The supervisor's messages keep being read meanwhile: a ``states`` that comes during
+        the build (a rollback, a promotion) goes into the serving table at once and is
+        kept in ``newer`` (from when the ``config`` came), to go into the new table after
+        ``states`` and before the swap (no await in between): neither table serves an
+        outdated weight for longer than a message."""
+        newer = {} if newer is None else newer
         plan = reload_plan(self.config, config)
         runtime, access_log = await self._prepare(config, plan)
         try:
             install(runtime, states)
+            for route, route_states in newer.items():
+                _put(runtime, route, route_states)
             self.metrics.attach(runtime)
             runtime.take_over()
         except BaseException:
             self.metrics.attach(self.runtime)
             await self._discard(runtime, access_log)
             raise
-        self.states = dict(states)
+        self.states = {**states, **newer}
         self._swap(config, runtime, access_log, plan)
 
     # ------------------------------------------------------------------ reports
@@ -198,34 +232,43 @@ class Worker(Proxy):
             elif kind == "states":
                 self._states(message["route"], message["states"])
             elif kind == "config" and not self._stopping.is_set():
-                await self._config(message)
+                # Built in a task: flushes and states keep being acted on meanwhile; the
+                # states that come from now on are kept for its table.
+                newer: dict[str, RouteStates] = {}
+                self._pending.append(newer)
+                task = asyncio.ensure_future(self._config(message, newer))
+                self._reloads.add(task)
+                task.add_done_callback(self._reloads.discard)
             elif kind == "stop":
                 self._stopping.set()
 
     def _states(self, route: str, states: RouteStates) -> None:
-        compiled = self.runtime.table.routes.get(route)
-        if compiled is None or {r.name for r in compiled.route.rings} != set(states):
-            return  # not this config's route: the next ``config`` carries its states
-        apply_states(self.runtime, route, {k: RingState.from_dict(v) for k, v in states.items()})
-        self.states[route] = states
+        if _put(self.runtime, route, states):
+            self.states[route] = states
+        for newer in self._pending:  # reloads building: their tables get them too
+            newer[route] = states
 
-    async def _config(self, message: Message) -> None:
+    async def _config(self, message: Message, newer: dict[str, RouteStates]) -> None:
         ident = message.get("id")
         try:
-            config = await asyncio.to_thread(parse, message)
-            await self.reconfigure(config, message["states"])
+            async with self._reloading:
+                config = await asyncio.to_thread(parse, message)
+                await self.reconfigure(config, message["states"], newer)
         except Exception as exc:
             log.exception("cannot serve revision %s", message.get("revision"))
             self.channel.send({"type": "failed", "id": ident, "error": f"{exc}"})
             return
+        finally:
+            self._pending.remove(newer)
         self.channel.send({"type": "applied", "id": ident, "revision": config.revision})
 
+    def listen_to_supervisor(self) -> None:
+        """Start acting on the supervisor's messages (from ``go`` on, before listening)."""
+        self.listening = asyncio.ensure_future(self._listening())
+
     async def serve(self) -> None:
-        """Report and listen until told to stop (or orphaned), then stop gracefully."""
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
+        """Report until told to stop (or orphaned), then stop gracefully."""
         reporting = asyncio.ensure_future(self._reporting())
-        listening = asyncio.ensure_future(self._listening())
         try:
             await self._stopping.wait()
             reporting.cancel()
@@ -234,29 +277,42 @@ class Worker(Proxy):
             self.channel.send(self.report())  # the last of what they recorded
             await self.channel.drain()
         finally:
-            listening.cancel()
-            await asyncio.gather(listening, return_exceptions=True)
-            self.channel.close()
+            await self.close_channel()
+
+    async def close_channel(self) -> None:
+        tasks = [*self._reloads, *([self.listening] if self.listening else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.channel.close()
 
 
 async def _main(fd: int, index: int) -> int:
     channel = await Channel.open(socket.socket(fileno=fd))
+    worker: Worker | None = None
     try:
         start = await channel.receive()
         config = await asyncio.to_thread(parse, start)
-        bind = Listen(*start["listen"])
-        tls = Listen(*start["listen_tls"]) if start.get("listen_tls") else None
-        worker = Worker(config, index, channel, bind, tls)
+        sockets = {scheme: [socket.socket(fileno=int(n)) for n in fds]
+                   for scheme, fds in start["sockets"].items()}
+        worker = Worker(config, index, channel, sockets, int(start["workers"]))
         channel.send({"type": "built"})
         go = await channel.receive()
         worker.states = dict(go["states"])
+        # States sent after ``go`` go in while the listeners open (start installs the
+        # ones of ``go`` before its first await).
+        worker.listen_to_supervisor()
         await worker.start()
     except ChannelClosed:
+        if worker is not None:
+            await worker.close_channel()
         return 1
     except Exception as exc:
         log.error("cannot start: %s", exc)
         channel.send({"type": "failed", "error": f"{exc}"})
         await channel.drain()
+        if worker is not None:
+            await worker.close_channel()
         channel.close()
         return 1
     channel.send({"type": "ready", "pid": os.getpid()})
@@ -266,15 +322,39 @@ async def _main(fd: int, index: int) -> int:
     return 0
 
 
+class _Tagged(logging.Filter):
+    """Every record of a worker says which: ``worker`` (a field of ``log_format: json``)
+    and, for text lines, `` [worker N]`` after the logger's name."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "worker"):
+            record.worker = self.index
+            if not isinstance(_HANDLER.formatter if _HANDLER else None,
+                              processlog.JsonFormatter):
+                record.name = f"{record.name} [worker {self.index}]"
+        return True
+
+
+_HANDLER: logging.Handler | None = None
+
+
 def main(argv: list[str] | None = None) -> int:
-    fd, index, level = (argv if argv is not None else sys.argv[1:])[:3]
-    logging.basicConfig(
-        level=level,
-        format=f"%(asctime)s %(levelname)s %(name)s [worker {index}]: %(message)s",
-        stream=sys.stderr,
-    )
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    global _HANDLER
+    fd, index, level, fmt = (argv if argv is not None else sys.argv[1:])[:4]
+    # The supervisor's process log: its format (--log-format, else the config's
+    # ``log_format``, switched at reloads as in one process), each line tagged.
+    processlog.setup(level, None if fmt == "-" else fmt)
+    _HANDLER = logging.getLogger().handlers[-1]
+    _HANDLER.addFilter(_Tagged(int(index)))
+    # The supervisor decides when to stop (a stop message, or the end of the channel):
+    # SIGTERM, SIGINT and SIGHUP sent to the whole process group (a terminal, dumb-init,
+    # systemd's KillMode=control-group, kill -TERM -PGID) are not for the workers.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     code = 1
 
     async def entry() -> None:
