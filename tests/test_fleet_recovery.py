@@ -8,20 +8,29 @@ real ringproxy processes and a real redis-server (``tests/test_fleet_members.py`
 - a write whose outcome is unknown (Redis stalled past the timeout, then ran it) answers
   an operator with "outcome unknown", and a rollback's event reaches each member's audit
   trail once (through the stream), not twice;
-- a route a reload adds is seeded into the shared state by the leader at once.
+- a route a reload adds is seeded into the shared state by the leader at once;
+- the leader judges a ring only on the traffic of the config its state holds (members on
+  another config of it, as during a rolling change, publish under another fingerprint).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import socket
 import time
 
 from tests.conftest import Upstream
 from tests.redis_fixture import RedisServer, redis_server  # noqa: F401 - a fixture
-from tests.test_fleet_members import Fleet, fleet, stream_events, until  # noqa: F401
+from tests.test_fleet_members import (  # noqa: F401 - fleet: a fixture
+    Fleet,
+    fleet,
+    member_config,
+    stream_events,
+    until,
+)
 
 # Blocks the server (one Lua script busy for ``ms``): the commands sent meanwhile wait
 # and run after it, as behind a stalled Redis.
@@ -195,3 +204,32 @@ async def test_a_route_added_by_a_reload_is_seeded_by_the_leader(
     except AssertionError:
         _, _, err = await fleet.members[0].finish(signal.SIGTERM)
         raise AssertionError(err[-3000:]) from None
+
+
+async def test_the_leader_judges_a_ring_only_on_the_traffic_of_its_own_config(
+    fleet: Fleet, redis_server: RedisServer, canary: Upstream,  # noqa: F811
+) -> None:
+    """A rolling config change: member 1 runs another config of the canary ring (other
+    steps).  Its failing canary traffic is not the leader's version's evidence; the same
+    traffic through the leader is (the control: the judge does act on it)."""
+    await fleet.start(1, steps="[50, 100]")
+    assert await fleet.leader() == 0
+    path = member_config(fleet.tmp_path / "m1", fleet.stable, fleet.canary, steps="[40, 100]")
+    other = await fleet.spawn("run", "--config", str(path), "--no-watch")
+    await other.wait_listening()
+    admin = await other.wait_listening(re.compile(rb"admin listening on (\S+)"))
+    fleet.members.append(other)
+    fleet.admin.append(admin.group(1).decode())
+    canary.error_every = 2  # half of the canary's answers are 500s
+    for n in range(40):
+        await fleet.served(1, range(n * 5, n * 5 + 5))  # through member 1 only
+    await asyncio.sleep(2.0)  # ten analysis rounds of the leader's
+    assert (await fleet.canary_state(0))[0] != "rolled_back"
+    assert [e for e in stream_events(redis_server) if e["kind"] == "rollback"] == []
+    for n in range(40):
+        await fleet.served(0, range(n * 5, n * 5 + 5))  # through the leader
+
+    async def rolled_back() -> bool:
+        return (await fleet.canary_state(0))[0] == "rolled_back"
+
+    await until(rolled_back, 15.0, step=0.2)
