@@ -10,7 +10,7 @@ import pytest
 from redis.asyncio import Redis
 
 from proxy.fleet.lease import Lease
-from proxy.fleet.store import Store
+from proxy.fleet.store import Store, TooOld, check_version
 from proxy.rollout.state import Event, Phase, RingState
 from tests.redis_fixture import RedisServer, redis_server  # noqa: F401 - a fixture
 
@@ -115,3 +115,8 @@ async def test_a_reader_tells_a_lost_write_from_a_newer_one(store: Store) -> Non
 async def test_the_server_version_is_checked(store: Store) -> None:
     version = await store.check_server()
     assert tuple(int(x) for x in version.split(".")[:2]) >= (6, 2)
+    for ok in ("6.2.0", "7.0.15", "7.2.4", "10.0.1"):
+        check_version(ok)
+    for old in ("6.0.16", "5.0.7", "garbage"):
+        with pytest.raises(TooOld, match=r"older than 6\.2.*upgrade the server"):
+            check_version(old)

@@ -399,3 +399,68 @@ async def test_an_upstream_reading_the_body_slowly_but_steadily_is_not_cut(
     finally:
         serving.cancel()
         listener.close()
+
+
+async def test_a_full_duplex_upstream_held_up_by_a_client_not_reading_is_not_blamed(
+    make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """An echo upstream answers as it reads; the client uploads but never reads the
+    answer, so the upstream's writes back up and it stops reading the body too.  The
+    client is the one at fault: cut as ``client_timeout`` after the idle timeout, never a
+    504 nor an upstream timeout (outlier ejection, the version's error)."""
+    loop = asyncio.get_running_loop()
+    listener = small_listener()
+
+    async def echo() -> None:
+        conn, _ = await loop.sock_accept(listener)
+        with conn:
+            length, _ = await read_head(loop, conn)
+            await loop.sock_sendall(conn, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n"
+                                    % length)
+            got = 0
+            with contextlib.suppress(ConnectionError):
+                while got < length:
+                    chunk = await loop.sock_recv(conn, 1 << 16)
+                    if not chunk:
+                        return
+                    got += len(chunk)
+                    await loop.sock_sendall(conn, chunk)
+            await asyncio.Event().wait()
+
+    serving = asyncio.ensure_future(echo())
+    try:
+        proxy = await make_proxy(config(listener, tmp_path, policy="idle_timeout: 1s"))
+        sock = socket.create_connection(
+            (proxy.url.removeprefix("http://").rsplit(":", 1)[0],
+             int(proxy.url.rsplit(":", 1)[1])))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        total = 64 << 20
+        await loop.sock_sendall(
+            sock, b"POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n" % total)
+
+        async def upload() -> None:
+            chunk = b"e" * (1 << 16)
+            with contextlib.suppress(ConnectionError):
+                for _ in range(total >> 16):
+                    await loop.sock_sendall(sock, chunk)
+
+        sending = asyncio.ensure_future(upload())
+        try:
+            await asyncio.sleep(3.0)  # three idle timeouts
+        finally:
+            sending.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sending
+            sock.close()
+        lines = await access_lines(tmp_path)
+        assert len(lines) == 1, lines
+        line = lines[0]
+        assert line["error"] == "client_timeout", line
+        recorder = proxy.runtime.rings["api"][0].recorder
+        assert recorder is not None
+        assert recorder.upstream_errors[ERROR_KINDS.index("timeout")] == 0
+        assert recorder.tally.errors == 0
+    finally:
+        serving.cancel()
+        listener.close()

@@ -137,6 +137,18 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def check_version(text: str) -> None:
+    """``TooOld`` for a server version below ``MIN_SERVER`` (or not a version)."""
+    try:
+        found = tuple(int(x) for x in text.split(".")[:2])
+    except ValueError:
+        found = (0, 0)
+    if found < MIN_SERVER:
+        need = ".".join(map(str, MIN_SERVER))
+        raise TooOld(f"Redis {text} is older than {need}, the oldest ringproxy's fleet "
+                     f"supports (XRANGE with an exclusive start): upgrade the server")
+
+
 class Store:
     """The fleet's keys under one prefix, and the scripts that change them."""
 
@@ -159,14 +171,7 @@ class Store:
         """The server's version; ``TooOld`` (with what to do) below ``MIN_SERVER``."""
         info = await self.redis.info("server")
         text = str(info.get("redis_version", "0"))
-        try:
-            found = tuple(int(x) for x in text.split(".")[:2])
-        except ValueError:
-            found = (0, 0)
-        if found < MIN_SERVER:
-            need = ".".join(map(str, MIN_SERVER))
-            raise TooOld(f"Redis {text} is older than {need}, the oldest ringproxy's fleet "
-                         f"supports (XRANGE with an exclusive start): upgrade the server")
+        check_version(text)
         return text
 
     async def lead(self, member: str, lease: float, token: int) -> int:
