@@ -240,6 +240,7 @@ class Member:
         self.up = up
         if not up:
             self.leader = None
+            self.server = ""  # checked again when it answers (a failover may change it)
             self.lease.lost()
         self._role()
 
@@ -272,6 +273,8 @@ class Member:
             now = loop.time()
             try:
                 async with asyncio.timeout(TIMEOUT * 2):
+                    if not self.server:  # nothing (not even the lease) on a refused one
+                        self.server = await self.store.check_server()
                     if now >= next_publish:
                         next_publish = now + PUBLISH_EVERY
                         await self._publish()
