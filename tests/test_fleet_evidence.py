@@ -6,12 +6,12 @@ import pytest
 
 from proxy.config import parse_config
 from proxy.errors import ConfigError
-from proxy.fleet.evidence import MergedTallies, Merger, Published, decode, encode
+from proxy.fleet.evidence import MergedTallies, Merger, Published, Seen, decode, encode
 from proxy.rollout.evidence import Evidence, Tally
 from proxy.rollout.sketch import SIZE, index_of
 from tests.test_config import MINIMAL
 
-KEY = ("api", "canary")
+KEY = ("api", "canary", "fp1")
 
 
 def evidence(requests: int, errors: int, *latencies: float) -> Evidence:
@@ -27,19 +27,23 @@ def doc(boot: str, requests: int, errors: int = 0, gen: int = 1, at: float = 1.0
 
 def test_a_document_round_trips_with_its_latency_sketch() -> None:
     ev = evidence(5, 2, 0.010, 0.250, 0.250, 3.0)
-    body = encode("boot-1", 12.5, {KEY: (3, ev), ("api", "stable"): (4, Evidence())})
+    body = encode("boot-1", 12.5, {KEY: (3, ev), ("api", "stable", "fp2"): (4, Evidence())},
+                  7, {KEY: 2})
     back = decode(body)
     assert back.boot == "boot-1" and back.at == 12.5
     assert back.rings[KEY] == (3, ev)
     assert back.rings[KEY][1].latency[index_of(0.250)] == 2
-    assert back.rings["api", "stable"] == (4, Evidence())
-    assert len(body) < 200  # sparse: only the non-zero buckets
+    assert back.rings["api", "stable", "fp2"] == (4, Evidence())
+    assert back.seq == 7 and back.steps[KEY] == 2
+    assert len(body) < 240  # sparse: only the non-zero buckets
 
 
 @pytest.mark.parametrize(("body", "message"), [
     ("not json", "not JSON"),
     ("[]", "not a JSON object"),
     ('{"boot": 1, "at": 0, "rings": []}', r"boot \(string\)"),
+    ('{"boot": "b", "at": 0, "seq": -1, "rings": []}', r"seq \(count\)"),
+    ('{"boot": "b", "at": 0, "rings": [["api", "c", 1, 1, 0, {}, 5, null]]}', "wrong type"),
     ('{"boot": "b", "at": 0, "rings": [["api", "c", 1, -1, 0, {}]]}', "wrong type"),
     ('{"boot": "b", "at": 0, "rings": [["api", "c", 1, 1, 0, {"99999": 1}]]}',
      "latency bucket"),
@@ -94,6 +98,55 @@ def test_a_member_that_vanishes_stays_counted() -> None:
     assert merger.total(KEY).requests == 155
 
 
+def test_a_member_back_after_being_forgotten_is_counted_once() -> None:
+    merger = Merger()
+    merger.update({"a": doc("boot-a", 1000, 50), "b": doc("boot-b", 100, 0)})
+    merger.forget(["a"])  # away for longer than STALE_AFTER
+    total = merger.total(KEY)
+    assert (total.requests, total.errors) == (1100, 50)  # its totals stay counted
+    merger.update({"a": doc("boot-a", 1010, 50)})  # back, the same boot: 10 more served
+    total = merger.total(KEY)
+    assert (total.requests, total.errors) == (1110, 50)  # not 2110/100
+    merger.update({"a": doc("boot-a", 1020, 51), "b": doc("boot-b", 110, 0)})
+    total = merger.total(KEY)
+    assert (total.requests, total.errors) == (1130, 51)
+    merger.forget(["a"])  # and gone again, then back restarted: counts from zero
+    merger.update({"a": doc("boot-a2", 5, 0)})
+    assert merger.total(KEY).requests == 1135
+
+
+def test_a_member_back_with_a_new_tally_keeps_its_old_one_counted() -> None:
+    merger = Merger()
+    merger.update({"a": doc("boot-a", 300, 3, gen=1)})
+    merger.forget(["a"])
+    merger.update({"a": doc("boot-a", 7, 0, gen=2)})  # its pool changed meanwhile
+    assert merger.total(KEY).requests == 307
+
+
+def test_staleness_is_the_leaders_clock_not_the_members() -> None:
+    seen = Seen()
+    skewed = Published("boot", -1_000_000.0, {})  # its clock is far behind
+    seen.saw("m1", skewed, now=100.0)
+    assert seen.stale(now=110.0) == []  # seen 10 s ago by the leader: fresh
+    seen.saw("m1", Published("boot", -999_999.0, {}, seq=2), now=125.0)  # it published
+    assert seen.stale(now=150.0) == []
+    seen.saw("m1", Published("boot", -999_999.0, {}, seq=2), now=150.0)  # unchanged
+    assert seen.stale(now=156.0) == ["m1"]  # 31 s without a change
+    assert seen.stale(now=200.0) == []  # (reported once)
+
+
+def test_only_the_entries_of_the_leaders_ring_config_are_merged() -> None:
+    old, new = ("api", "canary", "fp-old"), ("api", "canary", "fp-new")
+    merger = Merger()
+    merger.update({"m1": Published("a", 1, {new: (1, evidence(40, 0))}),
+                   "m2": Published("b", 1, {old: (1, evidence(60, 30))})})
+    assert (merger.total(new).requests, merger.total(new).errors) == (40, 0)
+    assert (merger.total(old).requests, merger.total(old).errors) == (60, 30)
+    # An earlier version's document has no fingerprint: never merged with a config's.
+    legacy = decode('{"boot": "c", "at": 1, "rings": [["api", "canary", 1, 9, 9, {}]]}')
+    assert list(legacy.rings) == [("api", "canary", "")]
+
+
 def test_merged_tallies_are_the_same_objects_across_refreshes() -> None:
     merger, merged = Merger(), MergedTallies()
     merger.update({"m1": doc("a", 10, 2)})
@@ -103,7 +156,7 @@ def test_merged_tallies_are_the_same_objects_across_refreshes() -> None:
     merger.update({"m1": doc("a", 25, 2)})
     merged.refresh(merger)
     assert merged.get(KEY) is tally and tally.requests == 25
-    assert merged.get(("api", "nobody")).requests == 0
+    assert merged.get(("api", "nobody", "fp1")).requests == 0
 
 
 # --------------------------------------------------------------------------- config

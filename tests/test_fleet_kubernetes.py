@@ -85,3 +85,13 @@ def test_the_replicas_share_one_redis_and_keep_serving_without_it(tmp_path: Path
     assert redis_service["spec"]["ports"][0]["port"] == 6379
     (server,) = redis["spec"]["containers"]
     assert "--appendonly" in server["args"]  # a restart keeps the agreed state
+    args = server["args"]
+    assert args[args.index("--appendfsync") + 1] == "always"  # an acknowledged write stays
+    # The password from a config file in the Secret, never in args or the environment
+    # (both show in the process list or the pod spec).
+    assert "--requirepass" not in args and "env" not in server
+    assert args[0] == "/etc/redis/redis.conf"
+    mount = next(m for m in server["volumeMounts"] if m["mountPath"] == "/etc/redis")
+    volume = next(v for v in redis["spec"]["volumes"] if v["name"] == mount["name"])
+    assert volume["secret"]["secretName"] == "ringproxy-redis"
+    assert volume["secret"]["items"] == [{"key": "redis.conf", "path": "redis.conf"}]

@@ -91,6 +91,16 @@ class Fleet:
             self.members.append(running)
             self.admin.append(admin.group(1).decode())
 
+    async def restart(self, i: int) -> None:
+        """Stop member ``i`` (SIGTERM) and start it again on the same config and files."""
+        await self.members[i].finish(signal.SIGTERM)
+        path = self.tmp_path / f"m{i}" / "ringproxy.yaml"
+        running = await self.spawn("run", "--config", str(path), "--no-watch")
+        await running.wait_listening()
+        admin = await running.wait_listening(re.compile(rb"admin listening on (\S+)"))
+        self.members[i] = running
+        self.admin[i] = admin.group(1).decode()
+
     async def routes(self, i: int) -> dict[str, Any]:
         async with self.client.get(self.admin[i] + "/api/routes", headers=AUTH) as r:
             assert r.status == 200

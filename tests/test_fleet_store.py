@@ -10,7 +10,7 @@ import pytest
 from redis.asyncio import Redis
 
 from proxy.fleet.lease import Lease
-from proxy.fleet.store import Store
+from proxy.fleet.store import Store, TooOld, check_version
 from proxy.rollout.state import Event, Phase, RingState
 from tests.redis_fixture import RedisServer, redis_server  # noqa: F401 - a fixture
 
@@ -18,6 +18,11 @@ STATES = {"canary": RingState(Phase.ROLLED_BACK, 0, 0, 1.0, fingerprint="f1"),
           "stable": RingState(Phase.STEADY, None, None, 1.0, fingerprint="f2")}
 EVENT = Event(2.0, "api", "canary", "rollback", 1000, 0, "progressing", "rolled_back",
               "errors", label="error_rate", actor="analysis")
+
+
+async def shared(store: Store) -> tuple[int, dict[str, dict[str, RingState]]]:
+    read = await store.read()
+    return read.version, read.states
 
 
 @pytest.fixture
@@ -38,18 +43,18 @@ async def test_a_deposed_leaders_write_is_refused_by_its_token(store: Store) -> 
     assert await second.renew() and second.token == 2
     stale = await store.write(0, 1, "api", STATES, [EVENT])  # m1's token, the current version
     assert not stale.ok and stale.deposed and stale.version == 0
-    assert await store.read() == (0, {})  # nothing written
+    assert await shared(store) == (0, {})  # nothing written
     assert not await first.renew() and first.token == 0
     written = await store.write(0, second.token, "api", STATES, [EVENT])
     assert written.ok and written.version == 1
-    assert await store.read() == (1, {"api": STATES})
+    assert await shared(store) == (1, {"api": STATES})
 
 
 async def test_a_write_on_states_that_moved_on_is_refused(store: Store) -> None:
     assert (await store.write(0, None, "api", STATES, [])).ok
     again = await store.write(0, None, "api", {}, [EVENT])  # decided on version 0
     assert not again.ok and not again.deposed and again.version == 1
-    assert await store.read() == (1, {"api": STATES})
+    assert await shared(store) == (1, {"api": STATES})
     assert await store.events_after("0-0") == []
 
 
@@ -83,4 +88,35 @@ async def test_a_route_whose_shared_states_are_not_usable_is_skipped(store: Stor
     assert (await store.write(0, None, "api", STATES, [])).ok
     await store.redis.hset(store.states, "other", "{not json")
     await store.redis.hset(store.states, "third", '{"canary": {"phase": "sideways"}}')
-    assert await store.read() == (1, {"api": STATES})
+    assert await shared(store) == (1, {"api": STATES})
+
+
+async def test_a_reader_tells_a_lost_write_from_a_newer_one(store: Store) -> None:
+    first = await store.write(0, None, "api", STATES, [])
+    second = await store.write(1, None, "api", {}, [])
+    assert first.stamp and second.stamp and first.stamp != second.stamp
+    assert (await store.head()) == (2, second.stamp)
+    assert not (await store.read(1, first.stamp)).lost  # newer: adopted as usual
+    assert not (await store.read(2, second.stamp)).lost
+    # Redis lost the last write (restored by hand: the version and its stamp gone) ...
+    await store.redis.set(store.version, 1)
+    await store.redis.hdel(store.stamps, "2")
+    assert (await store.read(2, second.stamp)).lost  # a lower version
+    # ... and a new write re-uses version 2 with other content
+    again = await store.write(1, None, "api", STATES, [])
+    assert again.ok and again.version == 2
+    assert (await store.read(2, second.stamp)).lost  # the same number, another write
+    assert not (await store.read(2, again.stamp)).lost
+    # everything lost (a Redis without persistence restarted)
+    await store.redis.flushdb()
+    assert (await store.read(2, again.stamp)).lost
+
+
+async def test_the_server_version_is_checked(store: Store) -> None:
+    version = await store.check_server()
+    assert tuple(int(x) for x in version.split(".")[:2]) >= (6, 2)
+    for ok in ("6.2.0", "7.0.15", "7.2.4", "10.0.1"):
+        check_version(ok)
+    for old in ("6.0.16", "5.0.7", "garbage"):
+        with pytest.raises(TooOld, match=r"older than 6\.2.*upgrade the server"):
+            check_version(old)

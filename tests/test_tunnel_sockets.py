@@ -8,7 +8,9 @@
   megabytes waiting in both directions delivers them all.
 - An upstream that stops reading a streamed request body fails as a timeout after the
   ring's idle timeout: 504 to the client, both connections closed, counted as the
-  upstream's failure (its 504 is the ring's error).
+  upstream's failure (its 504 is the ring's error); one that reads it slowly but steadily
+  (slower than the buffer's high-to-low water per idle timeout) is not cut; and the
+  body's stall timer ends at a switch to a tunnel.
 
 The upstreams here are raw asyncio servers that misbehave on purpose.
 """
@@ -152,10 +154,12 @@ async def test_a_tunnel_starts_reading_though_the_upstream_had_not_read_the_head
 
     monkeypatch.setattr(UpstreamConnection, "connection_made", small_buffers)
     paused: list[bool] = []
+    exchanges: list[Exchange] = []
     noted = Exchange.upstream_write_paused
 
     def note(self: Exchange, pause: bool) -> None:
         paused.append(pause)
+        exchanges.append(self)
         noted(self, pause)
 
     monkeypatch.setattr(Exchange, "upstream_write_paused", note)
@@ -191,6 +195,10 @@ async def test_a_tunnel_starts_reading_though_the_upstream_had_not_read_the_head
             head = await reader.readuntil(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 101 ")
             assert await reader.readexactly(5) == b"hello"
+            # The request body's stall timer (the ring's idle timeout, 60 s) ended with
+            # the exchange's flow control at the switch: the tunnel has its own.
+            assert proxy.plane is not None
+            assert exchanges[0].request not in proxy.plane.timers(60.0)
             writer.write(b"tunnel bytes END")
             await got.wait()
             assert await reader.read(100) == b"bye"
@@ -306,6 +314,153 @@ async def test_an_upstream_that_stops_reading_the_body_is_a_504_after_the_idle_t
         # The upstream connection is closed on the proxy's side (its pool slot given back;
         # the kernel still owes the unread bytes, so the deaf peer hears of it later).
         assert proxy.runtime.rings["api"][0].pool.open == 0
+    finally:
+        serving.cancel()
+        listener.close()
+
+
+def small_listener() -> socket.socket:
+    """A listening plain socket whose accepted sockets have a small receive buffer (the
+    proxy's writes back up soon)."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.setblocking(False)
+    return listener
+
+
+async def read_head(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> tuple[int, bytes]:
+    """The request head read byte by byte: (its Content-Length, the body bytes after it)."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += await loop.sock_recv(conn, 1)
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    return length, b""
+
+
+async def test_an_upstream_reading_the_body_slowly_but_steadily_is_not_cut(
+    make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """It reads about 20 KiB/s: the write buffer's 48 KiB from high to low water take
+    longer than the idle timeout, but it never stops: no 504 (the wait restarts on
+    progress, as NGINX's proxy_send_timeout restarts on every write)."""
+    loop = asyncio.get_running_loop()
+    listener = small_listener()
+    slow_for = 4.0
+
+    async def slow() -> None:
+        conn, _ = await loop.sock_accept(listener)
+        with conn:
+            length, _ = await read_head(loop, conn)
+            got, started = 0, time.monotonic()
+            while got < length:
+                fast = time.monotonic() - started > slow_for
+                chunk = await loop.sock_recv(conn, 1 << 16 if fast else 2048)
+                if not chunk:
+                    return
+                got += len(chunk)
+                if not fast:
+                    await asyncio.sleep(0.1)
+            body = str(got).encode()
+            await loop.sock_sendall(conn, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b"
+                                    % (len(body), body))
+
+    serving = asyncio.ensure_future(slow())
+    try:
+        proxy = await make_proxy(config(listener, tmp_path, policy="idle_timeout: 1s"))
+        reader, writer = await connect(proxy)
+        total = 16 << 20
+        writer.write(b"POST /upload HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n" % total)
+
+        async def upload() -> None:
+            chunk = b"u" * (1 << 20)
+            with contextlib.suppress(ConnectionError):
+                for _ in range(total >> 20):
+                    writer.write(chunk)
+                    await writer.drain()
+
+        sending = asyncio.ensure_future(upload())
+        try:
+            async with asyncio.timeout(60):
+                answer = await reader.readuntil(b"\r\n\r\n")
+                assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+                length = int(answer.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+                assert int(await reader.readexactly(length)) == total  # every byte arrived
+        finally:
+            sending.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sending
+        writer.close()
+        recorder = proxy.runtime.rings["api"][0].recorder
+        assert recorder is not None
+        assert recorder.upstream_errors[ERROR_KINDS.index("timeout")] == 0
+    finally:
+        serving.cancel()
+        listener.close()
+
+
+async def test_a_full_duplex_upstream_held_up_by_a_client_not_reading_is_not_blamed(
+    make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """An echo upstream answers as it reads; the client uploads but never reads the
+    answer, so the upstream's writes back up and it stops reading the body too.  The
+    client is the one at fault: cut as ``client_timeout`` after the idle timeout, never a
+    504 nor an upstream timeout (outlier ejection, the version's error)."""
+    loop = asyncio.get_running_loop()
+    listener = small_listener()
+
+    async def echo() -> None:
+        conn, _ = await loop.sock_accept(listener)
+        with conn:
+            length, _ = await read_head(loop, conn)
+            await loop.sock_sendall(conn, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n"
+                                    % length)
+            got = 0
+            with contextlib.suppress(ConnectionError):
+                while got < length:
+                    chunk = await loop.sock_recv(conn, 1 << 16)
+                    if not chunk:
+                        return
+                    got += len(chunk)
+                    await loop.sock_sendall(conn, chunk)
+            await asyncio.Event().wait()
+
+    serving = asyncio.ensure_future(echo())
+    try:
+        proxy = await make_proxy(config(listener, tmp_path, policy="idle_timeout: 1s"))
+        sock = socket.create_connection(
+            (proxy.url.removeprefix("http://").rsplit(":", 1)[0],
+             int(proxy.url.rsplit(":", 1)[1])))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        total = 64 << 20
+        await loop.sock_sendall(
+            sock, b"POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n" % total)
+
+        async def upload() -> None:
+            chunk = b"e" * (1 << 16)
+            with contextlib.suppress(ConnectionError):
+                for _ in range(total >> 16):
+                    await loop.sock_sendall(sock, chunk)
+
+        sending = asyncio.ensure_future(upload())
+        try:
+            await asyncio.sleep(3.0)  # three idle timeouts
+        finally:
+            sending.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sending
+            sock.close()
+        lines = await access_lines(tmp_path)
+        assert len(lines) == 1, lines
+        line = lines[0]
+        assert line["error"] == "client_timeout", line
+        recorder = proxy.runtime.rings["api"][0].recorder
+        assert recorder is not None
+        assert recorder.upstream_errors[ERROR_KINDS.index("timeout")] == 0
+        assert recorder.tally.errors == 0
     finally:
         serving.cancel()
         listener.close()

@@ -19,9 +19,18 @@ does its I/O at once (a write to a transport) and returns.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import sys
 import time
 from typing import TYPE_CHECKING
+
+try:  # the kernel's send queue of a socket (Linux): an upload's progress (``unsent``)
+    import fcntl
+    import termios
+    _OUTQ: int | None = termios.TIOCOUTQ if sys.platform == "linux" else None
+except ImportError:  # pragma: no cover - not a POSIX system
+    _OUTQ = None
 
 from proxy.dataplane import framing
 from proxy.dataplane.deadlines import Deadlines
@@ -85,6 +94,18 @@ def _status_line(status: int, reason: bytes) -> bytes:
     return line
 
 
+def unsent(transport: asyncio.BaseTransport) -> int:
+    """Bytes in the socket's kernel send queue (``TIOCOUTQ``); 0 where unknown."""
+    if _OUTQ is None:
+        return 0
+    sock = transport.get_extra_info("socket")
+    try:
+        got = fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0")
+    except (OSError, AttributeError, ValueError):
+        return 0
+    return int.from_bytes(got, sys.byteorder, signed=True)
+
+
 def _stall_timeout(step: Forward) -> float:
     """How long an upstream may leave the request body unread (its write buffer full)."""
     return step.ring.idle_timeout or step.ring.timeout
@@ -115,6 +136,7 @@ class Exchange:
         "resend",
         "sent_at",
         "server_url",
+        "stall_mark",
         "started",
         "state",
         "status",
@@ -413,24 +435,54 @@ class Exchange:
 
     def upstream_write_paused(self, paused: bool) -> None:
         """The upstream's write buffer filled up (or drained): the client's reading follows.
-        An upstream that stops reading the request body for the ring's idle timeout (its
+        An upstream that reads none of the request body for the ring's idle timeout (its
         timeout if idle_timeout is 0) fails as a timeout (504, its fault), so it cannot hold
-        the client, the connection and the ring's in-flight count forever."""
+        the client, the connection and the ring's in-flight count forever.  The wait starts
+        again whenever the buffer shrank (a slow reader is not a stalled one: NGINX's
+        proxy_send_timeout restarts on every write), and never blames the upstream while
+        the client is not reading the response (a full-duplex upstream blocked writing it
+        stops reading too: the client is the slow one)."""
         self.upstream_paused = paused
         client = self.client
         step = self.step
         if paused:
             client.pause(client.UPSTREAM)
             if isinstance(step, Forward):
+                self.stall_mark = self._upstream_buffered()  # (read only once armed)
                 client.plane.timers(_stall_timeout(step)).arm(self.request, self._upload_stalled)
         else:
             client.resume(client.UPSTREAM)
             if isinstance(step, Forward):
                 client.plane.timers(_stall_timeout(step)).disarm(self.request)
 
+    def _upstream_buffered(self) -> int:
+        """The request bytes not yet read by the upstream: the transport's buffer and,
+        where the kernel tells (Linux), its socket's send queue (a slow reader frees that
+        first; the transport's buffer moves only when the kernel wakes it)."""
+        conn = self.conn
+        transport = conn.transport if conn is not None else None
+        if transport is None:
+            return 0
+        return transport.get_write_buffer_size() + unsent(transport)
+
     def _upload_stalled(self) -> None:
-        if self.upstream_paused and self.conn is not None and SENDING <= self.state <= RESPONDING:
-            self.upstream_failed(UpstreamTimeout("the upstream stopped reading the request body"))
+        if not (self.upstream_paused and self.conn is not None
+                and SENDING <= self.state <= RESPONDING):
+            return
+        left = self._upstream_buffered()
+        if left < self.stall_mark or self.client.paused_writing:
+            # Progress, or the client's doing: wait again (from the loop's next turn: a
+            # deadline is not re-armed from its own callback).
+            self.stall_mark = left
+            asyncio.get_running_loop().call_soon(self._stall_again)
+            return
+        self.upstream_failed(UpstreamTimeout("the upstream stopped reading the request body"))
+
+    def _stall_again(self) -> None:
+        step = self.step
+        if (self.upstream_paused and self.conn is not None and isinstance(step, Forward)
+                and SENDING <= self.state <= RESPONDING):
+            self.client.plane.timers(_stall_timeout(step)).arm(self.request, self._upload_stalled)
 
     # ------------------------------------------------------------------ the upstream's side
 
@@ -600,8 +652,12 @@ class Exchange:
         parts += (b"Via: " + joined(conn.via, VIA_VALUE) + b"\r\n" if conn.via else _VIA_LINE,
                   b"\r\n")
         self.client.write(b"".join(parts))
-        # The exchange's flow control ends here: the tunnel's starts from the transports.
+        # The exchange's flow control ends here: the tunnel's starts from the transports
+        # (and so does its idle timeout: the request body's stall timer is over).
         full, self.upstream_paused = self.upstream_paused, False
+        step = self.step
+        if full and isinstance(step, Forward):
+            self.client.plane.timers(_stall_timeout(step)).disarm(self.request)
         Tunnel(self, self.client, conn, rest, full)
 
     def tunnel_closed(self, bytes_in: int, bytes_out: int, idle: bool = False) -> None:

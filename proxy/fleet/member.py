@@ -24,8 +24,24 @@ When Redis is out of reach, the member keeps serving the last states it applied;
 advances (no member judges progress, no write can succeed, an operator's action is a 503)
 except that each member runs the fast rollback on its own evidence and may take a failing
 ring off locally (less exposure is always allowed); that rollback is written to Redis as
-soon as it is back (if the ring is still exposed there) and recorded in the fleet's trail.
-Until then an adopted state never re-exposes a ring this member took off.
+soon as it is back (if the ring is still exposed there) and recorded in the fleet's trail,
+once.  Until then an adopted state never re-exposes a ring this member took off.  Such a
+rollback is kept in a file next to the state file (``<state.path>.fleet-pending``), so
+that a restart while Redis is still out of reach loses it neither.
+
+If Redis loses writes it acknowledged (an AOF ``everysec`` crash, a failover to a replica
+that lagged, a Redis without persistence restarted: ``Read.lost``), no member adopts more
+exposure than it serves: for each ring of the same config it keeps the less exposed of the
+shared state and its own (rolled back beats progressing, a lower weight a higher one) and
+writes that back.
+
+A write that fails may or may not have run (a timeout after the script was sent): for a
+rollback the member takes the ring off locally anyway and leaves the audit trail to the
+stream (it brings the event if the write ran, and the pending rollback's record if not);
+any other action answers 503 saying the outcome is unknown (``ringproxy status`` shows it).
+
+The Redis server must be 6.2 or newer (``store.MIN_SERVER``); an older one is refused
+(logged; the member stays as if Redis were out of reach).
 """
 
 from __future__ import annotations
@@ -57,11 +73,13 @@ from proxy.fleet.evidence import (
     MergedTallies,
     Merger,
     Published,
+    Seen,
     decode,
     encode,
+    subtract,
 )
 from proxy.fleet.lease import Lease
-from proxy.fleet.store import SharedStates, Store
+from proxy.fleet.store import Read, SharedStates, Store, TooOld
 from proxy.rollout.evidence import Evidence, Tally
 from proxy.rollout.machine import Trigger, act
 from proxy.rollout.state import Event, RingState
@@ -88,6 +106,59 @@ class LocalRollback:
     ring: str
     fingerprint: str
     reason: str
+    at: float = 0.0  # when (wall clock)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"route": self.route, "ring": self.ring, "fingerprint": self.fingerprint,
+                "reason": self.reason, "at": self.at}
+
+
+def load_pending(path: Path) -> dict[tuple[str, str], LocalRollback]:
+    """The local rollbacks a previous run left unrecorded; a file that is not what
+    ``save_pending`` writes is logged and ignored (the state file still has the rings off)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        items = data["pending"]
+        out = {}
+        for item in items:
+            held = LocalRollback(str(item["route"]), str(item["ring"]),
+                                 str(item["fingerprint"]), str(item["reason"]),
+                                 float(item.get("at", 0.0)))
+            out[held.route, held.ring] = held
+        return out
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("fleet: %s is not usable (%s): no pending local rollback read from it",
+                    path, exc)
+        return {}
+
+
+def save_pending(path: Path, pending: Iterable[LocalRollback]) -> None:
+    """Durably (a temporary file, fsync, rename), or the file removed when none is left."""
+    items = [held.as_dict() for held in pending]
+    if not items:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return
+    temp = path.with_name(path.name + ".tmp")
+    with temp.open("w", encoding="utf-8") as f:
+        json.dump({"pending": items}, f, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temp, path)
+
+
+def less_exposed(a: RingState, b: RingState) -> bool:
+    """``a`` exposes fewer users than ``b``: rolled back beats enabled, then lower weight."""
+    if a.enabled != b.enabled:
+        return not a.enabled
+    return a.enabled and a.weight is not None and b.weight is not None and a.weight < b.weight
+
+
+def _unknown(exc: BaseException) -> bool:
+    """Whether a failed command may have run: anything but a failure to connect."""
+    return "connecting to" not in str(exc)
 
 
 class Member:
@@ -111,13 +182,22 @@ class Member:
         self.up = False  # the last Redis command succeeded
         self.leader: str | None = None  # who leads, as last seen
         self.version = 0  # the shared states' version this member applied
+        self.stamp = ""  # ... and the id of the write that made it
         self.last_event = ""  # the stream id of the last event taken into the trail
-        self.pending: dict[Key, LocalRollback] = {}
+        self.pending_path = controller.state_path.with_name(
+            controller.state_path.name + ".fleet-pending")
+        self.pending: dict[tuple[str, str], LocalRollback] = load_pending(self.pending_path)
         self.merger = Merger()
         self.merged = MergedTallies()
+        self.seen = Seen()
         self.writes = 0  # decisions this member wrote
-        self._gens: dict[Key, tuple[Tally, int]] = {}
+        self.server = ""  # the Redis server's version, once checked
+        self._shared_routes: set[str] = set()
+        # (route, ring) -> (tally, fingerprint, generation, base: what it held at the
+        # config's change, None if it started with it)
+        self._gens: dict[tuple[str, str], tuple[Tally, str, int, Evidence | None]] = {}
         self._gen = 0
+        self._seq = 0
         self._led = 0  # the token of the last lease this member led with
         self._tasks: list[asyncio.Task[None]] = []
         controller.shared = self
@@ -147,6 +227,8 @@ class Member:
         await self._listener.aclose()
 
     def _set_up(self, up: bool, exc: BaseException | None = None) -> None:
+        if isinstance(exc, TooOld) and (self.up or not self._tasks):
+            log.error("shared state %s REFUSED: %s", self.settings.redacted_url, exc)
         if up != self.up or not self._tasks:
             if up:
                 log.info("shared state %s: reachable (member %s)",
@@ -158,6 +240,7 @@ class Member:
         self.up = up
         if not up:
             self.leader = None
+            self.server = ""  # checked again when it answers (a failover may change it)
             self.lease.lost()
         self._role()
 
@@ -174,8 +257,10 @@ class Member:
             self.controller.tally = self.metrics.tally
 
     def _merged_tally(self, route: str, ring: str) -> Tally:
+        """The fleet's evidence of the ring's config this leader's state holds."""
         self.metrics.tally(route, ring)  # KeyError when metrics are off: nothing judged
-        return self.merged.get((route, ring))
+        state = self.controller.states.get(route, {}).get(ring)
+        return self.merged.get((route, ring, state.fingerprint if state else ""))
 
     # ------------------------------------------------------------------ the loops
 
@@ -188,6 +273,8 @@ class Member:
             now = loop.time()
             try:
                 async with asyncio.timeout(TIMEOUT * 2):
+                    if not self.server:  # nothing (not even the lease) on a refused one
+                        self.server = await self.store.check_server()
                     if now >= next_publish:
                         next_publish = now + PUBLISH_EVERY
                         await self._publish()
@@ -201,6 +288,11 @@ class Member:
                         await self._poll()
                     if self.pending:
                         await self._record_local_rollbacks()
+                    if self.lease.leading and self.controller.states.keys() \
+                            - self._shared_routes:
+                        async with self.controller.lock:  # a route a reload added
+                            await self._sync()
+                            await self._seed()
                 if not self.up:
                     self._set_up(True)
             except (RedisError, OSError, TimeoutError) as exc:
@@ -239,8 +331,9 @@ class Member:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def _poll(self) -> None:
-        version = int(await self.redis.get(self.store.version) or 0)
-        if version != self.version:
+        if not self.server:
+            self.server = await self.store.check_server()
+        if await self.store.head() != (self.version, self.stamp):
             await self._sync_states()
 
     async def _sync_states(self) -> None:
@@ -249,29 +342,42 @@ class Member:
 
     # ------------------------------------------------------------------ evidence
 
-    def _totals(self) -> dict[Key, tuple[int, Evidence]]:
+    def _totals(self) -> tuple[dict[Key, tuple[int, Evidence]], dict[Key, int | None]]:
+        """Each ring's totals under the fingerprint of the config it serves here (from
+        the config's change on: a new generation), and its step."""
         out: dict[Key, tuple[int, Evidence]] = {}
-        gens: dict[Key, tuple[Tally, int]] = {}
+        steps: dict[Key, int | None] = {}
+        gens: dict[tuple[str, str], tuple[Tally, str, int, Evidence | None]] = {}
         for route, plan in self.controller.plans.items():
             if plan.analysis is None:
                 continue
+            states = self.controller.states.get(route, {})
             for ring in plan.rings:
-                key = (route, ring.name)
+                name = (route, ring.name)
                 try:
                     tally = self.metrics.tally(route, ring.name)
                 except KeyError:
                     continue
-                held = self._gens.get(key)
+                held = self._gens.get(name)
                 if held is None or held[0] is not tally:
                     self._gen += 1
-                    held = (tally, self._gen)
-                gens[key] = held
-                out[key] = (held[1], tally.evidence())
+                    held = (tally, ring.fingerprint, self._gen, None)
+                elif held[1] != ring.fingerprint:
+                    self._gen += 1
+                    held = (tally, ring.fingerprint, self._gen, tally.evidence())
+                gens[name] = held
+                key = (route, ring.name, ring.fingerprint)
+                totals = tally.evidence()
+                out[key] = (held[2], totals if held[3] is None else subtract(totals, held[3]))
+                state = states.get(ring.name)
+                steps[key] = state.step if state is not None else None
         self._gens = gens
-        return out
+        return out, steps
 
     async def _publish(self) -> None:
-        body = encode(self.boot, time.time(), self._totals())
+        self._seq += 1
+        totals, steps = self._totals()
+        body = encode(self.boot, time.time(), totals, self._seq, steps)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(self.store.evidence, self.id, body)
             pipe.pexpire(self.store.evidence, round(STALE_AFTER * 2000))
@@ -281,8 +387,7 @@ class Member:
         """The leader's read of every member's evidence, into the merged tallies."""
         raw = await self.redis.hgetall(self.store.evidence)
         published: dict[str, Published] = {}
-        old: list[str] = []
-        cutoff = time.time() - STALE_AFTER
+        now = asyncio.get_running_loop().time()
         for name, body in raw.items():
             member = name.decode() if isinstance(name, bytes) else str(name)
             try:
@@ -290,10 +395,13 @@ class Member:
             except ValueError as exc:
                 log.warning("fleet evidence of member %s skipped: %s", member, exc)
                 continue
-            if doc.at < cutoff:
-                old.append(member)  # gone: its last totals stay counted (Merger.forget)
-            else:
-                published[member] = doc
+            published[member] = doc
+            self.seen.saw(member, doc, now)
+        # Gone (its document unchanged for STALE_AFTER by this leader's clock): its last
+        # totals stay counted (Merger.forget).
+        old = self.seen.stale(now, STALE_AFTER)
+        for member in old:
+            published.pop(member, None)
         self.merger.update(published)
         if old:
             self.merger.forget(old)
@@ -310,7 +418,7 @@ class Member:
                 log.warning("fleet: member %s LEADS (fencing token %d)", self.id,
                             self.lease.token)
                 self._led = self.lease.token
-                self.merger, self.merged = Merger(), MergedTallies()
+                self.merger, self.merged, self.seen = Merger(), MergedTallies(), Seen()
             await self._merge()
             async with self.controller.lock:
                 await self._sync()
@@ -324,27 +432,68 @@ class Member:
         """Routes the shared state lacks (a new fleet, a route added): this leader's states.
 
         Called with the controller's lock held, right after a sync."""
-        _, shared = await self.store.read()
+        read = await self.store.read()
+        self._shared_routes = set(read.states)
         for route, states in self.controller.states.items():
-            if route not in shared:
+            if route not in read.states:
                 written = await self.store.write(self.version, self.lease.token, route,
                                                  states, [])
                 if written.ok:
-                    self.version = written.version
+                    self.version, self.stamp = written.version, written.stamp
+                    self._shared_routes.add(route)
 
     # ------------------------------------------------------------------ states
 
     async def _sync(self, first: bool = False) -> None:
         """Adopt the newest shared states and take the new events into the trail; the
         caller holds the controller's lock."""
-        version, shared = await self.store.read()
-        if version != self.version and shared:
-            await self.controller.adopt_locked(self._keep_local(shared))
-        self.version = version
+        if not self.server:
+            self.server = await self.store.check_server()
+        read = await self.store.read(self.version, self.stamp)
+        self._shared_routes = set(read.states)
+        if read.lost:
+            await self._recover(read)
+        else:
+            if (read.version, read.stamp) != (self.version, self.stamp) and read.states:
+                await self.controller.adopt_locked(self._keep_local(read.states))
+            self.version, self.stamp = read.version, read.stamp
         if first:
             await self._first_events()
         else:
             await self._events()
+
+    async def _recover(self, read: Read) -> None:
+        """Redis lost writes this member applied: adopt no more exposure than it serves.
+
+        For each ring of the same config, the less exposed of (shared, local), written
+        back (version-checked; if another member wrote first, the next sync does this
+        again on what it wrote) and applied."""
+        log.warning("fleet: the shared state LOST writes (version %d, this member applied "
+                    "%d): keeping, ring by ring, the less exposed of it and this member's "
+                    "states", read.version, self.version)
+        version, stamp, ok = read.version, read.stamp, True
+        merged: SharedStates = {}
+        for route, rings in read.states.items():
+            mine = self.controller.states.get(route, {})
+            kept = dict(rings)
+            for name, theirs in rings.items():
+                local = mine.get(name)
+                if (local is not None and local.fingerprint == theirs.fingerprint
+                        and less_exposed(local, theirs)):
+                    kept[name] = local
+            merged[route] = kept
+            if kept != rings and ok:
+                written = await self.store.write(version, None, route, kept, [])
+                if written.ok:
+                    version, stamp = written.version, written.stamp
+                    log.warning("fleet: route %s's shared states written back with this "
+                                "member's less exposed rings", route)
+                else:
+                    ok = False  # moved on: the next sync merges what is there now
+        if merged:
+            await self.controller.adopt_locked(self._keep_local(merged))
+        if ok:
+            self.version, self.stamp = version, stamp
 
     def _keep_local(self, shared: SharedStates) -> SharedStates:
         """The shared states, except rings this member took off and has not recorded yet."""
@@ -398,15 +547,27 @@ class Member:
             log.warning("fleet: writing a decision of route %s failed: %s", route,
                         type(exc).__name__ + (f" ({exc})" if str(exc) else ""))
             self._set_up(False, exc)
+            unknown = _unknown(exc)
             if less:
                 for event in events:
                     state = states.get(event.ring)
                     self.pending[route, event.ring] = LocalRollback(
-                        route, event.ring, state.fingerprint if state else "", event.reason)
-                log.warning("fleet: %s/%s taken off LOCALLY (shared state out of reach); "
+                        route, event.ring, state.fingerprint if state else "", event.reason,
+                        event.time)
+                await asyncio.to_thread(save_pending, self.pending_path,
+                                        list(self.pending.values()))
+                log.warning("fleet: %s/%s taken off LOCALLY (shared state out of reach%s); "
                             "it is recorded there when it is back", route,
-                            ",".join(e.ring for e in events))
-                return False
+                            ",".join(e.ring for e in events),
+                            ", the write's outcome unknown" if unknown else "")
+                # Outcome unknown: the stream brings the event if the write ran (and the
+                # pending record's if not); never the local audit too (a duplicate).
+                return unknown
+            if unknown:
+                raise SharedUnavailable(
+                    f"the shared rollout state ({self.settings.redacted_url}) did not answer "
+                    "in time: the outcome is unknown (the decision may have been written); "
+                    "check `ringproxy status`") from None
             raise SharedUnavailable(
                 f"the shared rollout state ({self.settings.redacted_url}) is out of reach: "
                 "nothing changed; members keep serving the last agreed state") from None
@@ -419,14 +580,16 @@ class Member:
         if not written.ok:
             await self._sync()
             raise Stale
-        self.version = written.version
+        self.version, self.stamp = written.version, written.stamp
         self.writes += 1
         return True
 
     async def _record_local_rollbacks(self) -> None:
         """Write the rollbacks taken while Redis was out of reach (if still exposed there)."""
         async with self.controller.lock:
-            version, shared = await self.store.read()
+            before = dict(self.pending)
+            read = await self.store.read()
+            version, shared = read.version, read.states
             for key, held in list(self.pending.items()):
                 route, ring = key
                 plan = self.controller.plans.get(route)
@@ -447,6 +610,9 @@ class Member:
                                 "shared state", route, ring)
                 else:
                     break  # the version moved on: next round
+            if self.pending != before:
+                await asyncio.to_thread(save_pending, self.pending_path,
+                                        list(self.pending.values()))
             await self._sync()
 
     # ------------------------------------------------------------------ views

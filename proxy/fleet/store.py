@@ -6,7 +6,11 @@ one Redis.  Keys:
 - ``leader``: the member id holding the lease (``SET NX PX``); ``fence``: a counter, one
   ``INCR`` per new lease; ``token``: the current lease's fencing token.
 - ``states``: a hash, route -> JSON of its ring states (``RingState.as_dict``);
-  ``version``: a counter, one ``INCR`` per decision written.
+  ``version``: a counter, one ``INCR`` per decision written; ``stamps``: a hash, version ->
+  the random id of the write that made it (the last ``STAMPS_KEPT``), so a member tells a
+  history it applied from one Redis lost (a lower version after an AOF ``everysec`` crash
+  or a failover to a replica that lagged; or the same version number re-used by a new
+  write): ``Read.lost``.
 - ``events``: the fleet's audit trail, a stream bounded by ``XADD MAXLEN ~ EVENTS_KEPT``.
 - ``decisions``: the pub/sub channel a write announces its new version on.
 - ``evidence``: a hash, member id -> JSON of its cumulative per-ring tallies.
@@ -22,12 +26,14 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
 
 from proxy.rollout.state import Event, RingState
 
@@ -35,6 +41,8 @@ log = logging.getLogger("ringproxy.fleet")
 
 EVENTS_KEPT = 10_000  # the stream's approximate bound (XADD MAXLEN ~)
 EVENTS_READ = 1000  # stream entries read at a time
+STAMPS_KEPT = 1000  # write ids kept (a member polls every second: far fewer go by)
+MIN_SERVER = (6, 2)  # XRANGE's exclusive start "(id" (events_after)
 
 # KEYS: leader, fence, token.  ARGV: member, lease ms, the token it holds ("" if none).
 # A free lease is taken with a new token; the holder renews it with the token it holds.
@@ -62,9 +70,9 @@ end
 return 0
 """
 
-# KEYS: states, version, token, events, channel.
+# KEYS: states, version, token, events, channel, stamps.
 # ARGV: expected version, token ("" = not a leader's judged write), route, states JSON,
-#       events kept, then the events' JSON, one argument each.
+#       events kept, this write's id, stamps kept, then the events' JSON, one argument each.
 # Returns {1, new version} when written, {0, current version} when the version moved on,
 # {-1, current version} when the token is not the current one.
 WRITE = """
@@ -73,7 +81,9 @@ if current ~= tonumber(ARGV[1]) then return {0, current} end
 if ARGV[2] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[2] then return {-1, current} end
 redis.call('HSET', KEYS[1], ARGV[3], ARGV[4])
 local version = redis.call('INCR', KEYS[2])
-for i = 6, #ARGV do
+redis.call('HSET', KEYS[6], version, ARGV[6])
+redis.call('HDEL', KEYS[6], version - tonumber(ARGV[7]))
+for i = 8, #ARGV do
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'event', ARGV[i],
              'version', version)
 end
@@ -81,9 +91,18 @@ redis.call('PUBLISH', KEYS[5], version)
 return {1, version}
 """
 
-# KEYS: states, version.  The states and their version, read together.
+# KEYS: states, version, stamps.  ARGV: the version the reader applied.
+# The states, their version and its write id, and the id of the reader's version now.
 READ = """
-return {redis.call('GET', KEYS[2]) or '0', redis.call('HGETALL', KEYS[1])}
+local version = redis.call('GET', KEYS[2]) or '0'
+return {version, redis.call('HGET', KEYS[3], version) or '',
+        redis.call('HGET', KEYS[3], ARGV[1]) or '', redis.call('HGETALL', KEYS[1])}
+"""
+
+# KEYS: version, stamps.  The version and its write id (a member's poll).
+HEAD = """
+local version = redis.call('GET', KEYS[1]) or '0'
+return {version, redis.call('HGET', KEYS[2], version) or ''}
 """
 
 SharedStates = dict[str, dict[str, RingState]]
@@ -96,6 +115,38 @@ class Written:
     ok: bool
     version: int
     deposed: bool = False
+    stamp: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    """The shared states as ``Store.read`` found them."""
+
+    version: int
+    stamp: str  # the id of the write that made ``version``
+    states: SharedStates
+    lost: bool  # the version the reader applied is not in Redis's history (see the module)
+
+
+class TooOld(RedisError):
+    """The Redis server is older than ``MIN_SERVER``: the member refuses it (it stays
+    "out of reach", logging this)."""
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def check_version(text: str) -> None:
+    """``TooOld`` for a server version below ``MIN_SERVER`` (or not a version)."""
+    try:
+        found = tuple(int(x) for x in text.split(".")[:2])
+    except ValueError:
+        found = (0, 0)
+    if found < MIN_SERVER:
+        need = ".".join(map(str, MIN_SERVER))
+        raise TooOld(f"Redis {text} is older than {need}, the oldest ringproxy's fleet "
+                     f"supports (XRANGE with an exclusive start): upgrade the server")
 
 
 class Store:
@@ -109,10 +160,19 @@ class Store:
         self.states, self.version = key("states"), key("version")
         self.events, self.channel, self.evidence = key("events"), key("decisions"), \
             key("evidence")
+        self.stamps = key("stamps")
         self._lead: AsyncScript = redis.register_script(LEAD)
         self._resign: AsyncScript = redis.register_script(RESIGN)
         self._write: AsyncScript = redis.register_script(WRITE)
         self._read: AsyncScript = redis.register_script(READ)
+        self._head: AsyncScript = redis.register_script(HEAD)
+
+    async def check_server(self) -> str:
+        """The server's version; ``TooOld`` (with what to do) below ``MIN_SERVER``."""
+        info = await self.redis.info("server")
+        text = str(info.get("redis_version", "0"))
+        check_version(text)
+        return text
 
     async def lead(self, member: str, lease: float, token: int) -> int:
         """Take or renew the lease: the token held now, 0 if another member holds it."""
@@ -135,16 +195,29 @@ class Store:
         """The route's new states and their events, if ``version`` is still current."""
         body = json.dumps({name: s.as_dict() for name, s in states.items()},
                           sort_keys=True)
+        stamp = uuid.uuid4().hex
         got = await self._write(
-            keys=[self.states, self.version, self.token, self.events, self.channel],
+            keys=[self.states, self.version, self.token, self.events, self.channel,
+                  self.stamps],
             args=[version, "" if token is None else str(token), route, body, EVENTS_KEPT,
+                  stamp, STAMPS_KEPT,
                   *(json.dumps(e.as_dict(), sort_keys=True) for e in events)])
         code, now = int(got[0]), int(got[1])
-        return Written(code == 1, now, deposed=code == -1)
+        return Written(code == 1, now, deposed=code == -1, stamp=stamp if code == 1 else "")
 
-    async def read(self) -> tuple[int, SharedStates]:
-        """Every route's shared states and their version (0: nothing written yet)."""
-        version, flat = await self._read(keys=[self.states, self.version])
+    async def head(self) -> tuple[int, str]:
+        """The current version and its write id (cheap: a member's poll)."""
+        version, stamp = await self._head(keys=[self.version, self.stamps])
+        return int(version), _text(stamp)
+
+    async def read(self, applied: int = 0, stamp: str = "") -> Read:
+        """Every route's shared states and their version (0: nothing written yet);
+        ``applied``/``stamp``: the version the reader applied and its write id, to tell
+        whether Redis lost it (``Read.lost``)."""
+        version, current, known, flat = await self._read(
+            keys=[self.states, self.version, self.stamps], args=[applied])
+        version = int(version)
+        lost = applied > 0 and (version < applied or _text(known) != stamp)
         out: SharedStates = {}
         for name, body in zip(flat[::2], flat[1::2], strict=True):
             route = name.decode() if isinstance(name, bytes) else str(name)
@@ -153,7 +226,7 @@ class Store:
             except ValueError as exc:  # input: skipped (the route keeps what it has here)
                 log.warning("fleet: the shared states of route %s are not usable, skipped: "
                             "%s", route, exc)
-        return int(version), out
+        return Read(version, _text(current), out, lost)
 
     async def events_after(self, last: str) -> list[tuple[str, dict[str, object]]]:
         """The audit trail's entries after stream id ``last`` (at most ``EVENTS_READ``)."""
