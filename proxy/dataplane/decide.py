@@ -78,7 +78,7 @@ _RETRY_AFTER = tuple(b"Retry-After: %d\r\n" % n for n in range(61))  # prebuilt,
 
 def decide(runtime: Runtime, request: Request, request_id: str) -> Forward | LocalAnswer:
     """Where ``request`` goes, and with which head (``request_id`` is forwarded)."""
-    compiled = runtime.table.match(request.host_name, request.path)
+    compiled = runtime.table.match(request.host.decode("latin-1"), request.path)
     if compiled is None:
         return NO_ROUTE
     decision = assign(compiled, request, new_request_id if compiled.anonymous else None)
