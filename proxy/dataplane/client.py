@@ -58,8 +58,11 @@ class DataPlane:
 
     def __init__(self, runtime: Runtime, access_log: AccessLog | None,
                  gate: ConnectionGate | None = None) -> None:
-        self._runtime = runtime
-        self.credential_names = credential_names(runtime)
+        # A plain attribute (read once per request; a property would be a call): the swap
+        # on reload is an assignment, and the credential header names follow it lazily.
+        self.runtime = runtime
+        self._names_of = runtime
+        self._credential_names = credential_names(runtime)
         self.access_log = access_log
         self.gate = gate
         self.timers = Timers(asyncio.get_running_loop())
@@ -67,14 +70,14 @@ class DataPlane:
         self.closing = False
 
     @property
-    def runtime(self) -> Runtime:
-        return self._runtime
-
-    @runtime.setter
-    def runtime(self, runtime: Runtime) -> None:
-        """The swap on reload; the credential header names come with it (once a config)."""
-        self.credential_names = credential_names(runtime)
-        self._runtime = runtime
+    def credential_names(self) -> frozenset[bytes]:
+        """The live runtime's credential header names (worked out once a config, when first
+        asked after a swap: only a header name with ``_`` asks)."""
+        runtime = self.runtime
+        if self._names_of is not runtime:
+            self._credential_names = credential_names(runtime)
+            self._names_of = runtime
+        return self._credential_names
 
     def protocol(self, scheme: str = "http") -> ClientConnection:
         return ClientConnection(self, scheme)

@@ -200,7 +200,7 @@ def upstream_head(
     parts += (b"Via: ", joined(via, VIA_VALUE), b"\r\nX-Request-Id: ", request_id.encode(),
               b"\r\n", ring.head_lines)
     if ring.reason_header:
-        parts += (b"X-Ring-Reason: ", decision.reason.value.encode(), b"\r\n")
+        parts += (b"X-Ring-Reason: ", decision.reason._value_.encode(), b"\r\n")
     if upgrade:
         parts += (_UPGRADE_LINE, request.upgrade, b"\r\n")
     return b"".join(parts)
@@ -211,7 +211,7 @@ def response_extras(request: Request, route: Route, decision: Decision) -> bytes
     extra: list[bytes] = []
     if route.decision.response:
         extra += [b"X-Ring: ", decision.ring.encode(), b"\r\nX-Ring-Reason: ",
-                  decision.reason.value.encode(), b"\r\n"]
+                  decision.reason._value_.encode(), b"\r\n"]
     if decision.new_id is not None and route.sticky and route.sticky.anonymous:
         cookie = route.sticky.anonymous
         value = f"{cookie.name}={decision.new_id}{cookie.attributes()}"

@@ -717,7 +717,7 @@ class Exchange:
                 request.by_name.get(b"user-agent"), request.path, self.status,
                 duration * 1000.0, self.upstream_ms,
                 ring.route if ring else None, ring.name if ring else None,
-                decision.reason.value if decision else None,
+                decision.reason._value_ if decision else None,  # (.value: a call)
                 decision.bucket if decision else None,
                 ring.pool.config.name if ring else None, self.server_url or None,
                 self.bytes_in, self.bytes_out, self.error or None,

@@ -257,7 +257,7 @@ def special_header(request: Request, name: bytes, value: bytes, kind: int) -> No
 def check_head(request: Request, version: str) -> None:
     """The checks on a complete head that llhttp leaves to us (raises RequestError)."""
     request.version = version
-    if not framing.version_ok(version):
+    if version != "1.1" and not framing.version_ok(version):
         raise RequestError(framing.BAD_VERSION)
     if request.host_count > 1 or (request.host_count == 0 and version == "1.1"):
         raise RequestError(framing.NO_HOST)
