@@ -411,7 +411,11 @@ class ClientConnection(asyncio.Protocol):
             if self.req is not None:
                 self._arm_head()
             elif self.parsing is None:
-                self._arm_keepalive()
+                # _arm_keepalive, inline (the request path's common end).
+                if self.timer == _HEAD:
+                    self._head_deadlines.disarm(self)
+                self.timer = _KEEPALIVE
+                self._keepalive_deadlines.arm(self, self._keepalive_timeout)
         else:
             self._advance()
 

@@ -22,7 +22,7 @@ from typing import NamedTuple
 from proxy.config import Route
 from proxy.config.health import PoolDown
 from proxy.dataplane import framing
-from proxy.dataplane.headers import VIA_VALUE, joined, new_request_id
+from proxy.dataplane.headers import VIA_VALUE, new_request_id
 from proxy.dataplane.ratelimit import retry_after
 from proxy.dataplane.request import Request
 from proxy.dataplane.upstream import Server
@@ -189,16 +189,18 @@ def upstream_head(
             if name in by_name:
                 fields = [f for f in fields if f.partition(b":")[0].lower() not in drop]
                 break
+    # (headers.joined, inline: a call less each.)
+    peer = request.peer.encode()
     parts = [
         request.method.encode(), b" ", request.target, b" HTTP/1.1\r\n",
         *fields,
-        b"X-Forwarded-For: ", joined(forwarded_for, request.peer.encode()), b"\r\n",
-        _PROTO[request.scheme],
+        b"X-Forwarded-For: ", forwarded_for + b", " + peer if forwarded_for else peer,
+        b"\r\n", _PROTO[request.scheme],
     ]
     if request.host:
         parts += (b"X-Forwarded-Host: ", request.host, b"\r\n")
-    parts += (b"Via: ", joined(via, VIA_VALUE), b"\r\nX-Request-Id: ", request_id.encode(),
-              b"\r\n", ring.head_lines)
+    parts += (b"Via: ", via + b", " + VIA_VALUE if via else VIA_VALUE,
+              b"\r\nX-Request-Id: ", request_id.encode(), b"\r\n", ring.head_lines)
     if ring.reason_header:
         parts += (b"X-Ring-Reason: ", decision.reason._value_.encode(), b"\r\n")
     if upgrade:

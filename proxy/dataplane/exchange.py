@@ -451,7 +451,8 @@ class Exchange:
         self.status = status
         request = self.request
         client = self.client
-        parts = [_status_line(status, conn.reason), *conn.lines]
+        line = _STATUS_LINES.get((status, conn.reason))  # (_status_line's hit, inline)
+        parts = [line or _status_line(status, conn.reason), *conn.lines]
         parts.append(b"Via: " + joined(conn.via, VIA_VALUE) + b"\r\n" if conn.via else _VIA_LINE)
         if not conn.has_request_id:
             parts.append(b"X-Request-Id: " + self.request_id.encode() + b"\r\n")
