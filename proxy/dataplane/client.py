@@ -345,7 +345,7 @@ class ClientConnection(asyncio.Protocol):
         ex = self.parsing
         if ex is not None:
             self.parsing = None
-            self._disarm_body()
+            self._body_deadlines.disarm(self.parser)  # (_disarm_body, inline)
             ex.request_complete()
 
     # ------------------------------------------------------------------ the exchanges' side

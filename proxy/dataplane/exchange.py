@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from proxy.dataplane import framing
 from proxy.dataplane.deadlines import Deadlines
 from proxy.dataplane.decide import NO_ROUTE, Forward, LocalAnswer, decide, upstream_head
-from proxy.dataplane.headers import VIA_VALUE, joined, new_request_id, request_id_ok
+from proxy.dataplane.headers import READY_IDS, VIA_VALUE, joined, new_request_id, request_id_ok
 from proxy.dataplane.request import Request
 from proxy.dataplane.tunnel import TUNNEL_IDLE, Tunnel
 from proxy.dataplane.upstream import UpstreamConnection
@@ -135,7 +135,7 @@ class Exchange:
             self.request_id = (rid.decode() if ids.trust_incoming
                                and request_id_ok(rid, ids.max_length) else new_request_id())
         else:
-            self.request_id = new_request_id()
+            self.request_id = READY_IDS.pop() if READY_IDS else new_request_id()
         self.started = time.monotonic()
         self.state = NEW
         self.step: Forward | LocalAnswer | None = None
@@ -713,7 +713,8 @@ class Exchange:
             request = self.request
             decision = step.decision if step is not None else None
             access_log.log_request(
-                self.request_id, request.remote, request.method, request.host_name,
+                self.request_id, request.remote, request.method,
+                request.host.decode("latin-1"),  # (host_name, without the call)
                 self.upgraded or _PROTOCOLS.get(request.version) or "HTTP/" + request.version,
                 request.by_name.get(b"user-agent"), request.path, self.status,
                 duration * 1000.0, self.upstream_ms,
