@@ -371,8 +371,10 @@ class Exchange:
             conn.pause_reading()  # (a pipelined request behind a slow reader's response)
         if client.pausing & client.WAIT:
             client.resume(client.WAIT)
-        if complete:
-            self._request_sent()
+        if complete and self.state == SENDING:
+            # _request_sent, inline (conn.send marked the request sent): the ring timeout.
+            deadlines = self.deadlines = client.plane.timers(step.ring.timeout)
+            deadlines.arm(self, self._timed_out)
 
     def _request_sent(self) -> None:
         if self.conn is not None:
@@ -563,7 +565,9 @@ class Exchange:
         if head:
             self.pending_head = b""
             data = head + data
-        self.client.write(data)
+        client = self.client  # (client.write, inline)
+        if not client.closed and client.transport is not None:
+            client.transport.write(data)
 
     def response_pending(self) -> None:
         """The upstream's data so far is relayed and the response is not complete: its
