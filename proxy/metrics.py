@@ -49,6 +49,7 @@ from proxy.dataplane.upstream import UpstreamPool
 from proxy.health.retry import REASONS as RETRY_REASONS
 from proxy.rollout.evidence import Tally
 from proxy.rollout.judge import Finding
+from proxy.rollout.sketch import index_of
 from proxy.rollout.window import LATENCY_BUCKETS, RingWindow, Summary
 from proxy.runtime import RingRuntime, Runtime
 
@@ -151,7 +152,12 @@ class RingRecorder:
         bucket = bisect_left(LATENCY_BUCKETS, duration)
         self.buckets[bucket] += 1
         self.duration_sum += duration
-        self.tally.record(failed, duration)
+        # Tally.record(failed, duration), inline: a call less per request.
+        tally = self.tally
+        tally.requests += 1
+        if failed:
+            tally.errors += 1
+        tally.latency[index_of(duration)] += 1
         self.window.add(now, bucket, failed)
 
     def attempt(self, status: int, error: str, duration: float, now: float) -> None:

@@ -160,3 +160,19 @@ async def test_a_long_user_agent_is_cut_and_never_cached(tmp_path: Path) -> None
     assert lines[0]["user_agent"] == "\u00ff" * accesslog.USER_AGENT_MAX + "..."
     assert lines[-1]["user_agent"] == "curl/8"
     assert len(log._clients) == 1  # only the short one
+
+
+async def test_request_ids_are_written_as_json_whatever_they_hold(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    log = AccessLog(str(path))
+    # (The second and the last are isalnum, though not ASCII: escaped as json.dumps does.)
+    ids = ["0123abcdef", "caf\u00e9", "a-b:c.d_e", "q\"\\\n", "\u00b2\u0663"]
+    for rid in ids:
+        log.log_request(rid, "127.0.0.1", "GET", "h", "HTTP/1.1", None, "/", 200, 1.0, None,
+                        None, None, None, None, None, None, 0, 0, None, "abc")
+    log.close()
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line)["request_id"] for line in lines] == ids
+    assert all(line.isascii() for line in lines)  # as json.dumps writes them
+    assert '"request_id":"0123abcdef",' in lines[0]
+    assert '"request_id":"caf\\u00e9",' in lines[1]

@@ -257,3 +257,68 @@ async def test_the_upstream_headers_are_taken_over_and_a_missing_host_still_gets
     raw = await raw_exchange(proxy.url, b"GET /seen HTTP/1.0\r\n\r\n")
     assert raw.startswith(b"HTTP/1.1 200") or raw.startswith(b"HTTP/1.0 200")
     assert headers_of(stable.requests[-1])["host"] == stable.url.removeprefix("http://")
+
+
+def test_good_host_cache_is_bounded_and_changes_no_answer() -> None:
+    from proxy.dataplane import request as request_module
+    from proxy.dataplane.request import RequestError, parse_request
+
+    for i in range(3 * request_module._GOOD_HOSTS_MAX):
+        parse_request(f"GET / HTTP/1.1\r\nHost: h{i}.example.org\r\n\r\n".encode())
+        assert len(request_module._GOOD_HOSTS) <= request_module._GOOD_HOSTS_MAX
+    for host in (b"api.example.com", b"[::1]:8080"):
+        for _ in range(2):  # the second one comes from the cache
+            req = parse_request(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+            assert req.host == host
+    for bad in (b"a b", b"a/b", b"a\"b", b"a@b"):
+        for _ in range(2):
+            with pytest.raises(RequestError):
+                parse_request(b"GET / HTTP/1.1\r\nHost: " + bad + b"\r\n\r\n")
+        assert bad not in request_module._GOOD_HOSTS
+    long_host = b"a" * 300 + b".example.org"
+    assert parse_request(b"GET / HTTP/1.1\r\nHost: " + long_host + b"\r\n\r\n").host == long_host
+    assert long_host not in request_module._GOOD_HOSTS
+
+
+def test_header_getter_reads_the_parsed_request_as_its_headers_view_does() -> None:
+    from proxy.config.rules import Attr
+    from proxy.dataplane.request import parse_request
+    from proxy.routing.assign import StaticRequest
+    from proxy.routing.predicates import getter
+
+    req = parse_request(b"GET / HTTP/1.1\r\nHost: x\r\nx-user-id: u1\r\nX-USER-ID: u2\r\n"
+                        b"X-Cafe: cr\xe8me\r\n\r\n")
+    for name in ("X-User-Id", "x-user-id", "X-USER-ID", "x-CAFE", "Missing", "Host"):
+        assert getter(Attr.HEADER, name)(req) == req.headers.get(name)
+    assert getter(Attr.HEADER, "X-User-Id")(req) == "u1"  # the first value
+    assert getter(Attr.HEADER, "X-Cafe")(req) == "cr\xe8me"
+    assert getter(Attr.HEADER, "Missing")(req) is None
+    # Any other view goes through its headers mapping.
+    static = StaticRequest.build([("X-User-Id", "s1")])
+    assert getter(Attr.HEADER, "x-user-id")(static) == static.headers.get("x-user-id") == "s1"
+
+
+async def test_credential_names_follow_the_runtime_swap() -> None:
+    from proxy.dataplane.client import DataPlane
+    from proxy.runtime import Runtime
+
+    def runtime(header: str) -> Runtime:
+        return Runtime(parse_config(textwrap.dedent(
+            f"""
+            pools:
+              p:
+                servers: ["http://127.0.0.1:9"]
+                auth: [{{header: {header}, value: "${{TOKEN}}"}}]
+            routes:
+              - name: r
+                rings: [{{name: a, pool: p}}]
+            """
+        ), environ={"TOKEN": "secret"}))
+
+    first, second = runtime("X_Api_Key"), runtime("Authorization")
+    plane = DataPlane(first, None)
+    assert plane.credential_names == frozenset({b"x-api-key"})
+    plane.runtime = second  # the reload's swap
+    assert plane.runtime is second
+    assert plane.credential_names == frozenset({b"authorization"})
+    plane.timers.close()

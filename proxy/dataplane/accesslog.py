@@ -44,8 +44,10 @@ def _iso(ts: float) -> str:
 # three decimals.  What json.dumps of the dict holds, for about a third of its cost.
 _REQUEST_LINE = (
     '{"time":"%s.%03dZ","request_id":%s,%s,"path":%s,"status":%d,"duration_ms":%.3f,'
-    '"upstream_ms":%s,%s,"bytes_in":%d,"bytes_out":%d,"error":%s,"revision":%s}\n'
+    '"upstream_ms":%.3f,%s,"bytes_in":%d,"bytes_out":%d,"error":%s,"revision":%s}\n'
 )
+# The same without an upstream's answer (upstream_ms null): one format either way.
+_REQUEST_LINE_NO_UPSTREAM = _REQUEST_LINE.replace('"upstream_ms":%.3f', '"upstream_ms":null')
 # The client's fields, as printed, by their values (few clients send most requests).
 _CLIENT_FIELDS = '"client":%s,"method":%s,"host":%s,"protocol":%s,"user_agent":%s'
 
@@ -165,11 +167,18 @@ class AccessLog:
             if len(self._revisions) >= 64:
                 self._revisions.clear()
             rev = self._revisions[revision] = _string(revision)
-        self._buffer.append(_REQUEST_LINE % (
-            self._stamp, int(now % 1 * 1000), _string(request_id), fields, _string(path),
-            status, duration_ms, "null" if upstream_ms is None else f"{upstream_ms:.3f}",
-            decision, bytes_in, bytes_out, "null" if error is None else _string(error), rev,
-        ))
+        # (now - second: exact, as now % 1, without a float modulo.)
+        if upstream_ms is None:
+            line = _REQUEST_LINE_NO_UPSTREAM % (
+                self._stamp, int((now - second) * 1000), _string(request_id), fields,
+                _string(path), status, duration_ms, decision, bytes_in, bytes_out,
+                "null" if error is None else _string(error), rev)
+        else:
+            line = _REQUEST_LINE % (
+                self._stamp, int((now - second) * 1000), _string(request_id), fields,
+                _string(path), status, duration_ms, upstream_ms, decision, bytes_in, bytes_out,
+                "null" if error is None else _string(error), rev)
+        self._buffer.append(line)
         if len(self._buffer) >= _FLUSH_LINES:
             self.flush()
         elif self._timer is None:

@@ -58,8 +58,11 @@ class DataPlane:
 
     def __init__(self, runtime: Runtime, access_log: AccessLog | None,
                  gate: ConnectionGate | None = None) -> None:
-        self._runtime = runtime
-        self.credential_names = credential_names(runtime)
+        # A plain attribute (read once per request; a property would be a call): the swap
+        # on reload is an assignment, and the credential header names follow it lazily.
+        self.runtime = runtime
+        self._names_of = runtime
+        self._credential_names = credential_names(runtime)
         self.access_log = access_log
         self.gate = gate
         self.timers = Timers(asyncio.get_running_loop())
@@ -67,14 +70,14 @@ class DataPlane:
         self.closing = False
 
     @property
-    def runtime(self) -> Runtime:
-        return self._runtime
-
-    @runtime.setter
-    def runtime(self, runtime: Runtime) -> None:
-        """The swap on reload; the credential header names come with it (once a config)."""
-        self.credential_names = credential_names(runtime)
-        self._runtime = runtime
+    def credential_names(self) -> frozenset[bytes]:
+        """The live runtime's credential header names (worked out once a config, when first
+        asked after a swap: only a header name with ``_`` asks)."""
+        runtime = self.runtime
+        if self._names_of is not runtime:
+            self._credential_names = credential_names(runtime)
+            self._names_of = runtime
+        return self._credential_names
 
     def protocol(self, scheme: str = "http") -> ClientConnection:
         return ClientConnection(self, scheme)
@@ -342,7 +345,7 @@ class ClientConnection(asyncio.Protocol):
         ex = self.parsing
         if ex is not None:
             self.parsing = None
-            self._disarm_body()
+            self._body_deadlines.disarm(self.parser)  # (_disarm_body, inline)
             ex.request_complete()
 
     # ------------------------------------------------------------------ the exchanges' side
@@ -408,7 +411,11 @@ class ClientConnection(asyncio.Protocol):
             if self.req is not None:
                 self._arm_head()
             elif self.parsing is None:
-                self._arm_keepalive()
+                # _arm_keepalive, inline (the request path's common end).
+                if self.timer == _HEAD:
+                    self._head_deadlines.disarm(self)
+                self.timer = _KEEPALIVE
+                self._keepalive_deadlines.arm(self, self._keepalive_timeout)
         else:
             self._advance()
 

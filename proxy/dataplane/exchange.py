@@ -35,7 +35,7 @@ except ImportError:  # pragma: no cover - not a POSIX system
 from proxy.dataplane import framing
 from proxy.dataplane.deadlines import Deadlines
 from proxy.dataplane.decide import NO_ROUTE, Forward, LocalAnswer, decide, upstream_head
-from proxy.dataplane.headers import VIA_VALUE, joined, new_request_id, request_id_ok
+from proxy.dataplane.headers import READY_IDS, VIA_VALUE, joined, new_request_id, request_id_ok
 from proxy.dataplane.request import Request
 from proxy.dataplane.tunnel import TUNNEL_IDLE, Tunnel
 from proxy.dataplane.upstream import UpstreamConnection
@@ -157,7 +157,7 @@ class Exchange:
             self.request_id = (rid.decode() if ids.trust_incoming
                                and request_id_ok(rid, ids.max_length) else new_request_id())
         else:
-            self.request_id = new_request_id()
+            self.request_id = READY_IDS.pop() if READY_IDS else new_request_id()
         self.started = time.monotonic()
         self.state = NEW
         self.step: Forward | LocalAnswer | None = None
@@ -393,8 +393,10 @@ class Exchange:
             conn.pause_reading()  # (a pipelined request behind a slow reader's response)
         if client.pausing & client.WAIT:
             client.resume(client.WAIT)
-        if complete:
-            self._request_sent()
+        if complete and self.state == SENDING:
+            # _request_sent, inline (conn.send marked the request sent): the ring timeout.
+            deadlines = self.deadlines = client.plane.timers(step.ring.timeout)
+            deadlines.arm(self, self._timed_out)
 
     def _request_sent(self) -> None:
         if self.conn is not None:
@@ -503,7 +505,8 @@ class Exchange:
         self.status = status
         request = self.request
         client = self.client
-        parts = [_status_line(status, conn.reason), *conn.lines]
+        line = _STATUS_LINES.get((status, conn.reason))  # (_status_line's hit, inline)
+        parts = [line or _status_line(status, conn.reason), *conn.lines]
         parts.append(b"Via: " + joined(conn.via, VIA_VALUE) + b"\r\n" if conn.via else _VIA_LINE)
         if not conn.has_request_id:
             parts.append(b"X-Request-Id: " + self.request_id.encode() + b"\r\n")
@@ -614,7 +617,9 @@ class Exchange:
         if head:
             self.pending_head = b""
             data = head + data
-        self.client.write(data)
+        client = self.client  # (client.write, inline)
+        if not client.closed and client.transport is not None:
+            client.transport.write(data)
 
     def response_pending(self) -> None:
         """The upstream's data so far is relayed and the response is not complete: its
@@ -768,12 +773,13 @@ class Exchange:
             request = self.request
             decision = step.decision if step is not None else None
             access_log.log_request(
-                self.request_id, request.remote, request.method, request.host_name,
+                self.request_id, request.remote, request.method,
+                request.host.decode("latin-1"),  # (host_name, without the call)
                 self.upgraded or _PROTOCOLS.get(request.version) or "HTTP/" + request.version,
                 request.by_name.get(b"user-agent"), request.path, self.status,
                 duration * 1000.0, self.upstream_ms,
                 ring.route if ring else None, ring.name if ring else None,
-                decision.reason.value if decision else None,
+                decision.reason._value_ if decision else None,  # (.value: a call)
                 decision.bucket if decision else None,
                 ring.pool.config.name if ring else None, self.server_url or None,
                 self.bytes_in, self.bytes_out, self.error or None,

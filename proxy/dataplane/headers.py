@@ -93,6 +93,9 @@ _ID_BATCH = 256
 _ids: list[str] = []
 if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
     os.register_at_fork(after_in_child=_ids.clear)
+# The batch itself, for the request path: ``READY_IDS.pop() if READY_IDS else
+# new_request_id()`` is new_request_id() without a call when the batch has ids.
+READY_IDS = _ids
 
 
 def new_request_id() -> str:

@@ -270,7 +270,9 @@ class UpstreamPool:
             return
         # Reading may have been paused for a slow client of the exchange that just ended
         # (its last read completed the response): the next exchange starts it reading.
-        conn.resume_reading()
+        # (resume_reading, inline: conn is not closed, checked above.)
+        if conn.transport is not None:
+            conn.transport.resume_reading()
         # A waiter for this server takes it at once.
         for i, (server, listener) in enumerate(self._waiters):
             if server is conn.server:

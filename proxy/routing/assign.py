@@ -80,6 +80,7 @@ class Decision:
 
 
 def bucket_of(salt: str, key: str) -> int:
+    """A key's bucket (0..BUCKETS-1).  ``assign`` computes it inline: keep the two alike."""
     return mmh3.hash(f"{salt}:{key}", signed=False) % BUCKETS
 
 
@@ -218,7 +219,12 @@ def assign(
         return replace(_by_bucket(compiled, bucket_of(compiled.salt, new_id), "anonymous"),
                        new_id=new_id)
     assert source is not None
-    return _by_bucket(compiled, bucket_of(compiled.salt, key), source)
+    # bucket_of and _by_bucket's cache hit, inline (two calls less per request).
+    bucket = mmh3.hash(f"{compiled.salt}:{key}", signed=False) % BUCKETS
+    cached = compiled._by_bucket.get((bucket, source))
+    if cached is not None:
+        return cached
+    return _by_bucket(compiled, bucket, source)
 
 
 def _by_bucket(compiled: CompiledRoute, bucket: int, source: str) -> Decision:

@@ -13,13 +13,6 @@ from proxy.config import Config, Route
 from proxy.routing.assign import CompiledRoute, compile_route
 
 
-def _prefix_matches(prefix: str, path: str) -> bool:
-    # "/api" matches "/api" and "/api/..." but not "/apiary"; "/" and "/api/" are plain.
-    if prefix.endswith("/"):
-        return path.startswith(prefix)
-    return path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/")
-
-
 def normalize_host(host: str) -> str:
     """``API.example.com:8080`` -> ``api.example.com``; ``[::1]:80`` -> ``[::1]``."""
     if host.startswith("["):
@@ -42,6 +35,9 @@ class _Candidate:
     slot: _Slot
     prefix: str
     wildcard: str  # ".example.com" for "*.example.com", else ""
+    # A path prefix matches: "/api" matches "/api" and "/api/..." but not "/apiary"; "/"
+    # and "/api/" are plain (a startswith).  (``match`` tests it inline: a call less.)
+    plain: bool  # the prefix ends with "/"
 
 
 # Host header values repeat (a handful per site), so match() remembers their normal form.
@@ -62,10 +58,12 @@ class RoutingTable:
         for route in config.routes:
             slot = self._slots[route.name]
             if not route.hosts:
-                every.append((route, _Candidate(slot, route.path_prefix, "")))
+                every.append((route, _Candidate(slot, route.path_prefix, "",
+                                                 route.path_prefix.endswith("/"))))
             for h in route.hosts:
                 wild = h[1:] if h.startswith("*.") else ""
-                every.append((route, _Candidate(slot, route.path_prefix, wild)))
+                every.append((route, _Candidate(slot, route.path_prefix, wild,
+                                                 route.path_prefix.endswith("/"))))
         exact_hosts = {h for r in config.routes for h in r.hosts if not h.startswith("*.")}
         # For a configured exact host: every candidate that could match it, in file order.
         self._by_host: dict[str, tuple[_Candidate, ...]] = {
@@ -100,13 +98,17 @@ class RoutingTable:
         candidates = self._by_host.get(name)
         if candidates is not None:
             for c in candidates:
-                if _prefix_matches(c.prefix, path):
+                prefix = c.prefix
+                if path.startswith(prefix) and (
+                        c.plain or len(path) == len(prefix) or path[len(prefix)] == "/"):
                     return c.slot.compiled
             return None
         for c in self._fallback:
             if c.wildcard and not name.endswith(c.wildcard):
                 continue
-            if _prefix_matches(c.prefix, path):
+            prefix = c.prefix
+            if path.startswith(prefix) and (
+                    c.plain or len(path) == len(prefix) or path[len(prefix)] == "/"):
                 return c.slot.compiled
         return None
 
