@@ -26,6 +26,16 @@ from proxy.server import Proxy
 GZIP_BODY = gzip.compress(b'{"hello": "compressed world"}' * 50, mtime=0)
 
 
+async def serve_app(app: web.Application, **runner: Any) -> tuple[web.AppRunner, str]:
+    """Serve ``app`` on a free port of 127.0.0.1: its runner (``cleanup()`` stops it) and
+    its ``http://host:port``."""
+    served = web.AppRunner(app, access_log=None, **runner)
+    await served.setup()
+    await web.TCPSite(served, "127.0.0.1", 0).start()
+    host, port = served.addresses[0][:2]
+    return served, f"http://{host}:{port}"
+
+
 class Upstream:
     """A real aiohttp server with endpoints tests use, and a record of what it saw."""
 
@@ -66,12 +76,7 @@ class Upstream:
         return app
 
     async def start(self) -> str:
-        self._runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = self._runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}"
+        self._runner, self.url = await serve_app(self.app(), handler_cancellation=True)
         return self.url
 
     async def stop(self) -> None:

@@ -27,7 +27,7 @@ from proxy.config import parse_config
 from proxy.config.checks import ExternalCheck, PrometheusQuery
 from proxy.rollout.machine import Phase, Trigger
 from proxy.server import Proxy
-from tests.conftest import ProxyFactory, Upstream
+from tests.conftest import ProxyFactory, Upstream, serve_app
 from tests.test_checks_sockets import Hooks
 from tests.test_limits_config import self_signed
 from tests.test_rollback_sockets import events_of, wait_for
@@ -173,12 +173,7 @@ class FakePrometheus:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/api/v1/query", self.query)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = self._runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}"
+        self._runner, self.url = await serve_app(app)
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -300,12 +295,7 @@ class FlakyHealth:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/health", self.health)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = self._runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}"
+        self._runner, self.url = await serve_app(app)
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -30,7 +30,7 @@ from proxy.config import parse_config
 from proxy.rollout.judge import Finding, Outcome
 from proxy.rollout.machine import Phase
 from proxy.server import Proxy
-from tests.conftest import Upstream
+from tests.conftest import Upstream, serve_app
 from tests.test_metrics_sockets import refused_port
 from tests.test_prometheus_sockets import Prometheus
 from tests.test_rollback_sockets import Load, events_of, rollout_config, wait_for
@@ -58,12 +58,8 @@ class Exporter:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/metrics", self.metrics)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = self._runner.addresses[0][:2]
-        self.address = f"{host}:{port}"
+        self._runner, url = await serve_app(app)
+        self.address = url.removeprefix("http://")
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -93,12 +89,7 @@ class Hooks:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_post("/{name}", self.hook)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = self._runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}"
+        self._runner, self.url = await serve_app(app)
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -21,7 +21,7 @@ from proxy.dataplane.headers import new_request_id
 from proxy.dataplane.upstream import Server
 from proxy.routing.table import _HOSTS_MAX, RoutingTable, normalize_host
 from proxy.server import Proxy
-from tests.conftest import ProxyFactory, Upstream, headers_of, raw_exchange
+from tests.conftest import ProxyFactory, Upstream, headers_of, raw_exchange, serve_app
 
 
 def _config(upstream: str, policy: str) -> str:
@@ -97,12 +97,7 @@ class _Trickle:
         app = web.Application()
         app.router.add_get("/trickle", self.trickle)
         app.router.add_get("/late", self.late)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = self._runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}"
+        self._runner, self.url = await serve_app(app)
 
     async def trickle(self, request: web.Request) -> web.StreamResponse:
         pauses = [float(p) for p in request.query["pauses"].split(",")]
