@@ -19,6 +19,7 @@ from tests.conftest import ProxyFactory
 from tests.test_framing_sockets import (
     ANSWER_WAIT,
     OK_BODY,
+    RawUpstream,
     Reply,
     StartUpstream,
     assert_rejected,
@@ -193,17 +194,14 @@ async def test_chunked_body_over_max_body_is_413_and_closed(
     assert up.connections == []
 
 
-async def test_streamed_chunked_body_over_max_body_closes_the_upstream_too(
-    make_proxy: ProxyFactory, upstream: StartUpstream
-) -> None:
-    up = await upstream()
-    proxy = await make_proxy(
-        proxy_config(up.url, route={"max_body": 100}, limits={"request_buffer": 0})
-    )
-    reader, writer = await asyncio.open_connection(*host_port(proxy.url))
+async def stream_past_max_body(url: str, up: RawUpstream, head: bytes = b"") -> None:
+    """Stream a chunked body (head lines ``head`` added) whose first 60 bytes are within a
+    max_body of 100 and whose next 60 are not: a 413 and a close, the upstream connection
+    closed too, and the bytes past the limit never forwarded."""
+    reader, writer = await asyncio.open_connection(*host_port(url))
     try:
-        writer.write(b"POST /up HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     + b"3c\r\n" + b"x" * 60 + b"\r\n")
+        writer.write(b"POST /up HTTP/1.1\r\nHost: a.test\r\n" + head
+                     + b"Transfer-Encoding: chunked\r\n\r\n" + b"3c\r\n" + b"x" * 60 + b"\r\n")
         await writer.drain()
         await asyncio.wait_for(up.connected.wait(), ANSWER_WAIT)
         conn = up.connections[0]
@@ -217,6 +215,16 @@ async def test_streamed_chunked_body_over_max_body_closes_the_upstream_too(
     await asyncio.wait_for(conn.closed.wait(), ANSWER_WAIT)
     assert conn.requests == []
     assert b"y" * 60 not in up.received
+
+
+async def test_streamed_chunked_body_over_max_body_closes_the_upstream_too(
+    make_proxy: ProxyFactory, upstream: StartUpstream
+) -> None:
+    up = await upstream()
+    proxy = await make_proxy(
+        proxy_config(up.url, route={"max_body": 100}, limits={"request_buffer": 0})
+    )
+    await stream_past_max_body(proxy.url, up)
 
 
 async def test_bodies_of_exactly_max_body_are_served(

@@ -17,16 +17,12 @@ from proxy.rollout.judge import Outcome
 from proxy.rollout.machine import Phase
 from tests.conftest import ProxyFactory, Upstream
 from tests.test_framing_sockets import (
-    ANSWER_WAIT,
-    Reply,
     StartUpstream,
     assert_rejected,
-    close_writer,
     exchange,
-    host_port,
-    read_until_close,
     upstream,
 )
+from tests.test_limits_sockets import stream_past_max_body
 from tests.test_rollback_sockets import events_of, rollout, rollout_config, wait_for
 
 __all__ = ["rollout", "upstream"]  # the fixtures, imported to be used here
@@ -212,23 +208,7 @@ async def test_a_streamed_body_growing_past_the_rings_max_body_is_cut_never_forw
 ) -> None:
     up = await upstream()
     proxy = await make_proxy(body_config(up.url, buffer="0"))
-    reader, writer = await asyncio.open_connection(*host_port(proxy.url))
-    try:
-        writer.write(b"POST /up HTTP/1.1\r\nHost: a.test\r\nX-Small: 1\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n" + b"3c\r\n" + b"x" * 60 + b"\r\n")
-        await writer.drain()
-        await asyncio.wait_for(up.connected.wait(), ANSWER_WAIT)
-        conn = up.connections[0]
-        await asyncio.wait_for(conn.head_seen.wait(), ANSWER_WAIT)
-        writer.write(b"3c\r\n" + b"y" * 60 + b"\r\n")
-        await writer.drain()
-        data, closed = await read_until_close(reader, ANSWER_WAIT)
-    finally:
-        await close_writer(writer)
-    assert_rejected(Reply(data, closed), 413)
-    await asyncio.wait_for(conn.closed.wait(), ANSWER_WAIT)
-    assert conn.requests == []
-    assert b"y" * 60 not in up.received
+    await stream_past_max_body(proxy.url, up, b"X-Small: 1\r\n")
 
 
 @pytest.mark.parametrize("path", ["/app"])
