@@ -218,6 +218,19 @@ class RingRecorder:
                 f"requests={sum(self.requests)}>")
 
 
+def plain_gauges(
+    source: Callable[[], Iterable[tuple[str, str, float]]],
+) -> Callable[[], Iterator[Metric]]:
+    """An ``extra`` collector of unlabelled gauges, read as (name, help, value) at scrape
+    time (``proxy.fleet.member``: backend up, leading, state version)."""
+    def collect() -> Iterator[Metric]:
+        for name, text, number in source():
+            family = GaugeMetricFamily(name, text)
+            family.add_metric((), number)
+            yield family
+    return collect
+
+
 def worker_families(ready: int, restarts: list[int], requests: list[int], missed: int,
                     unmatched: int) -> Iterator[Metric]:
     """A supervisor's own series (``proxy.workers``): its workers, per worker index."""
@@ -287,8 +300,10 @@ class Metrics:
         # reported yet: proxy.workers.deltas); None: a RingWindow over the horizon.
         self.window_factory = window_factory
         # Set by a supervisor of worker processes (proxy.workers): the workers' view of
-        # the servers, and more metric families (``worker_families``).
+        # the servers.
         self.upstream_view: UpstreamView | None = None
+        # More metric families at scrape time, from other parts: a supervisor's
+        # (``worker_families``), a fleet member's (``plain_gauges``).
         self.extra: list[Callable[[], Iterable[Metric]]] = []
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
@@ -305,9 +320,6 @@ class Metrics:
         self._reload_time = 0.0
         self._reloads = [0] * len(RELOAD_RESULTS)
         self.checks_source: ChecksSource | None = None  # external checks' results
-        # Gauges of other parts, as (name, help, value) at scrape time: the fleet's
-        # (``proxy.fleet.member``: backend up, leading, state version).
-        self.gauges: list[Callable[[], Iterable[tuple[str, str, float]]]] = []
 
     # ------------------------------------------------------------------ wiring
 
@@ -402,11 +414,6 @@ class Metrics:
         yield from self._config_and_rollbacks()
         for more in self.extra:
             yield from more()
-        for gauges in self.gauges:
-            for name, text, number in gauges():
-                family = GaugeMetricFamily(name, text)
-                family.add_metric((), number)
-                yield family
         yield from self._external_checks()
 
     def _external_checks(self) -> Iterator[Metric]:

@@ -80,6 +80,7 @@ from proxy.fleet.evidence import (
 )
 from proxy.fleet.lease import Lease
 from proxy.fleet.store import Read, SharedStates, Store, TooOld
+from proxy.metrics import plain_gauges
 from proxy.rollout.evidence import Evidence, Tally
 from proxy.rollout.machine import Trigger, act
 from proxy.rollout.state import Event, RingState
@@ -201,7 +202,7 @@ class Member:
         self._led = 0  # the token of the last lease this member led with
         self._tasks: list[asyncio.Task[None]] = []
         controller.shared = self
-        metrics.gauges.append(self.gauges)
+        metrics.extra.append(plain_gauges(self.gauges))
 
     # ------------------------------------------------------------------ life
 
