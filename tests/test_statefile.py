@@ -4,12 +4,13 @@ and the restore of entries that cannot be matched to their ring (``rollout.machi
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
 
 from proxy.config import parse_config
-from proxy.control.statefile import append_audit, load_state, read_audit, set_aside
+from proxy.control.statefile import append_audit, load_state, read_audit, save_state, set_aside
 from proxy.errors import StateError
 from proxy.rollout.machine import restore, unmatched
 from proxy.rollout.plan import RoutePlan, build_plan
@@ -137,3 +138,29 @@ def test_a_saved_entry_roundtrips_through_the_file(tmp_path: Path) -> None:
     path.write_text(json.dumps({"format": 1, "routes": {"api": {"canary": {
         "phase": "rolled_back", "weight": 0}}}}))
     assert load_state(path)["api"]["canary"].fingerprint == ""
+
+
+def test_overlapping_saves_of_one_process_never_leave_a_corrupt_file(tmp_path: Path) -> None:
+    """A process saves from a worker thread and from the event loop, sometimes at once:
+    each save writes a temporary file of its own, so whichever rename lands last, the file
+    is one whole snapshot (two writers on one temporary name left a longer snapshot's tail
+    after a shorter one: a state file that stopped the next start)."""
+    path = tmp_path / "state.json"
+    small = {"api": {"main": RingState(Phase.STEADY, None)}}
+    large = {"api": {f"ring{i}": RingState(Phase.PROGRESSING, 100 * i, 1, 5.0, fingerprint="f" * 12)
+                     for i in range(40)}}
+    start = threading.Barrier(4)
+
+    def saver(states: dict[str, dict[str, RingState]]) -> None:
+        start.wait()
+        for _ in range(150):
+            save_state(path, states)
+            load_state(path)  # raises StateError on a corrupt file
+
+    threads = [threading.Thread(target=saver, args=(s,)) for s in (small, large) * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert load_state(path) in (small, large)
+    assert not list(tmp_path.glob(".*.tmp"))
