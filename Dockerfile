@@ -14,14 +14,19 @@ ARG PYTHON_VERSION=3.12
 
 # ---------------------------------------------------------------------------- stage 1: build
 # Wheels of the project and of every dependency. Nothing of this stage but /wheels reaches
-# the final image, so build tools may be added here if a dependency ever needs compiling.
+# the final image, so the build tools stay here.
 FROM python:${PYTHON_VERSION}-slim AS build
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# gcc compiles the data plane (mypyc, setup.py); the official images have Python's headers.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY proxy/ proxy/
 
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \

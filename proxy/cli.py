@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
-from proxy import __version__, processlog
+from proxy import __version__, compiled, processlog
 from proxy.client import DEFAULT_URL, Client
 from proxy.config import Config, load_config
 from proxy.errors import AdminClientError, ConfigError, ConfigIssue
@@ -67,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="ringproxy", parents=[common],
         description="Edge reverse proxy for ring-based progressive delivery.",
     )
-    parser.add_argument("--version", action="version", version=f"ringproxy {__version__}")
+    parser.add_argument("--version", action="version",
+                        version=f"ringproxy {__version__} ({compiled.describe()})")
     parser.add_argument(
         "--log-level", default="info", choices=("debug", "info", "warning", "error"),
         help="level of the process log on stderr (the access log is separate)",

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from proxy import processlog
+from proxy import compiled, processlog
 from proxy.admin.api import admin_app
 from proxy.config import Config
 from proxy.config.changes import Applies, ReloadPlan, reload_plan
@@ -376,8 +376,11 @@ async def serve(
     if reloader is not None:
         log.info("reload: %s; SIGHUP reloads", "watching the config file" if watch
                  else "not watching the file (--no-watch)")
-    log.info("proxy listening on %s (config %s, revision %s)",
-             proxy.url, config.source, config.revision)
+    log.info("proxy listening on %s (config %s, revision %s; %s)",
+             proxy.url, config.source, config.revision, compiled.describe())
+    for source in compiled.stale():
+        log.warning("%s changed after its compiled extension was built: the old code runs "
+                    "(run `pip install -e .` again)", source)
     log.info("admin listening on %s", proxy.admin_url)
     try:
         if on_ready is not None:

@@ -7,6 +7,7 @@ import contextlib
 import gzip
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -20,8 +21,42 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from proxy import compiled
 from proxy.config import parse_config
 from proxy.server import Proxy
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Never test old code: a data plane module edited after its compiled extension was
+    built (an editable install) is not what would run."""
+    old = compiled.stale()
+    if old:
+        pytest.exit("edited after their compiled extensions were built (the old code would be "
+                    f"tested): {', '.join(old)}; run `pip install -e .` again", returncode=4)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "interpreted: the test replaces a data plane method to inject a fault, "
+        "which a compiled class does not allow: where the data plane runs compiled, the test "
+        "runs in a pytest subprocess with RINGPROXY_PURE_PYTHON=1 (the same source, "
+        "interpreted) and passes or fails with it")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    if pyfuncitem.get_closest_marker("interpreted") is None or not compiled.compiled():
+        return None
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--timeout", "120",
+         pyfuncitem.nodeid],
+        cwd=pyfuncitem.config.rootpath, env={**os.environ, compiled.PURE_ENV: "1"},
+        capture_output=True, text=True, timeout=300, check=False)
+    if done.returncode != 0 or " passed" not in done.stdout:
+        pytest.fail(f"the interpreted run (RINGPROXY_PURE_PYTHON=1) did not pass "
+                    f"(exit {done.returncode}):\n{done.stdout[-8000:]}\n{done.stderr[-2000:]}")
+    return True
+
 
 GZIP_BODY = gzip.compress(b'{"hello": "compressed world"}' * 50, mtime=0)
 

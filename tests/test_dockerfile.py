@@ -876,6 +876,8 @@ def test_build_stage_copies_a_complete_project(
     assert build_dir is not None, "the build stage never runs `pip wheel`"
     project = image / build_dir.lstrip("/")
     assert (project / "pyproject.toml").is_file(), f"pyproject.toml is not copied to {build_dir}"
+    # setup.py compiles the data plane (mypyc): without it the image would run it interpreted.
+    assert (project / "setup.py").is_file(), f"setup.py is not copied to {build_dir}"
     readme = PYPROJECT["project"].get("readme")
     if isinstance(readme, str):
         assert (project / readme).is_file(), f"pyproject's readme {readme} is not copied"

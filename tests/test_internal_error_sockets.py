@@ -70,6 +70,7 @@ def _outcomes(proxy: Proxy) -> tuple[dict[str, int], dict[str, int], int, int]:
     )
 
 
+@pytest.mark.interpreted
 async def test_a_defect_on_the_upstream_path_is_a_500_logged_and_never_judged(
     make_proxy: ProxyFactory,
     stable: Upstream,
@@ -120,6 +121,7 @@ async def test_a_defect_on_the_upstream_path_is_a_500_logged_and_never_judged(
         assert r.status == 200
 
 
+@pytest.mark.interpreted
 async def test_a_defect_after_the_response_started_cuts_it_and_is_never_judged(
     make_proxy: ProxyFactory,
     stable: Upstream,

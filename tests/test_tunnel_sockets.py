@@ -135,6 +135,7 @@ async def test_a_silent_tunnel_is_closed_both_sides_and_traffic_keeps_it_open(
         upstream.close()
 
 
+@pytest.mark.interpreted
 async def test_a_tunnel_starts_reading_though_the_upstream_had_not_read_the_head(
     make_proxy: ProxyFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

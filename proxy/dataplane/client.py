@@ -112,7 +112,11 @@ def credential_names(runtime: Runtime) -> frozenset[bytes]:
 
 class ClientConnection(asyncio.Protocol):
     # Why reading is paused (bits; reading resumes when none is left).
-    PIPELINE, UPSTREAM, WAIT, TUNNEL, DONE = 1, 2, 4, 8, 16
+    PIPELINE = 1
+    UPSTREAM = 2
+    WAIT = 4
+    TUNNEL = 8
+    DONE = 16
 
     # (Slots: an idle keep-alive connection is this object, its parser and its transport.)
     __slots__ = (
