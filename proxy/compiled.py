@@ -37,6 +37,16 @@ MODULES = (
     "proxy.dataplane.headers",
     "proxy.dataplane.request",
     "proxy.dataplane.upstream",
+    "proxy.dataplane.tunnel",
+    "proxy.dataplane.ratelimit",
+    "proxy.routing.assign",
+    "proxy.routing.table",
+    "proxy.rollout.window",
+    "proxy.rollout.sketch",
+    "proxy.rollout.evidence",
+    "proxy.workers.deltas",
+    "proxy.metrics",
+    "proxy.runtime",
 )
 
 # A wheel's files are written within moments of each other, in any order: only a source

@@ -168,7 +168,7 @@ def test_a_sub_second_resolution() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"resolution": 0}, "window resolution: 0 is not a positive number"),
+        ({"resolution": 0.0}, "window resolution: 0.0 is not a positive number"),
         ({"resolution": math.nan}, "window resolution: nan is not a positive number"),
         ({"horizon": 0.5}, r"window horizon: 0\.5 is not a number >= the resolution 1\.0"),
         ({"horizon": math.inf}, "window horizon: inf is not"),

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
@@ -39,17 +39,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ringproxy.dataplane")
 
-_METHODS: dict[bytes, str] = {}
+_METHODS: Final[dict[bytes, str]] = {}
 
 # b"_" as a byte value: ``int in bytes`` is a plain scan, where ``b"_" in bytes`` first tries
 # the operand as an integer and raises (and clears) a TypeError, about 8x the cost.
-_UNDERSCORE = framing.UNDERSCORE
+_UNDERSCORE: Final = framing.UNDERSCORE
 # Requests a connection may have parsed and queued behind the one being answered; the next
 # is answered 429 in its turn and the connection closes (memory per connection stays small).
-MAX_PIPELINED = 32
+MAX_PIPELINED: Final = 32
 
 # Timers a connection can have armed (one at a time, besides the body's).
-_NONE, _HEAD, _KEEPALIVE = 0, 1, 2
+_NONE: Final = 0
+_HEAD: Final = 1
+_KEEPALIVE: Final = 2
 
 
 class DataPlane:
@@ -112,11 +114,11 @@ def credential_names(runtime: Runtime) -> frozenset[bytes]:
 
 class ClientConnection(asyncio.Protocol):
     # Why reading is paused (bits; reading resumes when none is left).
-    PIPELINE = 1
-    UPSTREAM = 2
-    WAIT = 4
-    TUNNEL = 8
-    DONE = 16
+    PIPELINE: Final = 1
+    UPSTREAM: Final = 2
+    WAIT: Final = 4
+    TUNNEL: Final = 8
+    DONE: Final = 16
 
     # (Slots: an idle keep-alive connection is this object, its parser and its transport.)
     __slots__ = (

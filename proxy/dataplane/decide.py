@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from proxy.config import Route
 from proxy.config.health import PoolDown
@@ -31,13 +31,13 @@ from proxy.rollout.state import Phase
 from proxy.routing.assign import Decision, assign
 from proxy.runtime import RingRuntime, Runtime
 
-NO_EXTRAS = b""
-_PROTO = {"http": b"X-Forwarded-Proto: http\r\n", "https": b"X-Forwarded-Proto: https\r\n"}
+NO_EXTRAS: Final = b""
+_PROTO: Final = {"http": b"X-Forwarded-Proto: http\r\n", "https": b"X-Forwarded-Proto: https\r\n"}
 # Connection values that name no other header (the usual ones): nothing more to drop.
-_PLAIN_CONNECTION = frozenset({b"", b"keep-alive", b"Keep-Alive", b"close", b"Close",
+_PLAIN_CONNECTION: Final = frozenset({b"", b"keep-alive", b"Keep-Alive", b"close", b"Close",
                                b"upgrade", b"Upgrade"})
-_OWN_TOKENS = frozenset({b"keep-alive", b"close", b"upgrade"})
-_UPGRADE_LINE = b"Connection: upgrade\r\nUpgrade: "
+_OWN_TOKENS: Final = frozenset({b"keep-alive", b"close", b"upgrade"})
+_UPGRADE_LINE: Final = b"Connection: upgrade\r\nUpgrade: "
 
 
 class Forward(NamedTuple):
@@ -68,12 +68,12 @@ class LocalAnswer:
     extra: bytes = NO_EXTRAS
 
 
-NO_ROUTE = LocalAnswer(404, "no route for this host and path", "no_route")
-NO_SERVER = "no_server"  # the error of a request whose ring's pool had no server in rotation
+NO_ROUTE: Final = LocalAnswer(404, "no route for this host and path", "no_route")
+NO_SERVER: Final = "no_server"  # the error of a request whose ring's pool had no server in rotation
 # The error of a request the ring's policy.rate_limit refused (429): the proxy's own refusal.
-RATE_LIMITED = "rate_limited"
-RATE_LIMITED_MESSAGE = "ring rate limit exceeded"
-_RETRY_AFTER = tuple(b"Retry-After: %d\r\n" % n for n in range(61))  # prebuilt, 0..60 s
+RATE_LIMITED: Final = "rate_limited"
+RATE_LIMITED_MESSAGE: Final = "ring rate limit exceeded"
+_RETRY_AFTER: Final = tuple(b"Retry-After: %d\r\n" % n for n in range(61))  # prebuilt, 0..60 s
 
 
 def decide(runtime: Runtime, request: Request, request_id: str) -> Forward | LocalAnswer:

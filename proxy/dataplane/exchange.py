@@ -23,7 +23,7 @@ import asyncio
 import logging
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 try:  # the kernel's send queue of a socket (Linux): an upload's progress (``unsent``)
     import fcntl
@@ -47,27 +47,36 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ringproxy.dataplane")
 
-INTERNAL = "internal"  # the error of a request that failed on a defect of the proxy
-BAD_REQUEST = "bad_request"  # the error of a client's request the proxy refused
-CLIENT_CLOSED = "client_closed"
-CLIENT_TIMEOUT = "client_timeout"  # the client stopped reading the response
+INTERNAL: Final = "internal"  # the error of a request that failed on a defect of the proxy
+BAD_REQUEST: Final = "bad_request"  # the error of a client's request the proxy refused
+CLIENT_CLOSED: Final = "client_closed"
+CLIENT_TIMEOUT: Final = "client_timeout"  # the client stopped reading the response
 
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_CHUNKED = b"Transfer-Encoding: chunked\r\n"
-_CLOSE = b"Connection: close\r\n"
-_KEEP_ALIVE = b"Connection: keep-alive\r\n"
-_VIA_LINE = b"Via: " + VIA_VALUE + b"\r\n"
-_NO_BODY_STATUS = frozenset({204, 304})
-_ZERO_LENGTH = b"Content-Length: 0\r\n\r\n"
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CHUNKED: Final = b"Transfer-Encoding: chunked\r\n"
+_CLOSE: Final = b"Connection: close\r\n"
+_KEEP_ALIVE: Final = b"Connection: keep-alive\r\n"
+_VIA_LINE: Final = b"Via: " + VIA_VALUE + b"\r\n"
+_NO_BODY_STATUS: Final = frozenset({204, 304})
+_ZERO_LENGTH: Final = b"Content-Length: 0\r\n\r\n"
 
 # States of an exchange.
-NEW, BUFFERING, CONNECTING, SENDING, RESPONDING, TUNNEL, DONE = range(7)
+NEW: Final = 0
+BUFFERING: Final = 1
+CONNECTING: Final = 2
+SENDING: Final = 3
+RESPONDING: Final = 4
+TUNNEL: Final = 5
+DONE: Final = 6
 # How the response body is framed for the client.
-F_NONE, F_LENGTH, F_CHUNKED, F_CLOSE = range(4)
+F_NONE: Final = 0
+F_LENGTH: Final = 1
+F_CHUNKED: Final = 2
+F_CLOSE: Final = 3
 
-_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
-_PROTOCOLS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}  # the access log's protocol field
-_UPGRADED: dict[bytes, str] = {}
+_STATUS_LINES: Final[dict[tuple[int, bytes], bytes]] = {}
+_PROTOCOLS: Final = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}  # the access log's protocol field
+_UPGRADED: Final[dict[bytes, str]] = {}
 
 
 def _upgraded_protocol(upgrade: bytes) -> str:

@@ -14,7 +14,7 @@ Pure functions over bytes: no I/O, no clock; tests call them directly.
 from __future__ import annotations
 
 from http import HTTPStatus
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 
 class Rejection(NamedTuple):
@@ -27,24 +27,24 @@ class Rejection(NamedTuple):
 
 # ``_`` as a byte value, for ``UNDERSCORE in name`` (a bytes operand of ``in`` is first
 # tried as an integer, a TypeError raised and cleared each time: about 8x the cost).
-UNDERSCORE = 0x5F
+UNDERSCORE: Final = 0x5F
 
-MALFORMED = Rejection(400, "malformed request")
-BAD_VERSION = Rejection(400, "unsupported HTTP version")
-BAD_TRANSFER_ENCODING = Rejection(400, "unsupported transfer-encoding")
-NO_HOST = Rejection(400, "missing, repeated or invalid Host header")
-BAD_TARGET = Rejection(400, "invalid request target")
-BAD_BODY = Rejection(400, "malformed request body")
-URI_TOO_LONG = Rejection(414, "request line too long")
-HEAD_TOO_LARGE = Rejection(431, "request header fields too large")
-TOO_MANY_HEADERS = Rejection(431, "too many request header fields")
+MALFORMED: Final = Rejection(400, "malformed request")
+BAD_VERSION: Final = Rejection(400, "unsupported HTTP version")
+BAD_TRANSFER_ENCODING: Final = Rejection(400, "unsupported transfer-encoding")
+NO_HOST: Final = Rejection(400, "missing, repeated or invalid Host header")
+BAD_TARGET: Final = Rejection(400, "invalid request target")
+BAD_BODY: Final = Rejection(400, "malformed request body")
+URI_TOO_LONG: Final = Rejection(414, "request line too long")
+HEAD_TOO_LARGE: Final = Rejection(431, "request header fields too large")
+TOO_MANY_HEADERS: Final = Rejection(431, "too many request header fields")
 # More requests pipelined ahead of their answers than a connection may queue (llhttp parses
 # a whole read, so without a bound one read of tiny requests would queue thousands).
-TOO_MANY_PIPELINED = Rejection(429, "too many pipelined requests")
-BODY_TOO_LARGE = Rejection(413, "request body too large")
-HEAD_TIMEOUT = Rejection(408, "request head timed out")
-BODY_TIMEOUT = Rejection(408, "request body timed out")
-METHOD_NOT_ALLOWED = Rejection(405, "method not allowed")
+TOO_MANY_PIPELINED: Final = Rejection(429, "too many pipelined requests")
+BODY_TOO_LARGE: Final = Rejection(413, "request body too large")
+HEAD_TIMEOUT: Final = Rejection(408, "request head timed out")
+BODY_TIMEOUT: Final = Rejection(408, "request body timed out")
+METHOD_NOT_ALLOWED: Final = Rejection(405, "method not allowed")
 
 
 def version_ok(version: str) -> bool:
@@ -92,9 +92,9 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 
-LAST_CHUNK = b"0\r\n\r\n"
+LAST_CHUNK: Final = b"0\r\n\r\n"
 
-_STATUS_LINES: dict[int, bytes] = {}
+_STATUS_LINES: Final[dict[int, bytes]] = {}
 
 
 def status_line(status: int, reason: bytes | None = None) -> bytes:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Final
 
 # Header names arrive in whatever case the peer sent: every comparison is on .lower().
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     h.lower()
     for h in (
         "Connection",
@@ -28,21 +29,21 @@ HOP_BY_HOP = frozenset(
 )
 
 # What a request header is to the proxy (values of REQUEST_KIND; a plain header has none).
-DROP = 1  # never forwarded: hop-by-hop, this hop's credentials, headers only we may set
-HOST = 2
-CONTENT_LENGTH = 3  # forwarded as the proxy frames the body
-TRANSFER_ENCODING = 4
-CONNECTION = 5
-UPGRADE = 6
-EXPECT = 7
-FORWARDED_FOR = 8  # the client's values come first in ours
-VIA = 9
-REQUEST_ID = 10
-FORWARDED_PROTO = 11  # replaced by what this hop saw (kept for the cookie's Secure rule)
-COOKIE = 12  # forwarded as it came; kept for cookie rules
-FORWARDED = 13  # forwarded as it came; kept for trusted_proxies
+DROP: Final = 1  # never forwarded: hop-by-hop, this hop's credentials, headers only we may set
+HOST: Final = 2
+CONTENT_LENGTH: Final = 3  # forwarded as the proxy frames the body
+TRANSFER_ENCODING: Final = 4
+CONNECTION: Final = 5
+UPGRADE: Final = 6
+EXPECT: Final = 7
+FORWARDED_FOR: Final = 8  # the client's values come first in ours
+VIA: Final = 9
+REQUEST_ID: Final = 10
+FORWARDED_PROTO: Final = 11  # replaced by what this hop saw (kept for the cookie's Secure rule)
+COOKIE: Final = 12  # forwarded as it came; kept for cookie rules
+FORWARDED: Final = 13  # forwarded as it came; kept for trusted_proxies
 
-REQUEST_KIND: dict[bytes, int] = {
+REQUEST_KIND: Final[dict[bytes, int]] = {
     **{name.encode(): DROP for name in HOP_BY_HOP},
     b"proxy-authorization": DROP,
     b"x-ring": DROP,
@@ -63,14 +64,14 @@ REQUEST_KIND: dict[bytes, int] = {
 }
 
 # Response headers: dropped, or handled by kind.
-R_DROP = 1
-R_CONNECTION = 2
-R_VIA = 3
-R_REQUEST_ID = 4
-R_CONTENT_LENGTH = 5
-R_TRANSFER_ENCODING = 6
-R_UPGRADE = 7
-RESPONSE_KIND: dict[bytes, int] = {
+R_DROP: Final = 1
+R_CONNECTION: Final = 2
+R_VIA: Final = 3
+R_REQUEST_ID: Final = 4
+R_CONTENT_LENGTH: Final = 5
+R_TRANSFER_ENCODING: Final = 6
+R_UPGRADE: Final = 7
+RESPONSE_KIND: Final[dict[bytes, int]] = {
     **{name.encode(): R_DROP for name in HOP_BY_HOP},
     b"proxy-authenticate": R_DROP,
     b"connection": R_CONNECTION,
@@ -81,21 +82,21 @@ RESPONSE_KIND: dict[bytes, int] = {
     b"upgrade": R_UPGRADE,
 }
 
-VIA_VALUE = b"1.1 ringproxy"
+VIA_VALUE: Final = b"1.1 ringproxy"
 # A client's X-Request-Id kept as it came: a token that is safe in any log line, header or
 # URL (letters, digits, ``.``, ``_``, ``:``, ``-``: UUIDs, W3C trace ids, ULIDs, hex).
-_SANE_ID = re.compile(rb"[A-Za-z0-9._:-]+").fullmatch
+_SANE_ID: Final = re.compile(rb"[A-Za-z0-9._:-]+").fullmatch
 
 # Request ids come from os.urandom in batches: one system call per _ID_BATCH ids instead
 # of one per request.  Still 128 random bits from the OS generator per id; a forked child
 # starts a batch of its own so two processes never hand out the same ids.
-_ID_BATCH = 256
-_ids: list[str] = []
+_ID_BATCH: Final = 256
+_ids: Final[list[str]] = []
 if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
     os.register_at_fork(after_in_child=_ids.clear)
 # The batch itself, for the request path: ``READY_IDS.pop() if READY_IDS else
 # new_request_id()`` is new_request_id() without a call when the batch has ids.
-READY_IDS = _ids
+READY_IDS: Final = _ids
 
 
 def new_request_id() -> str:

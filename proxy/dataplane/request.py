@@ -12,6 +12,7 @@ asks: most requests are decided on Host and path alone.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import Final
 from urllib.parse import parse_qsl, unquote
 
 import httptools
@@ -20,14 +21,14 @@ from proxy.dataplane import framing
 from proxy.dataplane import headers as h
 
 # What a Host value may hold (RFC 3986 reg-name, IP literals, port): anything else is a 400.
-_HOST_CHARS = (b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+_HOST_CHARS: Final = (b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
                b"-._~%!$&'()*+,;=:[]")
 # Host values that passed that check (a handful per site): a set lookup per request instead
 # of a ``translate`` (which builds its table per call, ~1,000 instructions).  Bounded: at
 # most _GOOD_HOSTS_MAX values of at most _GOOD_HOST_LEN bytes; a full set is emptied.
-_GOOD_HOSTS: set[bytes] = set()
-_GOOD_HOSTS_MAX = 1024
-_GOOD_HOST_LEN = 255
+_GOOD_HOSTS: Final[set[bytes]] = set()
+_GOOD_HOSTS_MAX: Final = 1024
+_GOOD_HOST_LEN: Final = 255
 
 
 class RequestError(Exception):

@@ -23,7 +23,7 @@ import logging
 import ssl
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Final, Protocol, cast
 
 import httptools
 
@@ -49,8 +49,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ringproxy.dataplane")
 
-_RESPONSE_KIND = h.RESPONSE_KIND
-_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
+_RESPONSE_KIND: Final = h.RESPONSE_KIND
+_PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
 
 
 class Listener(Protocol):
