@@ -40,6 +40,7 @@ MODULES = (
     "proxy.dataplane.tunnel",
     "proxy.dataplane.ratelimit",
     "proxy.routing.assign",
+    "proxy.routing.predicates",
     "proxy.routing.table",
     "proxy.rollout.window",
     "proxy.rollout.sketch",

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import pytest
 from multidict import CIMultiDict
 
+from proxy import compiled
 from proxy.config import parse_config
 from proxy.dataplane.decide import NO_ROUTE, Forward, LocalAnswer, decide
 from proxy.dataplane.request import Request, parse_request
@@ -193,8 +194,10 @@ def test_an_upgrade_is_forwarded_with_its_handshake_headers(runtime: Runtime) ->
 def test_the_records_are_immutable(runtime: Runtime) -> None:
     step = forward(runtime, Req(host="web.test", target="/"))
     # (Through setattr: the type checker rightly refuses the plain statement.)
-    with pytest.raises(AttributeError):
-        setattr(step, "upgrade", True)  # noqa: B010
+    if "proxy.dataplane.decide" in compiled.compiled():
+        # Forward's fields are Final: compiled, read-only at run time as well.
+        with pytest.raises(AttributeError):
+            setattr(step, "upgrade", True)  # noqa: B010
     with pytest.raises(dataclasses.FrozenInstanceError):
         setattr(NO_ROUTE, "status", 200)  # noqa: B010
     assert not hasattr(step, "__dict__")

@@ -585,7 +585,7 @@ class Exchange:
                                  self.request_id, step.decision, step.upgrade)
         step.server.inflight -= 1
         server.inflight += 1
-        self.step = step._replace(server=server, head=head)
+        self.step = step.to(server, head)
         self.server_url = server.upstream.url
         self.attempt += 1
         self.attempt_started = now
