@@ -59,13 +59,17 @@ FIELDS: Final = ("time", "request_id", "client", "method", "host", "protocol", "
           "upstream", "bytes_in", "bytes_out", "error", "revision")
 
 
+# "000" to "999": the three decimals of a millisecond figure, by index (no formatting).
+_DECIMALS: Final = tuple(str(1000 + n)[1:] for n in range(1000))
+
+
 def _millis(ms: float) -> str:
     """Milliseconds with three decimals (microseconds, rounded half up), as ``%.3f`` of a
     non-negative number prints them, from integers: a float's formatting costs more."""
     if not 0.0 <= ms < 1e15:  # (never: durations are monotonic; NaN or beyond, as %.3f)
         return f"{ms:.3f}"
     us = int(ms * 1000.0 + 0.5)
-    return f"{us // 1000}.{str(1000 + us % 1000)[1:]}"
+    return f"{us // 1000}.{_DECIMALS[us % 1000]}"
 
 
 def _opt(value: str | None) -> str:
@@ -172,7 +176,7 @@ class AccessLog:
         # conversion); milliseconds as _millis writes them.
         up = "null" if upstream_ms is None else _millis(upstream_ms)
         err = "null" if error is None else _string(error)
-        line = (f'{{"time":"{self._stamp}.{str(1000 + int((now - second) * 1000))[1:]}Z",'
+        line = (f'{{"time":"{self._stamp}.{_DECIMALS[int((now - second) * 1000)]}Z",'
                 f'"request_id":{_string(request_id)},{fields},"path":{_string(path)},'
                 f'"status":{status},"duration_ms":{_millis(duration_ms)},"upstream_ms":{up},'
                 f'{decision},"bytes_in":{bytes_in},"bytes_out":{bytes_out},"error":{err},'
