@@ -119,7 +119,9 @@ class AccessLog:
         self._stamp = ""  # its ISO form up to the seconds
         self._decisions: dict[tuple[str | int | None, ...], str] = {}
         self._revisions: dict[str, str] = {}
-        self._clients: dict[tuple[str, str, str, str, bytes | None], str] = {}
+        self._clients: dict[tuple[str, str, str | bytes, str, bytes | None], str] = {}
+        self._last_client: tuple[str, str, str | bytes, str, bytes | None] | None = None
+        self._last_fields = ""
         # Requests whose id this says yes to are not logged (the demo's background traffic).
         self.skip: Callable[[str], bool] | None = None
 
@@ -133,7 +135,7 @@ class AccessLog:
             self._timer = asyncio.get_running_loop().call_later(_FLUSH_EVERY, self.flush)
 
     def log_request(
-        self, request_id: str, client: str, method: str, host: str, protocol: str,
+        self, request_id: str, client: str, method: str, host: str | bytes, protocol: str,
         user_agent: bytes | None, path: str, status: int, duration_ms: float,
         upstream_ms: float | None, route: str | None, ring: str | None, reason: str | None,
         bucket: int | None, pool: str | None, upstream: str | None, bytes_in: int,
@@ -141,7 +143,8 @@ class AccessLog:
     ) -> None:
         """Queue one request's line (what ``log`` writes for these fields, faster).
 
-        ``user_agent`` is the header's bytes as they came (read as Latin-1, escaped like
+        ``host`` may be the Host header's bytes (read as Latin-1); ``user_agent`` is the
+        header's bytes as they came (read as Latin-1, escaped like
         every string); ``upstream_ms`` None: no response head came from an upstream."""
         if self.skip is not None and self.skip(request_id):
             return
@@ -159,13 +162,24 @@ class AccessLog:
                 _opt(route), _opt(ring), _opt(reason), "null" if bucket is None else bucket,
                 _opt(pool), _opt(upstream))
         who = (client, method, host, protocol, user_agent)
-        fields = self._clients.get(who)
-        if fields is None:
-            fields = _client_fields(client, method, host, protocol, user_agent)
-            if len(host) + (0 if user_agent is None else len(user_agent)) <= _CACHED_CLIENT_MAX:
-                if len(self._clients) >= _DECISIONS_MAX:
-                    self._clients.clear()
-                self._clients[who] = fields
+        if who == self._last_client:
+            # The previous request's client (a connection's requests come together):
+            # compared, not hashed (its host and User-Agent are new objects every time).
+            fields = self._last_fields
+        else:
+            cached = self._clients.get(who)
+            if cached is None:
+                name = host if isinstance(host, str) else host.decode("latin-1")
+                fields = _client_fields(client, method, name, protocol, user_agent)
+                if len(host) + (0 if user_agent is None else len(user_agent)) \
+                        <= _CACHED_CLIENT_MAX:
+                    if len(self._clients) >= _DECISIONS_MAX:
+                        self._clients.clear()
+                    self._clients[who] = fields
+            else:
+                fields = cached
+            self._last_client = who
+            self._last_fields = fields
         rev = self._revisions.get(revision)
         if rev is None:
             if len(self._revisions) >= 64:

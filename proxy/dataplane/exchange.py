@@ -783,7 +783,7 @@ class Exchange:
             decision = step.decision if step is not None else None
             access_log.log_request(
                 self.request_id, request.remote, request.method,
-                request.host.decode("latin-1"),  # (host_name, without the call)
+                request.host,  # (bytes: decoded by the log when not cached)
                 self.upgraded or _PROTOCOLS.get(request.version) or "HTTP/" + request.version,
                 request.by_name.get(b"user-agent"), request.path, self.status,
                 duration * 1000.0, self.upstream_ms,
