@@ -69,10 +69,15 @@ def ext_modules() -> list[object]:
     except ImportError:
         _say("mypyc is not installed; the data plane stays pure Python")
         return []
-    # Third-party packages are not in the isolated build environment: their types are Any
-    # to mypyc (calls into them are dynamic calls either way).
+    # The build environment has the compiled modules' typed dependencies (pyproject's
+    # build-system.requires: httptools, mmh3, prometheus-client), not the rest: the types
+    # of the others are Any, and the strict checks that Any trips are off here (CI's
+    # `mypy --strict` checks the code; this step only compiles it).
+    relaxed = ["--ignore-missing-imports", "--no-warn-return-any", "--no-warn-unused-ignores",
+               "--allow-subclassing-any", "--allow-untyped-decorators",
+               "--allow-untyped-calls"]
     try:
-        return list(mypycify(["--ignore-missing-imports", *_compiled_list()], opt_level="3",
+        return list(mypycify([*relaxed, *_compiled_list()], opt_level="3",
                              group_name="proxy_compiled"))
     except (Exception, SystemExit) as exc:
         _say(f"mypyc could not translate the data plane ({exc!r}); it stays pure Python")
