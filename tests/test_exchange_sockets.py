@@ -217,3 +217,52 @@ async def test_idle_pooled_connections_close_after_keepalive_timeout(
     assert (pool.open, pool.idle_connections()) == (0, 0)
     async with client.get(proxy.url + "/y") as r:  # a new one is opened
         assert r.status == 200
+
+
+def _responses(raw: bytes) -> list[bytes]:
+    """The response heads in ``raw`` (each up to its blank line), in order."""
+    heads = []
+    at = raw.find(b"HTTP/1.1 ")
+    while at >= 0:
+        end = raw.index(b"\r\n\r\n", at)
+        heads.append(raw[at:end])
+        at = raw.find(b"HTTP/1.1 ", end)
+    return heads
+
+
+async def test_each_pipelined_request_keeps_its_own_http_version(
+    make_proxy: ProxyFactory, stable: Upstream
+) -> None:
+    """The proxy reads a request's version from its request line when the read begins with
+    it (data plane: _version_11), else from the parser: whichever way, an HTTP/1.0
+    request keeps HTTP/1.0's answer (``Connection: keep-alive`` when it asked to be kept)
+    and an HTTP/1.1 one does not, in any order in one write, and in a head split between
+    reads."""
+    proxy = await make_proxy(_config(stable.url))
+    one_zero = b"GET /ten HTTP/1.0\r\nHost: h\r\nConnection: keep-alive\r\n\r\n"
+    one_one = b"GET /eleven HTTP/1.1\r\nHost: h\r\n\r\n"
+    last = b"GET /last HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+    for order in ([one_zero, one_one], [one_one, one_zero], [one_zero, one_zero]):
+        heads = _responses(await raw_exchange(proxy.url, b"".join([*order, last])))
+        assert len(heads) == 3, heads
+        for sent, head in zip(order, heads, strict=False):
+            assert head.startswith(b"HTTP/1.1 200"), head
+            assert (b"\r\nConnection: keep-alive" in head) == (b"HTTP/1.0" in sent), (sent, head)
+    # A target that is a prefix of the version's look-alike, and a head split mid-version.
+    host, port = _host_port(proxy.url)
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(b"GET /a HTTP/1.")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.write(b"0\r\nHost: h\r\nConnection: keep-alive\r\n\r\n" + last)
+        data = b""
+        async with asyncio.timeout(5):
+            while chunk := await reader.read(65536):
+                data += chunk
+    finally:
+        writer.close()
+    first, second = _responses(data)
+    assert b"\r\nConnection: keep-alive" in first and b"keep-alive" not in second
+    seen = [r["target"] for r in stable.requests]
+    assert seen.count("/ten") == 4 and seen.count("/eleven") == 2 and "/a" in seen

@@ -54,6 +54,20 @@ _HEAD: Final = 1
 _KEEPALIVE: Final = 2
 
 
+def _version_11(chunk: bytes, method: bytes, target: bytes) -> bool:
+    """The read ``chunk`` begins with ``METHOD SP target SP HTTP/1.1``: the request llhttp
+    just parsed from its start is HTTP/1.1.  (httptools' get_http_version
+    formats a string each call, ~2k instructions; this is the common case's answer without
+    it, and anything else asks the parser.)"""
+    m = len(method)
+    end = m + 1 + len(target)  # where the space before the version is
+    # (llhttp parsed this line: a method at the start, one space each side of the target
+    # and HTTP/1.1 there are the line ``METHOD SP target SP HTTP/1.1``.  Indexing and one
+    # slice: bytes methods with offsets are generic calls, costlier than the parser's.)
+    return (len(chunk) > end + 8 and chunk[m] == 32 and chunk[end] == 32
+            and chunk.startswith(method) and chunk[end + 1:end + 9] == b"HTTP/1.1")
+
+
 class DataPlane:
     """What every client connection shares: the live runtime (swapped whole on reload,
     read once per request), the access log, the limits, the timers, the connection gate."""
@@ -123,7 +137,7 @@ class ClientConnection(asyncio.Protocol):
     # (Slots: an idle keep-alive connection is this object, its parser and its transport.)
     __slots__ = (
         "_advancing", "_body_deadlines", "_head_deadlines", "_keepalive_deadlines",
-        "admitted", "closed", "closing", "current", "early", "head_bytes", "limits",
+        "admitted", "chunk", "closed", "closing", "current", "early", "head_bytes", "limits",
         "parser", "parsing", "paused_writing", "pausing", "plane", "proxies", "queue", "remote",
         "req", "scheme", "timer", "transport", "tunnel", "upgrading", "url_bytes",
     )
@@ -154,6 +168,9 @@ class ClientConnection(asyncio.Protocol):
         self.timer = _NONE
         self.head_bytes = 0
         self.url_bytes = 0
+        # The read being parsed, while it began with no request in progress (its first
+        # request line is at its start): see _version.
+        self.chunk: bytes | None = None
         self._advancing = False
         timers = plane.timers
         limits = self.limits
@@ -192,6 +209,7 @@ class ClientConnection(asyncio.Protocol):
             return
         # (The keep-alive deadline is left armed: its callback sees the connection busy.
         # A head that does not come whole in this read gets the head deadline below.)
+        self.chunk = data if self.req is None and self.parsing is None else None
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -217,6 +235,7 @@ class ClientConnection(asyncio.Protocol):
                     self.reject(framing.HEAD_TOO_LARGE)
                 elif not req.header_count and self._http09(req, data):
                     self.reject(framing.BAD_VERSION)
+        self.chunk = None  # (never kept past its read)
 
     def _http09(self, req: Request, data: bytes) -> bool:
         """A request line without a version (HTTP/0.9), which llhttp would wait on."""
@@ -319,7 +338,10 @@ class ClientConnection(asyncio.Protocol):
         if name is None:
             name = _METHODS[method] = method.decode("latin-1")
         req.method = name
-        check_head(req, parser.get_http_version())
+        chunk = self.chunk
+        self.chunk = None  # the read's first request only
+        check_head(req, "1.1" if chunk is not None and _version_11(chunk, method, req.target)
+                   else parser.get_http_version())
         if self.proxies is not None:
             req.remote = self.proxies.client(req.peer, req.forwarded_for, req.forwarded)
         if name == "CONNECT":
