@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import textwrap
 
+import pytest
 from multidict import CIMultiDict
 
 from proxy.config import parse_config
@@ -111,6 +112,9 @@ def test_request_id_kept_when_sane_else_generated() -> None:
 
 
 class _Listener:
+    """Records what an upstream connection reports (in place of the exchange, whose
+    type the compiled connection's attribute is: these tests run interpreted)."""
+
     def __init__(self) -> None:
         self.conn: UpstreamConnection | None = None
         self.body = b""
@@ -141,6 +145,7 @@ def respond(raw: bytes) -> tuple[UpstreamConnection, _Listener]:
     return conn, listener
 
 
+@pytest.mark.interpreted  # a recording exchange: see _Listener
 def test_response_headers() -> None:
     conn, listener = respond(
         b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: X-Up\r\nX-Up: 1\r\n"
@@ -155,6 +160,7 @@ def test_response_headers() -> None:
     assert not conn.has_request_id
 
 
+@pytest.mark.interpreted  # a recording exchange: see _Listener
 def test_response_header_names_in_any_case_are_recognised() -> None:
     conn, _ = respond(b"HTTP/1.1 204 No Content\r\nconnection: x-up\r\nx-up: 1\r\n"
                       b"KEEP-ALIVE: 5\r\nvia: 1.1 app\r\nx-request-id: up-1\r\n\r\n")
@@ -162,6 +168,7 @@ def test_response_header_names_in_any_case_are_recognised() -> None:
     assert conn.has_request_id and conn.via == b"1.1 app"
 
 
+@pytest.mark.interpreted  # a recording exchange: see _Listener
 def test_a_response_head_over_the_limits_is_a_bad_response() -> None:
     _, listener = respond(b"HTTP/1.1 200 OK\r\n" + b"X-A: b\r\n" * 101 + b"\r\n")
     assert listener.failed is not None and listener.failed.kind == "bad_response"

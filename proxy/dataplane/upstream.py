@@ -23,7 +23,7 @@ import logging
 import ssl
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final, Protocol, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
@@ -45,26 +45,17 @@ from proxy.health.monitor import PoolHealth
 from proxy.health.retry import RetryBudget
 
 if TYPE_CHECKING:
+    # What an upstream connection reports to: the exchange it serves (its upstream_ready,
+    # upstream_failed, upstream_defect, response_head/body/pending/complete,
+    # upstream_upgraded, upstream_write_paused).  The class itself, not a Protocol:
+    # compiled, the calls are native calls, where a Protocol's are generic ones.
+    from proxy.dataplane.exchange import Exchange as Listener
     from proxy.dataplane.tunnel import Tunnel
 
 log = logging.getLogger("ringproxy.dataplane")
 
 _RESPONSE_KIND: Final = h.RESPONSE_KIND
 _PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
-
-
-class Listener(Protocol):
-    """What an upstream connection reports to (the exchange it serves)."""
-
-    def upstream_ready(self, conn: UpstreamConnection) -> None: ...
-    def upstream_failed(self, exc: UpstreamError) -> None: ...
-    def upstream_defect(self, exc: BaseException) -> None: ...
-    def response_head(self, conn: UpstreamConnection) -> None: ...
-    def response_body(self, data: bytes) -> None: ...
-    def response_complete(self) -> None: ...
-    def response_pending(self) -> None: ...
-    def upstream_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None: ...
-    def upstream_write_paused(self, paused: bool) -> None: ...
 
 
 class HeadLimits:
