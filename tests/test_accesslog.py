@@ -176,3 +176,19 @@ async def test_request_ids_are_written_as_json_whatever_they_hold(tmp_path: Path
     assert all(line.isascii() for line in lines)  # as json.dumps writes them
     assert '"request_id":"0123abcdef",' in lines[0]
     assert '"request_id":"caf\\u00e9",' in lines[1]
+
+
+async def test_an_id_the_data_plane_vouches_for_is_written_as_it_is(tmp_path: Path) -> None:
+    """The exchange passes ``plain_id`` (its ids are generated hex or matched
+    request_id_ok's characters): the same line as the escaped id gives, for such an id."""
+    path = tmp_path / "access.log"
+    log = AccessLog(str(path))
+    for plain in (False, True):
+        log.log_request("a-b:c.d_E9", "127.0.0.1", "GET", b"h", "HTTP/1.1", None, "/", 200,
+                        1.0, None, None, None, None, None, None, None, 0, 0, None, "abc",
+                        plain_id=plain)
+    log.close()
+    escaped, plain_line = path.read_bytes().splitlines()
+    assert json.loads(escaped)["request_id"] == "a-b:c.d_E9"
+    assert json.loads(plain_line) == {**json.loads(escaped), "time": json.loads(plain_line)["time"]}
+    assert json.loads(escaped)["host"] == "h"  # the Host header's bytes, decoded

@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from json.encoder import encode_basestring_ascii as _string  # C; as json.dumps writes a str
-from typing import IO, Final
+from typing import IO, Any, Final
 
 # One field's value: the access log writes flat objects of JSON scalars.
 Field = str | int | float | None
@@ -109,8 +109,11 @@ def _chunks(lines: list[str]) -> list[str]:
 class AccessLog:
     def __init__(self, path: str) -> None:
         self.path = path
-        self._stream: IO[str] = (
-            sys.stdout if path == "-" else open(path, "a", encoding="utf-8")  # noqa: SIM115
+        # A file is written in binary (the lines are ASCII: every string in them is JSON-
+        # escaped), without a text layer's encoding pass; standard output as it is.
+        self._binary = path != "-"
+        self._stream: IO[Any] = (
+            sys.stdout if path == "-" else open(path, "ab")  # noqa: SIM115
         )
         self._buffer: list[str] = []
         self._timer: asyncio.TimerHandle | None = None
@@ -139,13 +142,14 @@ class AccessLog:
         user_agent: bytes | None, path: str, status: int, duration_ms: float,
         upstream_ms: float | None, route: str | None, ring: str | None, reason: str | None,
         bucket: int | None, pool: str | None, upstream: str | None, bytes_in: int,
-        bytes_out: int, error: str | None, revision: str,
+        bytes_out: int, error: str | None, revision: str, plain_id: bool = False,
     ) -> None:
         """Queue one request's line (what ``log`` writes for these fields, faster).
 
         ``host`` may be the Host header's bytes (read as Latin-1); ``user_agent`` is the
         header's bytes as they came (read as Latin-1, escaped like
-        every string); ``upstream_ms`` None: no response head came from an upstream."""
+        every string); ``upstream_ms`` None: no response head came from an upstream;
+        ``plain_id``: ``request_id`` is known to need no JSON escaping."""
         if self.skip is not None and self.skip(request_id):
             return
         now = time.time()
@@ -188,13 +192,16 @@ class AccessLog:
         # (now - second: exact, as now % 1, without a float modulo.)  An f-string of strings
         # and ints: one allocation, no format to parse (compiled, each int is a C
         # conversion); milliseconds as _millis writes them.
+        # (plain_id: the caller vouches that the id needs no escaping, as the data plane's
+        # do: generated hex, or a client's that matched request_id_ok's characters.)
+        rid = f'"{request_id}"' if plain_id else _string(request_id)
         up = "null" if upstream_ms is None else _millis(upstream_ms)
         err = "null" if error is None else _string(error)
         # (_millis of duration_ms, inline: one string less.)
         us = int(duration_ms * 1000.0 + 0.5) if 0.0 <= duration_ms < 1e15 else -1
         took = f"{us // 1000}.{_DECIMALS[us % 1000]}" if us >= 0 else _millis(duration_ms)
         line = (f'{{"time":"{self._stamp}.{_DECIMALS[int((now - second) * 1000)]}Z",'
-                f'"request_id":{_string(request_id)},{fields},"path":{_string(path)},'
+                f'"request_id":{rid},{fields},"path":{_string(path)},'
                 f'"status":{status},"duration_ms":{took},"upstream_ms":{up},'
                 f'{decision},"bytes_in":{bytes_in},"bytes_out":{bytes_out},"error":{err},'
                 f'"revision":{rev}}}\n')
@@ -212,7 +219,7 @@ class AccessLog:
             lines, self._buffer = self._buffer, []
             try:
                 for chunk in _chunks(lines):
-                    self._stream.write(chunk)
+                    self._stream.write(chunk.encode("ascii") if self._binary else chunk)
                     self._stream.flush()  # one write(2) per chunk
             except (OSError, ValueError):
                 pass  # a closed stdout must not take requests down with it

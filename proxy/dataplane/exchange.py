@@ -793,6 +793,7 @@ class Exchange:
                 ring.pool.config.name if ring else None, self.server_url or None,
                 self.bytes_in, self.bytes_out, self.error or None,
                 decision.revision if decision else plane.runtime.config.revision,
+                plain_id=True,  # (generated, or a client's that request_id_ok accepted)
             )
         client.exchange_done(self)
 
