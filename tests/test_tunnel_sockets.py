@@ -88,6 +88,20 @@ def pattern(n: int, seed: int) -> bytes:
     return (block * (n // 251 + 1))[:n]
 
 
+def start_upload(writer: asyncio.StreamWriter, total: int) -> asyncio.Future[None]:
+    """Send ``total`` bytes of request body, 1 MiB at a time, in the background (it stops
+    quietly when the proxy cuts the connection)."""
+
+    async def upload() -> None:
+        chunk = b"u" * (1 << 20)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(total >> 20):
+                writer.write(chunk)
+                await writer.drain()
+
+    return asyncio.ensure_future(upload())
+
+
 async def test_a_silent_tunnel_is_closed_both_sides_and_traffic_keeps_it_open(
     make_proxy: ProxyFactory, tmp_path: Path
 ) -> None:
@@ -281,14 +295,7 @@ async def test_an_upstream_that_stops_reading_the_body_is_a_504_after_the_idle_t
         writer.write(b"POST /upload HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n" % total)
         started = time.monotonic()
 
-        async def upload() -> None:
-            chunk = b"u" * (1 << 20)
-            with contextlib.suppress(ConnectionError):
-                for _ in range(total >> 20):
-                    writer.write(chunk)
-                    await writer.drain()
-
-        sending = asyncio.ensure_future(upload())
+        sending = start_upload(writer, total)
         try:
             async with asyncio.timeout(15):
                 answer = await reader.read(1 << 16)
@@ -375,14 +382,7 @@ async def test_an_upstream_reading_the_body_slowly_but_steadily_is_not_cut(
         total = 16 << 20
         writer.write(b"POST /upload HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n" % total)
 
-        async def upload() -> None:
-            chunk = b"u" * (1 << 20)
-            with contextlib.suppress(ConnectionError):
-                for _ in range(total >> 20):
-                    writer.write(chunk)
-                    await writer.drain()
-
-        sending = asyncio.ensure_future(upload())
+        sending = start_upload(writer, total)
         try:
             async with asyncio.timeout(60):
                 answer = await reader.readuntil(b"\r\n\r\n")

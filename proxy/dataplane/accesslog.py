@@ -54,9 +54,11 @@ USER_AGENT_MAX: Final = 512
 _CACHED_CLIENT_MAX: Final = 1024
 
 # The order of a request line's fields (README: Access log), for ``log`` and the tests.
-FIELDS: Final = ("time", "request_id", "client", "method", "host", "protocol", "user_agent", "path",
-          "status", "duration_ms", "upstream_ms", "route", "ring", "reason", "bucket", "pool",
-          "upstream", "bytes_in", "bytes_out", "error", "revision")
+FIELDS: Final = (
+    "time", "request_id", "client", "method", "host", "protocol", "user_agent", "path",
+    "status", "duration_ms", "upstream_ms", "route", "ring", "reason", "bucket", "pool",
+    "upstream", "bytes_in", "bytes_out", "error", "revision",
+)
 
 
 # "000" to "999": the three decimals of a millisecond figure, by index (no formatting).
@@ -146,10 +148,11 @@ class AccessLog:
     ) -> None:
         """Queue one request's line (what ``log`` writes for these fields, faster).
 
-        ``host`` may be the Host header's bytes (read as Latin-1); ``user_agent`` is the
-        header's bytes as they came (read as Latin-1, escaped like
-        every string); ``upstream_ms`` None: no response head came from an upstream;
-        ``plain_id``: ``request_id`` is known to need no JSON escaping."""
+        ``host`` may be the Host header's bytes and ``user_agent`` is the header's bytes as
+        they came (both read as Latin-1, escaped like every string); ``upstream_ms`` None:
+        no response head came from an upstream; ``plain_id``: the caller vouches that
+        ``request_id`` needs no JSON escaping (the data plane's ids: generated hex, or a
+        client's that matched ``request_id_ok``'s characters)."""
         if self.skip is not None and self.skip(request_id):
             return
         now = time.time()
@@ -189,20 +192,15 @@ class AccessLog:
             if len(self._revisions) >= 64:
                 self._revisions.clear()
             rev = self._revisions[revision] = _string(revision)
-        # (now - second: exact, as now % 1, without a float modulo.)  An f-string of strings
-        # and ints: one allocation, no format to parse (compiled, each int is a C
-        # conversion); milliseconds as _millis writes them.
-        # (plain_id: the caller vouches that the id needs no escaping, as the data plane's
-        # do: generated hex, or a client's that matched request_id_ok's characters.)
         rid = f'"{request_id}"' if plain_id else _string(request_id)
         up = "null" if upstream_ms is None else _millis(upstream_ms)
         err = "null" if error is None else _string(error)
-        # (_millis of duration_ms, inline: one string less.)
-        us = int(duration_ms * 1000.0 + 0.5) if 0.0 <= duration_ms < 1e15 else -1
-        took = f"{us // 1000}.{_DECIMALS[us % 1000]}" if us >= 0 else _millis(duration_ms)
+        # An f-string of strings and ints: one allocation, no format to parse (compiled,
+        # each int is a C conversion).  (now - second: exact, as now % 1, without a float
+        # modulo.)
         line = (f'{{"time":"{self._stamp}.{_DECIMALS[int((now - second) * 1000)]}Z",'
                 f'"request_id":{rid},{fields},"path":{_string(path)},'
-                f'"status":{status},"duration_ms":{took},"upstream_ms":{up},'
+                f'"status":{status},"duration_ms":{_millis(duration_ms)},"upstream_ms":{up},'
                 f'{decision},"bytes_in":{bytes_in},"bytes_out":{bytes_out},"error":{err},'
                 f'"revision":{rev}}}\n')
         self._buffer.append(line)

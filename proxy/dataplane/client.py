@@ -29,7 +29,7 @@ from proxy.dataplane import framing
 from proxy.dataplane.accesslog import AccessLog
 from proxy.dataplane.deadlines import Timers
 from proxy.dataplane.exchange import BAD_REQUEST, Exchange
-from proxy.dataplane.headers import REQUEST_KIND
+from proxy.dataplane.headers import request_name
 from proxy.dataplane.request import Request, RequestError, check_head, special_header
 
 if TYPE_CHECKING:
@@ -44,13 +44,6 @@ _METHODS: Final[dict[bytes, str]] = {}
 # b"_" as a byte value: ``int in bytes`` is a plain scan, where ``b"_" in bytes`` first tries
 # the operand as an integer and raises (and clears) a TypeError, about 8x the cost.
 _UNDERSCORE: Final = framing.UNDERSCORE
-# Header names as clients spell them -> (lower-cased, REQUEST_KIND or 0): one lookup of the
-# name as it came instead of lower() and a lookup per header (the lower-cased name, shared,
-# also keeps its hash).  Names with "_" are never kept (their checks run every time);
-# bounded in count and length (a client chooses them).
-_NAMES: Final[dict[bytes, tuple[bytes, int]]] = {}
-_NAMES_MAX: Final = 1024
-_NAME_LEN: Final = 64
 # Requests a connection may have parsed and queued behind the one being answered; the next
 # is answered 429 in its turn and the connection closes (memory per connection stays small).
 MAX_PIPELINED: Final = 32
@@ -320,19 +313,12 @@ class ClientConnection(asyncio.Protocol):
             raise RequestError(framing.HEAD_TOO_LARGE)
         if req.header_count > limits.max_headers:
             raise RequestError(framing.TOO_MANY_HEADERS)
-        known = _NAMES.get(name)
-        if known is None:
-            if _UNDERSCORE in name:
-                if not limits.underscores_in_headers:
-                    return  # dropped, as NGINX does by default
-                if name.lower().replace(b"_", b"-") in self.plane.credential_names:
-                    return  # a credential header's CGI twin (X_Api_Key): never from a client
-            lname = name.lower()
-            kind = REQUEST_KIND.get(lname, 0)
-            if len(name) <= _NAME_LEN and _UNDERSCORE not in name and len(_NAMES) < _NAMES_MAX:
-                _NAMES[name] = (lname, kind)
-        else:
-            lname, kind = known
+        if _UNDERSCORE in name:
+            if not limits.underscores_in_headers:
+                return  # dropped, as NGINX does by default
+            if name.lower().replace(b"_", b"-") in self.plane.credential_names:
+                return  # a credential header's CGI twin (X_Api_Key): never from a client
+        lname, kind = request_name(name)
         by_name = req.by_name
         if lname not in by_name:
             by_name[lname] = value

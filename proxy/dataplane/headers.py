@@ -106,6 +106,37 @@ def new_request_id() -> str:
     return _ids.pop()
 
 
+# Header names as peers spell them -> what their lower-cased form says: one lookup of the
+# name as it came instead of lower() and a lookup per header (the lower-cased name, shared,
+# keeps its hash).  Bounded in count and length: a peer chooses the names.  A request
+# header name with "_" is never kept (the client connection checks those every time).
+_NAMES_MAX: Final = 1024
+_NAME_LEN: Final = 64
+_REQUEST_NAMES: Final[dict[bytes, tuple[bytes, int]]] = {}
+_RESPONSE_NAMES: Final[dict[bytes, int]] = {}
+
+
+def request_name(name: bytes) -> tuple[bytes, int]:
+    """A request header's name lower-cased, and its ``REQUEST_KIND`` (0: a plain header)."""
+    known = _REQUEST_NAMES.get(name)
+    if known is None:
+        lname = name.lower()
+        known = (lname, REQUEST_KIND.get(lname, 0))
+        if len(name) <= _NAME_LEN and 0x5F not in name and len(_REQUEST_NAMES) < _NAMES_MAX:
+            _REQUEST_NAMES[name] = known
+    return known
+
+
+def response_kind(name: bytes) -> int:
+    """A response header's ``RESPONSE_KIND`` (0: a plain header)."""
+    kind = _RESPONSE_NAMES.get(name)
+    if kind is None:
+        kind = RESPONSE_KIND.get(name.lower(), 0)
+        if len(name) <= _NAME_LEN and len(_RESPONSE_NAMES) < _NAMES_MAX:
+            _RESPONSE_NAMES[name] = kind
+    return kind
+
+
 def request_id_ok(value: bytes, max_length: int = 128) -> bool:
     """A client's X-Request-Id is kept when it is sane: 1..``max_length`` characters of
     A-Z a-z 0-9 . _ : - (config ``request_id``); any other is replaced by a new one."""

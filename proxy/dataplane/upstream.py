@@ -54,13 +54,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ringproxy.dataplane")
 
-_RESPONSE_KIND: Final = h.RESPONSE_KIND
 _PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
-# Response header names as upstreams spell them -> RESPONSE_KIND or 0 (plain): one lookup
-# instead of lower() and a lookup per header; bounded in count and length.
-_KINDS: Final[dict[bytes, int]] = {}
-_KINDS_MAX: Final = 1024
-_NAME_LEN: Final = 64
 
 
 class HeadLimits:
@@ -545,11 +539,7 @@ class UpstreamConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         # (The head's size and count are checked at its end, and per read while it is
         # incomplete, in data_received: a head held in memory is at most one read larger.)
-        kind = _KINDS.get(name)
-        if kind is None:
-            kind = _RESPONSE_KIND.get(name.lower(), 0)
-            if len(name) <= _NAME_LEN and len(_KINDS) < _KINDS_MAX:
-                _KINDS[name] = kind
+        kind = h.response_kind(name)
         if kind == 0:
             self.lines.append(name + b": " + value + b"\r\n")
         elif kind == h.R_CONTENT_LENGTH:
