@@ -9,6 +9,8 @@ import hashlib
 import json
 import os
 import re
+import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -343,6 +345,28 @@ async def raw_exchange(url: str, request: bytes, wait: float = 5.0) -> bytes:
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
+
+
+async def raw_upstream(reply: bytes | None) -> tuple[asyncio.Server, str]:
+    """A TCP upstream that reads a request head, then sends ``reply`` (``None``: resets)
+    and closes; a connection the proxy drops, or one still open when the loop cancels the
+    handler, is closed too (no transport outlives the test)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+                await reader.readuntil(b"\r\n\r\n")
+                if reply is None:  # RST, not FIN
+                    writer.get_extra_info("socket").setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                else:
+                    writer.write(reply)
+                    await writer.drain()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
 
 
 def headers_of(seen: dict[str, Any]) -> dict[str, str]:

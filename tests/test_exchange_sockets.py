@@ -11,7 +11,7 @@ import aiohttp
 
 from proxy.dataplane.client import MAX_PIPELINED
 from proxy.server import Proxy
-from tests.conftest import ProxyFactory, Upstream, raw_exchange
+from tests.conftest import ProxyFactory, Upstream, raw_exchange, raw_upstream
 
 
 def _config(upstream: str, pool: str = "", grace: str = "2s") -> str:
@@ -35,19 +35,6 @@ def _config(upstream: str, pool: str = "", grace: str = "2s") -> str:
 def _host_port(url: str) -> tuple[str, int]:
     host, port = url.removeprefix("http://").rsplit(":", 1)
     return host, int(port)
-
-
-async def _raw_upstream(reply: bytes) -> tuple[asyncio.Server, str]:
-    """A TCP server that answers every request head with ``reply``, then closes."""
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(reply)
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
 
 
 async def test_pipelined_requests_are_answered_in_order(
@@ -151,7 +138,7 @@ async def test_a_request_waiting_for_a_full_pool_gets_503_after_the_connect_time
 async def test_a_close_delimited_upstream_body_is_chunked_for_http_11_and_not_for_10(
     make_proxy: ProxyFactory,
 ) -> None:
-    server, url = await _raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n"
+    server, url = await raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n"
                                       b"no length, the close ends it")
     async with server:
         proxy = await make_proxy(_config(url))

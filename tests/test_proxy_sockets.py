@@ -11,7 +11,14 @@ import aiohttp
 import pytest
 
 from proxy.server import Proxy
-from tests.conftest import GZIP_BODY, ProxyFactory, Upstream, headers_of, raw_exchange
+from tests.conftest import (
+    GZIP_BODY,
+    ProxyFactory,
+    Upstream,
+    headers_of,
+    raw_exchange,
+    raw_upstream,
+)
 
 
 async def test_get_is_forwarded_to_default_ring_with_forwarding_headers(
@@ -261,27 +268,6 @@ async def test_connect_refused_is_502(make_proxy: ProxyFactory, stable: Upstream
     assert "Traceback" not in text
 
 
-async def _raw_upstream(reply: bytes | None) -> tuple[asyncio.Server, str]:
-    """A TCP server that reads a request, then sends ``reply`` (or resets) and closes."""
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        if reply is None:
-            sock = writer.get_extra_info("socket")
-            import socket
-            import struct
-
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        else:
-            writer.write(reply)
-            await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    return server, f"http://127.0.0.1:{port}"
-
-
 def _single_pool_config(server: str, policy: str = "") -> str:
     return textwrap.dedent(
         f"""
@@ -312,7 +298,7 @@ def _single_pool_config(server: str, policy: str = "") -> str:
 async def test_broken_upstreams_are_502(
     make_proxy: ProxyFactory, client: aiohttp.ClientSession, reply: bytes | None, expected: str
 ) -> None:
-    server, url = await _raw_upstream(reply)
+    server, url = await raw_upstream(reply)
     async with server:
         proxy = await make_proxy(_single_pool_config(url))
         async with client.get(proxy.url + "/") as r:

@@ -69,15 +69,20 @@ class Resetter:
         self.url = ""
         self.attempts = 0
         self._server: asyncio.Server | None = None
+        self._open: set[asyncio.StreamWriter] = set()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            await reader.readuntil(b"\r\n\r\n")
-        self.attempts += 1
-        sock = writer.get_extra_info("socket")
-        if sock is not None:  # RST, not FIN
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        writer.close()
+        self._open.add(writer)
+        try:
+            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+                await reader.readuntil(b"\r\n\r\n")
+            self.attempts += 1
+            sock = writer.get_extra_info("socket")
+            if sock is not None:  # RST, not FIN
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        finally:  # also when the loop cancels a handler still reading at the test's end
+            self._open.discard(writer)
+            writer.close()
 
     async def start(self) -> str:
         self._server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
@@ -88,6 +93,8 @@ class Resetter:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+        for writer in list(self._open):  # connections the proxy left open: none leak
+            writer.close()
 
 
 @pytest.fixture
@@ -161,6 +168,14 @@ async def server_views(client: aiohttp.ClientSession, proxy: Proxy) -> dict[str,
     return {s["url"]: s for s in ring["health"]["servers"]}
 
 
+async def until_view(client: aiohttp.ClientSession, proxy: Proxy, url: str, *, up: bool,
+                     within: float = 5.0) -> None:
+    """Wait until the proxy's own view of server ``url`` is up (or out)."""
+    async with asyncio.timeout(within):
+        while (await server_views(client, proxy))[url]["up"] is not up:  # noqa: ASYNC110 - a poll of the admin API
+            await asyncio.sleep(0.02)
+
+
 async def until(condition: Callable[[], bool], within: float = 5.0) -> None:
     async with asyncio.timeout(within):
         while not condition():  # noqa: ASYNC110 - a poll of counters the servers keep
@@ -209,14 +224,15 @@ async def test_a_server_that_comes_back_is_used_again(
         "unhealthy_threshold: 2}\noutlier: {consecutive_failures: 2, base_ejection: 500ms}"))
     # Active checks: b answers 503 to them, and is taken out.
     b.health_status = 503
-    await until(lambda: b.checks >= 3)
-    await asyncio.sleep(0.15)
+    await until_view(client, proxy, b.url, up=False)
     before = b.hits
     assert [s for s, _ in await get(client, proxy, 10)] == [200] * 10
     assert b.hits == before
-    # ... and back after two passed checks.
+    # ... and back after two passed checks (not before: the one after 503s is not enough).
     b.health_status = 200
-    await until(lambda: b.checks >= 8)
+    switched = b.checks
+    await until_view(client, proxy, b.url, up=True)
+    assert b.checks >= switched + 2
     await get(client, proxy, 10)
     assert b.hits >= before + 4
     assert b.check_agents == {"ringproxy-health-check"}
@@ -225,9 +241,10 @@ async def test_a_server_that_comes_back_is_used_again(
     await b.stop()
     statuses = [s for s, _ in await get(client, proxy, 10)]
     assert statuses.count(502) <= 2, statuses
+    assert (await server_views(client, proxy))[b.url]["up"] is False
     await b.start(port)
     hits = b.hits
-    await asyncio.sleep(0.8)  # the ejection (500ms) ends
+    await until_view(client, proxy, b.url, up=True)  # the ejection (500ms) ends
     await get(client, proxy, 10)
     assert b.hits >= hits + 4
 
