@@ -28,7 +28,7 @@ from proxy.config.proxies import TrustedProxies
 from proxy.dataplane import framing
 from proxy.dataplane.accesslog import AccessLog
 from proxy.dataplane.deadlines import Timers
-from proxy.dataplane.exchange import BAD_REQUEST, Exchange
+from proxy.dataplane.exchange import BAD_REQUEST, Exchange, unsent
 from proxy.dataplane.headers import request_name
 from proxy.dataplane.request import Request, RequestError, check_head, special_header
 
@@ -380,6 +380,14 @@ class ClientConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if not self.closed and self.transport is not None:
             self.transport.write(data)
+
+    def unread(self) -> int:
+        """Bytes written to the client it has not read yet: the transport's buffer and
+        the socket's kernel send queue (where the kernel tells)."""
+        transport = self.transport
+        if transport is None or self.closed:
+            return 0
+        return transport.get_write_buffer_size() + unsent(transport)
 
     def cut(self) -> None:
         """End the connection after what was written (a response cut short)."""

@@ -131,6 +131,7 @@ class Exchange:
         "bytes_in",
         "bytes_out",
         "client",
+        "client_mark",
         "conn",
         "deadlines",
         "error",
@@ -186,6 +187,7 @@ class Exchange:
         self.stream_chunked = False
         self.upstream_paused = False
         self.idle_armed = False
+        self.client_mark = 0  # while the client is not reading: _delivered() then
         self.attempt = 1  # the upstream attempt (2: the first retry)
         self.attempt_started = self.started
         self.resend: bytes | None = None  # the whole body sent (a retry sends it again)
@@ -332,6 +334,7 @@ class Exchange:
             step = self.step
             if isinstance(step, Forward) and step.ring.idle_timeout:
                 self.idle_armed = True
+                self.client_mark = self._delivered()
                 self.client.plane.timers(step.ring.idle_timeout).arm(self, self._client_stalled)
         else:
             conn.resume_reading()
@@ -340,13 +343,34 @@ class Exchange:
 
     def _client_stalled(self) -> None:
         """The client read nothing for the ring's idle timeout: the client's doing, never
-        the server's nor the version's (recorded as ``client_timeout``)."""
+        the server's nor the version's (recorded as ``client_timeout``).  A client that
+        read some of it meanwhile is slow, not gone: the wait starts again (NGINX's
+        send_timeout is between two writes, not for the whole response)."""
         if self.state == DONE:
             return
+        if self.client.paused_writing:
+            delivered = self._delivered()
+            if delivered > self.client_mark:
+                # (re-armed from the loop's next turn: not from the deadline's own callback)
+                self.client_mark = delivered
+                asyncio.get_running_loop().call_soon(self._client_wait_again)
+                return
         self.error = CLIENT_TIMEOUT
         self.keep_alive = False
         self._close_upstream()
         self.answer_or_cut(408, "client stopped reading")
+
+    def _delivered(self) -> int:
+        """A count that grows only as the client reads this response: the body bytes
+        written less those it has not read yet (the transport's buffer and the kernel's
+        send queue; a write adds as much to both)."""
+        return self.bytes_out - self.client.unread()
+
+    def _client_wait_again(self) -> None:
+        step = self.step
+        if (self.state != DONE and self.idle_armed and self.client.paused_writing
+                and isinstance(step, Forward)):
+            self.client.plane.timers(step.ring.idle_timeout).arm(self, self._client_stalled)
 
     # ------------------------------------------------------------------ the pool's side
 
