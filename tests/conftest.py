@@ -25,6 +25,7 @@ from aiohttp import web
 
 from proxy import compiled
 from proxy.config import parse_config
+from proxy.dataplane.client import REJECTIONS_LOGGED
 from proxy.server import Proxy
 
 
@@ -326,6 +327,13 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
         auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept")
     ) as session:
         yield session
+
+
+@pytest.fixture(autouse=True)
+def _full_rejection_log_budget() -> None:
+    """Each test starts with the rejection log's whole budget: earlier tests' rejections in
+    this process must not leave this one's lines unlogged."""
+    REJECTIONS_LOGGED.refill()
 
 
 async def raw_exchange(url: str, request: bytes, wait: float = 5.0) -> bytes:

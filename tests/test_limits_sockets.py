@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 
 import pytest
 
@@ -146,6 +147,31 @@ async def test_oversized_head_logs_one_quiet_line(
     assert "127.0.0.1" in records[0].getMessage()
     assert records[0].exc_info is None
     assert "s3cr3t" not in caplog.text and "Bearer" not in caplog.text
+
+
+async def test_a_flood_of_bad_requests_logs_a_budget_of_lines_and_says_how_many_it_left_out(
+    make_proxy: ProxyFactory, upstream: StartUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """60 rejected requests at once: at most the log budget's burst (20, then 2 a second)
+    at info; the next line written says how many were not; every one is still answered."""
+    up = await upstream()
+    proxy: Proxy = await make_proxy(proxy_config(up.url, limits=SMALL))
+    caplog.set_level(logging.INFO)
+    caplog.clear()
+    bad = b"GET / HTTP/1.1\r\nHost: a.test\r\nX-Big: " + b"k" * 5000 + b"\r\n\r\n"
+    replies = await asyncio.gather(*(exchange(proxy.url, bad) for _ in range(60)))
+    for reply in replies:
+        assert_rejected(reply, 431)
+    lines = [r.getMessage() for r in caplog.records if "rejected a request" in r.getMessage()]
+    assert 20 <= len(lines) < 30, len(lines)  # the burst, and at most a few seconds' 2/s
+    assert all("not logged" not in line for line in lines[:20])
+    await asyncio.sleep(0.6)  # a token again
+    assert_rejected(await exchange(proxy.url, bad), 431)
+    last = [r.getMessage() for r in caplog.records if "rejected a request" in r.getMessage()][-1]
+    assert re.search(r"\((\d+) more rejected before this one, not logged\)$", last), last
+    dropped = int(re.search(r"\((\d+) more", last).group(1))  # type: ignore[union-attr]
+    logged = len(lines) + 1
+    assert logged + dropped == 61, (logged, dropped)
 
 
 # --------------------------------------------------------------------------- max_body

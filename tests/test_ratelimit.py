@@ -12,7 +12,7 @@ import pytest
 from proxy.config import Config, parse_config
 from proxy.config.ringlimits import RateLimit, ring_max_body
 from proxy.dataplane.decide import RATE_LIMITED, Forward, LocalAnswer, decide
-from proxy.dataplane.ratelimit import TokenBucket, retry_after
+from proxy.dataplane.ratelimit import LogBudget, TokenBucket, retry_after
 from proxy.dataplane.request import parse_request
 from proxy.errors import ConfigError
 from proxy.metrics import CODE_CLASSES, Metrics
@@ -228,3 +228,16 @@ def test_a_rate_limit_429_is_counted_refused_and_never_judged() -> None:
     refused = CODE_CLASSES.index("refused")
     assert recorder.requests[refused] == 50  # type: ignore[attr-defined]
     assert recorder.tally.requests == 0  # type: ignore[attr-defined]
+
+
+def test_a_log_budget_writes_a_burst_then_its_rate_and_counts_what_it_dropped() -> None:
+    budget = LogBudget(2.0, 3)
+    assert [budget.allow(100.0) for _ in range(5)] == [0, 0, 0, None, None]
+    assert budget.allow(100.2) is None  # 0.4 of a token
+    assert budget.allow(100.5) == 3  # a token again: the line says three went unlogged
+    assert budget.allow(100.5) is None
+    assert budget.allow(110.0) == 1
+    assert [budget.allow(110.0) for _ in range(3)] == [0, 0, None]  # refilled to 3, not 20
+    budget.allow(110.0)
+    budget.refill()
+    assert [budget.allow(110.0) for _ in range(4)] == [0, 0, 0, None]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Final, cast
 
@@ -30,6 +31,7 @@ from proxy.dataplane.accesslog import AccessLog
 from proxy.dataplane.deadlines import Timers
 from proxy.dataplane.exchange import BAD_REQUEST, Exchange, unsent
 from proxy.dataplane.headers import request_name
+from proxy.dataplane.ratelimit import LogBudget
 from proxy.dataplane.request import Request, RequestError, check_head, special_header
 
 if TYPE_CHECKING:
@@ -47,6 +49,10 @@ _UNDERSCORE: Final = framing.UNDERSCORE
 # Requests a connection may have parsed and queued behind the one being answered; the next
 # is answered 429 in its turn and the connection closes (memory per connection stays small).
 MAX_PIPELINED: Final = 32
+# Rejected requests are logged at info, at most 20 at once and 2 a second after that, per
+# process (a scanner or a broken client must not flood the log); the access log and
+# ringproxy_requests_total still have every one, and a line says how many went unlogged.
+REJECTIONS_LOGGED: Final = LogBudget(2.0, 20)
 
 # Timers a connection can have armed (one at a time, besides the body's).
 _NONE: Final = 0
@@ -496,9 +502,13 @@ class ClientConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ refusals, defects
 
     def reject(self, rejection: framing.Rejection) -> None:
-        """The client's request is refused: one line at info, an answer, then a close."""
-        log.info("rejected a request from %s: %s", self.remote, rejection.reason,
-                 extra={"client": self.remote, "status": rejection.status})
+        """The client's request is refused: one line at info (within the log's budget),
+        an answer, then a close."""
+        dropped = REJECTIONS_LOGGED.allow(time.monotonic())
+        if dropped is not None:
+            log.info("rejected a request from %s: %s%s", self.remote, rejection.reason,
+                     f" ({dropped} more rejected before this one, not logged)" if dropped
+                     else "", extra={"client": self.remote, "status": rejection.status})
         self.closing = True
         self.pause(self.DONE)
         ex = self.parsing

@@ -1,4 +1,5 @@
-"""A token bucket: a ring's ``policy.rate_limit``, per process.  Pure: the clock is passed in.
+"""A token bucket: a ring's ``policy.rate_limit``, per process, and a log line budget.
+Pure: the clock is passed in.
 
 The bucket holds up to ``burst`` tokens and gains ``rate`` tokens a second; a request
 takes one.  ``take(now)`` answers 0.0 when it took a token, else the seconds until one
@@ -45,3 +46,28 @@ class TokenBucket:
 def retry_after(wait: float) -> int:
     """Whole seconds for ``Retry-After``: the wait rounded up, at least 1."""
     return max(1, math.ceil(wait))
+
+
+class LogBudget:
+    """At most ``burst`` lines at once and ``rate`` a second after that, for a log line a
+    client can cause once per request (a flood of bad requests must not flood the log).
+    ``allow(now)``: ``None`` when this line is to be dropped, else how many were dropped
+    since the last one written (for the line to say so)."""
+
+    __slots__ = ("bucket", "dropped")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.bucket = TokenBucket(rate, burst, 0.0)
+        self.dropped = 0
+
+    def allow(self, now: float) -> int | None:
+        if self.bucket.take(now) > 0.0:
+            self.dropped += 1
+            return None
+        dropped, self.dropped = self.dropped, 0
+        return dropped
+
+    def refill(self) -> None:
+        """The whole burst again, nothing dropped (a fresh start: tests)."""
+        self.bucket.tokens = self.bucket.burst
+        self.dropped = 0
