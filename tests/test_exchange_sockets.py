@@ -12,6 +12,7 @@ import aiohttp
 from proxy.dataplane.client import MAX_PIPELINED
 from proxy.server import Proxy
 from tests.conftest import ProxyFactory, Upstream, raw_exchange, raw_upstream
+from tests.test_rollback_sockets import wait_for
 
 
 def _config(upstream: str, pool: str = "", grace: str = "2s") -> str:
@@ -205,17 +206,20 @@ async def test_a_full_pool_queues_requests_until_a_connection_is_free(
 async def test_shutdown_closes_idle_connections_and_lets_requests_in_flight_finish(
     make_proxy: ProxyFactory, stable: Upstream
 ) -> None:
-    proxy: Proxy = await make_proxy(_config(stable.url))
+    # The grace outlasts the request in flight (3 s): it finishes, it is not cut.
+    proxy: Proxy = await make_proxy(_config(stable.url, grace="8s"))
+    ring = proxy.runtime.rings["r"][0]
     idle_reader, idle_writer = await asyncio.open_connection(*_host_port(proxy.url))
     idle_writer.write(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
     await asyncio.wait_for(idle_reader.readuntil(b"\r\n\r\n"), 5)  # served: now idle
     busy_reader, busy_writer = await asyncio.open_connection(*_host_port(proxy.url))
-    busy_writer.write(b"GET /slow?s=0.5 HTTP/1.1\r\nHost: h\r\n\r\n")
-    await asyncio.sleep(0.1)
+    busy_writer.write(b"GET /slow?s=3 HTTP/1.1\r\nHost: h\r\n\r\n")
+    await wait_for(lambda: any(r["target"] == "/slow?s=3" for r in stable.requests), 5)
     stopping = asyncio.ensure_future(proxy.stop())
-    rest = await asyncio.wait_for(idle_reader.read(), 1)  # closed at once
+    rest = await asyncio.wait_for(idle_reader.read(), 5)
     assert b"HTTP/1.1" not in rest
-    answer = await asyncio.wait_for(busy_reader.read(), 5)
+    assert ring.inflight == 1  # closed at once: not after the request in flight
+    answer = await asyncio.wait_for(busy_reader.read(), 10)
     assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"slow done")
     assert b"Connection: close" in answer
     await asyncio.wait_for(stopping, 5)
@@ -226,15 +230,13 @@ async def test_shutdown_closes_idle_connections_and_lets_requests_in_flight_fini
 async def test_idle_pooled_connections_close_after_keepalive_timeout(
     make_proxy: ProxyFactory, stable: Upstream, client: aiohttp.ClientSession
 ) -> None:
-    proxy = await make_proxy(_config(stable.url, ", keepalive_timeout: 200ms"))
+    # 1s: a stall of this process between the answer and the first look must not outlast it.
+    proxy = await make_proxy(_config(stable.url, ", keepalive_timeout: 1s"))
     async with client.get(proxy.url + "/x") as r:
         assert r.status == 200
     pool = proxy.runtime.pools["p"]
     assert (pool.open, pool.idle_connections()) == (1, 1)
-    for _ in range(40):
-        if pool.open == 0:
-            break
-        await asyncio.sleep(0.05)
+    await wait_for(lambda: pool.open == 0, 5)
     assert (pool.open, pool.idle_connections()) == (0, 0)
     async with client.get(proxy.url + "/y") as r:  # a new one is opened
         assert r.status == 200

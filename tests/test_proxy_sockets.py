@@ -18,7 +18,19 @@ from tests.conftest import (
     headers_of,
     raw_exchange,
     raw_upstream,
+    two_ring_config,
 )
+from tests.test_rollback_sockets import wait_for
+
+
+@pytest.fixture
+async def proxy(make_proxy: ProxyFactory, stable: Upstream, canary: Upstream) -> Proxy:
+    """conftest's two rings, ring main's timeout 1s rather than 300ms: the upstream
+    answers in this test's own process, which a loaded machine can stall for longer than
+    300ms while a request is in flight (a 504 where the upstream was simply not run)."""
+    text = two_ring_config(stable.url, canary.url)
+    assert "timeout: 300ms" in text
+    return await make_proxy(text.replace("timeout: 300ms", "timeout: 1s"))
 
 
 async def test_get_is_forwarded_to_default_ring_with_forwarding_headers(
@@ -311,7 +323,7 @@ async def test_broken_upstreams_are_502(
 async def test_upstream_timeout_is_504(
     proxy: Proxy, client: aiohttp.ClientSession
 ) -> None:
-    async with client.get(proxy.url + "/slow?s=2") as r:  # ring "main" has timeout 300ms
+    async with client.get(proxy.url + "/slow?s=3") as r:  # ring "main" has timeout 1s
         assert r.status == 504
         assert "timed out" in await r.text()
 
@@ -320,21 +332,22 @@ async def test_timeout_counts_from_the_end_of_the_request_body(
     proxy: Proxy, client: aiohttp.ClientSession
 ) -> None:
     async def slow_body():
-        for _ in range(4):
+        for _ in range(5):
             yield b"x" * 1000
-            await asyncio.sleep(0.15)  # 600 ms of upload, twice the 300 ms ring timeout
+            await asyncio.sleep(0.4)  # 2 s of upload at least, twice the 1 s ring timeout
 
     async with client.post(proxy.url + "/sink", data=slow_body()) as r:
         assert r.status == 200
-        assert (await r.json())["received"] == 4000
+        assert (await r.json())["received"] == 5000
 
 
 async def test_max_concurrency_full_is_503_with_retry_after(
     make_proxy: ProxyFactory, stable: Upstream, client: aiohttp.ClientSession
 ) -> None:
     proxy = await make_proxy(_single_pool_config(stable.url, "policy: {max_concurrency: 1}"))
-    first = asyncio.ensure_future(client.get(proxy.url + "/slow?s=0.5"))
-    await asyncio.sleep(0.2)
+    ring = proxy.runtime.rings["r"][0]
+    first = asyncio.ensure_future(client.get(proxy.url + "/slow?s=3"))
+    await wait_for(lambda: ring.inflight == 1, 5)  # the one slot taken, for 3 s
     async with client.get(proxy.url + "/") as r:
         assert r.status == 503
         assert r.headers["Retry-After"] == "1"
@@ -356,11 +369,7 @@ async def test_client_disconnect_releases_the_upstream(
     writer.close()
     await asyncio.wait_for(stable.hang_cancelled.wait(), 5)
     ring = proxy.runtime.rings["api"][1]
-    for _ in range(50):
-        if ring.inflight == 0:
-            break
-        await asyncio.sleep(0.02)
-    assert ring.inflight == 0
+    await wait_for(lambda: ring.inflight == 0, 5)
 
 
 async def test_upstream_dying_mid_body_cuts_the_client_connection(
@@ -420,9 +429,13 @@ async def test_balancing_spreads_over_the_pools_servers(
         assert [len(u.requests) for u in ups] == [3, 3, 3]
         if balance == "least_request":
             # one long request on a server steers new ones to the others
-            slow = asyncio.ensure_future(client.get(proxy.url + "/slow?s=0.6"))
-            await asyncio.sleep(0.2)
-            busy = next(u for u in ups if u.requests[-1]["target"].startswith("/slow"))
+            slow = asyncio.ensure_future(client.get(proxy.url + "/slow?s=3"))
+
+            def slow_one() -> list[Upstream]:
+                return [u for u in ups if u.requests[-1]["target"].startswith("/slow")]
+
+            await wait_for(slow_one, 5)  # arrived: in flight there for 3 s
+            (busy,) = slow_one()
             before = len(busy.requests)
             for _ in range(6):
                 async with client.get(proxy.url + "/") as r:

@@ -19,6 +19,7 @@ from proxy.rollout.machine import Trigger
 from proxy.runtime import Runtime
 from proxy.server import Proxy
 from tests.conftest import Upstream
+from tests.test_rollback_sockets import wait_for
 
 
 def config_text(a: str, b: str, main_pool: str, extra_pool: str = "", header: str = "x") -> str:
@@ -140,8 +141,9 @@ async def test_unchanged_pools_keep_their_connections_and_removed_ones_drain(
     proxy = await reloadable(config_text(stable.url, canary.url, "c", extra_pool=extra))
     pool_a, pool_c = proxy.runtime.pools["a"], proxy.runtime.pools["c"]
     async with aiohttp.ClientSession() as client:
-        slow = asyncio.ensure_future(client.get(proxy.url + "/slow?s=0.6"))
-        await asyncio.sleep(0.2)  # in flight on pool c
+        slow = asyncio.ensure_future(client.get(proxy.url + "/slow?s=3"))
+        # In flight on pool c (canary's server) for 3 s: the reload happens meanwhile.
+        await wait_for(lambda: any(r["target"] == "/slow?s=3" for r in canary.requests), 5)
         (tmp_path / "ringproxy.yaml").write_text(
             config_text(stable.url, canary.url, "a", header="y")
         )
@@ -151,11 +153,7 @@ async def test_unchanged_pools_keep_their_connections_and_removed_ones_drain(
         assert not pool_c.closed  # still serving its in-flight request
         async with await slow as r:
             assert r.status == 200 and await r.text() == "slow done"
-        for _ in range(50):
-            if pool_c.closed:
-                break
-            await asyncio.sleep(0.05)
-        assert pool_c.closed  # closed once its last request finished
+        await wait_for(lambda: pool_c.closed, 5)  # closed once its last request finished
         async with client.get(proxy.url + "/") as r:
             assert r.headers["X-Upstream"] == "stable"
 

@@ -152,7 +152,7 @@ async def test_a_canary_with_20_percent_errors_is_rolled_back_and_gets_no_more_t
     rollout, stable: Upstream, canary: Upstream, tmp_path: Path
 ) -> None:
     canary.error_every = 5  # 20 % of its answers are 500s
-    proxy, _ = await rollout(rollout_config(stable, canary, tmp_path))
+    proxy, load = await rollout(rollout_config(stable, canary, tmp_path))
     await wait_for(lambda: events_of(proxy, "rollback"), 15)
     event = events_of(proxy, "rollback")[0]
     assert canary.first_error_at is not None
@@ -162,10 +162,13 @@ async def test_a_canary_with_20_percent_errors_is_rolled_back_and_gets_no_more_t
     assert event.reason.startswith("error rate ")
     print(f"\n20 % errors: rolled back {elapsed:.2f}s after the first bad response, "
           f"{canary.app_hits} requests reached the canary pool in all")
-    # afterwards no request of a non-pinned ring reaches the canary pool...
-    await asyncio.sleep(0.3)
-    before = canary.app_hits
-    await asyncio.sleep(1.5)
+    # afterwards no request of a non-pinned ring reaches the canary pool: once those it
+    # took before the rollback are done, 150 more of the load's (half of them the
+    # canary's at 50 %, were it still served) add none...
+    ring = next(r for r in proxy.runtime.rings["api"] if r.name == "canary")
+    await wait_for(lambda: ring.inflight == 0, 5)
+    before, seen = canary.app_hits, len(load.responses)
+    await wait_for(lambda: len(load.responses) >= seen + 150, 10)
     assert canary.app_hits == before, "the rolled-back canary still gets traffic"
     assert proxy.controller.states["api"]["canary"].phase is Phase.ROLLED_BACK
     # ...but the pinned staff ring keeps its pool
@@ -259,7 +262,7 @@ async def test_a_healthy_canary_advances_through_every_step(
     assert all("healthy after" in e.reason for e in advances)
     print(f"\nA/A at 250 req/s: completed after {took:.1f}s")
     seen = len(load.responses)
-    await asyncio.sleep(1.5)
+    await wait_for(lambda: len(load.responses) >= seen + 150, 10)
     await load.stop()
     last = [up for *_, up in load.responses[seen:]]
     assert len(last) >= 150

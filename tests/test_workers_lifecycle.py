@@ -23,7 +23,18 @@ import aiohttp
 import pytest
 
 from tests.conftest import Upstream
-from tests.test_workers_sockets import TOKEN, Host, config_text, metrics, per_worker, send, total
+from tests.test_workers_sockets import (
+    SERVED,
+    TOKEN,
+    Host,
+    arrived,
+    config_text,
+    metrics,
+    per_worker,
+    send,
+    settled,
+    total,
+)
 
 Start = Callable[..., Awaitable[Host]]
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -93,7 +104,7 @@ async def test_a_second_instance_on_the_same_port_fails_at_start_and_the_first_s
     assert b"workers serving" not in second.log
     # The first one keeps every connection: all its workers, none elsewhere.
     assert len(await send(first.url, 60)) == 60
-    assert total(await metrics(first), "ringproxy_requests_total") == 60
+    assert total(await settled(first, 60), "ringproxy_requests_total") == 60
     assert await first.finish(signal.SIGTERM) == 0
 
 
@@ -130,18 +141,22 @@ async def test_a_hung_worker_is_killed_and_restarted_and_reads_do_not_pile_up_fo
 async def test_sigterm_to_the_process_group_drains_with_every_worker_serving(
     start_host: Start, stable: Upstream, canary: Upstream, tmp_path: Path,
 ) -> None:
-    host = await start_host(text_for(stable, canary, tmp_path / "a", drain_delay="3s"),
+    host = await start_host(text_for(stable, canary, tmp_path / "a", drain_delay="5s"),
                             session=True)
     assert len(await send(host.url, 20)) == 20
+    signalled = time.monotonic()
     os.killpg(host.proc.pid, signal.SIGTERM)  # dumb-init, KillMode=control-group
     await host.wait_log(re.compile(rb"draining: /readyz answers 503"))
     status, body = await readyz(host)
     assert status == 503 and body["workers"] == {"ready": 2, "wanted": 2}
+    # Requests until 1.5 s after the signal (at least one round), then the scrape: well
+    # inside drain_delay (timed from the signal), every worker serves and reports.
     served = 0
-    deadline = time.monotonic() + 1.5
-    while time.monotonic() < deadline:  # well inside drain_delay: every worker serves
+    while True:
         served += len(await send(host.url, 10))
-    scrape = await metrics(host)
+        if time.monotonic() >= signalled + 1.5:
+            break
+    scrape = await settled(host, served + 20, SERVED)
     assert total(scrape, "ringproxy_worker_restarts_total") == 0
     first, second = per_worker(scrape)
     assert first + second == served + 20 and first > 0 and second > 0
@@ -164,9 +179,10 @@ async def test_a_worker_that_cannot_apply_a_reload_finishes_its_requests_then_re
                 return r.status, await r.text()
 
         in_flight = [asyncio.ensure_future(slow(i)) for i in range(8)]
-        await asyncio.sleep(1.0)
-        # No file descriptor left to either worker: the reload's new access log cannot
-        # be opened there (it can in the supervisor, which applies it).
+        # Once the upstreams have all eight (accepted and forwarded: their descriptors
+        # are open), no file descriptor left to either worker: the reload's new access
+        # log cannot be opened there (it can in the supervisor, which applies it).
+        assert await arrived([stable, canary], "/slow", 8) == 8
         for pid in host.pids:
             _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
             resource.prlimit(pid, resource.RLIMIT_NOFILE, (3, hard))
@@ -183,7 +199,7 @@ async def test_a_worker_that_cannot_apply_a_reload_finishes_its_requests_then_re
     await host.wait_log(re.compile(rb"worker 1 restarted"), mark, wait=60)
     assert b"stopping it gracefully" in host.log[mark:] and b"killed" not in host.log[mark:]
     assert len(await send(host.url, 20)) == 20
-    scrape = await metrics(host)
+    scrape = await settled(host, 28)
     assert total(scrape, "ringproxy_requests_total") == 28  # their last reports counted
     assert scrape['ringproxy_workers{state="ready"}'] == 2
     log = folder / "access.log"  # the new config serves (lines flushed every 200 ms)
@@ -258,7 +274,7 @@ async def test_ring_limits_are_the_hosts_shared_by_the_workers(
         fast = [await get("/app", str(i)) for i in range(60)]
     # At most the host's burst (less what the slow ones took, plus a token or two).
     assert 20 <= fast.count(200) <= 42 and fast.count(429) == 60 - fast.count(200), fast
-    scrape = await metrics(host)
+    scrape = await settled(host, 70)
     assert total(scrape, "ringproxy_requests_total") == 70
     assert await host.finish(signal.SIGTERM) == 0
 

@@ -25,6 +25,7 @@ from tests.conftest import LISTENING, Upstream
 TOKEN = "workers-test-admin-token"
 ADMIN = re.compile(rb"admin listening on (http://\S+)")
 PIDS = re.compile(rb"2 workers serving \(pids (\d+), (\d+)\)")
+SERVED = "ringproxy_worker_requests_total"  # per worker, over its restarts and reloads
 
 
 def config_text(stable: Upstream, canary: Upstream, tmp_path: Path, *, canary_pool: str = "canary",
@@ -139,6 +140,34 @@ def total(scrape: dict[str, float], name: str) -> float:
     return sum(v for k, v in scrape.items() if k == name or k.startswith(name + "{"))
 
 
+async def settled(host: Host, expected: float, name: str = "ringproxy_requests_total",
+                  wait: float = 10) -> dict[str, float]:
+    """The supervisor's scrape once its total of ``name`` has reached ``expected``.
+
+    A scrape waits only ``FLUSH_TIMEOUT`` (0.5 s) for the workers' reports, so on a
+    starved machine one can come back short; the next reports (every 0.25 s) bring the
+    rest.  This scrapes again until the total is at least ``expected`` (or ``wait``
+    seconds have passed) and returns the last scrape: the caller asserts it is exactly
+    ``expected``, so a count that stays short, or goes past, still fails (and shows)."""
+    deadline = time.monotonic() + wait
+    while True:
+        scrape = await metrics(host)
+        if total(scrape, name) >= expected or time.monotonic() >= deadline:
+            return scrape
+        await asyncio.sleep(0.1)
+
+
+async def arrived(upstreams: list[Upstream], path: str, n: int, wait: float = 10) -> int:
+    """Wait (up to ``wait`` seconds) until the upstreams have recorded ``n`` requests
+    for ``path`` (the proxy accepted and forwarded them); how many they have."""
+    deadline = time.monotonic() + wait
+    while True:
+        seen = sum(r["target"].startswith(path) for u in upstreams for r in u.requests)
+        if seen >= n or time.monotonic() >= deadline:
+            return seen
+        await asyncio.sleep(0.02)
+
+
 def per_worker(scrape: dict[str, float]) -> tuple[float, float]:
     return (scrape['ringproxy_worker_requests_total{worker="0"}'],
             scrape['ringproxy_worker_requests_total{worker="1"}'])
@@ -170,8 +199,8 @@ async def test_two_workers_share_the_traffic_and_the_merged_metrics_are_exact(
     host = await run_host(config_text(stable, canary, tmp_path))
     seen = await send(host.url, 300)
     assert len(seen) == 300 and {"stable", "canary"} <= set(seen)
-    scrape = await metrics(host)
     # Every finished request, counted once, whichever worker served it: exactly.
+    scrape = await settled(host, 300)
     assert total(scrape, "ringproxy_requests_total") == 300
     assert total(scrape, "ringproxy_request_duration_seconds_count") == 300
     first, second = per_worker(scrape)
@@ -201,13 +230,15 @@ async def test_a_bad_canary_is_rolled_back_once_and_no_worker_sends_to_it_after(
         await send(host.url, 40, user=lambda i: f"u{random.random()}")
         sent += 40
     assert b"rollback" in host.log, host.log.decode()
-    hits, before = canary.app_hits, per_worker(await metrics(host))
+    scrape = await settled(host, sent)
+    assert total(scrape, "ringproxy_requests_total") == sent
+    hits, before = canary.app_hits, per_worker(scrape)
     sent += len(await send(host.url, 200, user=lambda i: f"v{i}"))
     assert canary.app_hits == hits  # neither worker sent one more request to the canary
-    after = per_worker(await metrics(host))
-    assert after[0] > before[0] and after[1] > before[1]  # both workers served
-    scrape = await metrics(host)
+    scrape = await settled(host, sent)
     assert total(scrape, "ringproxy_requests_total") == sent
+    after = per_worker(scrape)
+    assert after[0] > before[0] and after[1] > before[1]  # both workers served
     assert scrape['ringproxy_ring_weight_percent{ring="canary",route="api"}'] == 0
     async with aiohttp.ClientSession() as s, s.get(host.admin + "/api/events") as r:
         events = await r.json()
@@ -222,15 +253,21 @@ async def test_sighup_reload_is_served_by_every_worker(
 ) -> None:
     host = await run_host(config_text(stable, canary, tmp_path))
     assert set(await send(host.url, 40)) == {"stable", "canary"}
+    # (Counted before the reload: exact per-worker numbers below.)
+    assert total(await settled(host, 40, SERVED), SERVED) == 40
     # Both rings now send to the stable pool: every worker must serve it.
     (tmp_path / "ringproxy.yaml").write_text(
         config_text(stable, canary, tmp_path, canary_pool="stable"))
     mark = len(host.log)
     host.proc.send_signal(signal.SIGHUP)
     await host.wait_log(re.compile(rb"config reloaded \(signal\)"), mark)
-    before = per_worker(await metrics(host))
+    scrape = await settled(host, 40, SERVED)
+    assert total(scrape, SERVED) == 40
+    before = per_worker(scrape)
     assert set(await send(host.url, 100)) == {"stable"}
-    after = per_worker(await metrics(host))
+    scrape = await settled(host, 140, SERVED)
+    assert total(scrape, SERVED) == 140
+    after = per_worker(scrape)
     assert after[0] > before[0] and after[1] > before[1]
     assert await host.finish(signal.SIGTERM) == 0
 
@@ -243,16 +280,18 @@ async def test_a_killed_worker_is_restarted_and_traffic_keeps_being_served(
     await send(host.url, 20)
     # A scrape first: a worker killed with SIGKILL loses what it recorded since its last
     # report (at most REPORT_EVERY); after a flush that is nothing.
-    assert total(await metrics(host), "ringproxy_requests_total") == 20
+    assert total(await settled(host, 20), "ringproxy_requests_total") == 20
     mark = len(host.log)
     os.kill(host.pids[0], signal.SIGKILL)
     await host.wait_log(re.compile(rb"worker 0 \(pid \d+\) exited with code -9"), mark)
     assert len(await send(host.url, 40)) == 40  # the other worker serves meanwhile
     await host.wait_log(re.compile(rb"worker 0 restarted \(pid (\d+)\)"), mark)
-    before = per_worker(await metrics(host))
+    scrape = await settled(host, 60)
+    assert total(scrape, "ringproxy_requests_total") == 60
+    before = per_worker(scrape)
     seen = await send(host.url, 100)
     assert len(seen) == 100
-    scrape = await metrics(host)
+    scrape = await settled(host, 160)
     assert scrape['ringproxy_worker_restarts_total{worker="0"}'] == 1
     assert scrape['ringproxy_workers{state="ready"}'] == 2
     assert per_worker(scrape)[0] > before[0]  # the new worker 0 serves
@@ -269,13 +308,14 @@ async def test_sigterm_lets_in_flight_requests_finish_in_every_worker_then_exits
     async with aiohttp.ClientSession(connector=connector) as session:
 
         async def slow(i: int) -> tuple[int, str]:
-            async with session.get(host.url + "/slow?s=1.5",
+            async with session.get(host.url + "/slow?s=2",
                                    headers={"X-User-Id": str(i)}) as r:
                 return r.status, await r.text()
 
-        # Enough requests that both workers hold some when the signal comes.
+        # Enough requests that both workers hold some when the signal comes; it comes
+        # once the upstreams have all of them (accepted, forwarded, still in flight).
         in_flight = [asyncio.ensure_future(slow(i)) for i in range(12)]
-        await asyncio.sleep(0.7)
+        assert await arrived([stable, canary], "/slow", 12) == 12
         host.proc.send_signal(signal.SIGTERM)
         results = await asyncio.gather(*in_flight)
     assert results == [(200, "slow done")] * 12
@@ -323,6 +363,8 @@ async def test_an_operator_rollback_holds_in_every_worker_across_a_reload(
         assert r.status == 200, await r.text()
     hits = canary.app_hits
     assert set(await send(host.url, 100)) == {"stable"}
+    # (Counted before the reload: exact per-worker numbers below.)
+    assert total(await settled(host, 140, SERVED), SERVED) == 140
     # A reload that changes the ring's neighbour, not the ring: it stays rolled back in
     # every worker (the states go with the config).
     changed = text.replace("pool: stable\n", "pool: stable\n        policy: {timeout: 20s}\n")
@@ -331,9 +373,13 @@ async def test_an_operator_rollback_holds_in_every_worker_across_a_reload(
     mark = len(host.log)
     host.proc.send_signal(signal.SIGHUP)
     await host.wait_log(re.compile(rb"config reloaded \(signal\)"), mark)
-    before = per_worker(await metrics(host))
+    scrape = await settled(host, 140, SERVED)
+    assert total(scrape, SERVED) == 140
+    before = per_worker(scrape)
     assert set(await send(host.url, 100)) == {"stable"}
-    after = per_worker(await metrics(host))
+    scrape = await settled(host, 240, SERVED)
+    assert total(scrape, SERVED) == 240
+    after = per_worker(scrape)
     assert after[0] > before[0] and after[1] > before[1]
     assert canary.app_hits == hits
     assert await host.finish(signal.SIGTERM) == 0
