@@ -8,7 +8,8 @@ import asyncio
 import re
 import textwrap
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import cast
 
 import aiohttp
 import pytest
@@ -69,21 +70,66 @@ async def test_one_timer_serves_many_deadlines_and_is_rearmed(
     assert len(proxy.plane.timers(0.3)) == 0
 
 
-async def test_deadlines_fire_only_expired_entries_and_restart_moves_one_back() -> None:
-    loop = asyncio.get_running_loop()
-    deadlines = Deadlines(loop, 0.1)
+class _ManualClock:
+    """Stands in for the event loop in ``Deadlines``, which uses only ``time()`` and
+    ``call_at()``: time moves only when the test says, so no stall can reorder deadlines.
+    ``advance`` runs the due timers in order of their time, as the loop would."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.timers: list[_ManualTimer] = []
+
+    def time(self) -> float:
+        return self.now
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> _ManualTimer:
+        timer = _ManualTimer(when, callback)
+        self.timers.append(timer)
+        return timer
+
+    def armed(self) -> list[float]:
+        return sorted(t.when for t in self.timers if not t.cancelled)
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        while due := [t for t in self.timers if not t.cancelled and t.when <= self.now]:
+            timer = min(due, key=lambda t: t.when)
+            self.timers.remove(timer)
+            timer.callback()
+
+
+class _ManualTimer:
+    def __init__(self, when: float, callback: Callable[[], None]) -> None:
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def test_deadlines_fire_only_expired_entries_and_restart_moves_one_back() -> None:
+    clock = _ManualClock()
+    deadlines = Deadlines(cast(asyncio.AbstractEventLoop, clock), 10.0)
     fired: list[str] = []
     deadlines.arm("slow", lambda: fired.append("slow"))
     deadlines.arm("done", lambda: fired.append("done"))
     deadlines.arm("moved", lambda: fired.append("moved"))
     deadlines.disarm("done")
-    await asyncio.sleep(0.06)
-    deadlines.arm("moved", lambda: fired.append("moved"))  # restarted: 0.1 s from now
-    await asyncio.sleep(0.08)
+    assert clock.armed() == [1010.0]  # one timer for all three, at the oldest deadline
+    clock.advance(6)
+    deadlines.arm("moved", lambda: fired.append("moved"))  # restarted: due at 1016
+    clock.advance(3)  # 1009
+    assert fired == []
+    clock.advance(2)  # 1011: "slow" is due, "moved" (restarted) is not
     assert fired == ["slow"]
-    await asyncio.sleep(0.1)
+    assert clock.armed() == [1016.0]  # re-armed for the oldest entry still waiting
+    clock.advance(4)  # 1015
+    assert fired == ["slow"]
+    clock.advance(1)  # 1016
     assert fired == ["slow", "moved"]
     assert len(deadlines) == 0
+    assert clock.armed() == []
 
 
 class _Trickle:
@@ -97,7 +143,8 @@ class _Trickle:
         app = web.Application()
         app.router.add_get("/trickle", self.trickle)
         app.router.add_get("/late", self.late)
-        self._runner, self.url = await serve_app(app)
+        # A handler whose client went away stops (no teardown waiting out its pauses).
+        self._runner, self.url = await serve_app(app, handler_cancellation=True)
 
     async def trickle(self, request: web.Request) -> web.StreamResponse:
         pauses = [float(p) for p in request.query["pauses"].split(",")]
@@ -129,18 +176,19 @@ async def trickle() -> AsyncIterator[_Trickle]:
 async def test_idle_timeout_cuts_a_stalled_body_but_not_a_slow_steady_one(
     make_proxy: ProxyFactory, trickle: _Trickle, client: aiohttp.ClientSession
 ) -> None:
-    proxy = await make_proxy(_config(trickle.url, "{timeout: 5s, idle_timeout: 300ms}"))
-    # Six pauses of 100 ms: 600 ms in all, twice the idle timeout, never silent for long.
-    async with client.get(proxy.url + "/trickle?pauses=" + ",".join(["0.1"] * 6)) as r:
+    proxy = await make_proxy(_config(trickle.url, "{timeout: 5s, idle_timeout: 1s}"))
+    # Ten pauses of 150 ms: 1.5 s in all, longer than the idle timeout, never silent for
+    # long (a stall of most of a second still leaves the body in time).
+    async with client.get(proxy.url + "/trickle?pauses=" + ",".join(["0.15"] * 10)) as r:
         assert r.status == 200
-        assert await r.read() == b"abbbbbb"
-    # A silence of 2 s: the body is cut off after about 300 ms.
+        assert await r.read() == b"a" + b"b" * 10
+    # A silence of 3 s: the body is cut off after about 1 s.
     started = time.monotonic()
-    async with client.get(proxy.url + "/trickle?pauses=0.05,2") as r:
+    async with client.get(proxy.url + "/trickle?pauses=0.05,3") as r:
         assert r.status == 200
         with pytest.raises(aiohttp.ClientPayloadError):
             await r.read()
-    assert time.monotonic() - started < 1.5
+    assert 0.9 < time.monotonic() - started < 2.5
 
 
 async def test_the_wait_for_headers_is_bounded_by_timeout_not_idle_timeout(
