@@ -293,7 +293,7 @@ def two_ring_config(stable: str, canary: str) -> str:
               - name: main
                 pool: stable
                 policy:
-                  timeout: 300ms
+                  timeout: 1s
         """
     )
 

@@ -47,7 +47,7 @@ def _config(upstream: str, policy: str) -> str:
 async def test_one_timer_serves_many_deadlines_and_is_rearmed(
     make_proxy: ProxyFactory, stable: Upstream, client: aiohttp.ClientSession
 ) -> None:
-    proxy = await make_proxy(_config(stable.url, "{timeout: 300ms}"))
+    proxy = await make_proxy(_config(stable.url, "{timeout: 1s}"))
 
     async def get(seconds: float) -> tuple[int, float]:
         started = time.monotonic()
@@ -58,16 +58,16 @@ async def test_one_timer_serves_many_deadlines_and_is_rearmed(
     # Fast and slow requests interleaved, in two waves: the second wave's deadlines are
     # served by a timer re-armed after the first wave's fired.
     for _ in range(2):
-        results = await asyncio.gather(*(get(0.02 if i % 3 else 2.0) for i in range(12)))
+        results = await asyncio.gather(*(get(0.02 if i % 3 else 3.0) for i in range(12)))
         for i, (status, took) in enumerate(results):
             if i % 3:
                 assert status == 200
             else:
                 assert status == 504
-                assert 0.25 < took < 1.5
+                assert 0.9 < took < 2.5
     # Nothing is left waiting on a ring deadline.
     assert proxy.plane is not None
-    assert len(proxy.plane.timers(0.3)) == 0
+    assert len(proxy.plane.timers(1.0)) == 0
 
 
 class _ManualClock:

@@ -18,19 +18,8 @@ from tests.conftest import (
     headers_of,
     raw_exchange,
     raw_upstream,
-    two_ring_config,
 )
 from tests.test_rollback_sockets import wait_for
-
-
-@pytest.fixture
-async def proxy(make_proxy: ProxyFactory, stable: Upstream, canary: Upstream) -> Proxy:
-    """conftest's two rings, ring main's timeout 1s rather than 300ms: the upstream
-    answers in this test's own process, which a loaded machine can stall for longer than
-    300ms while a request is in flight (a 504 where the upstream was simply not run)."""
-    text = two_ring_config(stable.url, canary.url)
-    assert "timeout: 300ms" in text
-    return await make_proxy(text.replace("timeout: 300ms", "timeout: 1s"))
 
 
 async def test_get_is_forwarded_to_default_ring_with_forwarding_headers(
