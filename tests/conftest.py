@@ -336,6 +336,22 @@ def _full_rejection_log_budget() -> None:
     REJECTIONS_LOGGED.refill()
 
 
+async def until_refused(url: str, within: float) -> None:
+    """Connect to ``url``'s listener again and again until it refuses (it has closed); a
+    connect that still gets in sends nothing.  TimeoutError after ``within`` seconds."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    async with asyncio.timeout(within):
+        while True:
+            try:
+                _, writer = await asyncio.open_connection(host, int(port))
+            except ConnectionRefusedError:
+                return
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+            await asyncio.sleep(0.02)
+
+
 async def raw_exchange(url: str, request: bytes, wait: float = 5.0) -> bytes:
     """Send raw bytes to the proxy, read until it closes the connection (or timeout)."""
     host, port = url.removeprefix("http://").rsplit(":", 1)

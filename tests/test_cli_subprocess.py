@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -16,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import Upstream, cli, write_config
+from tests.conftest import Upstream, cli, until_refused, write_config
 
 
 def test_check_accepts_a_good_config_and_the_shipped_ones() -> None:
@@ -92,16 +91,7 @@ async def test_run_serves_then_drains_in_flight_requests_on_signal(
         # No new connections once shutdown has begun: the listener closes soon after the
         # signal, while the slow request is still in flight (not only when the process
         # exits).  A connect that still gets in sends nothing (no access log line).
-        async with asyncio.timeout(5):
-            while True:
-                try:
-                    _, writer = await asyncio.open_connection(*proxy.url[7:].rsplit(":", 1))
-                except ConnectionRefusedError:
-                    break
-                writer.close()
-                with contextlib.suppress(ConnectionError):
-                    await writer.wait_closed()
-                await asyncio.sleep(0.02)
+        await until_refused(proxy.url, 5)
         assert not in_flight.done(), "the listener closed only after the in-flight request"
         async with await in_flight as r:
             assert r.status == 200

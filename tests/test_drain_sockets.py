@@ -4,7 +4,6 @@ then the listener closes and an in-flight request finishes within shutdown_grace
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import signal
 import time
@@ -12,15 +11,10 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.conftest import Upstream, write_config
+from tests.conftest import Upstream, until_refused, write_config
 
 ADMIN = re.compile(rb"admin listening on (http://\S+)")
 DRAIN = 3.0  # drain_delay, seconds
-
-
-def host_port(url: str) -> tuple[str, int]:
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    return host, int(port)
 
 
 async def test_sigterm_drains_then_stops_accepting_then_finishes_in_flight(
@@ -55,16 +49,7 @@ async def test_sigterm_drains_then_stops_accepting_then_finishes_in_flight(
             while stable.app_hits < 1:  # noqa: ASYNC110 - a poll
                 await asyncio.sleep(0.02)
         # The drain ends: the listener closes, not before drain_delay has passed.
-        async with asyncio.timeout(DRAIN + 5):
-            while True:
-                try:
-                    _, writer = await asyncio.open_connection(*host_port(proc.url))
-                except ConnectionRefusedError:
-                    break
-                writer.close()
-                with contextlib.suppress(ConnectionError):
-                    await writer.wait_closed()
-                await asyncio.sleep(0.02)
+        await until_refused(proc.url, DRAIN + 5)
         elapsed = time.monotonic() - sent
         assert elapsed >= 0.9 * DRAIN, f"the listener closed {elapsed:.2f}s after SIGTERM"
         assert not slow.done(), "the listener closed only after the in-flight request"

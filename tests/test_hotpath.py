@@ -132,6 +132,31 @@ def test_deadlines_fire_only_expired_entries_and_restart_moves_one_back() -> Non
     assert clock.armed() == []
 
 
+def test_a_callback_may_arm_its_own_key_again_and_waits_one_timeout_more() -> None:
+    """A wait that starts over (a slow reader read something): the callback re-arms its
+    key; it is due one timeout later, on the one timer, and fires again then."""
+    clock = _ManualClock()
+    deadlines = Deadlines(cast(asyncio.AbstractEventLoop, clock), 10.0)
+    fired: list[float] = []
+
+    def again() -> None:
+        fired.append(clock.now)
+        if clock.now < 1030.0:
+            deadlines.arm("slow", again)
+
+    deadlines.arm("slow", again)
+    deadlines.arm("other", lambda: fired.append(-clock.now))
+    clock.advance(10)  # 1010: both due; "slow" is armed again for 1020
+    assert fired == [1010.0, -1010.0]
+    assert clock.armed() == [1020.0]  # one timer, not one per arm
+    clock.advance(9)
+    assert len(fired) == 2
+    clock.advance(1)  # 1020
+    clock.advance(10)  # 1030: the third time, not armed again
+    assert fired == [1010.0, -1010.0, 1020.0, 1030.0]
+    assert len(deadlines) == 0 and clock.armed() == []
+
+
 class _Trickle:
     """An upstream that sends its headers, then body pieces with pauses it is told."""
 

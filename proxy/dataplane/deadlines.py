@@ -37,7 +37,8 @@ class Deadlines:
         self._handle: asyncio.TimerHandle | None = None
 
     def arm(self, key: Hashable, callback: Callable[[], None]) -> None:
-        """Start (or restart) ``key``'s deadline now; ``callback`` runs when it passes."""
+        """Start (or restart) ``key``'s deadline now; ``callback`` runs when it passes (and
+        may arm its key again: a wait that starts over)."""
         pending = self._pending
         if key in pending:
             del pending[key]  # to the end: the order stays the deadline order
@@ -57,20 +58,27 @@ class Deadlines:
         return len(self._pending)
 
     def _fire(self) -> None:
-        self._handle = None
         now = self._loop.time()
         pending = self._pending
-        while pending:
+        # At most the entries there now: one a callback re-arms (a wait that starts again)
+        # goes to the end, for the timer armed below, not for this round.  While the
+        # callbacks run, ``_handle`` is still the spent handle, so ``arm`` schedules none.
+        left = len(pending)
+        while left and pending:
+            left -= 1
             key = next(iter(pending))
             when, callback = pending[key]
             if when > now:
-                self._handle = self._loop.call_at(when, self._fire)
-                return
+                break
             del pending[key]
             try:
                 callback()
             except Exception:  # one entry's defect must not stop the others' deadlines
                 log.exception("a deadline's callback failed")
+        if pending:
+            self._handle = self._loop.call_at(next(iter(pending.values()))[0], self._fire)
+        else:
+            self._handle = None
 
     def close(self) -> None:
         if self._handle is not None:

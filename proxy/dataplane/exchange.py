@@ -348,12 +348,12 @@ class Exchange:
         send_timeout is between two writes, not for the whole response)."""
         if self.state == DONE:
             return
-        if self.client.paused_writing:
+        step = self.step
+        if self.client.paused_writing and isinstance(step, Forward):
             delivered = self._delivered()
             if delivered > self.client_mark:
-                # (re-armed from the loop's next turn: not from the deadline's own callback)
                 self.client_mark = delivered
-                asyncio.get_running_loop().call_soon(self._client_wait_again)
+                self.client.plane.timers(step.ring.idle_timeout).arm(self, self._client_stalled)
                 return
         self.error = CLIENT_TIMEOUT
         self.keep_alive = False
@@ -365,12 +365,6 @@ class Exchange:
         written less those it has not read yet (the transport's buffer and the kernel's
         send queue; a write adds as much to both)."""
         return self.bytes_out - self.client.unread()
-
-    def _client_wait_again(self) -> None:
-        step = self.step
-        if (self.state != DONE and self.idle_armed and self.client.paused_writing
-                and isinstance(step, Forward)):
-            self.client.plane.timers(step.ring.idle_timeout).arm(self, self._client_stalled)
 
     # ------------------------------------------------------------------ the pool's side
 
@@ -505,19 +499,13 @@ class Exchange:
                 and SENDING <= self.state <= RESPONDING):
             return
         left = self._upstream_buffered()
-        if left < self.stall_mark or self.client.paused_writing:
-            # Progress, or the client's doing: wait again (from the loop's next turn: a
-            # deadline is not re-armed from its own callback).
+        step = self.step
+        if (left < self.stall_mark or self.client.paused_writing) and isinstance(step, Forward):
+            # Progress, or the client's doing: wait again.
             self.stall_mark = left
-            asyncio.get_running_loop().call_soon(self._stall_again)
+            self.client.plane.timers(_stall_timeout(step)).arm(self.request, self._upload_stalled)
             return
         self.upstream_failed(UpstreamTimeout("the upstream stopped reading the request body"))
-
-    def _stall_again(self) -> None:
-        step = self.step
-        if (self.upstream_paused and self.conn is not None and isinstance(step, Forward)
-                and SENDING <= self.state <= RESPONDING):
-            self.client.plane.timers(_stall_timeout(step)).arm(self.request, self._upload_stalled)
 
     # ------------------------------------------------------------------ the upstream's side
 

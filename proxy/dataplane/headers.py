@@ -14,6 +14,8 @@ import os
 import re
 from typing import Final
 
+from proxy.dataplane.framing import UNDERSCORE
+
 # Header names arrive in whatever case the peer sent: every comparison is on .lower().
 HOP_BY_HOP: Final = frozenset(
     h.lower()
@@ -122,7 +124,7 @@ def request_name(name: bytes) -> tuple[bytes, int]:
     if known is None:
         lname = name.lower()
         known = (lname, REQUEST_KIND.get(lname, 0))
-        if len(name) <= _NAME_LEN and 0x5F not in name and len(_REQUEST_NAMES) < _NAMES_MAX:
+        if len(name) <= _NAME_LEN and UNDERSCORE not in name and len(_REQUEST_NAMES) < _NAMES_MAX:
             _REQUEST_NAMES[name] = known
     return known
 
